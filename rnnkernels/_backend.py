@@ -1,0 +1,102 @@
+"""The one place a backend is chosen.
+
+Order of preference: ``cuda`` (our CUDA kernels) > ``triton`` > ``cpu`` (our C++ kernels) >
+``reference`` (plain PyTorch), by device and by what the input allows. ``RNNKERNELS_BACKEND``
+or :func:`use_backend` forces one; a forced backend that cannot take an input falls back with a
+warning, once per reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Iterator
+
+import torch
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+
+_forced: str | None = None
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """Warn once per distinct message for the life of the process."""
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def _check_name(name: str | None) -> str | None:
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
+    return name
+
+
+def set_backend(name: str | None) -> None:
+    """Force a backend for every op (None: choose automatically)."""
+    global _forced
+    _forced = _check_name(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Context manager that forces a backend inside its block."""
+    global _forced
+    previous = _forced
+    _forced = _check_name(name)
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def forced_backend() -> str | None:
+    if _forced is not None:
+        return _forced
+    return _check_name(os.environ.get("RNNKERNELS_BACKEND") or None)
+
+
+def _available(family: str, device: torch.device, dtype: torch.dtype) -> dict[str, str | None]:
+    """Each backend mapped to None if it can take the input, else the reason it cannot."""
+    from . import _kernels
+
+    reasons: dict[str, str | None] = {"reference": None}
+    if device.type == "cpu":
+        reasons["cpu"] = None if dtype in _kernels.CPU_DTYPES[family] else (
+            f"the C++ CPU kernel of {family} takes {_kernels.dtype_names(_kernels.CPU_DTYPES[family])}, "
+            f"not {dtype}")
+        reasons["triton"] = "Triton kernels need a GPU tensor" if not _kernels.triton_interpreted() \
+            else _kernels.triton_unsupported(family, dtype)
+        reasons["cuda"] = "CUDA kernels need a CUDA tensor"
+    elif device.type == "cuda":
+        reasons["cpu"] = "the C++ CPU kernels need a CPU tensor"
+        reasons["triton"] = _kernels.triton_unsupported(family, dtype)
+        reasons["cuda"] = _kernels.cuda_unsupported(family, dtype)
+    else:
+        for name in ("cpu", "triton", "cuda"):
+            reasons[name] = f"no kernel for device {device.type}"
+    return reasons
+
+
+def choose(family: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that runs ``family`` for an input on ``device`` with ``dtype``."""
+    reasons = _available(family, device, dtype)
+    forced = forced_backend()
+    if forced is not None:
+        if reasons[forced] is None:
+            return forced
+        fallback = next(b for b in BACKENDS if reasons[b] is None)
+        warn_once(f"rnnkernels: backend {forced!r} cannot run {family} ({reasons[forced]}); "
+                  f"using {fallback!r}")
+        return fallback
+    order = ("cpu", "reference") if device.type == "cpu" else ("cuda", "triton", "reference")
+    for name in order:
+        if reasons[name] is None:
+            if name == "reference" and device.type in ("cpu", "cuda"):
+                why = reasons[order[-2]]
+                warn_once(f"rnnkernels: no fast kernel for {family} on {device.type} ({why}); "
+                          "using the PyTorch reference")
+            return name
+    return "reference"

@@ -1,0 +1,297 @@
+"""Drop-in replacements for torch.nn.LSTM / GRU / RNN on the generic recurrence kernels.
+
+Same constructor arguments, parameter names, shapes, initialisation and state_dict keys as
+torch.nn, so ``load_state_dict`` works both ways; same inputs (batched or unbatched tensors,
+PackedSequence, optional initial state) and outputs. Extras are keyword-only: ``residual``
+(residual connections between stacked layers of equal width), ``forget_bias`` (LSTM),
+``reset_after`` (GRU variant), and ``lengths=`` in forward for padded input.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+from .. import _backend, _validate
+from ..ops import recurrence as R
+
+_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
+
+def _pack_like(y: Tensor, like: PackedSequence) -> PackedSequence:
+    """Pack time-major padded y (T, B, *) with the batch sizes and order of ``like``."""
+    bs = like.batch_sizes
+    total = int(bs.sum())
+    t_idx = torch.repeat_interleave(torch.arange(len(bs)), bs)
+    offsets = torch.cumsum(bs, 0) - bs
+    i_idx = torch.arange(total) - torch.repeat_interleave(offsets, bs)
+    b_idx = i_idx if like.sorted_indices is None else like.sorted_indices.cpu()[i_idx]
+    data = y[t_idx.to(y.device), b_idx.to(y.device)]
+    return PackedSequence(data, bs, like.sorted_indices, like.unsorted_indices)
+
+
+class RNNBase(nn.Module):
+    """Layers, directions, packing, dropout and residuals, written once for every cell."""
+
+    def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1,
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
+                 bidirectional: bool = False, proj_size: int = 0, device=None, dtype=None, *,
+                 residual: bool = False, reset_after: bool = True) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        for name, value in (("input_size", input_size), ("hidden_size", hidden_size),
+                            ("num_layers", num_layers)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
+            raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
+        if not isinstance(proj_size, int) or proj_size < 0:
+            raise ValueError(f"proj_size must be a non-negative integer, got {proj_size!r}")
+        if proj_size and mode != "LSTM":
+            raise ValueError("proj_size is supported for the LSTM only")
+        if proj_size >= hidden_size:
+            raise ValueError(f"proj_size must be smaller than hidden_size ({hidden_size}), got "
+                             f"{proj_size}")
+        self.mode = mode
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
+        self.residual = residual
+        self.reset_after = reset_after
+        num_directions = 2 if bidirectional else 1
+        gate_size = _GATES[mode] * hidden_size
+        real_hidden = proj_size if proj_size > 0 else hidden_size
+        self._flat_weights_names: list[str] = []
+        for layer in range(num_layers):
+            for direction in range(num_directions):
+                layer_input = input_size if layer == 0 else real_hidden * num_directions
+                suffix = "_reverse" if direction == 1 else ""
+                params = [("weight_ih", (gate_size, layer_input)),
+                          ("weight_hh", (gate_size, real_hidden))]
+                if bias:
+                    params += [("bias_ih", (gate_size,)), ("bias_hh", (gate_size,))]
+                if proj_size > 0:
+                    params += [("weight_hr", (proj_size, hidden_size))]
+                for kind, shape in params:
+                    name = f"{kind}_l{layer}{suffix}"
+                    setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
+                    self._flat_weights_names.append(name)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """torch.nn's initialisation: every weight and bias uniform in +-1/sqrt(hidden_size)."""
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -stdv, stdv)
+
+    @property
+    def _cell(self) -> int:
+        if self.mode == "LSTM":
+            return R.LSTM
+        if self.mode == "GRU":
+            return R.GRU if self.reset_after else R.GRU_RESET_BEFORE
+        return R.RNN_TANH if self.mode == "RNN_TANH" else R.RNN_RELU
+
+    def _weights(self, layer: int, direction: int) -> tuple[Tensor | None, ...]:
+        suffix = "_reverse" if direction == 1 else ""
+        get = lambda kind: getattr(self, f"{kind}_l{layer}{suffix}", None)  # noqa: E731
+        return (get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"),
+                get("weight_hr"))
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.proj_size:
+            s += f", proj_size={self.proj_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        if not self.bias:
+            s += ", bias=False"
+        if self.batch_first:
+            s += ", batch_first=True"
+        if self.dropout:
+            s += f", dropout={self.dropout}"
+        if self.bidirectional:
+            s += ", bidirectional=True"
+        if self.residual:
+            s += ", residual=True"
+        if self.mode == "GRU" and not self.reset_after:
+            s += ", reset_after=False"
+        return s
+
+    # ------------------------------------------------------------------ forward
+
+    def _check_state(self, name: str, t: object, shape: tuple[int, ...], x: Tensor) -> Tensor:
+        t = _validate.tensor(name, t, like=x)
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+        return t
+
+    def _forward(self, input, hx, lengths):
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            if lengths is not None:
+                raise ValueError("lengths must not be given with a PackedSequence input, which "
+                                 "carries its own lengths")
+            x, lengths = pad_packed_sequence(input)
+            batched = True
+        else:
+            x = _validate.tensor("input", input, floating=True)
+            if x.dim() not in (2, 3):
+                raise ValueError("input must have 3 dimensions (batched: (T, B, input_size), or "
+                                 "(B, T, input_size) with batch_first) or 2 (unbatched: (T, "
+                                 f"input_size)), got shape {tuple(x.shape)}")
+            batched = x.dim() == 3
+            if not batched:
+                x = x.unsqueeze(1)
+            elif self.batch_first:
+                x = x.transpose(0, 1)
+        if x.shape[-1] != self.input_size:
+            raise ValueError(f"input must have input_size={self.input_size} features in its last "
+                             f"dimension, got {x.shape[-1]}")
+        w0 = self.weight_ih_l0
+        if x.dtype != w0.dtype:
+            raise TypeError(f"input must have the module's dtype {w0.dtype}, got {x.dtype}")
+        if x.device != w0.device:
+            raise ValueError(f"input must be on the module's device {w0.device}, got {x.device}")
+        _validate.nonempty("input", x, [(0, "time step"), (1, "batch row")])
+        T, B = x.shape[0], x.shape[1]
+        if lengths is not None:
+            lengths = _validate.lengths("lengths", lengths, B, T)
+
+        D = 2 if self.bidirectional else 1
+        P = self.proj_size or self.hidden_size
+        L = self.num_layers
+        is_lstm = self.mode == "LSTM"
+        h0 = c0 = None
+        if hx is not None:
+            if is_lstm:
+                if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                    raise TypeError("hx must be a tuple (h_0, c_0) for the LSTM")
+                h0, c0 = hx
+            else:
+                h0 = hx
+            h_shape = (L * D, B, P) if batched else (L * D, P)
+            h0 = self._check_state("hx[0]" if is_lstm else "hx", h0, h_shape, x)
+            if is_lstm:
+                c_shape = (L * D, B, self.hidden_size) if batched else (L * D, self.hidden_size)
+                c0 = self._check_state("hx[1]", c0, c_shape, x)
+            if not batched:
+                h0 = h0.unsqueeze(1)
+                c0 = c0.unsqueeze(1) if c0 is not None else None
+        if h0 is None:
+            h0 = x.new_zeros((L * D, B, P))
+            if is_lstm:
+                c0 = x.new_zeros((L * D, B, self.hidden_size))
+
+        backend = _backend.choose("recurrence", x.device, x.dtype)
+        cell = self._cell
+        layer_input = x
+        h_n, c_n = [], []
+        for layer in range(L):
+            outs = []
+            for direction in range(D):
+                k = layer * D + direction
+                w_ih, w_hh, b_ih, b_hh, w_hr = self._weights(layer, direction)
+                y, h, c = self._run_layer(layer_input, h0[k], c0[k] if is_lstm else None, w_ih,
+                                          w_hh, b_ih, b_hh, w_hr, lengths, cell, direction == 1,
+                                          backend)
+                outs.append(y)
+                h_n.append(h)
+                if is_lstm:
+                    c_n.append(c)
+            out = outs[0] if D == 1 else torch.cat(outs, dim=2)
+            if self.residual and layer > 0 and out.shape[-1] == layer_input.shape[-1]:
+                out = out + layer_input
+            if self.dropout > 0 and self.training and layer < L - 1:
+                out = F.dropout(out, self.dropout, training=True)
+            layer_input = out
+        output = layer_input
+        h_n = torch.stack(h_n)
+        c_n = torch.stack(c_n) if is_lstm else None
+        if packed:
+            output = _pack_like(output, input)
+        elif not batched:
+            output = output.squeeze(1)
+            h_n = h_n.squeeze(1)
+            c_n = c_n.squeeze(1) if c_n is not None else None
+        elif self.batch_first:
+            output = output.transpose(0, 1)
+        return output, (h_n, c_n) if is_lstm else h_n
+
+    def _run_layer(self, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reverse,
+                   backend):
+        if backend == "reference":
+            return R.reference_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell,
+                                     reverse)
+        gx = F.linear(x, w_ih, b_ih)
+        return R.recurrence(gx, h0, c0, w_hh, b_hh, w_hr, lengths, cell, reverse, backend)
+
+
+class LSTM(RNNBase):
+    """Drop-in for torch.nn.LSTM. Keyword-only extras: ``forget_bias`` (added to the forget
+    gate's input bias at initialisation; +1 or +2 helps long-range gradients), ``residual``.
+    forward(input, hx=None, *, lengths=None) -> (output, (h_n, c_n))."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0, device=None, dtype=None, *, forget_bias: float = 0.0,
+                 residual: bool = False) -> None:
+        self.forget_bias = float(forget_bias)
+        super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, proj_size, device, dtype, residual=residual)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.forget_bias and self.bias:
+            H = self.hidden_size
+            with torch.no_grad():
+                for name in self._flat_weights_names:
+                    if name.startswith("bias_ih"):
+                        getattr(self, name)[H:2 * H] += self.forget_bias
+
+    def forward(self, input, hx=None, *, lengths: Tensor | None = None):
+        return self._forward(input, hx, lengths)
+
+
+class GRU(RNNBase):
+    """Drop-in for torch.nn.GRU. Keyword-only extras: ``reset_after`` (True: torch's / cuDNN's
+    cell; False: Cho et al. 2014, reset applied before the recurrent matmul; same parameters),
+    ``residual``. forward(input, hx=None, *, lengths=None) -> (output, h_n)."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 device=None, dtype=None, *, reset_after: bool = True,
+                 residual: bool = False) -> None:
+        super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, 0, device, dtype, residual=residual,
+                         reset_after=reset_after)
+
+    def forward(self, input, hx=None, *, lengths: Tensor | None = None):
+        return self._forward(input, hx, lengths)
+
+
+class RNN(RNNBase):
+    """Drop-in for torch.nn.RNN (``nonlinearity`` "tanh" or "relu"). Keyword-only extra:
+    ``residual``. forward(input, hx=None, *, lengths=None) -> (output, h_n)."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
+                 nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
+                 dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None, *,
+                 residual: bool = False) -> None:
+        _validate.choice("nonlinearity", nonlinearity, ("tanh", "relu"))
+        self.nonlinearity = nonlinearity
+        super().__init__("RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU", input_size,
+                         hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0,
+                         device, dtype, residual=residual)
+
+    def forward(self, input, hx=None, *, lengths: Tensor | None = None):
+        return self._forward(input, hx, lengths)

@@ -1,0 +1,209 @@
+"""Functional API of the generic gated recurrence: lstm, gru, rnn over one layer and direction.
+
+Every function takes time-major input x (T, B, I) and the layer's weights in torch.nn's layout,
+computes the input projection for all steps as one GEMM (``x @ w_ih^T + b_ih``) and runs the
+sequential part in the backend chosen by :mod:`rnnkernels._backend`. Autograd flows through the
+input projection as usual and through the recurrence by the registered backward op.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import _backend, _validate
+from .. import _kernels  # noqa: F401  (loads the ops before the registrations below)
+from ..reference import gru_reference, lstm_reference, rnn_reference
+
+LSTM, GRU, GRU_RESET_BEFORE, RNN_TANH, RNN_RELU = range(5)
+NUM_GATES = {LSTM: 4, GRU: 3, GRU_RESET_BEFORE: 3, RNN_TANH: 1, RNN_RELU: 1}
+CELL_NAMES = {LSTM: "LSTM", GRU: "GRU", GRU_RESET_BEFORE: "GRU (reset before)",
+              RNN_TANH: "RNN (tanh)", RNN_RELU: "RNN (relu)"}
+
+
+def workspace_units(cell: int, projected: bool) -> int:
+    """Per-step values the forward keeps for the backward, in units of H (cells.h)."""
+    if cell == LSTM:
+        return 6 if projected else 5
+    return 1 if cell in (RNN_TANH, RNN_RELU) else 4
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ------------------------------------------------------------------ fake kernels and autograd
+
+@torch.library.register_fake("rnnkernels::recurrence_fwd")
+def _recurrence_fwd_fake(gx, h0, c0, w_hh, b_hh, w_hr, lengths, cell, reverse, save):
+    T, B, GH = gx.shape
+    H = GH // NUM_GATES[cell]
+    P = h0.shape[1]
+    acc = _acc_dtype(gx.dtype)
+    y = gx.new_empty((T, B, P))
+    h_n = gx.new_empty((B, P))
+    c_n = gx.new_empty((B, H)) if cell == LSTM else gx.new_empty((0,))
+    K = workspace_units(cell, w_hr is not None)
+    hs = gx.new_empty((T + 1, B, P) if save else (0,), dtype=acc)
+    ws = gx.new_empty((T, B, K * H) if save else (0,), dtype=acc)
+    return y, h_n, c_n, hs, ws
+
+
+@torch.library.register_fake("rnnkernels::recurrence_bwd")
+def _recurrence_bwd_fake(grad_y, grad_h_n, grad_c_n, c0, w_hh, w_hr, lengths, hs, ws, cell,
+                         reverse):
+    T, B = ws.shape[0], ws.shape[1]
+    GH, P = w_hh.shape
+    H = GH // NUM_GATES[cell]
+    return (w_hh.new_empty((T, B, GH)), w_hh.new_empty((B, P)),
+            w_hh.new_empty((B, H)) if cell == LSTM else w_hh.new_empty((0,)),
+            w_hh.new_empty((GH, P)), w_hh.new_empty((GH,)),
+            w_hh.new_empty((P, H)) if w_hr is not None else w_hh.new_empty((0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    gx, h0, c0, w_hh, b_hh, w_hr, lengths, cell, reverse, save = inputs
+    _, _, _, hs, ws = output
+    ctx.cell, ctx.reverse, ctx.save = cell, reverse, save
+    ctx.has_bias, ctx.has_proj = b_hh is not None, w_hr is not None
+    ctx.save_for_backward(c0, w_hh, w_hr, lengths, hs, ws)
+
+
+def _backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_hs, _grad_ws):
+    if not ctx.save:
+        raise RuntimeError("rnnkernels: recurrence_fwd was called with save=False, so it kept "
+                           "nothing to differentiate; call it with save=True when a gradient is "
+                           "needed")
+    c0, w_hh, w_hr, lengths, hs, ws = ctx.saved_tensors
+    dgx, dh0, dc0, dw_hh, db_hh, dw_hr = torch.ops.rnnkernels.recurrence_bwd(
+        grad_y, grad_h_n, grad_c_n if ctx.cell == LSTM else None, c0, w_hh, w_hr, lengths, hs, ws,
+        ctx.cell, ctx.reverse)
+    return (dgx, dh0, dc0 if ctx.cell == LSTM else None, dw_hh, db_hh if ctx.has_bias else None,
+            dw_hr if ctx.has_proj else None, None, None, None, None)
+
+
+torch.library.register_autograd("rnnkernels::recurrence_fwd", _backward,
+                                setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------ dispatch
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def recurrence(gx: Tensor, h0: Tensor, c0: Tensor | None, w_hh: Tensor, b_hh: Tensor | None,
+               w_hr: Tensor | None, lengths: Tensor | None, cell: int, reverse: bool,
+               backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """The sequential part on a fast backend, from precomputed gx (T, B, G*H).
+
+    Returns y (T, B, P), h_n (B, P) and c_n ((B, H) for the LSTM, else empty)."""
+    save = _needs_grad(gx, h0, c0, w_hh, b_hh, w_hr)
+    if lengths is not None:
+        lengths = lengths.to(device=gx.device, dtype=torch.int64)
+    if backend == "triton":
+        from ..triton.recurrence import recurrence_fwd_triton
+
+        fwd = recurrence_fwd_triton
+    else:
+        fwd = torch.ops.rnnkernels.recurrence_fwd
+    y, h_n, c_n, _, _ = fwd(gx, h0, c0, w_hh, b_hh, w_hr, lengths, cell, reverse, save)
+    return y, h_n, c_n
+
+
+def _check_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell):
+    _validate.tensor("x", x, ndim=3, floating=True)
+    _validate.nonempty("x", x, [(0, "time step"), (1, "batch row")])
+    T, B, I = x.shape
+    G = NUM_GATES[cell]
+    _validate.tensor("w_ih", w_ih, shape=("G*H", I), like=x)
+    if w_ih.shape[0] % G or w_ih.shape[0] == 0:
+        raise ValueError(f"w_ih must have a positive multiple of {G} rows ({G} gates of the "
+                         f"{CELL_NAMES[cell]}), got {w_ih.shape[0]}")
+    H = w_ih.shape[0] // G
+    P = w_hr.shape[0] if w_hr is not None else H
+    if w_hr is not None:
+        if cell != LSTM:
+            raise ValueError(f"w_hr (projection) is supported for the LSTM only, not {CELL_NAMES[cell]}")
+        _validate.tensor("w_hr", w_hr, shape=("P", H), like=x)
+    _validate.tensor("w_hh", w_hh, shape=(G * H, P), like=x)
+    _validate.optional("b_ih", b_ih, shape=(G * H,), like=x)
+    _validate.optional("b_hh", b_hh, shape=(G * H,), like=x)
+    _validate.tensor("h0", h0, shape=(B, P), like=x)
+    if cell == LSTM:
+        _validate.tensor("c0", c0, shape=(B, H), like=x)
+    if lengths is not None:
+        _validate.lengths("lengths", lengths, B, T)
+    return H, P
+
+
+def reference_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reverse):
+    """The reference of one layer for any cell; returns (y, h_n, c_n or None)."""
+    if cell == LSTM:
+        return lstm_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
+    if cell in (GRU, GRU_RESET_BEFORE):
+        y, h = gru_reference(x, h0, w_ih, w_hh, b_ih, b_hh, cell == GRU, lengths, reverse)
+    else:
+        y, h = rnn_reference(x, h0, w_ih, w_hh, b_ih, b_hh, "tanh" if cell == RNN_TANH else "relu",
+                             lengths, reverse)
+    return y, h, None
+
+
+def _layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reverse):
+    _check_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell)
+    backend = _backend.choose("recurrence", x.device, x.dtype)
+    if backend == "reference":
+        return reference_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reverse)
+    gx = F.linear(x, w_ih, b_ih)
+    y, h_n, c_n = recurrence(gx, h0, c0 if cell == LSTM else None, w_hh, b_hh, w_hr, lengths,
+                             cell, reverse, backend)
+    return y, h_n, (c_n if cell == LSTM else None)
+
+
+def lstm(x: Tensor, hx: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tensor,
+         b_ih: Tensor | None = None, b_hh: Tensor | None = None, w_hr: Tensor | None = None, *,
+         lengths: Tensor | None = None, reverse: bool = False
+         ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """One LSTM layer, one direction.
+
+    x: (T, B, I); hx = (h0 (B, P), c0 (B, H)); w_ih: (4H, I); w_hh: (4H, P); b_ih, b_hh: (4H,);
+    w_hr: (P, H) projection (P = H without it); lengths: (B,) valid steps per row (rows past
+    their length keep their state and output zeros). Returns y (T, B, P) and (h_n, c_n).
+    """
+    if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+        raise TypeError("hx must be a tuple (h0, c0) for the LSTM")
+    y, h, c = _layer(x, hx[0], hx[1], w_ih, w_hh, b_ih, b_hh, w_hr, lengths, LSTM, reverse)
+    return y, (h, c)
+
+
+def gru(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
+        b_hh: Tensor | None = None, *, reset_after: bool = True, lengths: Tensor | None = None,
+        reverse: bool = False) -> tuple[Tensor, Tensor]:
+    """One GRU layer, one direction.
+
+    x: (T, B, I); h0: (B, H); w_ih: (3H, I); w_hh: (3H, H); b_ih, b_hh: (3H,).
+    reset_after=True is torch.nn.GRU's cell; False is Cho et al. 2014 (reset applied to h before
+    the recurrent matmul of the candidate). Returns y (T, B, H) and h_n (B, H).
+    """
+    cell = GRU if reset_after else GRU_RESET_BEFORE
+    y, h, _ = _layer(x, h0, None, w_ih, w_hh, b_ih, b_hh, None, lengths, cell, reverse)
+    return y, h
+
+
+def rnn(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
+        b_hh: Tensor | None = None, *, nonlinearity: str = "tanh", lengths: Tensor | None = None,
+        reverse: bool = False) -> tuple[Tensor, Tensor]:
+    """One Elman RNN layer, one direction: h = act(W_ih x + b_ih + W_hh h + b_hh).
+
+    x: (T, B, I); h0: (B, H); w_ih: (H, I); w_hh: (H, H); b_ih, b_hh: (H,);
+    nonlinearity: "tanh" or "relu". Returns y (T, B, H) and h_n (B, H).
+    """
+    _validate.choice("nonlinearity", nonlinearity, ("tanh", "relu"))
+    cell = RNN_TANH if nonlinearity == "tanh" else RNN_RELU
+    y, h, _ = _layer(x, h0, None, w_ih, w_hh, b_ih, b_hh, None, lengths, cell, reverse)
+    return y, h
+
+
+__all__ = ["lstm", "gru", "rnn", "recurrence", "LSTM", "GRU", "GRU_RESET_BEFORE", "RNN_TANH",
+           "RNN_RELU"]

@@ -1,0 +1,97 @@
+"""References of the gated recurrences for one layer and one direction, time-major.
+
+Shapes: x (T, B, I); h0 (B, P); c0 (B, H); w_ih (G*H, I); w_hh (G*H, P); biases (G*H,);
+w_hr (P, H) (LSTM projection); lengths (B,) valid steps per row. Rows past their length keep
+their state and output zeros, as a PackedSequence does; with reverse=True each row runs from its
+last valid step down to step 0. Returns y (T, B, P) and the final states.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _steps(T: int, reverse: bool) -> range:
+    return range(T - 1, -1, -1) if reverse else range(T)
+
+
+def _valid(lengths: Tensor | None, t: int, like: Tensor) -> Tensor:
+    """(B, 1) mask of rows whose step t is within their length."""
+    if lengths is None:
+        return torch.ones(like.shape[0], 1, dtype=torch.bool, device=like.device)
+    return (t < lengths.to(like.device)).unsqueeze(1)
+
+
+def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    out = x @ w.t()
+    return out if b is None else out + b
+
+
+def lstm_reference(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
+                   b_ih: Tensor | None = None, b_hh: Tensor | None = None,
+                   w_hr: Tensor | None = None, lengths: Tensor | None = None,
+                   reverse: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """LSTM as torch.nn.LSTM computes it: gates (i, f, g, o), optional projection of h."""
+    h, c = h0, c0
+    ys = [None] * x.shape[0]
+    for t in _steps(x.shape[0], reverse):
+        gates = _linear(x[t], w_ih, b_ih) + _linear(h, w_hh, b_hh)
+        i, f, g, o = gates.chunk(4, dim=1)
+        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h_new = torch.sigmoid(o) * torch.tanh(c_new)
+        if w_hr is not None:
+            h_new = h_new @ w_hr.t()
+        valid = _valid(lengths, t, x[t])
+        h = torch.where(valid, h_new, h)
+        c = torch.where(valid, c_new, c)
+        ys[t] = torch.where(valid, h_new, torch.zeros_like(h_new))
+    return torch.stack(ys), h, c
+
+
+def gru_reference(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor,
+                  b_ih: Tensor | None = None, b_hh: Tensor | None = None,
+                  reset_after: bool = True, lengths: Tensor | None = None,
+                  reverse: bool = False) -> tuple[Tensor, Tensor]:
+    """GRU, gates (r, z, n), h = (1 - z) * n + z * h_prev.
+
+    reset_after=True is torch.nn.GRU / cuDNN: n = tanh(W_in x + b_in + r * (W_hn h + b_hn)).
+    reset_after=False is Cho et al. 2014: n = tanh(W_in x + b_in + W_hn (r * h) + b_hn).
+    """
+    h = h0
+    H = h0.shape[1]
+    ys = [None] * x.shape[0]
+    for t in _steps(x.shape[0], reverse):
+        gx = _linear(x[t], w_ih, b_ih)
+        xr, xz, xn = gx.chunk(3, dim=1)
+        w_rz, w_n = w_hh[: 2 * H], w_hh[2 * H:]
+        b_rz = None if b_hh is None else b_hh[: 2 * H]
+        b_n = None if b_hh is None else b_hh[2 * H:]
+        hr, hz = _linear(h, w_rz, b_rz).chunk(2, dim=1)
+        r = torch.sigmoid(xr + hr)
+        z = torch.sigmoid(xz + hz)
+        if reset_after:
+            n = torch.tanh(xn + r * _linear(h, w_n, b_n))
+        else:
+            n = torch.tanh(xn + _linear(r * h, w_n, b_n))
+        h_new = (1 - z) * n + z * h
+        valid = _valid(lengths, t, x[t])
+        h = torch.where(valid, h_new, h)
+        ys[t] = torch.where(valid, h_new, torch.zeros_like(h_new))
+    return torch.stack(ys), h
+
+
+def rnn_reference(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor,
+                  b_ih: Tensor | None = None, b_hh: Tensor | None = None,
+                  nonlinearity: str = "tanh", lengths: Tensor | None = None,
+                  reverse: bool = False) -> tuple[Tensor, Tensor]:
+    """Elman RNN: h = act(W_ih x + b_ih + W_hh h + b_hh), act = tanh or relu."""
+    act = torch.tanh if nonlinearity == "tanh" else torch.relu
+    h = h0
+    ys = [None] * x.shape[0]
+    for t in _steps(x.shape[0], reverse):
+        h_new = act(_linear(x[t], w_ih, b_ih) + _linear(h, w_hh, b_hh))
+        valid = _valid(lengths, t, x[t])
+        h = torch.where(valid, h_new, h)
+        ys[t] = torch.where(valid, h_new, torch.zeros_like(h_new))
+    return torch.stack(ys), h
