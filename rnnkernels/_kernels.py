@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 
 import torch
@@ -19,10 +20,14 @@ TRITON_DTYPES = {
     "selective_scan": (torch.float32, torch.float16, torch.bfloat16),
     "linear_scan": (torch.float32, torch.float16, torch.bfloat16),
 }
-# Families whose Triton kernels exist (filled in by rnnkernels.triton when it imports).
-TRITON_FAMILIES: set[str] = set()
-# Families whose CUDA kernels are compiled into _C.
-CUDA_FAMILIES: set[str] = set()
+# The forward op of each family: its CUDA kernel, when compiled into _C, registers on it.
+FORWARD_OPS = {
+    "recurrence": "rnnkernels::recurrence_fwd",
+    "selective_scan": "rnnkernels::selective_scan_fwd",
+    "linear_scan": "rnnkernels::linear_scan_fwd",
+}
+
+CUDA_DTYPES = TRITON_DTYPES
 
 
 def dtype_names(dtypes: tuple[torch.dtype, ...]) -> str:
@@ -45,14 +50,16 @@ def triton_importable() -> bool:
 def triton_unsupported(family: str, dtype: torch.dtype) -> str | None:
     if not triton_importable():
         return "triton is not installed"
-    if family not in TRITON_FAMILIES:
-        return f"no Triton kernel for {family} yet"
+    if importlib.util.find_spec(f"rnnkernels.triton.{family}") is None:
+        return f"no Triton kernel for {family}"
     if dtype not in TRITON_DTYPES[family]:
         return f"the Triton kernel of {family} takes {dtype_names(TRITON_DTYPES[family])}, not {dtype}"
     return None
 
 
 def cuda_unsupported(family: str, dtype: torch.dtype) -> str | None:
-    if family not in CUDA_FAMILIES:
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(FORWARD_OPS[family], "CUDA"):
         return f"rnnkernels was built without CUDA kernels for {family}"
+    if dtype not in CUDA_DTYPES[family]:
+        return f"the CUDA kernel of {family} takes {dtype_names(CUDA_DTYPES[family])}, not {dtype}"
     return None

@@ -1,0 +1,45 @@
+"""Shared test setup: tolerances by dtype (the only place they live), seeding, the cuda marker."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# Tolerances of a result in `dtype` against a float64 reference computed from the same inputs.
+# Recurrences compound rounding over T steps; the low-precision entries allow for that at the
+# test sizes (T <= 64).
+TOLERANCES = {
+    torch.float64: {"atol": 1e-9, "rtol": 1e-7},
+    torch.float32: {"atol": 2e-5, "rtol": 2e-4},
+    torch.float16: {"atol": 1e-2, "rtol": 1e-2},
+    torch.bfloat16: {"atol": 6e-2, "rtol": 6e-2},
+}
+
+
+def tol(dtype: torch.dtype) -> dict[str, float]:
+    return TOLERANCES[dtype]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None,
+                 msg: str = "", scale: float = 1.0) -> None:
+    """Compare ``actual`` (any dtype) to a float64 ``expected`` with ``dtype``'s tolerance.
+
+    ``scale`` widens the tolerance for quantities that sum over many terms (weight gradients)."""
+    t = tol(dtype or actual.dtype)
+    torch.testing.assert_close(actual.detach().double().cpu(), expected.detach().double().cpu(),
+                               atol=t["atol"] * scale, rtol=t["rtol"] * scale, msg=msg or None)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
