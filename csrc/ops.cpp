@@ -26,5 +26,28 @@ TORCH_LIBRARY(rnnkernels, m) {
       "-> (Tensor grad_gx, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_hh, Tensor grad_b_hh, "
       "Tensor grad_w_hr)");
 
-  // ---- scans (selective scan, linear scan): schemas below this line
+  // ---- selective scan (Mamba semantics), per (batch, channel) with state size N:
+  //   x_t = exp(delta_t * A) * x_{t-1} + delta_t * B_t * u_t,  y_t = C_t . x_t + D * u_t,
+  //   out = y * silu(z) when z is given; delta = softplus(delta + delta_bias) when asked.
+  // u, delta, z: (batch, dim, L); A: (dim, N) real; B, C: (dim, N) fixed or (batch, G, N, L)
+  // grouped (variable B/C are G = 1; dim % G == 0); D, delta_bias: (dim,);
+  // initial_state, last_state: (batch, dim, N) fp32. checkpoints: (batch, dim, ceil(L/chunk_size),
+  // N) fp32 states at chunk starts, from which the backward recomputes the states chunk by chunk;
+  // empty (0,) when save is false. Gradients of absent optional inputs come back empty (0,).
+  m.def(
+      "selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, "
+      "Tensor? z, Tensor? delta_bias, bool delta_softplus, Tensor? initial_state, int chunk_size, "
+      "bool save) -> (Tensor out, Tensor last_state, Tensor checkpoints)");
+  m.def(
+      "selective_scan_bwd(Tensor grad_out, Tensor? grad_last_state, Tensor u, Tensor delta, "
+      "Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
+      "bool delta_softplus, Tensor? initial_state, Tensor checkpoints, int chunk_size) "
+      "-> (Tensor grad_u, Tensor grad_delta, Tensor grad_A, Tensor grad_B, Tensor grad_C, "
+      "Tensor grad_D, Tensor grad_z, Tensor grad_delta_bias, Tensor grad_initial_state)");
+
+  // ---- linear scan h_t = a_t * h_{t-1} + b_t over (batch, channels, T); h0: (batch, channels).
+  m.def("linear_scan_fwd(Tensor a, Tensor b, Tensor? initial_state) -> Tensor h");
+  m.def(
+      "linear_scan_bwd(Tensor grad_h, Tensor a, Tensor h, Tensor? initial_state) "
+      "-> (Tensor grad_a, Tensor grad_b, Tensor grad_initial_state)");
 }
