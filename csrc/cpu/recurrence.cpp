@@ -356,6 +356,10 @@ void backward_impl(const Problem<S, T>& pb, const Tensor& grad_y, const Tensor& 
         return;
       }
       const S* gyr = (gy_p && !pb.projected) ? gy_p + (t * B + b) * P : nullptr;
+      // The LSTM and the RNN reach h_prev only through W_hh: no direct term.
+      if (cell == Cell::LSTM || cell == Cell::RNN_TANH || cell == Cell::RNN_RELU) {
+        std::fill(dhd_p + b * P, dhd_p + (b + 1) * P, T(0));
+      }
       for (int64_t j = 0; j < H; j += VS) {
         const int64_t n = std::min(VS, H - j);
         V dH = pb.projected ? load<T>(dhf_p + b * H + j, n) : load<T>(dh_p + b * P + j, n);
@@ -374,7 +378,6 @@ void backward_impl(const Problem<S, T>& pb, const Tensor& grad_y, const Tensor& 
             store<T>(dghr + 2 * H + j, dg, n);
             store<T>(dghr + 3 * H + j, do_, n);
             store<T>(dc_p + b * H + j, dcp, n);
-            store<T>(dhd_p + b * P + j, M::zero(), n);
             break;
           }
           case Cell::GRU: {
@@ -403,7 +406,6 @@ void backward_impl(const Problem<S, T>& pb, const Tensor& grad_y, const Tensor& 
           case Cell::RNN_TANH:
           case Cell::RNN_RELU: {
             store<T>(dghr + j, rnn_backward<V, M>(dH, load<T>(wsr + j, n), relu), n);
-            store<T>(dhd_p + b * P + j, M::zero(), n);
             break;
           }
         }
