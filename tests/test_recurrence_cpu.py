@@ -69,21 +69,42 @@ def check_against_reference(cell, shape, dtype, proj=0, lengths=None, reverse=Fa
         assert_close(a, b, dtype, msg=f"grad {k} of cell {cell}", scale=scale)
 
 
+@pytest.fixture(params=["persistent", "batched"])
+def cpu_path(request, monkeypatch):
+    """Both CPU decompositions: the persistent thread team (default where it applies) and the
+    per-step batched GEMM."""
+    monkeypatch.setenv("RNNKERNELS_CPU_RECURRENCE", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_forward_backward(cell, shape, dtype):
+def test_forward_backward(cell, shape, dtype, cpu_path):
     check_against_reference(cell, shape, dtype)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("cell", [R.LSTM, R.GRU])
+def test_thread_counts(cell, threads):
+    """The persistent team forms with any thread count, including more threads than cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_against_reference(cell, (6, 2, 5, 40), torch.float32, lengths=torch.tensor([6, 3]))
+        check_against_reference(cell, (4, 9, 5, 40), torch.float32, reverse=True)
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("cell", CELLS)
-def test_bfloat16(cell):
+def test_bfloat16(cell, cpu_path):
     check_against_reference(cell, (6, 3, 5, 16), torch.bfloat16)
 
 
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("reverse", [False, True])
-def test_lengths_and_reverse(cell, reverse):
+def test_lengths_and_reverse(cell, reverse, cpu_path):
     lengths = torch.tensor([3, 7, 1, 5])
     check_against_reference(cell, (7, 4, 3, 9), torch.float64, lengths=lengths, reverse=reverse)
 
