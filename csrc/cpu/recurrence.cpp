@@ -1,10 +1,14 @@
 // CPU kernels of the generic gated recurrence (LSTM, GRU in both variants, tanh/ReLU RNN).
 //
-// Decomposition. The step's matmul (B x P) x (P x G*H) is one ATen GEMM (MKL / oneDNN, all
-// threads); the cell's pointwise math is fused into one pass over the batch rows, split across
-// threads (at::parallel_for), vectorised over the hidden units with at::vec. The weight gradients
-// are single GEMMs over all steps after the backward loop. Small batches in inference take the
-// persistent path of recurrence_persistent.cpp instead.
+// Two decompositions of the sequential part, one cell code (forward_units / backward_units,
+// vectorised over hidden units with at::vec, math from cells.h):
+// - persistent (default for T > 1 without projection or reset-before GRU): one thread team for
+//   the whole sequence, each thread owning a slice of hidden units and of W_hh, one spin barrier
+//   per step (see "persistent path" below);
+// - batched (everything else): per step one ATen GEMM on all threads, then the pointwise pass
+//   split over batch rows.
+// The input projection and the weight gradients are single GEMMs over all steps, outside the
+// loop (the input projection in Python, the weight gradients at the end of the backward).
 //
 // Memory. hs (T+1, B, P) holds the recurrent state before every step in the accumulation type;
 // slot t is the state before time t for the forward direction and slot t+1 for the reverse one,
@@ -530,7 +534,7 @@ void backward_batched(const Problem<S, T>& pb, const Tensor& grad_y, const Tenso
 
 constexpr int64_t kSmallBatch = 4;       // up to this batch the GEMV kernels below beat ATen calls
 constexpr int64_t kRowBlock = 4;         // W_hh rows per GEMV block (16 accumulators at batch 4)
-constexpr int kSpinsBeforeYield = 4096;  // then yield, so an oversubscribed machine still progresses
+constexpr int kSpinsBeforeYield = 1024;  // then yield, so an oversubscribed machine still progresses
 
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(_M_X64)
@@ -771,6 +775,8 @@ template <typename S, typename T>
 bool use_persistent(const Problem<S, T>& pb) {
 #if AT_PARALLEL_OPENMP
   if (pb.projected || pb.cell == Cell::GRU_RESET_BEFORE) return false;
+  // Keeping W_hh slices in each core's L2 pays only across steps; one step is one GEMM.
+  if (pb.steps == 1) return false;
   const char* forced = std::getenv("RNNKERNELS_CPU_RECURRENCE");  // tests exercise both paths
   if (forced != nullptr && std::string(forced) == "batched") return false;
   return true;

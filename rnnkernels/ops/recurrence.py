@@ -69,6 +69,9 @@ def _setup_context(ctx, inputs, output):
     gx, h0, c0, w_hh, b_hh, w_hr, lengths, cell, reverse, save = inputs
     _, _, _, hs, ws = output
     ctx.cell, ctx.reverse, ctx.save = cell, reverse, save
+    # Unused outputs (hs, ws, often h_n / c_n) get no gradient instead of materialised zeros:
+    # the backward op takes them as optional.
+    ctx.set_materialize_grads(False)
     ctx.has_bias, ctx.has_proj = b_hh is not None, w_hr is not None
     ctx.save_for_backward(c0, w_hh, w_hr, lengths, hs, ws)
 
