@@ -29,6 +29,7 @@
 #include <thread>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -678,9 +679,22 @@ void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor&
   run_team([&](int64_t k, int64_t n, SpinBarrier& barrier) {
     const auto [u0, u1] = unit_range<T>(H, k, n);
     const int64_t nk = u1 - u0;
-    // gate g of row b of this thread's matmul result: gh[(g * B + b) * nk + unit]
-    Tensor gh = at::empty({G, B, std::max<int64_t>(nk, 1)}, hs.options());
+    // Row b of this thread's matmul result: gh[b * G * nk + g * nk + unit]. For the GEMM path
+    // the thread's G row blocks of W_hh (and of b_hh) are packed once into one matrix, so that a
+    // step is a single GEMM call.
+    const int64_t ldg = G * std::max<int64_t>(nk, 1);
+    Tensor gh = at::empty({B, ldg}, hs.options());
     T* gh_p = gh.data_ptr<T>();
+    Tensor w_own, b_own;
+    if (B > kSmallBatch && nk > 0) {
+      std::vector<Tensor> rows, biases;
+      for (int64_t g = 0; g < G; ++g) {
+        rows.push_back(w.narrow(0, g * H + u0, nk));
+        if (bias_p) biases.push_back(bias.narrow(0, g * H + u0, nk));
+      }
+      w_own = at::cat(rows).t();
+      if (bias_p) b_own = at::cat(biases);
+    }
     for (int64_t s = 0; s < pb.steps; ++s) {
       const int64_t t = pb.time(s);
       const FwdStep<S, T> st{
@@ -692,27 +706,21 @@ void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor&
           pb.save ? ws.data_ptr<T>() + t * B * KH : nullptr, y.data_ptr<S>() + t * B * P,
           nullptr};
       if (nk > 0) {
-        for (int64_t g = 0; g < G; ++g) {
-          const T* wg = w_p + (g * H + u0) * P;
-          const T* bg = bias_p ? bias_p + g * H + u0 : nullptr;
-          if (B <= kSmallBatch) {
-            gemv_rows_small<T>(B, nk, P, wg, bg, st.hin, gh_p + g * B * nk, nk);
-          } else {
-            Tensor out = gh.select(0, g);
-            const Tensor hin = hs.select(0, pb.slot_in(s));
-            const Tensor wt = w.narrow(0, g * H + u0, nk).t();
-            if (bg) {
-              at::addmm_out(out, bias.narrow(0, g * H + u0, nk), hin, wt);
-            } else {
-              at::mm_out(out, hin, wt);
-            }
+        if (B <= kSmallBatch) {
+          for (int64_t g = 0; g < G; ++g) {
+            gemv_rows_small<T>(B, nk, P, w_p + (g * H + u0) * P,
+                               bias_p ? bias_p + g * H + u0 : nullptr, st.hin, gh_p + g * nk, ldg);
           }
+        } else if (b_own.defined()) {
+          at::addmm_out(gh, b_own, hs.select(0, pb.slot_in(s)), w_own);
+        } else {
+          at::mm_out(gh, hs.select(0, pb.slot_in(s)), w_own);
         }
         for (int64_t b = 0; b < B; ++b) {
           if (pb.masked(t, b)) {
             forward_masked_units(pb, st, b, u0, u1);
           } else {
-            forward_units(pb, st, b, u0, u1, gh_p + b * nk, B * nk);
+            forward_units(pb, st, b, u0, u1, gh_p + b * ldg, nk);
           }
         }
       }
