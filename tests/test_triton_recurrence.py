@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -213,6 +217,86 @@ def test_noncontiguous_inputs_and_gradients(variant):
         assert_close(leaf.grad, ref[name].grad, torch.float32, msg=f"gradient of {name}")
 
 
+@needs_interpreter
+def test_dynamo_traces_fullgraph():
+    """torch.compile(fullgraph=True) traces the layer, the Triton op and its autograd (backend
+    "eager" runs the captured graph; Inductor needs a GPU: see the cuda tests)."""
+    cell, _ = VARIANTS["gru_reset_before"]
+    inp, _ = make_inputs(cell, 4, 3, 16, None)
+    f32 = {n: (t.float() if t is not None else None) for n, t in inp.items()}
+
+    def loss(w_hh):
+        return layer(cell, {**f32, "w_hh": w_hh}, None, True)[0].square().sum()
+
+    w_hh = f32["w_hh"].requires_grad_()
+    with rnnkernels.use_backend("triton"):
+        eager = loss(w_hh)
+        (grad_eager,) = torch.autograd.grad(eager, w_hh)
+        compiled = torch.compile(loss, fullgraph=True, backend="eager")(w_hh)
+        (grad_compiled,) = torch.autograd.grad(compiled, w_hh)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(grad_compiled, grad_eager)
+
+
+# (cell, projected, dtype, path, H, P, hidden_block, backward): the grid-barrier path with every
+# phase, the fp32 product, the streamed weights.
+SM90_KERNELS = [
+    (R.LSTM, True, torch.bfloat16, "sync", 256, 128, 64, False),
+    (R.GRU_RESET_BEFORE, False, torch.bfloat16, "sync", 128, 128, 32, True),
+    (R.GRU, False, torch.float32, "persistent", 64, 64, None, True),
+    (R.LSTM, True, torch.float16, "step", 256, 128, 32, False),
+]
+
+
+def compile_for_sm90() -> None:
+    """Compile SM90_KERNELS for sm_90 (no GPU needed: ptxas ships with triton) and check that a
+    resident program's shared memory is what the plan budgets. Runs without TRITON_INTERPRET."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    for cell, proj, dtype, path, H, P, block, backward in SM90_KERNELS:
+        BB, elem = 16, dtype.itemsize
+        NH = math.ceil(H / (block or TR._block(H)))
+        plan = TR.Plan(path, BB, block or TR._block(H), TR._block(math.ceil(P / NH)), 1, NH)
+        flags = ({"REVERSE": True, "HAS_GY": True, "HAS_LEN": True, "DGX": True} if backward
+                 else {"REVERSE": False, "SAVE": True, "HAS_BIAS": True, "HAS_LEN": True})
+        meta = TR._meta(plan, H, P, cell, proj, dtype, backward, **flags)
+        meta["PHASES"] = 7
+        kernel = TR._bwd_kernel if backward else TR._fwd_kernel
+        storage = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}[dtype]
+        lowp = ("gy_ptr", "w_ptr", "wr_ptr", "dgx_ptr", "gx_ptr", "b_ptr", "y_ptr")
+        signature = {
+            name: "constexpr" if name in meta else
+            ("*i64" if name == "len_ptr" else "*i32" if name == "bar_ptr" else
+             storage if name in lowp else "*fp32") if name.endswith("_ptr") else "i32"
+            for name in kernel.arg_names}
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs=meta),
+                                  target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": TR._num_warps(plan)})
+        if path != "step":
+            expected = TR._smem_bytes(H, P, cell, proj, BB, plan.BH, plan.BP, elem, backward)
+            assert compiled.metadata.shared == expected, (cell, path, backward)
+            assert expected <= TR._SMEM_BYTES
+
+
+def test_gpu_kernels_compile_for_sm90():
+    """The paths CI cannot run (the grid barrier) at least compile for the GPU, and the plan's
+    shared-memory model holds, in a process without the interpreter."""
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except ImportError:
+        pytest.skip("triton has no CUDA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    here = Path(__file__).resolve().parent
+    env["PYTHONPATH"] = os.pathsep.join([str(here), str(here.parent), env.get("PYTHONPATH", "")])
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    run = subprocess.run(
+        [sys.executable, "-c", "import test_triton_recurrence as t; t.compile_for_sm90()"],
+        check=False, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+
+
 def test_cuda_tensors_choose_triton():
     """Without our CUDA kernels, CUDA tensors run the Triton kernels (no GPU needed to ask)."""
     cuda = torch.device("cuda")
@@ -225,14 +309,14 @@ def test_cuda_tensors_choose_triton():
 
 def test_plan_by_size():
     cpu = torch.device("cpu")
-    small = TR._plan(3, 20, 20, R.LSTM, False, torch.float32, cpu)
+    small = TR._plan(3, 20, 20, R.LSTM, False, torch.float32, cpu, backward=False)
     assert (small.path, small.NB, small.NH) == ("persistent", 1, 1)
     assert small.BH >= 20 and small.BP >= 20
-    large = TR._plan(100, 1000, 1000, R.GRU, False, torch.bfloat16, cpu)
+    large = TR._plan(100, 1000, 1000, R.GRU, False, torch.bfloat16, cpu, backward=True)
     assert large.path == "step" and large.NB * large.BB >= 100 and large.NH * large.BH >= 1000
     assert large.NH * large.BP >= 1000
     with TR.force_plan("step", hidden_block=16, batch_block=32):
-        forced = TR._plan(40, 40, 7, R.LSTM, True, torch.float32, cpu)
+        forced = TR._plan(40, 40, 7, R.LSTM, True, torch.float32, cpu, backward=False)
     assert (forced.path, forced.BB, forced.NB, forced.BH, forced.NH) == ("step", 32, 2, 16, 3)
     assert forced.NH * forced.BP >= 7
 

@@ -64,9 +64,11 @@ _B_CELL, _B_RESET, _B_DH = 1, 2, 4  # backward
 
 _MIN_BLOCK = 16  # tl.dot's smallest M, N and K on a GPU
 _MAX_BATCH_BLOCK = 64  # batch rows per program: more rows share one copy of the weights
-# Bytes of weights one program keeps on chip for all steps: a share of the 228 KB of shared
-# memory (plus registers) of an H100 SM, leaving room for the state tile. Not tuned on a GPU yet.
-_RESIDENT_BYTES = 128 * 1024
+# Shared memory one program of the persistent / sync paths may use: its weight tiles (Triton
+# keeps a loop-invariant dot operand in shared memory) plus the fp32 staging of the state tile.
+# An H100 / H200 block can opt into 227 KB; the rest is margin. _smem_bytes matches what Triton
+# 3.9 allocates for sm_90 (checked by compiling without a GPU); speed is not tuned on a GPU yet.
+_SMEM_BYTES = 200 * 1024
 _STEP_BLOCK = 32  # hidden units per program, and K chunk, of the per-step path
 PATHS = ("persistent", "sync", "step")
 
@@ -123,20 +125,28 @@ def force_plan(path: str, hidden_block: int | None = None,
         _forced = previous
 
 
-def _resident_bytes(H: int, P: int, G1: int, split: bool, proj: bool, BH: int, BP: int,
-                    elem: int) -> int:
-    """Weight bytes one program keeps for the larger of forward and backward: the gate tiles
-    (BH units x P inputs forward, all G1*H rows x BP columns backward), the candidate tile of the
-    reset-before GRU and the projection tile."""
-    HP, PP = _block(H), _block(P)
-    gates = max(G1 * BH * PP, _block(G1 * H) * BP)
-    return elem * (gates + (BH * HP if split else 0) + (max(BP * HP, PP * BH) if proj else 0))
+def _smem_bytes(H: int, P: int, cell: int, proj: bool, BB: int, BH: int, BP: int, elem: int,
+                backward: bool) -> int:
+    """Shared memory of one resident program: the weight tiles of all phases (forward: the gate
+    rows of BH units x P inputs, the reset-before GRU's candidate rows, the projection's BP
+    rows; backward: all recurrent rows x BP columns, W_hn's and W_hr's BH columns) and the
+    largest fp32 (BB, K) operand tile staged for a matmul."""
+    split = cell == GRU_RESET_BEFORE
+    G1 = 2 if split else NUM_GATES[cell]
+    HP, PP, GHP = _block(H), _block(P), _block(G1 * H)
+    if backward:
+        weights = GHP * BP + (HP * BH if split else 0) + (PP * BH if proj else 0)
+        k = max(GHP, PP if proj else 0)
+    else:
+        weights = G1 * BH * PP + (BH * HP if split else 0) + (BP * HP if proj else 0)
+        k = max(PP, HP if (split or proj) else 0)
+    return elem * weights + 4 * BB * k
 
 
 def _plan(B: int, H: int, P: int, cell: int, proj: bool, dtype: torch.dtype,
-          device: torch.device) -> Plan:
-    split = cell == GRU_RESET_BEFORE
-    G1 = 2 if split else NUM_GATES[cell]
+          device: torch.device, backward: bool) -> Plan:
+    """The path and blocks of the forward or backward kernel (each chooses its own: both read
+    and write the same layouts, whatever the path)."""
     elem = torch.empty((), dtype=dtype).element_size()
     BB = min(_MAX_BATCH_BLOCK, _block(B))
     if _forced is not None and _forced[2] is not None:
@@ -157,23 +167,28 @@ def _plan(B: int, H: int, P: int, cell: int, proj: bool, dtype: torch.dtype,
         if path == "persistent":
             return make(path, whole)
         return make(path, hidden_block or (_STEP_BLOCK if path == "step" else _MIN_BLOCK))
-    if _resident_bytes(H, P, G1, split, proj, whole, blocks(whole)[1], elem) <= _RESIDENT_BYTES:
+    def fits(BH: int) -> bool:
+        _, BP, _ = blocks(BH)
+        return _smem_bytes(H, P, cell, proj, BB, BH, BP, elem, backward) <= _SMEM_BYTES
+
+    if fits(whole):
         return make("persistent", whole)
     if device.type == "cuda" and not _kernels.triton_interpreted():
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         BH = whole // 2
         while BH >= _MIN_BLOCK:
-            _, BP, NH = blocks(BH)
-            if NB * NH > sms:
+            if NB * blocks(BH)[2] > sms:
                 break
-            if _resident_bytes(H, P, G1, split, proj, BH, BP, elem) <= _RESIDENT_BYTES:
+            if fits(BH):
                 return make("sync", BH)
             BH //= 2
     return make("step", _STEP_BLOCK)
 
 
 def _num_warps(plan: Plan) -> int:
-    return 4 if plan.BH * plan.BB <= 32 * 32 else 8
+    # Resident paths hold several (BB, BH) fp32 tiles per step: compiled for sm_90, the bf16
+    # LSTM at BB = 16, BH = 64 spills 280 bytes per thread with 4 warps and 4 bytes with 8.
+    return 8 if plan.path != "step" or plan.BH * plan.BB > 32 * 32 else 4
 
 
 _DOT_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the kernels' DOT codes
@@ -709,6 +724,20 @@ def _launches(plan: Plan, T: int, phases: tuple[int, ...], backward: bool
     return [(0, T, mask)]
 
 
+def _meta(plan: Plan, H: int, P: int, cell: int, proj: bool, dtype: torch.dtype,
+          backward: bool, **flags: bool) -> dict[str, int | bool]:
+    """The constexpr arguments of the forward or backward kernel but PHASES; ``flags`` are the
+    input-dependent ones (REVERSE, HAS_LEN, and SAVE, HAS_BIAS or HAS_GY, DGX)."""
+    dot, f32dot = _dot_types(dtype)
+    meta = {"CELL": cell, "PROJ": proj, "RESIDENT": plan.path != "step",
+            "SYNC": plan.path == "sync", "KU": workspace_units(cell, proj), "BB": plan.BB,
+            "BH": plan.BH, "BP": plan.BP, "BK": _STEP_BLOCK, "HP": _block(H), "PP": _block(P),
+            "DOT": dot, "F32DOT": f32dot, **flags}
+    if backward:
+        meta["GHP"] = _block((2 if cell == GRU_RESET_BEFORE else NUM_GATES[cell]) * H)
+    return meta
+
+
 @triton_op("rnnkernels::recurrence_fwd_triton", mutates_args=())
 def recurrence_fwd_triton(gx: Tensor, h0: Tensor, c0: Tensor | None, w_hh: Tensor,
                           b_hh: Tensor | None, w_hr: Tensor | None, lengths: Tensor | None,
@@ -727,8 +756,9 @@ def recurrence_fwd_triton(gx: Tensor, h0: Tensor, c0: Tensor | None, w_hh: Tenso
     split = cell == GRU_RESET_BEFORE
     K = workspace_units(cell, proj)
     f32 = {"device": gx.device, "dtype": torch.float32}
-    plan = _plan(B, H, P, cell, proj, gx.dtype, gx.device)
-    dot, f32dot = _dot_types(gx.dtype)
+    plan = _plan(B, H, P, cell, proj, gx.dtype, gx.device, backward=False)
+    meta = _meta(plan, H, P, cell, proj, gx.dtype, False, REVERSE=reverse, SAVE=save,
+                 HAS_BIAS=b_hh is not None, HAS_LEN=lengths is not None)
 
     gx = gx.contiguous()
     w = w_hh.contiguous()
@@ -750,12 +780,8 @@ def recurrence_fwd_triton(gx: Tensor, h0: Tensor, c0: Tensor | None, w_hh: Tenso
         wrap_triton(_fwd_kernel)[(plan.NB, plan.NH)](
             gx, hs, cs, w, b_hh.contiguous() if b_hh is not None else w,
             w_hr.contiguous() if proj else w, lengths.contiguous() if lengths is not None else w,
-            y, ws, bar, T, B, H, P, B * K * H if save else 0, s_begin, s_end,
-            CELL=cell, REVERSE=reverse, SAVE=save, HAS_BIAS=b_hh is not None,
-            HAS_LEN=lengths is not None, PROJ=proj, PHASES=mask,
-            RESIDENT=plan.path != "step", SYNC=plan.path == "sync", KU=K, BB=plan.BB,
-            BH=plan.BH, BP=plan.BP, BK=_STEP_BLOCK, HP=_block(H), PP=_block(P), DOT=dot,
-            F32DOT=f32dot, num_warps=_num_warps(plan))
+            y, ws, bar, T, B, H, P, B * K * H if save else 0, s_begin, s_end, PHASES=mask,
+            num_warps=_num_warps(plan), **meta)
     last = ((0 if reverse else T) if save else T % 2)
     # copies: an output of a custom op must not alias another one
     h_n = hs[last].to(gx.dtype, copy=True)
@@ -781,12 +807,13 @@ def recurrence_bwd_triton(grad_y: Tensor | None, grad_h_n: Tensor | None,
     H = GH // G
     proj = w_hr is not None
     split = cell == GRU_RESET_BEFORE
-    K = workspace_units(cell, proj)
     st = w_hh.dtype
     dev = w_hh.device
     f32 = {"device": dev, "dtype": torch.float32}
-    plan = _plan(B, H, P, cell, proj, st, dev)
-    dot, f32dot = _dot_types(st)
+    plan = _plan(B, H, P, cell, proj, st, dev, backward=True)
+    dgx_separate = cell == GRU or st != torch.float32
+    meta = _meta(plan, H, P, cell, proj, st, True, REVERSE=reverse, HAS_GY=grad_y is not None,
+                 HAS_LEN=lengths is not None, DGX=dgx_separate)
 
     w = w_hh.contiguous()
     hs = hs.contiguous()
@@ -799,24 +826,17 @@ def recurrence_bwd_triton(grad_y: Tensor | None, grad_h_n: Tensor | None,
         dc[T % 2] = grad_c_n
     c0f = c0.float().contiguous() if cell == LSTM else dh
     dgh = torch.empty((T, B, GH), **f32)
-    dgx_separate = cell == GRU or st != torch.float32
     dgx = torch.empty((T, B, GH), device=dev, dtype=st) if dgx_separate else dgh
     dhd = torch.empty((B, H), **f32) if cell in (GRU, GRU_RESET_BEFORE) else dh
     dhp = torch.empty((T, B, P), **f32) if proj else dh
     gy = grad_y.contiguous() if grad_y is not None else dh
     bar = torch.zeros((plan.NB,), device=dev, dtype=torch.int32)
     phases = (_B_CELL,) + ((_B_RESET,) if split else ()) + (_B_DH,)
-    G1 = 2 if split else G
     for s_begin, s_end, mask in _launches(plan, T, phases, backward=True):
         wrap_triton(_bwd_kernel)[(plan.NB, plan.NH)](
             gy, hs, ws, c0f, w, w_hr.contiguous() if proj else w,
             lengths.contiguous() if lengths is not None else w, dh, dc, dgh, dgx, dhd, dhp, bar,
-            T, B, H, P, s_begin, s_end,
-            CELL=cell, REVERSE=reverse, HAS_GY=grad_y is not None,
-            HAS_LEN=lengths is not None, PROJ=proj, DGX=dgx_separate, PHASES=mask,
-            RESIDENT=plan.path != "step", SYNC=plan.path == "sync", KU=K, BB=plan.BB,
-            BH=plan.BH, BP=plan.BP, BK=_STEP_BLOCK, HP=_block(H), PP=_block(P),
-            GHP=_block(G1 * H), DOT=dot, F32DOT=f32dot, num_warps=_num_warps(plan))
+            T, B, H, P, s_begin, s_end, PHASES=mask, num_warps=_num_warps(plan), **meta)
 
     # Weight gradients: one GEMM each over all steps and rows (fp32).
     hp = hs[1:] if reverse else hs[:T]
