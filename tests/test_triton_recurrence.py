@@ -391,8 +391,8 @@ def test_cuda_opcheck(variant, path):
         torch.library.opcheck(torch.ops.rnnkernels.recurrence_fwd_triton, args)
         _, _, _, hs, ws = torch.ops.rnnkernels.recurrence_fwd_triton(*args)
         grad_y = torch.randn(6, 5, f32["h0"].shape[1], device="cuda")
-        bargs = (grad_y, None, None, f32["c0"], f32["w_hh"].detach(), f32["w_hr"], lengths, hs,
-                 ws, cell, False)
+        bargs = (grad_y, None, None, f32["c0"], f32["w_hh"].detach(), f32["w_hr"], lengths,
+                 hs.detach(), ws.detach(), cell, False)
         torch.library.opcheck(torch.ops.rnnkernels.recurrence_bwd_triton, bargs)
 
 
@@ -400,12 +400,12 @@ def test_cuda_opcheck(variant, path):
 @pytest.mark.parametrize("variant", ["lstm_proj", "gru_reset_before", "rnn_relu"])
 def test_cuda_compile_fullgraph(variant):
     cell, projected = VARIANTS[variant]
-    inp, lengths = make_inputs(cell, 16, 8, 64, 32 if projected else None, device="cuda",
-                               lengths=True)
+    # No lengths: their validation reads their values, which fullgraph cannot trace.
+    inp, _ = make_inputs(cell, 16, 8, 64, 32 if projected else None, device="cuda")
     f32 = {n: (t.float() if t is not None else None) for n, t in inp.items()}
 
     def step(tensors):
-        outs = [o for o in layer(cell, tensors, lengths, False) if o is not None]
+        outs = [o for o in layer(cell, tensors, None, False) if o is not None]
         return sum(o.square().sum() for o in outs)
 
     def grads(fn):

@@ -166,7 +166,14 @@ def _plan(B: int, H: int, P: int, cell: int, proj: bool, dtype: torch.dtype,
         path, hidden_block, _ = _forced
         if path == "persistent":
             return make(path, whole)
-        return make(path, hidden_block or (_STEP_BLOCK if path == "step" else _MIN_BLOCK))
+        plan = make(path, hidden_block or (_STEP_BLOCK if path == "step" else _MIN_BLOCK))
+        if path == "sync" and device.type == "cuda":
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            if plan.NB * plan.NH > sms:
+                raise ValueError(f"the sync path needs all {plan.NB * plan.NH} programs resident "
+                                 f"at once, more than the {sms} SMs: its barrier would deadlock; "
+                                 "give a larger hidden_block or batch_block")
+        return plan
     def fits(BH: int) -> bool:
         _, BP, _ = blocks(BH)
         return _smem_bytes(H, P, cell, proj, BB, BH, BP, elem, backward) <= _SMEM_BYTES
