@@ -12,8 +12,8 @@ blocks never talk to each other; the hidden blocks of one batch block exchange t
 global memory every step. Three paths, chosen by size (``_plan``):
 
 - ``persistent``: one launch for all T steps, NH = 1. The program loads its weight tiles once
-  into registers / shared memory and loops over time; a CTA barrier separates a step's writes of
-  the state from the next step's reads.
+  (Triton keeps these loop-invariant matmul operands in shared memory) and loops over time; a
+  CTA barrier separates a step's writes of the state from the next step's reads.
 - ``sync``: the same kernel with NH > 1 programs per batch block, each holding a slice of the
   weights, all resident (grid <= SM count), meeting at a grid barrier (an atomic counter) after
   each phase that produces data other programs read. GPU only: the interpreter runs programs one
@@ -193,8 +193,8 @@ def _plan(B: int, H: int, P: int, cell: int, proj: bool, dtype: torch.dtype,
 
 
 def _num_warps(plan: Plan) -> int:
-    # Resident paths hold several (BB, BH) fp32 tiles per step: compiled for sm_90, the bf16
-    # LSTM at BB = 16, BH = 64 spills 280 bytes per thread with 4 warps and 4 bytes with 8.
+    # Resident paths hold the whole (BB, K) state tile and several (BB, BH) fp32 tiles per step:
+    # 8 warps spread them over twice the registers of 4.
     return 8 if plan.path != "step" or plan.BH * plan.BB > 32 * 32 else 4
 
 
