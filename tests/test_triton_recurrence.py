@@ -166,9 +166,6 @@ def test_ops_match_cpu_op(variant, path):
             torch.testing.assert_close(g, e, msg=name)
         assert inference[3].numel() == 0 and inference[4].numel() == 0
 
-        if projected:
-            pytest.skip("the C++ recurrence_bwd writes past the end of its dhd buffer when "
-                        "P < H (csrc/cpu/recurrence.cpp, backward_impl, LSTM case)")
         hs, ws = expected[3], expected[4]
         grad_y = torch.randn_like(expected[0])
         grad_c = torch.randn_like(expected[2]) if cell == R.LSTM else None
