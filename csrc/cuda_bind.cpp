@@ -1,12 +1,13 @@
 // CUDA implementations of the rnnkernels:: ops (schemas: csrc/ops.cpp): tensors become the Params
-// of the framework-free kernels in csrc/cuda/, the step GEMMs of the stepwise recurrence and the
+// of the framework-free kernels in csrc/cuda/, the step GEMMs of the batched recurrence and the
 // weight-gradient GEMMs are ATen calls (cuBLAS). Outputs have the layouts and dtypes of the CPU
 // kernels (csrc/cpu/), so the fake kernels and the autograd in rnnkernels/ops/ serve both.
 // Built only when torch has CUDA (setup.py); user-facing argument checks happen in Python first.
 //
-// RNNKERNELS_CUDA_RECURRENCE=stepwise makes the recurrence skip the persistent kernel (the tests
-// use it to run both paths on the same shapes); unset, the persistent kernel runs whenever
-// persistent_plan admits the problem.
+// RNNKERNELS_CUDA_RECURRENCE=batched makes the recurrence skip the persistent kernel for the
+// batched path (per step one GEMM and one fused pointwise kernel), as RNNKERNELS_CPU_RECURRENCE
+// does on the CPU; the tests use it to run both paths on the same shapes. Otherwise the
+// persistent kernel runs whenever persistent_plan admits the problem.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -57,12 +58,12 @@ Tensor f32_copy(const Tensor& t) { return t.to(at::kFloat, false, true).contiguo
 
 bool persistent_allowed() {
   const char* mode = std::getenv("RNNKERNELS_CUDA_RECURRENCE");
-  return mode == nullptr || std::strcmp(mode, "stepwise") != 0;
+  return mode == nullptr || std::strcmp(mode, "batched") != 0;
 }
 
 // ================================================================== recurrence
 
-void stepwise_forward(cuda::RecurrenceStepFwdParams sp, const cuda::StepOrder& order,
+void batched_forward(cuda::RecurrenceStepFwdParams sp, const cuda::StepOrder& order,
                       const Tensor& hs, const Tensor& w_hh, const std::optional<Tensor>& b_hh,
                       const std::optional<Tensor>& w_hr) {
   const int64_t B = sp.batch, H = sp.hidden;
@@ -175,7 +176,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_fwd_cuda(
     sp.c = c.defined() ? c.data_ptr<float>() : nullptr;
     sp.ws = save ? ws.data_ptr<float>() : nullptr;
     sp.y = y.data_ptr();
-    stepwise_forward(sp, order, hs, w_hh, b_hh, w_hr);
+    batched_forward(sp, order, hs, w_hh, b_hh, w_hr);
   }
 
   Tensor h_n = hs.select(0, order.slot_out(T - 1)).to(gx.scalar_type(), false, true);
@@ -184,7 +185,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_fwd_cuda(
   return {y, h_n, c_n, hs, ws};
 }
 
-void stepwise_backward(cuda::RecurrenceStepBwdParams sp, const cuda::StepOrder& order,
+void batched_backward(cuda::RecurrenceStepBwdParams sp, const cuda::StepOrder& order,
                        const Tensor& hs, const Tensor& w_hh, const std::optional<Tensor>& w_hr,
                        Tensor& dh, Tensor& dgh, Tensor& dhp) {
   const int64_t B = sp.batch, H = sp.hidden, P = sp.out;
@@ -293,7 +294,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_bwd_cuda(
     sp.dc = dc.defined() ? dc.data_ptr<float>() : nullptr;
     sp.dgh = dgh.data_ptr<float>();
     sp.dgx = dgx.data_ptr();
-    stepwise_backward(sp, order, hs, w_hh, w_hr, dh, dgh, dhp);
+    batched_backward(sp, order, hs, w_hh, w_hr, dh, dgh, dhp);
   }
 
   // Weight gradients: one GEMM each over all steps and rows (as the CPU kernel).

@@ -8,8 +8,8 @@
 //  - persistent (recurrence_persistent.cu): one cooperative kernel runs all T steps, each block
 //    keeping its slice of W_hh in shared memory; cells with one matmul per step and no projection
 //    (LSTM, GRU, tanh/ReLU RNN), when the slices fit on chip.
-//  - stepwise (recurrence_step.cu): per step, the caller runs the matmul as one GEMM and these
-//    kernels fuse the cell's pointwise work; every cell, every size.
+//  - batched (recurrence_step.cu): per step, the caller runs the matmul as one GEMM over the
+//    batch and these kernels fuse the cell's pointwise work; every cell, every size.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -21,7 +21,7 @@
 
 namespace rnnkernels::cuda {
 
-// ------------------------------------------------------------------ stepwise path
+// ------------------------------------------------------------------ batched path
 
 // Forward phases of one step, in order; the caller's GEMMs go between them:
 //   gh = h_{t-1} W^T + b (W: rows r, z only for the reset-before GRU), then Main;

@@ -1,4 +1,4 @@
-// Stepwise path of the recurrence: the pointwise work of one step, fused, for every cell. The
+// Batched path of the recurrence: the pointwise work of one step, fused, for every cell. The
 // caller runs the step's matmuls as GEMMs between the phases (recurrence.h lists the order).
 //
 // Decomposition: one thread per (batch row, hidden unit) (per output unit for the projection
