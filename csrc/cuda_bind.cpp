@@ -488,16 +488,17 @@ selective_scan_bwd_cuda(const Tensor& grad_out, const std::optional<Tensor>& gra
   } else if (dinit.numel()) {
     dinit.copy_(glast.defined() ? glast : at::zeros_like(dinit));
   }
-  const Tensor none = at::empty({0}, u.options());
+  // Gradients of absent inputs: empty, each its own tensor (outputs must not alias).
+  auto none = [&] { return at::empty({0}, u.options()); };
   return {du,
           ddelta,
           dA.to(A.scalar_type()),
           dB.to(B.scalar_type()),
           dC.to(C.scalar_type()),
-          given(D) ? dD.to(D->scalar_type()) : none,
+          given(D) ? dD.to(D->scalar_type()) : none(),
           dz,
-          given(delta_bias) ? dbias.to(delta_bias->scalar_type()) : none,
-          given(initial_state) ? dinit.to(initial_state->scalar_type()) : none};
+          given(delta_bias) ? dbias.to(delta_bias->scalar_type()) : none(),
+          given(initial_state) ? dinit.to(initial_state->scalar_type()) : none()};
 }
 
 // ================================================================== linear scan
