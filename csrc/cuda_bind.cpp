@@ -56,6 +56,13 @@ Tensor f32(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
 // A fresh fp32 copy, for buffers the kernels update in place.
 Tensor f32_copy(const Tensor& t) { return t.to(at::kFloat, false, true).contiguous(); }
 
+// `value` (ref's sizes and dtype) with the strides of torch.empty_like(ref), which is what the
+// fake kernels of the scans (rnnkernels/ops/) give these outputs; the kernels write contiguous.
+Tensor strided_like(const Tensor& ref, const Tensor& value) {
+  if (value.strides() == ref.strides()) return value;  // the usual case: both contiguous
+  return at::empty_like(ref).copy_(value);
+}
+
 bool persistent_allowed() {
   const char* mode = std::getenv("RNNKERNELS_CUDA_RECURRENCE");
   return mode == nullptr || std::strcmp(mode, "batched") != 0;
@@ -363,6 +370,8 @@ cuda::SelectiveScanInputs scan_inputs(const Tensor& u, const Tensor& delta, cons
                                       const std::optional<Tensor>& initial_state,
                                       int64_t chunk_size, std::vector<Tensor>& keep) {
   TORCH_CHECK(chunk_size > 0, "rnnkernels: chunk_size must be positive, got ", chunk_size);
+  TORCH_CHECK(u.numel() > 0, "rnnkernels: the CUDA selective scan needs at least one batch row, "
+              "channel and time step, got u of shape ", u.sizes());
   TORCH_CHECK(u.size(0) <= 65535, "rnnkernels: the CUDA selective scan takes at most 65535 batch "
               "rows, got ", u.size(0));
   const auto dtype = u.scalar_type();
@@ -426,13 +435,8 @@ std::tuple<Tensor, Tensor, Tensor> selective_scan_fwd_cuda(
   const int64_t batch = p.in.batch, dim = p.in.dim, N = p.in.n_state;
   Tensor out = at::empty({batch, dim, p.in.length}, u.options());
   Tensor last = at::empty({batch, dim, N}, f32_opts);
-  Tensor ckpt = save ? at::empty({batch, dim, p.in.n_chunks, N}, f32_opts) : at::empty({0}, f32_opts);
-  if (batch * dim * p.in.length == 0) {
-    last.zero_();
-    if (given(initial_state) && last.numel()) last.copy_(*initial_state);
-    ckpt.zero_();
-    return {out, last, ckpt};
-  }
+  Tensor ckpt = save ? at::empty({batch, dim, p.in.n_chunks, N}, f32_opts)
+                     : at::empty({0}, f32_opts);
   check_scan_fits(p.in, false);
   p.out = out.data_ptr();
   p.last_state = last.data_ptr<float>();
@@ -470,35 +474,34 @@ selective_scan_bwd_cuda(const Tensor& grad_out, const std::optional<Tensor>& gra
   Tensor dD = given(D) ? at::zeros({dim}, f32_opts) : Tensor();
   Tensor dbias = given(delta_bias) ? at::zeros({dim}, f32_opts) : Tensor();
   Tensor dinit = at::empty({batch, dim, N}, f32_opts);
-  if (batch * dim * L > 0) {
-    check_scan_fits(p.in, true);
-    p.grad_out = gout.data_ptr();
-    p.grad_last_state = glast.defined() ? glast.data_ptr<float>() : nullptr;
-    p.checkpoints = ckpt.data_ptr<float>();
-    p.du = du.data_ptr();
-    p.ddelta = ddelta.data_ptr();
-    p.dz = given(z) ? dz.data_ptr() : nullptr;
-    p.dA = dA.data_ptr<float>();
-    p.dB = dB.data_ptr<float>();
-    p.dC = dC.data_ptr<float>();
-    p.dD = dD.defined() ? dD.data_ptr<float>() : nullptr;
-    p.ddelta_bias = dbias.defined() ? dbias.data_ptr<float>() : nullptr;
-    p.dinitial_state = dinit.data_ptr<float>();
-    check(cuda::launch(p, current_stream()), "selective scan backward");
-  } else if (dinit.numel()) {
-    dinit.copy_(glast.defined() ? glast : at::zeros_like(dinit));
-  }
+  check_scan_fits(p.in, true);
+  p.grad_out = gout.data_ptr();
+  p.grad_last_state = glast.defined() ? glast.data_ptr<float>() : nullptr;
+  p.checkpoints = ckpt.data_ptr<float>();
+  p.du = du.data_ptr();
+  p.ddelta = ddelta.data_ptr();
+  p.dz = given(z) ? dz.data_ptr() : nullptr;
+  p.dA = dA.data_ptr<float>();
+  p.dB = dB.data_ptr<float>();
+  p.dC = dC.data_ptr<float>();
+  p.dD = dD.defined() ? dD.data_ptr<float>() : nullptr;
+  p.ddelta_bias = dbias.defined() ? dbias.data_ptr<float>() : nullptr;
+  p.dinitial_state = dinit.data_ptr<float>();
+  check(cuda::launch(p, current_stream()), "selective scan backward");
   // Gradients of absent inputs: empty, each its own tensor (outputs must not alias).
   auto none = [&] { return at::empty({0}, u.options()); };
-  return {du,
-          ddelta,
-          dA.to(A.scalar_type()),
-          dB.to(B.scalar_type()),
-          dC.to(C.scalar_type()),
-          given(D) ? dD.to(D->scalar_type()) : none(),
-          dz,
-          given(delta_bias) ? dbias.to(delta_bias->scalar_type()) : none(),
-          given(initial_state) ? dinit.to(initial_state->scalar_type()) : none()};
+  return {strided_like(u, du),
+          strided_like(delta, ddelta),
+          strided_like(A, dA.to(A.scalar_type())),
+          strided_like(B, dB.to(B.scalar_type())),
+          strided_like(C, dC.to(C.scalar_type())),
+          given(D) ? strided_like(*D, dD.to(D->scalar_type())) : none(),
+          given(z) ? strided_like(*z, dz) : dz,
+          given(delta_bias) ? strided_like(*delta_bias, dbias.to(delta_bias->scalar_type()))
+                            : none(),
+          given(initial_state)
+              ? strided_like(*initial_state, dinit.to(initial_state->scalar_type()))
+              : none()};
 }
 
 // ================================================================== linear scan
@@ -509,8 +512,9 @@ Tensor linear_scan_fwd_cuda(const Tensor& a, const Tensor& b,
   const auto dtype = a.scalar_type();
   const Tensor a2 = seq_layout(a, dtype), b2 = seq_layout(b, dtype);
   const Tensor h0 = given(initial_state) ? f32(*initial_state) : Tensor();
+  TORCH_CHECK(a.numel() > 0, "rnnkernels: the CUDA linear scan needs at least one batch row, "
+              "channel and time step, got a of shape ", a.sizes());
   Tensor h = at::empty({a.size(0), a.size(1), a.size(2)}, a.options());
-  if (h.numel() == 0) return h;
   cuda::LinearScanFwdParams p;
   p.dtype = dtype_of(a);
   p.batch = a.size(0);
@@ -521,7 +525,7 @@ Tensor linear_scan_fwd_cuda(const Tensor& a, const Tensor& b,
   p.initial_state = h0.defined() ? h0.data_ptr<float>() : nullptr;
   p.h = h.data_ptr();
   check(cuda::launch(p, current_stream()), "linear scan forward");
-  return h;
+  return strided_like(a, h);
 }
 
 std::tuple<Tensor, Tensor, Tensor> linear_scan_bwd_cuda(
@@ -533,9 +537,12 @@ std::tuple<Tensor, Tensor, Tensor> linear_scan_bwd_cuda(
   const Tensor h0 = given(initial_state) ? f32(*initial_state) : Tensor();
   Tensor da = at::empty({a.size(0), a.size(1), a.size(2)}, a.options());
   Tensor db = at::empty_like(da);
-  Tensor dh0 = given(initial_state) ? at::empty({a.size(0), a.size(1)}, a.options().dtype(at::kFloat))
-                                    : Tensor();
-  if (da.numel() > 0) {
+  Tensor dh0 = given(initial_state)
+                   ? at::empty({a.size(0), a.size(1)}, a.options().dtype(at::kFloat))
+                   : Tensor();
+  TORCH_CHECK(a.numel() > 0, "rnnkernels: the CUDA linear scan needs at least one batch row, "
+              "channel and time step, got a of shape ", a.sizes());
+  {
     cuda::LinearScanBwdParams p;
     p.dtype = dtype_of(a);
     p.batch = a.size(0);
@@ -549,11 +556,11 @@ std::tuple<Tensor, Tensor, Tensor> linear_scan_bwd_cuda(
     p.db = db.data_ptr();
     p.dinitial_state = dh0.defined() ? dh0.data_ptr<float>() : nullptr;
     check(cuda::launch(p, current_stream()), "linear scan backward");
-  } else if (dh0.defined()) {
-    dh0.zero_();
   }
-  Tensor grad_h0 = dh0.defined() ? dh0.to(initial_state->scalar_type()) : at::empty({0}, a.options());
-  return {da, db, grad_h0};
+  Tensor grad_h0 = dh0.defined()
+                       ? strided_like(*initial_state, dh0.to(initial_state->scalar_type()))
+                       : at::empty({0}, a.options());
+  return {strided_like(a, da), strided_like(a, db), grad_h0};
 }
 
 }  // namespace

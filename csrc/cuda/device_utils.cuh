@@ -41,7 +41,9 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
 struct FastMath {
   static __device__ __forceinline__ float one() { return 1.f; }
   static __device__ __forceinline__ float zero() { return 0.f; }
-  static __device__ __forceinline__ float sigmoid(float x) { return __fdividef(1.f, 1.f + __expf(-x)); }
+  static __device__ __forceinline__ float sigmoid(float x) {
+    return __fdividef(1.f, 1.f + __expf(-x));
+  }
   static __device__ __forceinline__ float tanh_(float x) {
     float y;
     asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -79,9 +81,15 @@ cudaError_t dispatch_dtype(DType d, F&& f) {
 inline cudaError_t device_limits(DeviceLimits& lim, int& major) {
   int dev = 0, smem = 0;
   cudaError_t err = cudaGetDevice(&dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&lim.sms, cudaDevAttrMultiProcessorCount, dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (err == cudaSuccess) {
+    err = cudaDeviceGetAttribute(&lim.sms, cudaDevAttrMultiProcessorCount, dev);
+  }
+  if (err == cudaSuccess) {
+    err = cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  }
+  if (err == cudaSuccess) {
+    err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  }
   lim.smem_per_block = smem;
   constexpr int kPortableCluster = 8;
   lim.max_cluster = major >= 9 ? kPortableCluster : 0;

@@ -1,6 +1,7 @@
-// Launch shapes of the CUDA kernels, as plain C++ so the host ctest (csrc/tests/test_launch_plan.cpp)
-// checks them without a GPU: the state slots of the recurrence, the partition of the persistent
-// recurrence kernel over blocks and its shared-memory layout, and the tiling of the scans.
+// Launch shapes of the CUDA kernels, as plain C++ so that the host ctest
+// (csrc/tests/test_launch_plan.cpp) checks them without a GPU: the state slots of the recurrence,
+// the partition of the persistent recurrence kernel over blocks and its shared-memory layout, and
+// the tiling of the scans.
 // Nothing here includes a CUDA header; the launchers (csrc/cuda/*.cu) fill DeviceLimits from the
 // runtime and pass the plans to the kernels by value.
 #pragma once
@@ -47,7 +48,9 @@ struct StepOrder {
     return save ? (reverse ? steps - 1 - s : s + 1) : ((s + 1) & 1);
   }
   // Time of the step that ran just before step s (its workspace holds c_{t-1} of the LSTM).
-  RK_HOST_DEVICE int64_t time_before(int64_t s) const { return reverse ? time(s) + 1 : time(s) - 1; }
+  RK_HOST_DEVICE int64_t time_before(int64_t s) const {
+    return reverse ? time(s) + 1 : time(s) - 1;
+  }
 };
 
 // ============================================================== recurrence: persistent kernel
@@ -138,7 +141,8 @@ inline PersistentPlan persistent_layout(const PersistentProblem& pb, const Devic
   pl.ldg = pl.rows_pad + 4;  // WMMA stores need a multiple of 4 floats
   const int64_t w_bytes = round_up(int64_t(pl.rows_pad) * pl.ldw * pb.w_bytes, kSmemAlign);
   const int64_t max_tile = round_up(pb.batch, pl.tile_n);
-  pl.batch_tile = static_cast<int>(max_tile < kMaxBatchTile ? max_tile : round_up(kMaxBatchTile, pl.tile_n));
+  pl.batch_tile = static_cast<int>(max_tile < kMaxBatchTile ? max_tile
+                                                             : round_up(kMaxBatchTile, pl.tile_n));
   // Shrink the staged batch, then the staged chunk, until the layout fits.
   for (;;) {
     pl.ldx = pl.k_chunk + (pb.mma ? kSkew16 : 0);

@@ -15,7 +15,7 @@
 // written by other multiprocessors during this kernel, so never from the incoherent L1); gx, y
 // and the workspace are read or written once.
 //
-// Not yet run on a GPU: compiled for sm_80/sm_90 only (see the tests in tests/test_cuda_kernels.py).
+// Not yet run on a GPU: compiled for sm_80 / sm_90 only (GPU tests: tests/test_cuda_kernels.py).
 #include <cooperative_groups.h>
 #include <mma.h>
 
@@ -398,7 +398,8 @@ bool tensor_cores(DType dtype, int64_t batch) {
   return dtype != DType::F32 && batch >= kMinMmaBatch;
 }
 
-cudaLaunchConfig_t config(const PersistentPlan& pl, cudaStream_t stream, cudaLaunchAttribute* attr) {
+cudaLaunchConfig_t config(const PersistentPlan& pl, cudaStream_t stream,
+                          cudaLaunchAttribute* attr) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(pl.blocks);
   cfg.blockDim = dim3(kPersistentThreads);
@@ -426,7 +427,8 @@ cudaError_t plan_for(const P& p, bool backward, PersistentPlan& plan) {
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev);
   if (err != cudaSuccess) return err;
   const bool mma = tensor_cores(p.dtype, p.batch);
-  const PersistentProblem pb{num_gates(p.cell), p.hidden, p.batch, backward, dtype_bytes(p.dtype), mma};
+  const PersistentProblem pb{num_gates(p.cell), p.hidden, p.batch, backward,
+                             dtype_bytes(p.dtype), mma};
   for (int attempt = 0; attempt < 2; ++attempt) {
     plan = plan_persistent(pb, lim);
     if (!plan.fits) return cudaSuccess;

@@ -14,7 +14,8 @@ namespace {
 constexpr int kStepThreads = 256;
 
 template <typename S, typename M>
-__global__ void __launch_bounds__(kStepThreads) step_fwd_kernel(RecurrenceStepFwdParams p, int64_t width) {
+__global__ void __launch_bounds__(kStepThreads)
+    step_fwd_kernel(RecurrenceStepFwdParams p, int64_t width) {
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= p.batch * width) return;
   const int64_t b = idx / width, j = idx % width;
@@ -126,7 +127,8 @@ __global__ void __launch_bounds__(kStepThreads) step_fwd_kernel(RecurrenceStepFw
 }
 
 template <typename S, typename M>
-__global__ void __launch_bounds__(kStepThreads) step_bwd_kernel(RecurrenceStepBwdParams p, int64_t width) {
+__global__ void __launch_bounds__(kStepThreads)
+    step_bwd_kernel(RecurrenceStepBwdParams p, int64_t width) {
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= p.batch * width) return;
   const int64_t b = idx / width, j = idx % width;
@@ -172,7 +174,8 @@ __global__ void __launch_bounds__(kStepThreads) step_bwd_kernel(RecurrenceStepBw
     if (j < P) p.dhd[b * P + j] = p.dh[b * P + j];
     return;
   }
-  const bool no_direct = p.cell == Cell::LSTM || p.cell == Cell::RNN_TANH || p.cell == Cell::RNN_RELU;
+  const bool no_direct =
+      p.cell == Cell::LSTM || p.cell == Cell::RNN_TANH || p.cell == Cell::RNN_RELU;
   if (j < P && no_direct) p.dhd[b * P + j] = 0.f;
   if (j >= H) return;
   float dH = p.projected ? p.dhfull[b * H + j] : p.dh[b * P + j];

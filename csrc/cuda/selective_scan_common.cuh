@@ -87,9 +87,9 @@ __device__ void stage_grouped(const SelectiveScanInputs& in, const SelectiveScan
     const int st = rem / pl.tile, tt = rem % pl.tile;
     const int64_t grp = first + gl;
     const bool ok = grp < g.groups && st < in.n_state && tt < tl;
-    dst[(gl * pl.np + st) * pl.ts + tt] =
-        ok ? to_float(src[co.b * g.batch_stride + grp * g.group_stride + st * g.state_stride + t0 + tt])
-           : 0.f;
+    const int64_t at =
+        co.b * g.batch_stride + grp * g.group_stride + st * g.state_stride + t0 + tt;
+    dst[(gl * pl.np + st) * pl.ts + tt] = ok ? to_float(src[at]) : 0.f;
   }
 }
 

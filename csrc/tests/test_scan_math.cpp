@@ -19,7 +19,9 @@ namespace {
 constexpr double kStep = 1e-6;
 constexpr double kTol = 1e-6;
 
-bool close(double got, double want) { return std::fabs(got - want) <= kTol * (1 + std::fabs(want)); }
+bool close(double got, double want) {
+  return std::fabs(got - want) <= kTol * (1 + std::fabs(want));
+}
 
 double numeric(const std::function<double(double)>& f, double x) {
   return (f(x + kStep) - f(x - kStep)) / (2 * kStep);
