@@ -19,8 +19,8 @@
 #include <cooperative_groups.h>
 #include <mma.h>
 
-#include "device_utils.cuh"
 #include "recurrence.h"
+#include "recurrence_cell.cuh"
 
 namespace rnnkernels::cuda {
 namespace {
@@ -205,50 +205,15 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
         if (p.lengths != nullptr && t >= p.lengths[b]) {
           hout[b * H + j] = hprev;
           y[j] = from_float<S>(0.f);
-          if (ws) {
-            for (int k = 0; k < workspace_units(p.cell, false); ++k) ws[k * H + j] = 0.f;
-            if (p.cell == Cell::LSTM) ws[4 * H + j] = p.c[b * H + j];
-          }
+          if (ws) masked_workspace(p.cell, false, H, j, p.c ? p.c[b * H + j] : 0.f, ws);
           continue;
         }
-        auto rec = [&](int g) {
-          return product(pl, sg, bl, g * U + u) + (bias ? to_float(bias[g * H + j]) : 0.f);
-        };
-        auto in = [&](int g) { return to_float(gx[g * H + j]); };
-        float h;
-        switch (p.cell) {
-          case Cell::LSTM: {
-            float i, f, gg, o, c;
-            lstm_forward<float, M>(in(0) + rec(0), in(1) + rec(1), in(2) + rec(2), in(3) + rec(3),
-                                   p.c[b * H + j], i, f, gg, o, c, h);
-            p.c[b * H + j] = c;
-            if (ws) {
-              ws[j] = i;
-              ws[H + j] = f;
-              ws[2 * H + j] = gg;
-              ws[3 * H + j] = o;
-              ws[4 * H + j] = c;
-            }
-            break;
-          }
-          case Cell::GRU: {
-            float r, z, n;
-            const float hn = rec(2);
-            gru_forward<float, M>(in(0), in(1), in(2), rec(0), rec(1), hn, hprev, r, z, n, h);
-            if (ws) {
-              ws[j] = r;
-              ws[H + j] = z;
-              ws[2 * H + j] = n;
-              ws[3 * H + j] = hn;
-            }
-            break;
-          }
-          default: {  // RNN_TANH, RNN_RELU (the planner admits no other cell)
-            h = rnn_forward<float, M>(in(0) + rec(0), p.cell == Cell::RNN_RELU);
-            if (ws) ws[j] = h;
-            break;
-          }
-        }
+        const float h = unit_forward<M>(
+            p.cell, false, H, j, [&](int g) { return to_float(gx[g * H + j]); },
+            [&](int g) {
+              return product(pl, sg, bl, g * U + u) + (bias ? to_float(bias[g * H + j]) : 0.f);
+            },
+            hprev, p.c ? p.c + b * H + j : nullptr, ws);
         hout[b * H + j] = h;
         y[j] = from_float<S>(h);
       }
@@ -293,49 +258,24 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
       if (j >= H) continue;
       float* dgh = dgh_t + b * GH;
       S* dgx = dgx_all + (t * B + b) * GH;
-      auto put = [&](int g, float v) {
-        dgh[g * H + j] = v;
-        if (dgx_apart) dgx[g * H + j] = from_float<S>(v);
+      auto put = [&](int g, float d_rec, float d_in) {
+        dgh[g * H + j] = d_rec;
+        if (dgx_apart) dgx[g * H + j] = from_float<S>(d_in);
       };
       if (p.lengths != nullptr && t >= p.lengths[b]) {
-        for (int g = 0; g < G; ++g) put(g, 0.f);
+        for (int g = 0; g < G; ++g) put(g, 0.f, 0.f);
         p.dhd[b * H + j] = p.dh[b * H + j];
         continue;
       }
       const float* ws = p.ws + (t * B + b) * KH;
       float dH = p.dh[b * H + j];
       if (gy_all) dH += to_float(gy_all[(t * B + b) * H + j]);
-      float direct = 0.f;
-      switch (p.cell) {
-        case Cell::LSTM: {
-          const float c_prev =
-              s == 0 ? p.c0[b * H + j] : p.ws[(p.order.time_before(s) * B + b) * KH + 4 * H + j];
-          float di, df, dg, do_, dc_prev;
-          lstm_backward<float, M>(dH, p.dc[b * H + j], ws[j], ws[H + j], ws[2 * H + j],
-                                  ws[3 * H + j], ws[4 * H + j], c_prev, di, df, dg, do_, dc_prev);
-          put(0, di);
-          put(1, df);
-          put(2, dg);
-          put(3, do_);
-          p.dc[b * H + j] = dc_prev;
-          break;
-        }
-        case Cell::GRU: {
-          float dxr, dxz, dxn, dhn;
-          gru_backward<float, M>(dH, ws[j], ws[H + j], ws[2 * H + j], ws[3 * H + j],
-                                 hprev[b * H + j], dxr, dxz, dxn, dhn, direct);
-          dgh[j] = dxr;
-          dgh[H + j] = dxz;
-          dgh[2 * H + j] = dhn;
-          dgx[j] = from_float<S>(dxr);
-          dgx[H + j] = from_float<S>(dxz);
-          dgx[2 * H + j] = from_float<S>(dxn);
-          break;
-        }
-        default:
-          put(0, rnn_backward<float, M>(dH, ws[j], p.cell == Cell::RNN_RELU));
-          break;
+      float c_prev = 0.f;
+      if (p.cell == Cell::LSTM) {
+        c_prev = s == 0 ? p.c0[b * H + j] : p.ws[(p.order.time_before(s) * B + b) * KH + 4 * H + j];
       }
+      const float direct = unit_backward<M>(p.cell, H, j, dH, ws, c_prev, hprev[b * H + j],
+                                            p.dc ? p.dc + b * H + j : nullptr, put);
       p.dhd[b * H + j] = direct;
     }
     sync_all(pl.cluster);  // dgh_t is complete
@@ -354,40 +294,33 @@ __global__ void __launch_bounds__(kPersistentThreads, 1)
 template <typename P>
 using KernelFn = void (*)(P, PersistentPlan);
 
-template <typename S>
-KernelFn<PersistentFwdParams> fwd_kernel(const PersistentPlan& pl, bool mma) {
-  if constexpr (!std::is_same_v<S, float>) {
-    if (mma) {
-      if (pl.tile_m == 8) return persistent_fwd_kernel<S, true, 8>;
-      if (pl.tile_m == 16) return persistent_fwd_kernel<S, true, 16>;
-      return persistent_fwd_kernel<S, true, 32>;
-    }
+template <typename P, typename S, bool kMMA, int TM>
+KernelFn<P> instance() {
+  if constexpr (std::is_same_v<P, PersistentFwdParams>) {
+    return persistent_fwd_kernel<S, kMMA, TM>;
+  } else {
+    return persistent_bwd_kernel<S, kMMA, TM>;
   }
-  return persistent_fwd_kernel<S, false, 0>;
 }
 
-template <typename S>
-KernelFn<PersistentBwdParams> bwd_kernel(const PersistentPlan& pl, bool mma) {
+// The instance for the plan's path: WMMA of the plan's tile height for 16-bit storage, else FMA.
+template <typename P, typename S>
+KernelFn<P> instance_for(const PersistentPlan& pl, bool mma) {
   if constexpr (!std::is_same_v<S, float>) {
     if (mma) {
-      if (pl.tile_m == 8) return persistent_bwd_kernel<S, true, 8>;
-      if (pl.tile_m == 16) return persistent_bwd_kernel<S, true, 16>;
-      return persistent_bwd_kernel<S, true, 32>;
+      if (pl.tile_m == 8) return instance<P, S, true, 8>();
+      if (pl.tile_m == 16) return instance<P, S, true, 16>();
+      return instance<P, S, true, 32>();
     }
   }
-  return persistent_bwd_kernel<S, false, 0>;
+  return instance<P, S, false, 0>();
 }
 
 template <typename P>
 KernelFn<P> kernel_for(const P& p, const PersistentPlan& pl, bool mma) {
   KernelFn<P> fn = nullptr;
   dispatch_dtype(p.dtype, [&](auto tag) {
-    using S = decltype(tag);
-    if constexpr (std::is_same_v<P, PersistentFwdParams>) {
-      fn = fwd_kernel<S>(pl, mma);
-    } else {
-      fn = bwd_kernel<S>(pl, mma);
-    }
+    fn = instance_for<P, decltype(tag)>(pl, mma);
     return cudaSuccess;
   });
   return fn;

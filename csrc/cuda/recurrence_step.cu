@@ -5,30 +5,45 @@
 // phases); no cooperation between threads, so any grid covers it.
 // Memory per step and row: reads gx (G*H), gh (G*H), the state; writes the state, y and, when
 // saving, the workspace (K*H fp32). Everything is read or written once.
-#include "device_utils.cuh"
 #include "recurrence.h"
+#include "recurrence_cell.cuh"
 
 namespace rnnkernels::cuda {
 namespace {
 
 constexpr int kStepThreads = 256;
 
+// The thread's batch row b and unit (or output column) j of a step over width columns, the
+// row's sizes, and whether the row is past its length at time t.
+struct StepThread {
+  int64_t b, j, B, H, P, GH, KH;
+  bool masked;
+  template <typename Params>
+  __device__ StepThread(const Params& p, int64_t idx, int64_t width)
+      : b(idx / width),
+        j(idx % width),
+        B(p.batch),
+        H(p.hidden),
+        P(p.out),
+        GH(num_gates(p.cell) * p.hidden),
+        KH(workspace_units(p.cell, p.projected) * p.hidden),
+        masked(p.lengths != nullptr && p.t >= p.lengths[idx / width]) {}
+};
+
 template <typename S, typename M>
 __global__ void __launch_bounds__(kStepThreads)
     step_fwd_kernel(RecurrenceStepFwdParams p, int64_t width) {
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= p.batch * width) return;
-  const int64_t b = idx / width, j = idx % width;
-  const int64_t B = p.batch, H = p.hidden, P = p.out;
-  const int64_t GH = num_gates(p.cell) * H, KH = workspace_units(p.cell, p.projected) * H;
-  const bool masked = p.lengths != nullptr && p.t >= p.lengths[b];
-  const S* gx = static_cast<const S*>(p.gx) + (p.t * B + b) * GH;
+  const StepThread th(p, idx, width);
+  const int64_t b = th.b, j = th.j, B = th.B, H = th.H, P = th.P;
+  const S* gx = static_cast<const S*>(p.gx) + (p.t * B + b) * th.GH;
   S* y = static_cast<S*>(p.y) + (p.t * B + b) * P;
-  float* ws = p.ws ? p.ws + (p.t * B + b) * KH : nullptr;
+  float* ws = p.ws ? p.ws + (p.t * B + b) * th.KH : nullptr;
   const float* gh = p.gh + b * p.gh_cols;
 
   if (p.phase == StepFwdPhase::Projection) {  // j < P
-    if (masked) {
+    if (th.masked) {
       p.hout[b * P + j] = p.hin[b * P + j];
       y[j] = from_float<S>(0.f);
     } else {
@@ -38,7 +53,7 @@ __global__ void __launch_bounds__(kStepThreads)
   }
   const float hprev = p.projected ? 0.f : p.hin[b * P + j];  // P == H without projection
   if (p.phase == StepFwdPhase::ResetBeforeOut) {
-    if (masked) {
+    if (th.masked) {
       p.hout[b * P + j] = hprev;
       y[j] = from_float<S>(0.f);
       return;
@@ -53,76 +68,33 @@ __global__ void __launch_bounds__(kStepThreads)
   }
 
   const bool split = p.cell == Cell::GRU_RESET_BEFORE;
-  if (masked) {
+  if (th.masked) {
     if (!p.projected) p.hout[b * P + j] = hprev;
-    if (ws) {
-      const int k_units = workspace_units(p.cell, p.projected);
-      for (int k = 0; k < k_units; ++k) ws[k * H + j] = 0.f;
-      if (p.cell == Cell::LSTM) ws[4 * H + j] = p.c[b * H + j];  // c_{t-1} carries over
-    }
+    if (ws) masked_workspace(p.cell, p.projected, H, j, p.c ? p.c[b * H + j] : 0.f, ws);
     if (split) p.vbuf[b * H + j] = 0.f;
     if (!p.projected && !split) y[j] = from_float<S>(0.f);
     return;
   }
-  switch (p.cell) {
-    case Cell::LSTM: {
-      float i, f, g, o, c, h;
-      lstm_forward<float, M>(to_float(gx[j]) + gh[j], to_float(gx[H + j]) + gh[H + j],
-                             to_float(gx[2 * H + j]) + gh[2 * H + j],
-                             to_float(gx[3 * H + j]) + gh[3 * H + j], p.c[b * H + j], i, f, g, o,
-                             c, h);
-      p.c[b * H + j] = c;
-      if (p.projected) {
-        p.hfull[b * H + j] = h;
-      } else {
-        p.hout[b * P + j] = h;
-        y[j] = from_float<S>(h);
-      }
-      if (ws) {
-        ws[j] = i;
-        ws[H + j] = f;
-        ws[2 * H + j] = g;
-        ws[3 * H + j] = o;
-        ws[4 * H + j] = c;
-        if (p.projected) ws[5 * H + j] = h;
-      }
-      break;
+  if (split) {  // phase 1 of the reset-before GRU: the gates and v = r * h_{t-1}
+    float r, z, v;
+    gru_rb_forward_gates<float, M>(to_float(gx[j]), to_float(gx[H + j]), gh[j], gh[H + j], hprev,
+                                   r, z, v);
+    p.vbuf[b * H + j] = v;
+    if (ws) {
+      ws[j] = r;
+      ws[H + j] = z;
+      ws[3 * H + j] = v;
     }
-    case Cell::GRU: {
-      float r, z, n, h;
-      const float hn = gh[2 * H + j];
-      gru_forward<float, M>(to_float(gx[j]), to_float(gx[H + j]), to_float(gx[2 * H + j]), gh[j],
-                            gh[H + j], hn, hprev, r, z, n, h);
-      p.hout[b * P + j] = h;
-      y[j] = from_float<S>(h);
-      if (ws) {
-        ws[j] = r;
-        ws[H + j] = z;
-        ws[2 * H + j] = n;
-        ws[3 * H + j] = hn;
-      }
-      break;
-    }
-    case Cell::GRU_RESET_BEFORE: {
-      float r, z, v;
-      gru_rb_forward_gates<float, M>(to_float(gx[j]), to_float(gx[H + j]), gh[j], gh[H + j], hprev,
-                                     r, z, v);
-      p.vbuf[b * H + j] = v;
-      if (ws) {
-        ws[j] = r;
-        ws[H + j] = z;
-        ws[3 * H + j] = v;
-      }
-      break;
-    }
-    case Cell::RNN_TANH:
-    case Cell::RNN_RELU: {
-      const float h = rnn_forward<float, M>(to_float(gx[j]) + gh[j], p.cell == Cell::RNN_RELU);
-      p.hout[b * P + j] = h;
-      y[j] = from_float<S>(h);
-      if (ws) ws[j] = h;
-      break;
-    }
+    return;
+  }
+  const float h = unit_forward<M>(
+      p.cell, p.projected, H, j, [&](int g) { return to_float(gx[g * H + j]); },
+      [&](int g) { return gh[g * H + j]; }, hprev, p.c ? p.c + b * H + j : nullptr, ws);
+  if (p.projected) {
+    p.hfull[b * H + j] = h;
+  } else {
+    p.hout[b * P + j] = h;
+    y[j] = from_float<S>(h);
   }
 }
 
@@ -131,23 +103,21 @@ __global__ void __launch_bounds__(kStepThreads)
     step_bwd_kernel(RecurrenceStepBwdParams p, int64_t width) {
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= p.batch * width) return;
-  const int64_t b = idx / width, j = idx % width;
-  const int64_t B = p.batch, H = p.hidden, P = p.out;
-  const int64_t GH = num_gates(p.cell) * H, KH = workspace_units(p.cell, p.projected) * H;
-  const bool masked = p.lengths != nullptr && p.t >= p.lengths[b];
+  const StepThread th(p, idx, width);
+  const int64_t b = th.b, j = th.j, B = th.B, H = th.H, P = th.P;
   const S* gy = p.grad_y ? static_cast<const S*>(p.grad_y) + (p.t * B + b) * P : nullptr;
   const bool dgx_apart = p.dgx != static_cast<void*>(p.dgh);
-  float* dgh = p.dgh + (p.t * B + b) * GH;
-  S* dgx = static_cast<S*>(p.dgx) + (p.t * B + b) * GH;
-  const float* ws = p.ws + (p.t * B + b) * KH;
-  auto put = [&](int64_t col, float v) {
-    dgh[col] = v;
-    if (dgx_apart) dgx[col] = from_float<S>(v);
+  float* dgh = p.dgh + (p.t * B + b) * th.GH;
+  S* dgx = static_cast<S*>(p.dgx) + (p.t * B + b) * th.GH;
+  const float* ws = p.ws + (p.t * B + b) * th.KH;
+  auto put = [&](int g, float d_rec, float d_in) {
+    dgh[g * H + j] = d_rec;
+    if (dgx_apart) dgx[g * H + j] = from_float<S>(d_in);
   };
 
   if (p.phase == StepBwdPhase::Projection) {  // j < P
     float* rec = p.dhp + (p.t * B + b) * P;
-    if (masked) {
+    if (th.masked) {
       rec[j] = 0.f;
       return;
     }
@@ -158,68 +128,42 @@ __global__ void __launch_bounds__(kStepThreads)
     return;
   }
   if (p.phase == StepBwdPhase::ResetBeforeGates) {  // j < H = P
-    if (masked) return;
+    if (th.masked) return;
     float dr, direct = p.dhd[b * P + j];
     gru_rb_backward_gates<float, M>(p.dv[b * H + j], ws[j], p.hprev[b * P + j], dr, direct);
-    put(j, dr);
+    put(0, dr, dr);
     p.dhd[b * P + j] = direct;
     return;
   }
 
   // Main: j < max(H, P); units j < H, direct-gradient columns j < P.
-  if (masked) {
+  if (th.masked) {
     if (j < H) {
-      for (int g = 0; g < num_gates(p.cell); ++g) put(g * H + j, 0.f);
+      for (int g = 0; g < num_gates(p.cell); ++g) put(g, 0.f, 0.f);
     }
     if (j < P) p.dhd[b * P + j] = p.dh[b * P + j];
     return;
   }
-  const bool no_direct =
-      p.cell == Cell::LSTM || p.cell == Cell::RNN_TANH || p.cell == Cell::RNN_RELU;
-  if (j < P && no_direct) p.dhd[b * P + j] = 0.f;
+  if (p.projected && j < P) p.dhd[b * P + j] = 0.f;  // the LSTM has no direct term
   if (j >= H) return;
   float dH = p.projected ? p.dhfull[b * H + j] : p.dh[b * P + j];
   if (gy && !p.projected) dH += to_float(gy[j]);
-  switch (p.cell) {
-    case Cell::LSTM: {
-      const float c_prev = p.first ? p.c0[b * H + j] : p.ws[(p.t_prev * B + b) * KH + 4 * H + j];
-      float di, df, dg, do_, dc_prev;
-      lstm_backward<float, M>(dH, p.dc[b * H + j], ws[j], ws[H + j], ws[2 * H + j], ws[3 * H + j],
-                              ws[4 * H + j], c_prev, di, df, dg, do_, dc_prev);
-      put(j, di);
-      put(H + j, df);
-      put(2 * H + j, dg);
-      put(3 * H + j, do_);
-      p.dc[b * H + j] = dc_prev;
-      break;
-    }
-    case Cell::GRU: {
-      float dxr, dxz, dxn, dhn, direct;
-      gru_backward<float, M>(dH, ws[j], ws[H + j], ws[2 * H + j], ws[3 * H + j],
-                             p.hprev[b * P + j], dxr, dxz, dxn, dhn, direct);
-      dgh[j] = dxr;
-      dgh[H + j] = dxz;
-      dgh[2 * H + j] = dhn;
-      dgx[j] = from_float<S>(dxr);
-      dgx[H + j] = from_float<S>(dxz);
-      dgx[2 * H + j] = from_float<S>(dxn);
-      p.dhd[b * P + j] = direct;
-      break;
-    }
-    case Cell::GRU_RESET_BEFORE: {
-      float dn, dz, direct;
-      gru_rb_backward_out<float, M>(dH, ws[H + j], ws[2 * H + j], p.hprev[b * P + j], dn, dz,
-                                    direct);
-      put(H + j, dz);
-      put(2 * H + j, dn);
-      p.dhd[b * P + j] = direct;
-      break;
-    }
-    case Cell::RNN_TANH:
-    case Cell::RNN_RELU:
-      put(j, rnn_backward<float, M>(dH, ws[j], p.cell == Cell::RNN_RELU));
-      break;
+  const float hprev = p.projected ? 0.f : p.hprev[b * P + j];
+  if (p.cell == Cell::GRU_RESET_BEFORE) {  // phase A; phase B (ResetBeforeGates) needs dv
+    float dn, dz, direct;
+    gru_rb_backward_out<float, M>(dH, ws[H + j], ws[2 * H + j], hprev, dn, dz, direct);
+    put(1, dz, dz);
+    put(2, dn, dn);
+    p.dhd[b * P + j] = direct;
+    return;
   }
+  float c_prev = 0.f;
+  if (p.cell == Cell::LSTM) {
+    c_prev = p.first ? p.c0[b * H + j] : p.ws[(p.t_prev * B + b) * th.KH + 4 * H + j];
+  }
+  const float direct = unit_backward<M>(p.cell, H, j, dH, ws, c_prev, hprev,
+                                        p.dc ? p.dc + b * H + j : nullptr, put);
+  if (!p.projected) p.dhd[b * P + j] = direct;
 }
 
 unsigned grid_for(int64_t items) { return static_cast<unsigned>(ceil_div(items, kStepThreads)); }
