@@ -17,6 +17,7 @@
 #include <cstring>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "cuda/recurrence.h"
 #include "cuda/scan.h"
