@@ -35,6 +35,7 @@
 #include <immintrin.h>
 #endif
 
+#include "../recurrence_weight_grads.h"
 #include "rnnkernels/cells.h"
 
 namespace rnnkernels::cpu {
@@ -896,26 +897,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_bwd_cpu(
     }
   });
 
-  // Weight gradients: one GEMM each over all steps and rows.
-  const Tensor hp = hs.narrow(0, reverse ? 1 : 0, T_).reshape({T_ * B, P});
-  const Tensor dgh2 = dgh.view({T_ * B, GH});
-  Tensor dw = at::empty({GH, P}, acc_opts);
-  if (cell == Cell::GRU_RESET_BEFORE) {
-    const Tensor v = ws.narrow(2, 3 * H, H).reshape({T_ * B, H});
-    Tensor dw_rz = dw.narrow(0, 0, 2 * H), dw_n = dw.narrow(0, 2 * H, H);
-    at::mm_out(dw_rz, dgh2.narrow(1, 0, 2 * H).t(), hp);
-    at::mm_out(dw_n, dgh2.narrow(1, 2 * H, H).t(), v);
-  } else {
-    at::mm_out(dw, dgh2.t(), hp);
-  }
-  Tensor db = dgh2.sum(0);
-  Tensor dw_hr = at::empty({0}, w_hh.options());
-  if (projected) {
-    const Tensor hfull = ws.narrow(2, 5 * H, H).reshape({T_ * B, H});
-    dw_hr = at::mm(dhp.view({T_ * B, P}).t(), hfull).to(st);
-  }
+  auto [dw, db, dw_hr] = recurrence_weight_grads(cell, hs, ws, dgh, projected ? dhp : Tensor(), H,
+                                                 reverse, st);
   Tensor dc0 = cell == Cell::LSTM ? dc.to(st) : at::empty({0}, w_hh.options());
-  return {dgx, dh.to(st), dc0, dw.to(st), db.to(st), dw_hr};
+  return {dgx, dh.to(st), dc0, dw, db, dw_hr};
 }
 
 TORCH_LIBRARY_IMPL(rnnkernels, CPU, m) {
