@@ -233,3 +233,37 @@ def test_torch_compile_inductor_lstm():
     y_eager, (h_eager, c_eager) = m(x)
     torch.testing.assert_close(y, y_eager)
     torch.testing.assert_close(c, c_eager)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_autocast_bfloat16(mode):
+    """Under CPU autocast the recurrence runs in bf16 (fp32 state inside), close to fp32."""
+    m = getattr(rnnkernels.nn, mode)(8, 16, num_layers=2)
+    x = torch.randn(6, 3, 8, requires_grad=True)
+    y32, _ = m(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16, _ = m(x)
+    assert y16.dtype == torch.bfloat16
+    assert_close(y16, y32.double(), torch.bfloat16)
+    (g16,) = torch.autograd.grad(y16.float().sum(), x)
+    (g32,) = torch.autograd.grad(y32.sum(), x)
+    assert g16.dtype == torch.float32
+    assert_close(g16, g32.double(), torch.bfloat16, scale=2)
+
+
+def test_input_gradient_in_eval_mode():
+    """cuDNN refuses the backward in eval mode; attribution methods need it."""
+    m = rnnkernels.nn.LSTM(4, 6, num_layers=2, dropout=0.3).eval()
+    x = rand(5, 2, 4).float().detach().requires_grad_()
+    y, _ = m(x)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_compile_fullgraph_with_lengths():
+    m = rnnkernels.nn.GRU(4, 8)
+    x, lengths = torch.randn(6, 3, 4), torch.tensor([6, 2, 4])
+    y, h = torch.compile(m, fullgraph=True, backend="aot_eager")(x, lengths=lengths)
+    y_eager, h_eager = m(x, lengths=lengths)
+    torch.testing.assert_close(y, y_eager)
+    torch.testing.assert_close(h, h_eager)

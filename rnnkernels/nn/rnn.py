@@ -193,7 +193,7 @@ class RNNBase(nn.Module):
             if is_lstm:
                 c0 = x.new_zeros((L * D, B, self.hidden_size))
 
-        backend = _backend.choose("recurrence", x.device, x.dtype)
+        backend = _backend.choose("recurrence", x.device, R.compute_dtype(x))
         cell = self._cell
         layer_input = x
         h_n, c_n = [], []

@@ -107,12 +107,28 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the recurrence runs in: the autocast dtype inside an autocast region of x's
+    device type (the recurrence is a matmul-bound op, autocast's lower-precision class), else
+    x's dtype."""
+    device = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
 def recurrence(gx: Tensor, h0: Tensor, c0: Tensor | None, w_hh: Tensor, b_hh: Tensor | None,
                w_hr: Tensor | None, lengths: Tensor | None, cell: int, reverse: bool,
                backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """The sequential part on a fast backend, from precomputed gx (T, B, G*H).
 
-    Returns y (T, B, P), h_n (B, P) and c_n ((B, H) for the LSTM, else empty)."""
+    Returns y (T, B, P), h_n (B, P) and c_n ((B, H) for the LSTM, else empty). Inside an
+    autocast region every floating input is cast to the autocast dtype (state and accumulation
+    stay fp32 inside the kernels)."""
+    dtype = compute_dtype(gx)
+    if dtype != gx.dtype or h0.dtype != dtype:
+        gx, h0, c0, w_hh, b_hh, w_hr = (t if t is None else t.to(dtype)
+                                        for t in (gx, h0, c0, w_hh, b_hh, w_hr))
     save = _needs_grad(gx, h0, c0, w_hh, b_hh, w_hr)
     if lengths is not None:
         lengths = lengths.to(device=gx.device, dtype=torch.int64)
@@ -167,7 +183,7 @@ def reference_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reve
 
 def _layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reverse):
     _check_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell)
-    backend = _backend.choose("recurrence", x.device, x.dtype)
+    backend = _backend.choose("recurrence", x.device, compute_dtype(x))
     if backend == "reference":
         return reference_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reverse)
     gx = F.linear(x, w_ih, b_ih)
