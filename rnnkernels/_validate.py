@@ -60,7 +60,8 @@ def lengths(name: str, t: object, batch: int, steps: int) -> Tensor:
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor, got dtype {t.dtype}")
     # Under torch.compile the values are data: only the eager call checks them.
-    if t.numel() and not torch.compiler.is_compiling() and (int(t.min()) < 1 or int(t.max()) > steps):
+    eager = not torch.compiler.is_compiling()
+    if t.numel() and eager and (int(t.min()) < 1 or int(t.max()) > steps):
         raise ValueError(f"{name} must lie in [1, {steps}] (the sequence length), got values in "
                          f"[{int(t.min())}, {int(t.max())}]")
     return t

@@ -30,7 +30,7 @@ needs_interpreter = pytest.mark.skipif(
 if _kernels.triton_unsupported("recurrence", torch.float32) is not None:
     pytest.skip("Triton is not available", allow_module_level=True)
 
-from rnnkernels.triton import recurrence as TR  # needs triton: checked above
+from rnnkernels.triton import recurrence as TR  # noqa: E402  (needs triton: checked above)
 
 # name: (cell, projected)
 VARIANTS = {
