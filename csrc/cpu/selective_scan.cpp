@@ -424,13 +424,15 @@ void reduce_grouped(const Scan<S, T>& p, const T* part, S* grad, int64_t t0, int
   });
 }
 
-// out (rows x cols, row stride cols) = sum over batch of per-row sums (batch x rows x ld).
+// out (rows x cols, or (rows,) when cols is 0) = sum over batch of per-row sums (batch x rows x
+// ld), batch row after batch row.
 template <typename T>
 Tensor sum_over_batch(const Tensor& per_row, int64_t batch, int64_t rows, int64_t ld,
                       int64_t cols) {
   const std::vector<int64_t> shape =
-      cols == 1 ? std::vector<int64_t>{rows} : std::vector<int64_t>{rows, cols};
+      cols == 0 ? std::vector<int64_t>{rows} : std::vector<int64_t>{rows, cols};
   Tensor out = at::zeros(shape, per_row.options());
+  cols = std::max<int64_t>(cols, 1);
   const T* src = per_row.data_ptr<T>();
   T* dst = out.data_ptr<T>();
   for (int64_t b = 0; b < batch; ++b) {
@@ -666,9 +668,9 @@ selective_scan_bwd_cpu(const Tensor& grad_out, const std::optional<Tensor>& grad
     grad_A = sum_over_batch<T>(dA, p.batch, p.dim, p.Np, p.N);
     if (!in.B_var) grad_B = sum_over_batch<T>(dB_fixed, p.batch, p.dim, p.Np, p.N);
     if (!in.C_var) grad_C = sum_over_batch<T>(dC_fixed, p.batch, p.dim, p.Np, p.N);
-    grad_D = in.D.defined() ? sum_over_batch<T>(dD, p.batch, p.dim, 1, 1)
+    grad_D = in.D.defined() ? sum_over_batch<T>(dD, p.batch, p.dim, 1, 0)
                             : at::empty({0}, u.options());
-    grad_bias = in.delta_bias.defined() ? sum_over_batch<T>(dbias, p.batch, p.dim, 1, 1)
+    grad_bias = in.delta_bias.defined() ? sum_over_batch<T>(dbias, p.batch, p.dim, 1, 0)
                                         : at::empty({0}, u.options());
     grad_x0 = in.x0.defined() ? carry.narrow(1, 0, p.N).reshape({p.batch, p.dim, p.N}).clone()
                               : at::empty({0}, u.options());
