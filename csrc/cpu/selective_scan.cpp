@@ -3,25 +3,27 @@
 //   dt_t = softplus(delta_t + delta_bias) (or without softplus / bias).
 //
 // Decomposition. A task owns a block of at most kChannelsPerTask channels of one batch row that
-// share one group of B/C; tasks run under at::parallel_for. Inside a task the sequence is walked
-// chunk by chunk. Grouped B and C, stored (N, L), are transposed once per call into (L, N) rows, so
-// that a step's B_t and C_t are contiguous for every channel. For each channel the state lanes are walked
-// one SIMD vector at a time (N is padded to whole vectors with zeros, which stay zero), with the
-// time steps inside, so a vector of state lives in a register across the chunk; the sums over N
-// (y_t and the backward's reductions) are accumulated per step as vectors and reduced once per
-// step after all lanes. The per-step scalars (softplus, the D term, the silu gate) are computed
-// for the whole chunk at once, vectorised along L.
+// share one group of B/C; tasks run under at::parallel_for. Grouped B and C, stored (N, L), are
+// first transposed into (L, N) rows so that a step's B_t and C_t are contiguous for every
+// channel. Per channel the sequence is walked chunk by chunk; within a chunk the state lanes are
+// walked one SIMD vector at a time (N padded to whole vectors with zeros, which stay zero) with
+// the time steps inside, so a vector of state stays in a register across the chunk and the
+// exp(dt A) of each (step, lane) is one vector exp. Sums over N (y_t, and the backward's sums)
+// are kept per step as vectors and reduced horizontally after the last lane. The per-step
+// scalars (softplus, the D term, the silu gate) are computed for a whole chunk, vectorised
+// along L.
 //
-// Memory. The forward reads u, delta, z, B, C once and writes out once; with save it also writes
-// the state at every chunk start (checkpoints (batch, dim, ceil(L / chunk), N)). The backward
-// walks the chunks in reverse, one at::parallel_for per chunk: each task recomputes its chunk's
-// states and exp(dt A) from the checkpoint into (chunk + 1) x N buffers and runs the reverse
-// recurrence, carrying dL/dx between chunks in a (batch, dim, N) buffer, so its extra memory does
-// not grow with L beyond the checkpoints. Gradients that sum over channels (grouped B/C) are
-// summed per task over its block into per-block partials of the chunk, which are reduced over
-// blocks once the chunk's tasks are done; gradients that sum over batch and L (A, fixed B/C, D,
-// delta_bias) are summed per (batch, channel) and reduced over batch at the end. Every sum runs
-// in a fixed order, so results do not depend on the number of threads.
+// Memory. The forward reads u, delta, z once, B and C twice (once to transpose them), and writes
+// out once; with save it also writes the state at every chunk start (checkpoints (batch, dim,
+// ceil(L / chunk), N)). The backward walks the chunks in reverse, one at::parallel_for per
+// chunk: each task recomputes its chunk's states and exp(dt A) from the checkpoint into
+// (chunk + 1) x N buffers and runs the reverse recurrence, carrying dL/dx across chunk
+// boundaries in a (batch, dim, N) buffer, so its working memory does not grow with L.
+// Gradients that sum over channels (grouped B/C) are summed per task over its block into
+// per-block partials of the chunk, reduced over blocks once the chunk's tasks are done;
+// gradients that sum over batch and L (A, fixed B/C, D, delta_bias) are summed per (batch,
+// channel) and reduced over batch at the end. Every sum runs in a fixed order, so results do
+// not depend on the number of threads.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -41,8 +43,11 @@ namespace {
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
-// Channels that share one task (and one transposed copy of a chunk of grouped B/C).
+// Channels of one task: the block over which grouped B/C gradients are summed before the
+// cross-task reduction (so its partials are 1 / kChannelsPerTask of a per-channel buffer).
 constexpr int64_t kChannelsPerTask = 8;
+// Partial sums a cross-task reduction adds before it is worth a parallel region.
+constexpr int64_t kMinReduceWork = 1 << 16;
 // softplus(v) = v above this, as in torch.nn.functional.softplus and mamba_ssm.
 constexpr double kSoftplusThreshold = 20.0;
 
@@ -182,8 +187,9 @@ void forward_steps(int64_t len, int64_t Np, T* x, const T* A, const T* B, int64_
 // The reverse recurrence over one chunk of one channel. h (Np) holds dL/dx after the chunk on
 // entry and dL/dx before it on exit. gy: dL/dy per step. Sums over the chunk go to dA (Np),
 // dB / dC: (len x Np) per-step rows when grouped (kBvar / kCvar, accumulated: the block's
-// channels add to the same rows), a single Np row when fixed. s1 = sum_n h B, s2 = sum_n h A a x_prev
-// per step come back in s1 / s2 (len each); sv (2 x len x W) is scratch.
+// channels add to the same rows), a single Np row when fixed. The per-step sums over n
+// s1 = sum h B and s2 = sum h A a x_prev come back in s1 / s2 (len each); sv (2 x len x W) is
+// scratch.
 template <typename T, bool kBvar, bool kCvar>
 void backward_steps(int64_t len, int64_t Np, T* h, const T* A, const T* B, const T* C,
                     const T* xs, const T* as, const T* dt, const T* du, const T* gy, T* dA,
@@ -304,8 +310,8 @@ struct Grads {
   T* dC_fixed;
   T* dB_part;        // (batch, G, blocks_per_group, chunk, Np) per-block sums, null when fixed
   T* dC_part;
-  T* dD;             // (batch, dim) per-row sums, null without D
-  T* dbias;          // (batch, dim), null without delta_bias
+  T* dD;             // (batch, dim) per-row sums, left at zero without D
+  T* dbias;          // (batch, dim) per-row sums, left at zero without delta_bias
   S* grad_u;
   S* grad_delta;
   S* grad_z;         // null without z
@@ -407,7 +413,9 @@ template <typename S, typename T>
 void reduce_grouped(const Scan<S, T>& p, const T* part, S* grad, int64_t t0, int64_t len) {
   using V = Vec<T>;
   const int64_t block = p.chunk * p.Np;
-  at::parallel_for(0, p.batch * p.G, 1, [&](int64_t i0, int64_t i1) {
+  // A few microseconds of adds per group: threads only when there is enough of them.
+  const int64_t grain = std::max<int64_t>(1, kMinReduceWork / (p.blocks_per_group * block));
+  at::parallel_for(0, p.batch * p.G, grain, [&](int64_t i0, int64_t i1) {
     std::vector<T> acc(len * p.Np);
     for (int64_t i = i0; i < i1; ++i) {
       const T* src = part + i * p.blocks_per_group * block;
@@ -611,7 +619,8 @@ selective_scan_bwd_cpu(const Tensor& grad_out, const std::optional<Tensor>& grad
                   checkpoints.scalar_type() == at_,
               "rnnkernels: selective_scan_bwd: checkpoints must be (batch, dim, ceil(L / "
               "chunk_size), N) in the state dtype; call selective_scan_fwd with save=True");
-  TORCH_CHECK(grad_out.sizes() == u.sizes(), "rnnkernels: selective_scan_bwd: grad_out must match u");
+  TORCH_CHECK(grad_out.sizes() == u.sizes(),
+              "rnnkernels: selective_scan_bwd: grad_out must match u");
   const Tensor gout = contiguous_as(grad_out, st, "grad_out");
   const Tensor ckpt = checkpoints.contiguous();
 
