@@ -1,0 +1,189 @@
+"""Functional API of the selective scan (Mamba), a drop-in for ``mamba_ssm``'s
+``selective_scan_fn``.
+
+:func:`selective_scan` validates its arguments, brings them to the kernels' layout (B/C as
+(dim, N) or (batch, G, N, L); A, D, delta_bias and the state in the accumulation dtype) and runs
+the op of the backend chosen by :mod:`rnnkernels._backend`. The forward keeps only the states at
+chunk starts; the backward recomputes the states chunk by chunk from them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .. import _backend, _kernels, _validate
+from ..reference import selective_scan_reference
+from .recurrence import _needs_grad
+
+# Largest state size N the kernels take (as mamba_ssm's).
+MAX_STATE = 256
+# Time steps between the saved states, per backend: the backward recomputes one chunk at a time.
+CHUNK_SIZE = {"cpu": 64, "triton": 64, "cuda": 64}
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ------------------------------------------------------------------ fake kernels and autograd
+
+@torch.library.register_fake("rnnkernels::selective_scan_fwd")
+def _selective_scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+                             chunk_size, save):
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    acc = _acc_dtype(u.dtype)
+    checkpoints = (batch, dim, math.ceil(L / chunk_size), N) if save else (0,)
+    return (u.new_empty(u.shape), u.new_empty((batch, dim, N), dtype=acc),
+            u.new_empty(checkpoints, dtype=acc))
+
+
+@torch.library.register_fake("rnnkernels::selective_scan_bwd")
+def _selective_scan_bwd_fake(grad_out, grad_last_state, u, delta, A, B, C, D, z, delta_bias,
+                             delta_softplus, initial_state, checkpoints, chunk_size):
+    def like(t):
+        return u.new_empty((0,)) if t is None else torch.empty_like(t)
+
+    return (torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A),
+            torch.empty_like(B), torch.empty_like(C), like(D), like(z), like(delta_bias),
+            like(initial_state))
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_size, save = inputs
+    ctx.delta_softplus, ctx.chunk_size, ctx.save = delta_softplus, chunk_size, save
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, output[2])
+
+
+def register_autograd(fwd_op, bwd_op) -> None:
+    """Registers the backward of a selective-scan forward op (C++ or Triton) with its bwd op."""
+
+    def backward(ctx, grad_out, grad_last_state, _grad_checkpoints):
+        if not ctx.save:
+            raise RuntimeError("rnnkernels: selective_scan_fwd was called with save=False, so it "
+                               "kept no states to differentiate; call it with save=True when a "
+                               "gradient is needed")
+        u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints = ctx.saved_tensors
+        g = bwd_op(grad_out, grad_last_state, u, delta, A, B, C, D, z, delta_bias,
+                   ctx.delta_softplus, initial_state, checkpoints, ctx.chunk_size)
+
+        def given(grad, t):
+            return None if t is None else grad
+
+        return (g[0], g[1], g[2], g[3], g[4], given(g[5], D), given(g[6], z),
+                given(g[7], delta_bias), None, given(g[8], initial_state), None, None)
+
+    torch.library.register_autograd(fwd_op, backward, setup_context=_setup_context)
+
+
+register_autograd("rnnkernels::selective_scan_fwd", torch.ops.rnnkernels.selective_scan_bwd)
+
+if _kernels.triton_importable():
+    from ..triton import selective_scan as _triton
+
+    register_autograd(_triton.selective_scan_fwd_triton, _triton.selective_scan_bwd_triton)
+
+
+# ------------------------------------------------------------------ validation and dispatch
+
+def _param(name: str, t: object, shape: tuple[int | str, ...], u: Tensor) -> Tensor:
+    """A parameter on u's device in any floating dtype (mamba_ssm keeps A, D, delta_bias and
+    fixed B/C in float32 next to half-precision activations)."""
+    if isinstance(t, Tensor) and t.is_complex():
+        raise TypeError(f"{name} must be real: complex {name} is not supported, got dtype "
+                        f"{t.dtype}")
+    return _validate.tensor(name, t, shape=shape, like=u, floating=True,
+                            dtype=t.dtype if isinstance(t, Tensor) else None)
+
+
+def _check_bc(name: str, M: object, u: Tensor, N: int) -> int:
+    """Checks B or C; returns its number of groups (0 for the fixed (dim, N) form)."""
+    batch, dim, L = u.shape
+    if isinstance(M, Tensor) and M.dim() not in (2, 3, 4):
+        raise ValueError(f"{name} must be (dim, N) fixed, (batch, N, L) variable or "
+                         f"(batch, G, N, L) grouped, got shape {tuple(M.shape)}")
+    ndim = M.dim() if isinstance(M, Tensor) else 2
+    shape = {2: (dim, N), 3: (batch, N, L), 4: (batch, "G", N, L)}[ndim]
+    M = _param(name, M, shape, u)
+    if ndim < 4:
+        return 0 if ndim == 2 else 1
+    G = M.shape[1]
+    if G == 0 or dim % G:
+        raise ValueError(f"{name} has {G} groups, which must divide dim = {dim} (the channels "
+                         f"of u), got shape {tuple(M.shape)}")
+    return G
+
+
+def _check(u, delta, A, B, C, D, z, delta_bias, initial_state) -> None:
+    _validate.tensor("u", u, ndim=3, floating=True)
+    _validate.nonempty("u", u, [(0, "batch row"), (1, "channel"), (2, "time step")])
+    batch, dim, L = u.shape
+    _validate.tensor("delta", delta, shape=(batch, dim, L), like=u)
+    A = _param("A", A, (dim, "N"), u)
+    N = A.shape[1]
+    if not 1 <= N <= MAX_STATE:
+        raise ValueError(f"A must have between 1 and {MAX_STATE} state columns (N, the kernels' "
+                         f"limit), got shape {tuple(A.shape)}")
+    groups_B, groups_C = _check_bc("B", B, u, N), _check_bc("C", C, u, N)
+    if groups_B and groups_C and groups_B != groups_C:
+        raise ValueError(f"B and C must have the same number of groups when both vary with "
+                         f"time, got {groups_B} and {groups_C}")
+    if D is not None:
+        _param("D", D, (dim,), u)
+    if delta_bias is not None:
+        _param("delta_bias", delta_bias, (dim,), u)
+    _validate.optional("z", z, shape=(batch, dim, L), like=u)
+    if initial_state is not None:
+        _param("initial_state", initial_state, (batch, dim, N), u)
+
+
+def _grouped(M: Tensor, dtype: torch.dtype, acc: torch.dtype) -> Tensor:
+    """B or C in the op's layout: fixed (dim, N) in acc, else (batch, G, N, L) in u's dtype."""
+    if M.dim() == 2:
+        return M.to(acc)
+    return (M.unsqueeze(1) if M.dim() == 3 else M).to(dtype)
+
+
+def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                   D: Tensor | None = None, z: Tensor | None = None,
+                   delta_bias: Tensor | None = None, delta_softplus: bool = False,
+                   return_last_state: bool = False, *, initial_state: Tensor | None = None
+                   ) -> Tensor | tuple[Tensor, Tensor]:
+    """The selective scan of Mamba, with ``mamba_ssm.selective_scan_fn``'s arguments:
+
+        x_t = exp(delta_t A) x_{t-1} + delta_t B_t u_t,   y_t = C_t . x_t + D u_t,
+        out_t = y_t * silu(z_t),   delta = softplus(delta + delta_bias) with ``delta_softplus``.
+
+    u, delta, z: (batch, dim, L), one floating dtype; A: (dim, N) real, N <= 256; B, C: (dim, N)
+    fixed, (batch, N, L) variable or (batch, G, N, L) grouped (channel d reads group
+    d // (dim // G)); D, delta_bias: (dim,); initial_state: (batch, dim, N) (zeros when None).
+    A, B, C, D, delta_bias and initial_state may have any floating dtype (float32 next to half
+    precision activations, as in mamba_ssm). Returns out (batch, dim, L) in u's dtype, and with
+    ``return_last_state`` the pair (out, last_state), last_state (batch, dim, N) in float32
+    (float64 for float64 input). Gradients flow through initial_state and last_state, so a
+    sequence scanned chunk by chunk gives exactly the result of one pass.
+    """
+    _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    backend = _backend.choose("selective_scan", u.device, u.dtype)
+    if backend == "reference":
+        return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                        return_last_state, initial_state=initial_state)
+    acc = _acc_dtype(u.dtype)
+
+    def to_acc(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.to(acc)
+
+    save = _needs_grad(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    fwd = (_triton.selective_scan_fwd_triton if backend == "triton"
+           else torch.ops.rnnkernels.selective_scan_fwd)
+    out, last_state, _ = fwd(u, delta, A.to(acc), _grouped(B, u.dtype, acc),
+                             _grouped(C, u.dtype, acc), to_acc(D), z, to_acc(delta_bias),
+                             bool(delta_softplus), to_acc(initial_state), CHUNK_SIZE[backend],
+                             save)
+    return (out, last_state) if return_last_state else out
+
+
+__all__ = ["CHUNK_SIZE", "MAX_STATE", "selective_scan"]

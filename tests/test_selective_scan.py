@@ -1,0 +1,285 @@
+"""Selective scan: the reference against an independent closed form, the C++ CPU op against the
+reference (every output, the last state and every gradient), gradcheck, opcheck, compile, the
+chunked scan against one pass, mixed precision and dtype fallbacks."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close
+
+import rnnkernels
+from rnnkernels.ops import selective_scan
+from rnnkernels.ops.selective_scan import CHUNK_SIZE
+from rnnkernels.reference import selective_scan_reference
+
+ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+
+def make_inputs(batch=2, dim=3, L=7, N=4, form="variable", groups=1, D=True, z=True,
+                delta_bias=True, initial_state=False, dtype=torch.float64, param_dtype=None):
+    """Random inputs in mamba_ssm's ranges: delta around softplus' knee, A negative, parameters
+    in ``param_dtype`` (default: dtype). form: "fixed" (dim, N), "variable" (batch, N, L) or
+    "grouped" (batch, groups, N, L)."""
+    p = param_dtype or dtype
+    shapes = {"fixed": (dim, N), "variable": (batch, N, L), "grouped": (batch, groups, N, L)}
+    bc_dtype = p if form == "fixed" else dtype
+    return {
+        "u": torch.randn(batch, dim, L, dtype=dtype),
+        "delta": (torch.randn(batch, dim, L) * 0.5 - 1.0).to(dtype),
+        "A": -(0.2 + torch.rand(dim, N)).to(p),
+        "B": torch.randn(shapes[form], dtype=bc_dtype),
+        "C": torch.randn(shapes[form], dtype=bc_dtype),
+        "D": torch.randn(dim, dtype=p) if D else None,
+        "z": torch.randn(batch, dim, L, dtype=dtype) if z else None,
+        "delta_bias": (0.3 * torch.randn(dim)).to(p) if delta_bias else None,
+        "initial_state": torch.randn(batch, dim, N, dtype=p) if initial_state else None,
+    }
+
+
+def run_with_grads(fn, inputs, softplus=True, seed=1):
+    """Runs fn (selective_scan or its reference) with return_last_state and backpropagates fixed
+    random weights of out and last_state; returns (out, last_state, grads by name)."""
+    leaves = {k: (v.detach().clone().requires_grad_() if v is not None else None)
+              for k, v in inputs.items()}
+    out, last = fn(leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"],
+                   leaves["D"], leaves["z"], leaves["delta_bias"], softplus, True,
+                   initial_state=leaves["initial_state"])
+    g = torch.Generator().manual_seed(seed)
+    w_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    w_last = torch.randn(last.shape, generator=g, dtype=torch.float64)
+    ((out.double() * w_out).sum() + (last.double() * w_last).sum()).backward()
+    return out, last, {k: v.grad for k, v in leaves.items() if v is not None}
+
+
+def check_against_reference(inputs, softplus=True, dtype=None, grad_scale=1.0):
+    out, last, grads = run_with_grads(selective_scan, inputs, softplus)
+    exact = {k: (v.double() if v is not None else None) for k, v in inputs.items()}
+    out_r, last_r, grads_r = run_with_grads(selective_scan_reference, exact, softplus)
+    dtype = dtype or inputs["u"].dtype
+    assert out.dtype == inputs["u"].dtype
+    assert_close(out, out_r, dtype, "out")
+    assert_close(last, last_r, dtype, "last_state")
+    for name, grad in grads.items():
+        assert grad.dtype == inputs[name].dtype, name
+        assert_close(grad, grads_r[name], dtype, f"grad of {name}", scale=grad_scale)
+
+
+# ------------------------------------------------------------------ the reference
+
+def closed_form(u, delta, A, B, C, D, z, delta_bias, x0):
+    """x_t = prod_{s<=t} a_s x0 + sum_{s<=t} exp(A (cum_t - cum_s)) dt_s B_s u_s, all at once."""
+    dt = F.softplus(delta + delta_bias[:, None])                    # (b, d, L)
+    cum = dt.cumsum(-1)
+    dim = u.shape[1]
+    Bc = B.repeat_interleave(dim // B.shape[1], dim=1)              # (b, d, N, L)
+    Cc = C.repeat_interleave(dim // C.shape[1], dim=1)
+    gap = cum[..., :, None] - cum[..., None, :]                     # (b, d, t, s)
+    causal = torch.ones(u.shape[-1], u.shape[-1], dtype=torch.bool).tril()
+    decay = torch.exp(gap[..., None] * A[None, :, None, None, :])   # (b, d, t, s, N)
+    decay = decay * causal[..., None]
+    drive = (dt * u)[..., None] * Bc.transpose(-1, -2)              # (b, d, s, N)
+    x = (decay * drive[:, :, None]).sum(3) + torch.exp(cum[..., None] * A[:, None]) * x0[:, :, None]
+    y = (x * Cc.transpose(-1, -2)).sum(-1) + D[:, None] * u
+    return y * F.silu(z), x[:, :, -1]
+
+
+def test_reference_matches_closed_form():
+    inputs = make_inputs(batch=2, dim=4, L=6, N=3, form="grouped", groups=2,
+                         initial_state=True)
+    out, last = selective_scan_reference(*(inputs[k] for k in ARGS[:8]), delta_softplus=True,
+                                         return_last_state=True,
+                                         initial_state=inputs["initial_state"])
+    out_c, last_c = closed_form(*(inputs[k] for k in ARGS))
+    torch.testing.assert_close(out, out_c)
+    torch.testing.assert_close(last, last_c)
+
+
+def test_reference_forms_agree():
+    """Fixed B equals a variable B constant in time; variable equals grouped with G = 1."""
+    inputs = make_inputs(form="fixed", dim=4)
+    fixed = selective_scan_reference(*(inputs[k] for k in ARGS[:8]))
+    batch, L = inputs["u"].shape[0], inputs["u"].shape[2]
+    per_channel = {**inputs}
+    # Channel d of a (batch, dim, N, L) grouped B reads group d: the same fixed row for every t.
+    per_channel["B"] = inputs["B"][None, :, :, None].expand(batch, -1, -1, L)
+    per_channel["C"] = inputs["C"][None, :, :, None].expand(batch, -1, -1, L)
+    grouped = selective_scan_reference(*(per_channel[k] for k in ARGS[:8]))
+    torch.testing.assert_close(fixed, grouped)
+
+
+# ------------------------------------------------------------------ the C++ CPU op
+
+CASES = [
+    # (batch, dim, L, N, form, groups, D, z, delta_bias, softplus, initial_state)
+    (1, 1, 1, 1, "fixed", 1, False, False, False, False, False),
+    (2, 3, 1, 16, "variable", 1, True, True, True, True, True),
+    (1, 5, 13, 4, "variable", 1, True, False, True, True, False),
+    (2, 3, 9, 16, "fixed", 1, False, True, False, False, True),
+    (2, 6, 11, 64, "grouped", 3, True, True, True, True, True),
+    (3, 7, 10, 1, "grouped", 7, False, False, True, True, False),
+    (1, 20, 9, 5, "grouped", 2, True, True, False, True, True),
+    (2, 4, 8, 17, "variable", 1, True, True, True, False, False),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_cpu_matches_reference_float64(case, monkeypatch):
+    batch, dim, L, N, form, groups, D, z, bias, softplus, x0 = case
+    monkeypatch.setitem(CHUNK_SIZE, "cpu", 4)  # several chunks, the last one partial
+    inputs = make_inputs(batch, dim, L, N, form, groups, D, z, bias, x0)
+    check_against_reference(inputs, softplus)
+
+
+@pytest.mark.parametrize("form", ["fixed", "variable", "grouped"])
+def test_cpu_default_chunk_long_sequence(form):
+    """The production chunk size, with L past a whole number of chunks."""
+    L = CHUNK_SIZE["cpu"] * 2 + 5
+    inputs = make_inputs(batch=1, dim=9, L=L, N=16, form=form, groups=3, initial_state=True)
+    check_against_reference(inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_low_precision(dtype, monkeypatch):
+    """Half-precision activations with float32 parameters, as in mamba_ssm's Mamba block."""
+    monkeypatch.setitem(CHUNK_SIZE, "cpu", 8)
+    inputs = make_inputs(batch=2, dim=6, L=20, N=16, initial_state=True, dtype=dtype,
+                         param_dtype=torch.float32)
+    check_against_reference(inputs, dtype=dtype, grad_scale=4.0)
+
+
+def test_cpu_non_contiguous_inputs():
+    inputs = make_inputs(batch=2, dim=5, L=9, N=8, form="grouped", groups=5)
+    strided = {k: (v.transpose(-1, -2).contiguous().transpose(-1, -2) if v is not None and
+                   v.dim() > 1 else v) for k, v in inputs.items()}
+    assert not strided["u"].is_contiguous() and not strided["B"].is_contiguous()
+    check_against_reference(strided)
+
+
+def test_chunked_scan_equals_one_pass():
+    """Scanning [0, 7) then [7, 19) from the first part's last state gives the one-pass result,
+    outputs and gradients, with gradients flowing through the hand-over state."""
+    inputs = make_inputs(batch=2, dim=4, L=19, N=8, initial_state=True)
+    out, last, grads = run_with_grads(selective_scan, inputs)
+
+    def two_parts(u, delta, A, B, C, D, z, delta_bias, softplus, last_state, initial_state):
+        first, mid = selective_scan(u[..., :7], delta[..., :7], A, B[..., :7], C[..., :7], D,
+                                    z[..., :7], delta_bias, softplus, True,
+                                    initial_state=initial_state)
+        second, end = selective_scan(u[..., 7:], delta[..., 7:], A, B[..., 7:], C[..., 7:], D,
+                                     z[..., 7:], delta_bias, softplus, True, initial_state=mid)
+        return torch.cat([first, second], -1), end
+
+    out2, last2, grads2 = run_with_grads(two_parts, inputs)
+    torch.testing.assert_close(out2, out)
+    torch.testing.assert_close(last2, last)
+    for name in grads:
+        torch.testing.assert_close(grads2[name], grads[name], msg=name)
+
+
+def test_gradcheck_float64():
+    inputs = make_inputs(batch=1, dim=2, L=5, N=3, form="grouped", groups=2, initial_state=True)
+    names = [k for k in ARGS if inputs[k] is not None]
+
+    def fn(*tensors):
+        kw = dict(zip(names, tensors))
+        return selective_scan(kw["u"], kw["delta"], kw["A"], kw["B"], kw["C"], kw["D"], kw["z"],
+                              kw["delta_bias"], True, True, initial_state=kw["initial_state"])
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(CHUNK_SIZE, "cpu", 2)
+        assert torch.autograd.gradcheck(
+            fn, [inputs[k].requires_grad_() for k in names], eps=1e-6, atol=1e-7)
+
+
+def test_opcheck_cpu_ops():
+    inputs = make_inputs(batch=2, dim=4, L=5, N=3, form="grouped", groups=2, initial_state=True)
+    for k in ("A", "D", "delta_bias", "initial_state"):
+        inputs[k].requires_grad_()
+    args = [inputs[k] for k in ARGS[:8]]
+    fwd = (*args[:5], args[5], args[6], args[7], True, inputs["initial_state"], 2, True)
+    torch.library.opcheck(torch.ops.rnnkernels.selective_scan_fwd.default, fwd)
+    out, last, ckpt = torch.ops.rnnkernels.selective_scan_fwd(*fwd)
+    plain = [a.detach() if a is not None else None for a in args]
+    bwd = (torch.randn_like(out), torch.randn_like(last), *plain, True,
+           inputs["initial_state"].detach(), ckpt.detach(), 2)
+    torch.library.opcheck(torch.ops.rnnkernels.selective_scan_bwd.default, bwd)
+
+
+def test_compile_fullgraph():
+    inputs = make_inputs(batch=2, dim=4, L=9, N=4, dtype=torch.float32, initial_state=True)
+
+    def fn(u, delta, A, B, C, D, z, delta_bias, x0):
+        out, last = selective_scan(u, delta, A, B, C, D, z, delta_bias, True, True,
+                                   initial_state=x0)
+        return out.sum() + last.square().sum()
+
+    leaves = [inputs[k].requires_grad_() for k in ARGS]
+    compiled = torch.compile(fn, fullgraph=True)
+    loss = compiled(*leaves)
+    grads = torch.autograd.grad(loss, leaves)
+    loss_e = fn(*leaves)
+    grads_e = torch.autograd.grad(loss_e, leaves)
+    torch.testing.assert_close(loss, loss_e)
+    for g, ge in zip(grads, grads_e):
+        torch.testing.assert_close(g, ge)
+
+
+def test_deterministic_across_thread_counts():
+    inputs = make_inputs(batch=2, dim=40, L=30, N=16, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_with_grads(selective_scan, inputs)
+        torch.set_num_threads(2)
+        two = run_with_grads(selective_scan, inputs)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    for name in one[2]:
+        assert torch.equal(one[2][name], two[2][name]), name
+
+
+def test_no_grad_saves_nothing_and_matches():
+    inputs = make_inputs(batch=1, dim=3, L=6, N=4)
+    with torch.no_grad():
+        out = selective_scan(*(inputs[k] for k in ARGS[:8]), delta_softplus=True)
+    expected = selective_scan_reference(*(inputs[k] for k in ARGS[:8]), delta_softplus=True)
+    assert_close(out, expected)
+
+
+def test_mamba_ssm_return_convention():
+    """out alone, or (out, last_state) with return_last_state; last_state in float32 next to
+    bfloat16 activations."""
+    inputs = make_inputs(dtype=torch.bfloat16, param_dtype=torch.float32)
+    args = [inputs[k] for k in ARGS[:8]]
+    out = selective_scan(*args)
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.bfloat16
+    out2, last = selective_scan(*args, return_last_state=True)
+    assert last.dtype == torch.float32 and last.shape == (2, 3, 4)
+    assert torch.equal(out, out2)
+
+
+def test_float16_on_cpu_falls_back_with_one_warning():
+    inputs = make_inputs(dtype=torch.float16, param_dtype=torch.float32)
+    args = [inputs[k] for k in ARGS[:8]]
+    rnnkernels._backend._warned.clear()
+    with pytest.warns(UserWarning, match="selective_scan"):
+        out = selective_scan(*args, delta_softplus=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        selective_scan(*args, delta_softplus=True)
+    exact = [a.double() if a is not None else None for a in args]
+    assert_close(out, selective_scan_reference(*exact, delta_softplus=True))
+
+
+def test_backward_memory_does_not_scale_with_L_times_N():
+    """The forward saves states only at chunk starts: (batch, dim, ceil(L / chunk), N)."""
+    inputs = make_inputs(batch=1, dim=2, L=200, N=16, form="grouped", dtype=torch.float32)
+    args = [inputs[k] for k in ARGS[:8]]
+    out, last, ckpt = torch.ops.rnnkernels.selective_scan_fwd(*args, True, None, 64, True)
+    assert ckpt.shape == (1, 2, math.ceil(200 / 64), 16)
