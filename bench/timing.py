@@ -9,7 +9,6 @@ ever inside a measured call.
 
 from __future__ import annotations
 
-import gc
 import statistics
 import time
 import weakref
@@ -98,7 +97,6 @@ class _LiveBytes(TorchDispatchMode):
 
 def peak_memory(step: Callable[[], object], device: str) -> int:
     """Peak bytes allocated during one call of ``step`` above what was allocated before it."""
-    gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
