@@ -4,8 +4,11 @@
 forms; :func:`set_backend` / :func:`use_backend` force a backend.
 """
 
-from . import _kernels  # noqa: F401  (loads the compiled ops first)
-from . import nn, ops
+from . import (
+    _kernels,  # noqa: F401  (loads the compiled ops first)
+    nn,
+    ops,
+)
 from ._backend import set_backend, use_backend
 
 __version__ = "0.1.0"

@@ -64,11 +64,12 @@ def _available(family: str, device: torch.device, dtype: torch.dtype) -> dict[st
 
     reasons: dict[str, str | None] = {"reference": None}
     if device.type == "cpu":
-        reasons["cpu"] = None if dtype in _kernels.CPU_DTYPES[family] else (
-            f"the C++ CPU kernel of {family} takes {_kernels.dtype_names(_kernels.CPU_DTYPES[family])}, "
-            f"not {dtype}")
-        reasons["triton"] = "Triton kernels need a GPU tensor" if not _kernels.triton_interpreted() \
-            else _kernels.triton_unsupported(family, dtype)
+        cpu_dtypes = _kernels.CPU_DTYPES[family]
+        reasons["cpu"] = None if dtype in cpu_dtypes else (
+            f"the C++ CPU kernel of {family} takes {_kernels.dtype_names(cpu_dtypes)}, not {dtype}")
+        reasons["triton"] = (_kernels.triton_unsupported(family, dtype)
+                             if _kernels.triton_interpreted()
+                             else "Triton kernels need a GPU tensor")
         reasons["cuda"] = "CUDA kernels need a CUDA tensor"
     elif device.type == "cuda":
         reasons["cpu"] = "the C++ CPU kernels need a CPU tensor"

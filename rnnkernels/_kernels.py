@@ -53,7 +53,8 @@ def triton_unsupported(family: str, dtype: torch.dtype) -> str | None:
     if importlib.util.find_spec(f"rnnkernels.triton.{family}") is None:
         return f"no Triton kernel for {family}"
     if dtype not in TRITON_DTYPES[family]:
-        return f"the Triton kernel of {family} takes {dtype_names(TRITON_DTYPES[family])}, not {dtype}"
+        names = dtype_names(TRITON_DTYPES[family])
+        return f"the Triton kernel of {family} takes {names}, not {dtype}"
     return None
 
 

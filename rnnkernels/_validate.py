@@ -13,8 +13,8 @@ def _fmt(shape: Sequence[int | str]) -> str:
     return "(" + ", ".join(str(s) for s in shape) + (",)" if len(shape) == 1 else ")")
 
 
-def tensor(name: str, t: object, *, shape: Sequence[int | str] | None = None, ndim: int | None = None,
-           like: Tensor | None = None, floating: bool = False,
+def tensor(name: str, t: object, *, shape: Sequence[int | str] | None = None,
+           ndim: int | None = None, like: Tensor | None = None, floating: bool = False,
            dtype: torch.dtype | None = None) -> Tensor:
     """Check that ``t`` is a tensor with the given rank / shape, and with ``like``'s dtype and
     device. In ``shape`` an entry that is a string is a name for a free size."""
@@ -24,7 +24,8 @@ def tensor(name: str, t: object, *, shape: Sequence[int | str] | None = None, nd
         ndim = len(shape)
     if ndim is not None and t.dim() != ndim:
         expected = _fmt(shape) if shape is not None else f"{ndim} dimensions"
-        raise ValueError(f"{name} must have {ndim} dimensions {expected}, got shape {tuple(t.shape)}")
+        raise ValueError(f"{name} must have {ndim} dimensions {expected}, "
+                         f"got shape {tuple(t.shape)}")
     if shape is not None:
         for got, want in zip(t.shape, shape):
             if isinstance(want, int) and got != want:
@@ -35,7 +36,8 @@ def tensor(name: str, t: object, *, shape: Sequence[int | str] | None = None, nd
         raise TypeError(f"{name} must have dtype {dtype}, got {t.dtype}")
     if like is not None:
         if t.device != like.device:
-            raise ValueError(f"{name} must be on device {like.device} (the input's), got {t.device}")
+            raise ValueError(f"{name} must be on device {like.device} (the input's), "
+                             f"got {t.device}")
         if dtype is None and t.is_floating_point() and t.dtype != like.dtype:
             raise TypeError(f"{name} must have dtype {like.dtype} (the input's), got {t.dtype}")
     return t

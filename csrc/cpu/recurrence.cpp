@@ -13,11 +13,22 @@
 // save (no gradient needed) only two state slots are kept.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+#include <thread>
 #include <type_traits>
+#include <utility>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
 
 #include "rnnkernels/cells.h"
 
@@ -102,29 +113,253 @@ inline void parallel_rows(int64_t batch, int64_t units_per_row, const F& f) {
 
 // ============================================================== forward
 
+// Views of one step's buffers, row-major with the row strides of Problem (batch row b of a
+// (B, X) buffer starts at b * X). gh / dgh rows are addressed by the caller (see *_units).
 template <typename S, typename T>
-void forward_impl(const Problem<S, T>& pb, const Tensor& gx, const Tensor& h0, const Tensor& c0,
-                  const Tensor& w, const Tensor& bias, const Tensor& w_hr, Tensor& y, Tensor& hs,
-                  Tensor& ws, Tensor& c_n) {
+struct FwdStep {
+  const S* gx;     // (B, G*H)
+  const T* hin;    // (B, P): state before the step
+  T* hout;         // (B, P): state after the step (before projection: see hfull)
+  const T* cin;    // (B, H) LSTM
+  T* cout;         // (B, H) LSTM
+  T* hfull;        // (B, H): the cell's h (== hout unless projected)
+  T* ws;           // (B, K*H) or null
+  S* y;            // (B, P) or null when y is written after a projection / phase 2
+  T* v;            // (B, H): r * h_prev of the reset-before GRU
+};
+
+// The cell's forward pointwise work for units [u0, u1) of batch row b. gh points at this row's
+// unit u0 of gate 0; gate g of unit j is gh[g * gstride + j - u0].
+template <typename S, typename T>
+void forward_units(const Problem<S, T>& pb, const FwdStep<S, T>& st, int64_t b, int64_t u0,
+                   int64_t u1, const T* gh, int64_t gstride) {
   using V = Vectorized<T>;
   using M = VecMath<T>;
   constexpr int64_t VS = V::size();
-  const int64_t B = pb.batch, H = pb.hidden, P = pb.out, GH = pb.gates * H;
-  const int64_t KH = pb.wsu * H;
-  const Cell cell = pb.cell;
-  const bool relu = cell == Cell::RNN_RELU;
-
-  hs.select(0, pb.slot_in(0)).copy_(h0);
-  Tensor cbuf, hfull, vbuf, ghv;
-  if (cell == Cell::LSTM) {
-    cbuf = at::empty({2, B, H}, hs.options());
-    cbuf.select(0, 0).copy_(c0);
+  const int64_t H = pb.hidden, P = pb.out, GH = pb.gates * H, KH = pb.wsu * H;
+  const S* gxr = st.gx + b * GH;
+  const T* hprev = st.hin + b * P;
+  T* wsr = st.ws ? st.ws + b * KH : nullptr;
+  S* yr = st.y ? st.y + b * P : nullptr;
+  const bool relu = pb.cell == Cell::RNN_RELU;
+  for (int64_t j = u0; j < u1; j += VS) {
+    const int64_t n = std::min(VS, u1 - j);
+    const T* g = gh + (j - u0);
+    switch (pb.cell) {
+      case Cell::LSTM: {
+        V i, f, gg, o, c, h;
+        lstm_forward<V, M>(load<T>(gxr + j, n) + load<T>(g, n),
+                           load<T>(gxr + H + j, n) + load<T>(g + gstride, n),
+                           load<T>(gxr + 2 * H + j, n) + load<T>(g + 2 * gstride, n),
+                           load<T>(gxr + 3 * H + j, n) + load<T>(g + 3 * gstride, n),
+                           load<T>(st.cin + b * H + j, n), i, f, gg, o, c, h);
+        store<T>(st.cout + b * H + j, c, n);
+        store<T>(st.hfull + b * H + j, h, n);
+        if (wsr) {
+          store<T>(wsr + j, i, n);
+          store<T>(wsr + H + j, f, n);
+          store<T>(wsr + 2 * H + j, gg, n);
+          store<T>(wsr + 3 * H + j, o, n);
+          store<T>(wsr + 4 * H + j, c, n);
+          if (pb.projected) store<T>(wsr + 5 * H + j, h, n);
+        }
+        if (yr) store<T>(yr + j, h, n);
+        break;
+      }
+      case Cell::GRU: {
+        V r, z, nn, h;
+        const V hn = load<T>(g + 2 * gstride, n);
+        gru_forward<V, M>(load<T>(gxr + j, n), load<T>(gxr + H + j, n),
+                          load<T>(gxr + 2 * H + j, n), load<T>(g, n), load<T>(g + gstride, n), hn,
+                          load<T>(hprev + j, n), r, z, nn, h);
+        store<T>(st.hout + b * H + j, h, n);
+        if (wsr) {
+          store<T>(wsr + j, r, n);
+          store<T>(wsr + H + j, z, n);
+          store<T>(wsr + 2 * H + j, nn, n);
+          store<T>(wsr + 3 * H + j, hn, n);
+        }
+        if (yr) store<T>(yr + j, h, n);
+        break;
+      }
+      case Cell::GRU_RESET_BEFORE: {  // phase 1; phase 2 in forward_batched
+        V r, z, v;
+        gru_rb_forward_gates<V, M>(load<T>(gxr + j, n), load<T>(gxr + H + j, n), load<T>(g, n),
+                                   load<T>(g + gstride, n), load<T>(hprev + j, n), r, z, v);
+        store<T>(st.v + b * H + j, v, n);
+        if (wsr) {
+          store<T>(wsr + j, r, n);
+          store<T>(wsr + H + j, z, n);
+          store<T>(wsr + 3 * H + j, v, n);
+        }
+        break;
+      }
+      case Cell::RNN_TANH:
+      case Cell::RNN_RELU: {
+        const V h = rnn_forward<V, M>(load<T>(gxr + j, n) + load<T>(g, n), relu);
+        store<T>(st.hout + b * H + j, h, n);
+        if (wsr) store<T>(wsr + j, h, n);
+        if (yr) store<T>(yr + j, h, n);
+        break;
+      }
+    }
   }
-  if (pb.projected) hfull = at::empty({B, H}, hs.options());
-  const bool split = cell == Cell::GRU_RESET_BEFORE;
+}
+
+// A row past its length keeps its state and outputs zeros (units [u0, u1); the state columns
+// are units unless projected, in which case the caller copies the projected state).
+template <typename S, typename T>
+void forward_masked_units(const Problem<S, T>& pb, const FwdStep<S, T>& st, int64_t b, int64_t u0,
+                          int64_t u1) {
+  const int64_t H = pb.hidden, P = pb.out, KH = pb.wsu * H;
+  if (!pb.projected) std::copy(st.hin + b * P + u0, st.hin + b * P + u1, st.hout + b * P + u0);
+  if (st.y && !pb.projected) std::fill(st.y + b * P + u0, st.y + b * P + u1, S(0));
+  if (pb.cell == Cell::LSTM) {
+    std::copy(st.cin + b * H + u0, st.cin + b * H + u1, st.cout + b * H + u0);
+  }
+  if (pb.cell == Cell::GRU_RESET_BEFORE) std::fill(st.v + b * H + u0, st.v + b * H + u1, T(0));
+  if (st.ws) {
+    T* wsr = st.ws + b * KH;
+    for (int64_t k = 0; k < pb.wsu; ++k) std::fill(wsr + k * H + u0, wsr + k * H + u1, T(0));
+    // the backward reads the carried cell state of a masked step as the next step's c_prev
+    if (pb.cell == Cell::LSTM) std::copy(st.cin + b * H + u0, st.cin + b * H + u1, wsr + 4 * H + u0);
+  }
+}
+
+template <typename S, typename T>
+struct BwdStep {
+  const S* gy;     // (B, P) gradient of y_t, or null (projected: already folded into dh)
+  const T* dh;     // (B, P) gradient of the state after the step (B, H: dhfull when projected)
+  T* dc;           // (B, H) LSTM: in gradient of c_t, out gradient of c_{t-1}
+  const T* ws;     // (B, K*H)
+  const T* cprev;  // LSTM: row b at cprev + b * cprev_stride
+  int64_t cprev_stride;
+  const T* hprev;  // (B, P)
+  T* dgh;          // (B, G*H) gradient of the recurrent pre-activations
+  S* dgx;          // (B, G*H) gradient of gx, or null when it is dgh itself
+  T* dhd;          // (B, P) the part of dh_{t-1} that does not pass through W_hh
+};
+
+// The cell's backward pointwise work for units [u0, u1) of an unmasked batch row b (P == H
+// unless projected; the direct term is then zero and written by the caller).
+template <typename S, typename T>
+void backward_units(const Problem<S, T>& pb, const BwdStep<S, T>& st, int64_t b, int64_t u0,
+                    int64_t u1) {
+  using V = Vectorized<T>;
+  using M = VecMath<T>;
+  constexpr int64_t VS = V::size();
+  const int64_t H = pb.hidden, P = pb.out, GH = pb.gates * H, KH = pb.wsu * H;
+  const T* wsr = st.ws + b * KH;
+  T* dghr = st.dgh + b * GH;
+  S* dgxr = st.dgx ? st.dgx + b * GH : nullptr;
+  const T* hprev = st.hprev + b * P;
+  const T* dhr = st.dh + b * (pb.projected ? H : P);
+  const S* gyr = st.gy ? st.gy + b * P : nullptr;
+  T* dhdr = st.dhd + b * P;
+  const bool relu = pb.cell == Cell::RNN_RELU;
+  for (int64_t j = u0; j < u1; j += VS) {
+    const int64_t n = std::min(VS, u1 - j);
+    V dH = load<T>(dhr + j, n);
+    if (gyr) dH = dH + load<T>(gyr + j, n);
+    switch (pb.cell) {
+      case Cell::LSTM: {
+        V di, df, dg, do_, dcp;
+        lstm_backward<V, M>(dH, load<T>(st.dc + b * H + j, n), load<T>(wsr + j, n),
+                            load<T>(wsr + H + j, n), load<T>(wsr + 2 * H + j, n),
+                            load<T>(wsr + 3 * H + j, n), load<T>(wsr + 4 * H + j, n),
+                            load<T>(st.cprev + b * st.cprev_stride + j, n), di, df, dg, do_, dcp);
+        store<T>(dghr + j, di, n);
+        store<T>(dghr + H + j, df, n);
+        store<T>(dghr + 2 * H + j, dg, n);
+        store<T>(dghr + 3 * H + j, do_, n);
+        store<T>(st.dc + b * H + j, dcp, n);
+        if (!pb.projected) store<T>(dhdr + j, M::zero(), n);
+        break;
+      }
+      case Cell::GRU: {
+        V dxr, dxz, dxn, dhn, direct;
+        gru_backward<V, M>(dH, load<T>(wsr + j, n), load<T>(wsr + H + j, n),
+                           load<T>(wsr + 2 * H + j, n), load<T>(wsr + 3 * H + j, n),
+                           load<T>(hprev + j, n), dxr, dxz, dxn, dhn, direct);
+        store<T>(dghr + j, dxr, n);
+        store<T>(dghr + H + j, dxz, n);
+        store<T>(dghr + 2 * H + j, dhn, n);
+        store<T>(dgxr + j, dxr, n);
+        store<T>(dgxr + H + j, dxz, n);
+        store<T>(dgxr + 2 * H + j, dxn, n);
+        store<T>(dhdr + j, direct, n);
+        break;
+      }
+      case Cell::GRU_RESET_BEFORE: {  // phase A; phase B in backward_batched
+        V dn, dz, direct;
+        gru_rb_backward_out<V, M>(dH, load<T>(wsr + H + j, n), load<T>(wsr + 2 * H + j, n),
+                                  load<T>(hprev + j, n), dn, dz, direct);
+        store<T>(dghr + H + j, dz, n);
+        store<T>(dghr + 2 * H + j, dn, n);
+        store<T>(dhdr + j, direct, n);
+        break;
+      }
+      case Cell::RNN_TANH:
+      case Cell::RNN_RELU: {
+        store<T>(dghr + j, rnn_backward<V, M>(dH, load<T>(wsr + j, n), relu), n);
+        store<T>(dhdr + j, M::zero(), n);
+        break;
+      }
+    }
+  }
+}
+
+// Masked row: no gradient reaches the step's inputs; dh and dc pass through unchanged.
+template <typename S, typename T>
+void backward_masked_units(const Problem<S, T>& pb, const BwdStep<S, T>& st, int64_t b,
+                           int64_t u0, int64_t u1) {
+  const int64_t H = pb.hidden, P = pb.out, GH = pb.gates * H;
+  for (int64_t g = 0; g < pb.gates; ++g) {
+    std::fill(st.dgh + b * GH + g * H + u0, st.dgh + b * GH + g * H + u1, T(0));
+    if (st.dgx) std::fill(st.dgx + b * GH + g * H + u0, st.dgx + b * GH + g * H + u1, S(0));
+  }
+  if (!pb.projected) std::copy(st.dh + b * P + u0, st.dh + b * P + u1, st.dhd + b * P + u0);
+}
+
+template <typename S, typename T>
+BwdStep<S, T> make_bwd_step(const Problem<S, T>& pb, int64_t s, const S* gy, const T* dh,
+                            Tensor& dc, const Tensor& c0, const Tensor& ws, const Tensor& hs,
+                            Tensor& dgh, S* dgx, T* dhd) {
+  const int64_t B = pb.batch, H = pb.hidden, P = pb.out, GH = pb.gates * H, KH = pb.wsu * H;
+  const int64_t t = pb.time(s);
+  const int64_t t_prev = pb.reverse ? t + 1 : t - 1;  // time of the previous forward step
+  const T* ws_p = ws.data_ptr<T>();
+  const bool lstm = pb.cell == Cell::LSTM;
+  const bool first = s == 0;
+  return BwdStep<S, T>{
+      (gy && !pb.projected) ? gy + t * B * P : nullptr,
+      dh,
+      lstm ? dc.data_ptr<T>() : nullptr,
+      ws_p + t * B * KH,
+      lstm ? (first ? c0.data_ptr<T>() : ws_p + t_prev * B * KH + 4 * H) : nullptr,
+      first ? H : KH,
+      hs.data_ptr<T>() + pb.slot_in(s) * B * P,
+      dgh.data_ptr<T>() + t * B * GH,
+      dgx ? dgx + t * B * GH : nullptr,
+      dhd};
+}
+
+// ============================================================== batched path
+// Per step: one ATen GEMM on all threads, then the pointwise pass split over batch rows. Takes
+// every cell and the projection.
+
+template <typename S, typename T>
+void forward_batched(const Problem<S, T>& pb, const Tensor& gx, const Tensor& w, const Tensor& bias,
+                     const Tensor& w_hr, Tensor& y, Tensor& hs, Tensor& ws, Tensor& cbuf) {
+  using V = Vectorized<T>;
+  using M = VecMath<T>;
+  constexpr int64_t VS = V::size();
+  const int64_t B = pb.batch, H = pb.hidden, P = pb.out, GH = pb.gates * H, KH = pb.wsu * H;
+  const bool split = pb.cell == Cell::GRU_RESET_BEFORE;
+  Tensor hfull = pb.projected ? at::empty({B, H}, hs.options()) : Tensor();
   Tensor w1 = split ? w.narrow(0, 0, 2 * H) : w;
-  Tensor b1 = bias.defined() ? (split ? bias.narrow(0, 0, 2 * H) : bias) : bias;
-  Tensor w2, b2;
+  Tensor b1 = bias.defined() && split ? bias.narrow(0, 0, 2 * H) : bias;
+  Tensor vbuf, ghv, w2, b2;
   if (split) {
     vbuf = at::empty({B, H}, hs.options());
     ghv = at::empty({B, H}, hs.options());
@@ -132,10 +367,7 @@ void forward_impl(const Problem<S, T>& pb, const Tensor& gx, const Tensor& h0, c
     if (bias.defined()) b2 = bias.narrow(0, 2 * H, H);
   }
   Tensor gh = at::empty({B, w1.size(0)}, hs.options());
-
-  const S* gx_p = gx.data_ptr<S>();
-  S* y_p = y.data_ptr<S>();
-  T* ws_p = pb.save ? ws.data_ptr<T>() : nullptr;
+  const int64_t ghs = gh.size(1);
 
   for (int64_t s = 0; s < pb.steps; ++s) {
     const int64_t t = pb.time(s);
@@ -146,100 +378,24 @@ void forward_impl(const Problem<S, T>& pb, const Tensor& gx, const Tensor& h0, c
     } else {
       at::mm_out(gh, hin, w1.t());
     }
-    const T* hin_p = hin.data_ptr<T>();
     T* hout_p = hout.data_ptr<T>();
+    const FwdStep<S, T> st{
+        gx.data_ptr<S>() + t * B * GH, hin.data_ptr<T>(), hout_p,
+        pb.cell == Cell::LSTM ? cbuf.select(0, s & 1).data_ptr<T>() : nullptr,
+        pb.cell == Cell::LSTM ? cbuf.select(0, (s + 1) & 1).data_ptr<T>() : nullptr,
+        pb.projected ? hfull.data_ptr<T>() : hout_p,
+        pb.save ? ws.data_ptr<T>() + t * B * KH : nullptr,
+        (pb.projected || split) ? nullptr : y.data_ptr<S>() + t * B * P,
+        split ? vbuf.data_ptr<T>() : nullptr};
     const T* gh_p = gh.data_ptr<T>();
-    const int64_t ghs = gh.size(1);
-    T* cin_p = cell == Cell::LSTM ? cbuf.select(0, s & 1).data_ptr<T>() : nullptr;
-    T* cout_p = cell == Cell::LSTM ? cbuf.select(0, (s + 1) & 1).data_ptr<T>() : nullptr;
-    T* hf_p = pb.projected ? hfull.data_ptr<T>() : hout_p;
-    const bool y_in_pointwise = !pb.projected && !split;
-
     parallel_rows(B, GH, [&](int64_t b) {
-      const S* gxr = gx_p + (t * B + b) * GH;
-      const T* ghr = gh_p + b * ghs;
-      const T* hprev = hin_p + b * P;
-      T* wsr = ws_p ? ws_p + (t * B + b) * KH : nullptr;
-      S* yr = y_p + (t * B + b) * P;
       if (pb.masked(t, b)) {
-        if (!pb.projected) std::copy(hprev, hprev + P, hout_p + b * P);
-        if (cell == Cell::LSTM) {
-          std::copy(cin_p + b * H, cin_p + (b + 1) * H, cout_p + b * H);
-          if (wsr) {
-            std::fill(wsr, wsr + KH, T(0));
-            std::copy(cin_p + b * H, cin_p + (b + 1) * H, wsr + 4 * H);
-          }
-        } else if (wsr) {
-          std::fill(wsr, wsr + KH, T(0));
-        }
-        if (split) std::fill(vbuf.data_ptr<T>() + b * H, vbuf.data_ptr<T>() + (b + 1) * H, T(0));
-        if (y_in_pointwise) std::fill(yr, yr + P, S(0));
-        return;
-      }
-      for (int64_t j = 0; j < H; j += VS) {
-        const int64_t n = std::min(VS, H - j);
-        switch (cell) {
-          case Cell::LSTM: {
-            V i, f, g, o, c, h;
-            lstm_forward<V, M>(load<T>(gxr + j, n) + load<T>(ghr + j, n),
-                               load<T>(gxr + H + j, n) + load<T>(ghr + H + j, n),
-                               load<T>(gxr + 2 * H + j, n) + load<T>(ghr + 2 * H + j, n),
-                               load<T>(gxr + 3 * H + j, n) + load<T>(ghr + 3 * H + j, n),
-                               load<T>(cin_p + b * H + j, n), i, f, g, o, c, h);
-            store<T>(cout_p + b * H + j, c, n);
-            store<T>(hf_p + b * H + j, h, n);
-            if (wsr) {
-              store<T>(wsr + j, i, n);
-              store<T>(wsr + H + j, f, n);
-              store<T>(wsr + 2 * H + j, g, n);
-              store<T>(wsr + 3 * H + j, o, n);
-              store<T>(wsr + 4 * H + j, c, n);
-              if (pb.projected) store<T>(wsr + 5 * H + j, h, n);
-            }
-            if (y_in_pointwise) store<T>(yr + j, h, n);
-            break;
-          }
-          case Cell::GRU: {
-            V r, z, nn, h;
-            const V hn = load<T>(ghr + 2 * H + j, n);
-            gru_forward<V, M>(load<T>(gxr + j, n), load<T>(gxr + H + j, n),
-                              load<T>(gxr + 2 * H + j, n), load<T>(ghr + j, n),
-                              load<T>(ghr + H + j, n), hn, load<T>(hprev + j, n), r, z, nn, h);
-            store<T>(hout_p + b * H + j, h, n);
-            if (wsr) {
-              store<T>(wsr + j, r, n);
-              store<T>(wsr + H + j, z, n);
-              store<T>(wsr + 2 * H + j, nn, n);
-              store<T>(wsr + 3 * H + j, hn, n);
-            }
-            store<T>(yr + j, h, n);
-            break;
-          }
-          case Cell::GRU_RESET_BEFORE: {
-            V r, z, v;
-            gru_rb_forward_gates<V, M>(load<T>(gxr + j, n), load<T>(gxr + H + j, n),
-                                       load<T>(ghr + j, n), load<T>(ghr + H + j, n),
-                                       load<T>(hprev + j, n), r, z, v);
-            store<T>(vbuf.data_ptr<T>() + b * H + j, v, n);
-            if (wsr) {
-              store<T>(wsr + j, r, n);
-              store<T>(wsr + H + j, z, n);
-              store<T>(wsr + 3 * H + j, v, n);
-            }
-            break;
-          }
-          case Cell::RNN_TANH:
-          case Cell::RNN_RELU: {
-            const V h = rnn_forward<V, M>(load<T>(gxr + j, n) + load<T>(ghr + j, n), relu);
-            store<T>(hout_p + b * H + j, h, n);
-            if (wsr) store<T>(wsr + j, h, n);
-            store<T>(yr + j, h, n);
-            break;
-          }
-        }
+        forward_masked_units(pb, st, b, 0, H);
+      } else {
+        forward_units(pb, st, b, 0, H, gh_p + b * ghs, H);
       }
     });
-
+    S* yt = y.data_ptr<S>() + t * B * P;
     if (split) {
       // Phase 2 of the reset-before GRU: the n rows of W_hh multiply r * h_prev.
       if (b2.defined()) {
@@ -249,35 +405,31 @@ void forward_impl(const Problem<S, T>& pb, const Tensor& gx, const Tensor& h0, c
       }
       const T* ghv_p = ghv.data_ptr<T>();
       parallel_rows(B, H, [&](int64_t b) {
-        S* yr = y_p + (t * B + b) * P;
-        const T* hprev = hin_p + b * P;
+        S* yr = yt + b * P;
+        const T* hprev = st.hin + b * P;
         if (pb.masked(t, b)) {
-          std::copy(hprev, hprev + P, hout_p + b * P);
           std::fill(yr, yr + P, S(0));
           return;
         }
-        const S* gxr = gx_p + (t * B + b) * GH;
-        T* wsr = ws_p ? ws_p + (t * B + b) * KH : nullptr;
+        const S* gxr = st.gx + b * GH;
         for (int64_t j = 0; j < H; j += VS) {
           const int64_t n = std::min(VS, H - j);
-          const V hprev_v = load<T>(hprev + j, n);
           const V z = M::sigmoid(load<T>(gxr + H + j, n) + load<T>(gh_p + b * ghs + H + j, n));
           V nn, h;
           gru_rb_forward_out<V, M>(load<T>(gxr + 2 * H + j, n), load<T>(ghv_p + b * H + j, n), z,
-                                   hprev_v, nn, h);
+                                   load<T>(hprev + j, n), nn, h);
           store<T>(hout_p + b * H + j, h, n);
-          if (wsr) store<T>(wsr + 2 * H + j, nn, n);
+          if (st.ws) store<T>(st.ws + b * KH + 2 * H + j, nn, n);
           store<T>(yr + j, h, n);
         }
       });
     }
-
     if (pb.projected) {
       at::mm_out(hout, hfull, w_hr.t());
       parallel_rows(B, P, [&](int64_t b) {
-        S* yr = y_p + (t * B + b) * P;
+        S* yr = yt + b * P;
         if (pb.masked(t, b)) {
-          std::copy(hin_p + b * P, hin_p + (b + 1) * P, hout_p + b * P);
+          std::copy(st.hin + b * P, st.hin + (b + 1) * P, hout_p + b * P);
           std::fill(yr, yr + P, S(0));
         } else {
           store_scalar_row(yr, hout_p + b * P, P);
@@ -285,46 +437,28 @@ void forward_impl(const Problem<S, T>& pb, const Tensor& gx, const Tensor& h0, c
       });
     }
   }
-  if (cell == Cell::LSTM) c_n.copy_(cbuf.select(0, pb.steps & 1));
 }
 
-// ============================================================== backward
-
 template <typename S, typename T>
-void backward_impl(const Problem<S, T>& pb, const Tensor& grad_y, const Tensor& c0, const Tensor& w,
-                   const Tensor& w_hr, const Tensor& hs, const Tensor& ws, Tensor& dh, Tensor& dc,
-                   Tensor& dgx, Tensor& dgh, Tensor& dhp) {
+void backward_batched(const Problem<S, T>& pb, const Tensor& grad_y, const Tensor& c0,
+                      const Tensor& w, const Tensor& w_hr, const Tensor& hs, const Tensor& ws,
+                      Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh, Tensor& dhp) {
   using V = Vectorized<T>;
-  using M = VecMath<T>;
   constexpr int64_t VS = V::size();
-  const int64_t B = pb.batch, H = pb.hidden, P = pb.out, G = pb.gates, GH = G * H;
-  const int64_t KH = pb.wsu * H;
-  const Cell cell = pb.cell;
-  const bool relu = cell == Cell::RNN_RELU;
-  const bool split = cell == Cell::GRU_RESET_BEFORE;
-
+  const int64_t B = pb.batch, H = pb.hidden, P = pb.out, GH = pb.gates * H, KH = pb.wsu * H;
+  const bool split = pb.cell == Cell::GRU_RESET_BEFORE;
   Tensor dhd = at::empty({B, P}, dh.options());
   Tensor dhfull = pb.projected ? at::empty({B, H}, dh.options()) : Tensor();
   Tensor dv = split ? at::empty({B, H}, dh.options()) : Tensor();
   Tensor w_rec = split ? w.narrow(0, 0, 2 * H) : w;
   Tensor w_n = split ? w.narrow(0, 2 * H, H) : Tensor();
-
   const S* gy_p = grad_y.defined() ? grad_y.data_ptr<S>() : nullptr;
-  const T* ws_p = ws.data_ptr<T>();
-  const T* hs_p = hs.data_ptr<T>();
-  const T* c0_p = cell == Cell::LSTM ? c0.data_ptr<T>() : nullptr;
   T* dh_p = dh.data_ptr<T>();
-  T* dc_p = cell == Cell::LSTM ? dc.data_ptr<T>() : nullptr;
   T* dhd_p = dhd.data_ptr<T>();
-  T* dgh_p = dgh.data_ptr<T>();
-  S* dgx_p = dgx.data_ptr<S>();
-  const bool dgx_is_dgh = static_cast<void*>(dgx_p) == static_cast<void*>(dgh_p);
+  const bool dgx_is_dgh = static_cast<void*>(dgx.data_ptr()) == static_cast<void*>(dgh.data_ptr());
 
   for (int64_t s = pb.steps - 1; s >= 0; --s) {
     const int64_t t = pb.time(s);
-    const T* hprev_base = hs_p + pb.slot_in(s) * B * P;
-    const int64_t t_prev = pb.reverse ? t + 1 : t - 1;  // time of the previous forward step
-
     if (pb.projected) {
       T* dhp_p = dhp.data_ptr<T>();
       parallel_rows(B, P, [&](int64_t b) {
@@ -342,101 +476,307 @@ void backward_impl(const Problem<S, T>& pb, const Tensor& grad_y, const Tensor& 
       });
       at::mm_out(dhfull, dh, w_hr);
     }
-    const T* dhf_p = pb.projected ? dhfull.data_ptr<T>() : nullptr;
-
+    const BwdStep<S, T> st = make_bwd_step(pb, s, gy_p, pb.projected ? dhfull.data_ptr<T>() : dh_p,
+                                           dc, c0, ws, hs, dgh,
+                                           dgx_is_dgh ? nullptr : dgx.data_ptr<S>(), dhd_p);
     parallel_rows(B, GH, [&](int64_t b) {
-      const T* wsr = ws_p + (t * B + b) * KH;
-      T* dghr = dgh_p + (t * B + b) * GH;
-      S* dgxr = dgx_p + (t * B + b) * GH;
-      const T* hprev = hprev_base + b * P;
       if (pb.masked(t, b)) {
-        std::fill(dghr, dghr + GH, T(0));
-        if (!dgx_is_dgh) std::fill(dgxr, dgxr + GH, S(0));
-        std::copy(dh_p + b * P, dh_p + (b + 1) * P, dhd_p + b * P);
+        backward_masked_units(pb, st, b, 0, H);
+        if (pb.projected) std::copy(dh_p + b * P, dh_p + (b + 1) * P, dhd_p + b * P);
         return;
       }
-      const S* gyr = (gy_p && !pb.projected) ? gy_p + (t * B + b) * P : nullptr;
-      for (int64_t j = 0; j < H; j += VS) {
-        const int64_t n = std::min(VS, H - j);
-        V dH = pb.projected ? load<T>(dhf_p + b * H + j, n) : load<T>(dh_p + b * P + j, n);
-        if (gyr) dH = dH + load<T>(gyr + j, n);
-        switch (cell) {
-          case Cell::LSTM: {
-            const T* cprev = s == 0 ? c0_p + b * H
-                                    : ws_p + (t_prev * B + b) * KH + 4 * H;
-            V di, df, dg, do_, dcp;
-            lstm_backward<V, M>(dH, load<T>(dc_p + b * H + j, n), load<T>(wsr + j, n),
-                                load<T>(wsr + H + j, n), load<T>(wsr + 2 * H + j, n),
-                                load<T>(wsr + 3 * H + j, n), load<T>(wsr + 4 * H + j, n),
-                                load<T>(cprev + j, n), di, df, dg, do_, dcp);
-            store<T>(dghr + j, di, n);
-            store<T>(dghr + H + j, df, n);
-            store<T>(dghr + 2 * H + j, dg, n);
-            store<T>(dghr + 3 * H + j, do_, n);
-            store<T>(dc_p + b * H + j, dcp, n);
-            store<T>(dhd_p + b * P + j, M::zero(), n);
-            break;
-          }
-          case Cell::GRU: {
-            V dxr, dxz, dxn, dhn, direct;
-            gru_backward<V, M>(dH, load<T>(wsr + j, n), load<T>(wsr + H + j, n),
-                               load<T>(wsr + 2 * H + j, n), load<T>(wsr + 3 * H + j, n),
-                               load<T>(hprev + j, n), dxr, dxz, dxn, dhn, direct);
-            store<T>(dghr + j, dxr, n);
-            store<T>(dghr + H + j, dxz, n);
-            store<T>(dghr + 2 * H + j, dhn, n);
-            store<T>(dgxr + j, dxr, n);
-            store<T>(dgxr + H + j, dxz, n);
-            store<T>(dgxr + 2 * H + j, dxn, n);
-            store<T>(dhd_p + b * P + j, direct, n);
-            break;
-          }
-          case Cell::GRU_RESET_BEFORE: {
-            V dn, dz, direct;
-            gru_rb_backward_out<V, M>(dH, load<T>(wsr + H + j, n), load<T>(wsr + 2 * H + j, n),
-                                      load<T>(hprev + j, n), dn, dz, direct);
-            store<T>(dghr + H + j, dz, n);
-            store<T>(dghr + 2 * H + j, dn, n);
-            store<T>(dhd_p + b * P + j, direct, n);
-            break;
-          }
-          case Cell::RNN_TANH:
-          case Cell::RNN_RELU: {
-            store<T>(dghr + j, rnn_backward<V, M>(dH, load<T>(wsr + j, n), relu), n);
-            store<T>(dhd_p + b * P + j, M::zero(), n);
-            break;
-          }
-        }
-      }
+      backward_units(pb, st, b, 0, H);
+      if (pb.projected) std::fill(dhd_p + b * P, dhd_p + (b + 1) * P, T(0));
     });
-
     Tensor dgh_t = dgh.select(0, t);
     if (split) {
       at::mm_out(dv, dgh_t.narrow(1, 2 * H, H), w_n);
       const T* dv_p = dv.data_ptr<T>();
       parallel_rows(B, H, [&](int64_t b) {
         if (pb.masked(t, b)) return;
-        const T* wsr = ws_p + (t * B + b) * KH;
-        const T* hprev = hprev_base + b * P;
-        T* dghr = dgh_p + (t * B + b) * GH;
+        const T* wsr = st.ws + b * KH;
+        const T* hprev = st.hprev + b * P;
+        T* dghr = st.dgh + b * GH;
         for (int64_t j = 0; j < H; j += VS) {
           const int64_t n = std::min(VS, H - j);
           V dr;
           V direct = load<T>(dhd_p + b * P + j, n);
-          gru_rb_backward_gates<V, M>(load<T>(dv_p + b * H + j, n), load<T>(wsr + j, n),
-                                      load<T>(hprev + j, n), dr, direct);
+          gru_rb_backward_gates<V, VecMath<T>>(load<T>(dv_p + b * H + j, n), load<T>(wsr + j, n),
+                                               load<T>(hprev + j, n), dr, direct);
           store<T>(dghr + j, dr, n);
           store<T>(dhd_p + b * P + j, direct, n);
         }
       });
     }
-    if (!dgx_is_dgh && cell != Cell::GRU) {
+    if (!dgx_is_dgh && pb.cell != Cell::GRU) {
       parallel_rows(B, GH, [&](int64_t b) {
-        store_scalar_row(dgx_p + (t * B + b) * GH, dgh_p + (t * B + b) * GH, GH);
+        store_scalar_row(dgx.data_ptr<S>() + (t * B + b) * GH, st.dgh + b * GH, GH);
       });
     }
     at::addmm_out(dh, dhd, split ? dgh_t.narrow(1, 0, 2 * H) : dgh_t, w_rec);
   }
+}
+
+// ============================================================== persistent path
+// One team of threads (the OpenMP team of at::parallel_for) lives for the whole sequence, the CPU
+// twin of a persistent GPU kernel. Thread k owns the hidden units [u0, u1): in the forward the G
+// row blocks of W_hh that produce them, in the backward the columns of W_hh that they multiply;
+// both stay in that core's L2 across steps (H = 256 fp32 LSTM: 512 KB per thread of two). Per
+// step a thread computes its part of the matmul (its own vectorised GEMV for small batches, a
+// single-threaded ATen GEMM otherwise), the cell's pointwise work on its units, then meets the
+// others at a spin barrier: one barrier per step and no other synchronisation, because the next
+// step only reads what the barrier published (h_t in the forward, the step's dgh in the
+// backward) besides the thread's own units.
+
+constexpr int64_t kSmallBatch = 4;       // up to this batch the GEMV kernels below beat ATen calls
+constexpr int64_t kRowBlock = 4;         // W_hh rows per GEMV block (16 accumulators at batch 4)
+constexpr int kSpinsBeforeYield = 4096;  // then yield, so an oversubscribed machine still progresses
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(_M_X64)
+  _mm_pause();
+#endif
+}
+
+class SpinBarrier {
+ public:
+  void reset(int n) { n_ = n; }
+  void fail() { failed_.store(true, std::memory_order_release); }
+  void wait() {
+    if (n_ == 1) return;
+    const int gen = generation_.load(std::memory_order_acquire);
+    if (count_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
+      count_.store(0, std::memory_order_relaxed);
+      generation_.store(gen + 1, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; generation_.load(std::memory_order_acquire) == gen; ++spins) {
+      if (failed_.load(std::memory_order_acquire)) {
+        throw std::runtime_error("rnnkernels: another thread of the recurrence failed");
+      }
+      if (spins < kSpinsBeforeYield) {
+        cpu_relax();
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  }
+
+ private:
+  int n_ = 1;
+  alignas(64) std::atomic<int> count_{0};
+  alignas(64) std::atomic<int> generation_{0};
+  std::atomic<bool> failed_{false};
+};
+
+// Runs body(k, n, barrier) on every thread of one parallel region, k in [0, n). The team size is
+// what at::parallel_for actually gets (1 inside another parallel region), read from the chunk
+// it hands to the first thread, so the barrier never waits for a thread that does not exist.
+template <typename F>
+void run_team(const F& body) {
+  const int64_t want = at::get_num_threads();
+  std::atomic<int64_t> chunk{0};
+  SpinBarrier barrier;
+  at::parallel_for(0, want, 1, [&](int64_t begin, int64_t end) {
+    if (begin == 0) {
+      barrier.reset(static_cast<int>((want + (end - begin) - 1) / (end - begin)));
+      chunk.store(end - begin, std::memory_order_release);
+    }
+    int64_t c;
+    while ((c = chunk.load(std::memory_order_acquire)) == 0) cpu_relax();
+    try {
+      body(begin / c, (want + c - 1) / c, barrier);
+    } catch (...) {
+      barrier.fail();
+      throw;
+    }
+  });
+}
+
+// Units [u0, u1) of thread k of n, in whole SIMD vectors where possible.
+template <typename T>
+std::pair<int64_t, int64_t> unit_range(int64_t H, int64_t k, int64_t n) {
+  const int64_t vs = Vectorized<T>::size();
+  const int64_t per = (((H + vs - 1) / vs + n - 1) / n) * vs;
+  const int64_t u0 = std::min(H, k * per);
+  return {u0, std::min(H, u0 + per)};
+}
+
+// out[b * ldo + r] = bias[r] + sum_p h[b * P + p] * w[r * P + p] for r < nr, b < NB.
+template <typename T, int NB>
+void gemv_rows(int64_t nr, int64_t P, const T* w, const T* bias, const T* h, T* out, int64_t ldo) {
+  using V = Vectorized<T>;
+  constexpr int64_t VS = V::size();
+  auto sum = [](const V& a, const V& b) { return a + b; };
+  for (int64_t r = 0; r < nr; r += kRowBlock) {
+    const int64_t rows = std::min(kRowBlock, nr - r);
+    V acc[kRowBlock][NB];
+    for (int64_t i = 0; i < kRowBlock; ++i) {
+      for (int b = 0; b < NB; ++b) acc[i][b] = V(T(0));
+    }
+    for (int64_t p = 0; p < P; p += VS) {
+      const int64_t n = std::min(VS, P - p);
+      V hv[NB];
+      for (int b = 0; b < NB; ++b) hv[b] = load<T>(h + b * P + p, n);
+      for (int64_t i = 0; i < rows; ++i) {
+        const V wv = load<T>(w + (r + i) * P + p, n);
+        for (int b = 0; b < NB; ++b) acc[i][b] = at::vec::fmadd(wv, hv[b], acc[i][b]);
+      }
+    }
+    for (int64_t i = 0; i < rows; ++i) {
+      const T bi = bias ? bias[r + i] : T(0);
+      for (int b = 0; b < NB; ++b) out[b * ldo + r + i] = at::vec::vec_reduce_all<T>(sum, acc[i][b]) + bi;
+    }
+  }
+}
+
+template <typename T>
+void gemv_rows_small(int64_t B, int64_t nr, int64_t P, const T* w, const T* bias, const T* h, T* out,
+                     int64_t ldo) {
+  switch (B) {
+    case 1: return gemv_rows<T, 1>(nr, P, w, bias, h, out, ldo);
+    case 2: return gemv_rows<T, 2>(nr, P, w, bias, h, out, ldo);
+    case 3: return gemv_rows<T, 3>(nr, P, w, bias, h, out, ldo);
+    default: return gemv_rows<T, 4>(nr, P, w, bias, h, out, ldo);
+  }
+}
+
+// out[b * nu + u] = sum_r d[b * R + r] * w[r * ldw + u] for u < nu, r < R, b < B (vectorised
+// over u: W's rows are contiguous in u).
+template <typename T>
+void gemv_cols_small(int64_t B, int64_t R, int64_t nu, const T* d, const T* w, int64_t ldw, T* out) {
+  using V = Vectorized<T>;
+  constexpr int64_t VS = V::size();
+  constexpr int64_t kVecs = 4;
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t u = 0; u < nu; u += kVecs * VS) {
+      V acc[kVecs];
+      for (int64_t i = 0; i < kVecs; ++i) acc[i] = V(T(0));
+      const int64_t vecs = std::min(kVecs, (nu - u + VS - 1) / VS);
+      for (int64_t r = 0; r < R; ++r) {
+        const V dv(d[b * R + r]);
+        const T* wr = w + r * ldw + u;
+        for (int64_t i = 0; i < vecs; ++i) {
+          acc[i] = at::vec::fmadd(load<T>(wr + i * VS, std::min(VS, nu - u - i * VS)), dv, acc[i]);
+        }
+      }
+      for (int64_t i = 0; i < vecs; ++i) store<T>(out + b * nu + u + i * VS, acc[i], std::min(VS, nu - u - i * VS));
+    }
+  }
+}
+
+template <typename S, typename T>
+void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor& w,
+                        const Tensor& bias, Tensor& y, Tensor& hs, Tensor& ws, Tensor& cbuf) {
+  const int64_t B = pb.batch, H = pb.hidden, P = pb.out, G = pb.gates, GH = G * H, KH = pb.wsu * H;
+  const T* w_p = w.data_ptr<T>();
+  const T* bias_p = bias.defined() ? bias.data_ptr<T>() : nullptr;
+  run_team([&](int64_t k, int64_t n, SpinBarrier& barrier) {
+    const auto [u0, u1] = unit_range<T>(H, k, n);
+    const int64_t nk = u1 - u0;
+    // gate g of row b of this thread's matmul result: gh[(g * B + b) * nk + unit]
+    Tensor gh = at::empty({G, B, std::max<int64_t>(nk, 1)}, hs.options());
+    T* gh_p = gh.data_ptr<T>();
+    for (int64_t s = 0; s < pb.steps; ++s) {
+      const int64_t t = pb.time(s);
+      const FwdStep<S, T> st{
+          gx.data_ptr<S>() + t * B * GH, hs.data_ptr<T>() + pb.slot_in(s) * B * P,
+          hs.data_ptr<T>() + pb.slot_out(s) * B * P,
+          pb.cell == Cell::LSTM ? cbuf.data_ptr<T>() + (s & 1) * B * H : nullptr,
+          pb.cell == Cell::LSTM ? cbuf.data_ptr<T>() + ((s + 1) & 1) * B * H : nullptr,
+          hs.data_ptr<T>() + pb.slot_out(s) * B * P,
+          pb.save ? ws.data_ptr<T>() + t * B * KH : nullptr, y.data_ptr<S>() + t * B * P,
+          nullptr};
+      if (nk > 0) {
+        for (int64_t g = 0; g < G; ++g) {
+          const T* wg = w_p + (g * H + u0) * P;
+          const T* bg = bias_p ? bias_p + g * H + u0 : nullptr;
+          if (B <= kSmallBatch) {
+            gemv_rows_small<T>(B, nk, P, wg, bg, st.hin, gh_p + g * B * nk, nk);
+          } else {
+            Tensor out = gh.select(0, g);
+            const Tensor hin = hs.select(0, pb.slot_in(s));
+            const Tensor wt = w.narrow(0, g * H + u0, nk).t();
+            if (bg) {
+              at::addmm_out(out, bias.narrow(0, g * H + u0, nk), hin, wt);
+            } else {
+              at::mm_out(out, hin, wt);
+            }
+          }
+        }
+        for (int64_t b = 0; b < B; ++b) {
+          if (pb.masked(t, b)) {
+            forward_masked_units(pb, st, b, u0, u1);
+          } else {
+            forward_units(pb, st, b, u0, u1, gh_p + b * nk, B * nk);
+          }
+        }
+      }
+      barrier.wait();
+    }
+  });
+}
+
+template <typename S, typename T>
+void backward_persistent(const Problem<S, T>& pb, const Tensor& grad_y, const Tensor& c0,
+                         const Tensor& w, const Tensor& hs, const Tensor& ws, Tensor& dh,
+                         Tensor& dc, Tensor& dgx, Tensor& dgh) {
+  const int64_t B = pb.batch, H = pb.hidden, P = pb.out, GH = pb.gates * H;
+  const S* gy_p = grad_y.defined() ? grad_y.data_ptr<S>() : nullptr;
+  const bool dgx_is_dgh = static_cast<void*>(dgx.data_ptr()) == static_cast<void*>(dgh.data_ptr());
+  Tensor dhd = at::empty({B, P}, dh.options());
+  T* dh_p = dh.data_ptr<T>();
+  T* dhd_p = dhd.data_ptr<T>();
+  const T* w_p = w.data_ptr<T>();
+  run_team([&](int64_t k, int64_t n, SpinBarrier& barrier) {
+    const auto [u0, u1] = unit_range<T>(H, k, n);
+    const int64_t nk = u1 - u0;
+    Tensor part = at::empty({B, std::max<int64_t>(nk, 1)}, dh.options());
+    T* part_p = part.data_ptr<T>();
+    for (int64_t s = pb.steps - 1; s >= 0; --s) {
+      const int64_t t = pb.time(s);
+      const BwdStep<S, T> st = make_bwd_step(pb, s, gy_p, static_cast<const T*>(dh_p), dc, c0, ws,
+                                             hs, dgh, dgx_is_dgh ? nullptr : dgx.data_ptr<S>(),
+                                             dhd_p);
+      for (int64_t b = 0; b < B; ++b) {
+        if (pb.masked(t, b)) {
+          backward_masked_units(pb, st, b, u0, u1);
+        } else {
+          backward_units(pb, st, b, u0, u1);
+        }
+        if (!dgx_is_dgh && pb.cell != Cell::GRU) {
+          for (int64_t g = 0; g < pb.gates; ++g) {
+            store_scalar_row(st.dgx + b * GH + g * H + u0, st.dgh + b * GH + g * H + u0, nk);
+          }
+        }
+      }
+      barrier.wait();
+      if (nk == 0) continue;
+      // dh_{t-1}[:, own units] = direct part + dgh_t @ W_hh[:, own units]
+      if (B <= kSmallBatch) {
+        gemv_cols_small<T>(B, GH, nk, st.dgh, w_p + u0, P, part_p);
+      } else {
+        at::mm_out(part, dgh.select(0, t), w.narrow(1, u0, nk));
+      }
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t u = 0; u < nk; ++u) {
+          dh_p[b * P + u0 + u] = dhd_p[b * P + u0 + u] + part_p[b * nk + u];
+        }
+      }
+    }
+  });
+}
+
+template <typename S, typename T>
+bool use_persistent(const Problem<S, T>& pb) {
+#if AT_PARALLEL_OPENMP
+  if (pb.projected || pb.cell == Cell::GRU_RESET_BEFORE) return false;
+  const char* forced = std::getenv("RNNKERNELS_CPU_RECURRENCE");  // tests exercise both paths
+  if (forced != nullptr && std::string(forced) == "batched") return false;
+  return true;
+#else
+  return false;  // the persistent team needs OpenMP's guarantee that its threads run together
+#endif
 }
 
 // ============================================================== op entry points
@@ -473,9 +813,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_fwd_cpu(
     using T = std::conditional_t<std::is_same_v<S, double>, double, float>;
     Problem<S, T> pb{cell, T_, B, H, P, G, K, reverse, save, projected,
                      lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr};
-    forward_impl<S, T>(pb, gx, acc(h0, acc_type), c0_opt ? acc(*c0_opt, acc_type) : Tensor(),
-                       acc(w_hh, acc_type), b_hh_opt ? acc(*b_hh_opt, acc_type) : Tensor(),
-                       projected ? acc(*w_hr_opt, acc_type) : Tensor(), y, hs, ws, c_n);
+    const Tensor w = acc(w_hh, acc_type);
+    const Tensor bias = b_hh_opt ? acc(*b_hh_opt, acc_type) : Tensor();
+    hs.select(0, pb.slot_in(0)).copy_(h0);
+    Tensor cbuf;
+    if (cell == Cell::LSTM) {
+      cbuf = at::empty({2, B, H}, acc_opts);
+      cbuf.select(0, 0).copy_(*c0_opt);
+    }
+    if (use_persistent(pb)) {
+      forward_persistent<S, T>(pb, gx, w, bias, y, hs, ws, cbuf);
+    } else {
+      forward_batched<S, T>(pb, gx, w, bias, projected ? acc(*w_hr_opt, acc_type) : Tensor(), y,
+                            hs, ws, cbuf);
+    }
+    if (cell == Cell::LSTM) c_n.copy_(cbuf.select(0, T_ & 1));
     last_slot = pb.slot_out(T_ - 1);
   });
 
@@ -521,9 +873,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_bwd_cpu(
     const int64_t K = workspace_units(cell, projected);
     Problem<S, T> pb{cell, T_, B, H, P, G, K, reverse, true, projected,
                      lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr};
-    backward_impl<S, T>(pb, grad_y, cell == Cell::LSTM ? acc(*c0_opt, acc_type) : Tensor(), w,
-                        projected ? acc(*w_hr_opt, acc_type) : Tensor(), hs, ws, dh, dc, dgx, dgh,
-                        dhp);
+    const Tensor c0 = cell == Cell::LSTM ? acc(*c0_opt, acc_type) : Tensor();
+    if (use_persistent(pb)) {
+      backward_persistent<S, T>(pb, grad_y, c0, w, hs, ws, dh, dc, dgx, dgh);
+    } else {
+      backward_batched<S, T>(pb, grad_y, c0, w, projected ? acc(*w_hr_opt, acc_type) : Tensor(),
+                             hs, ws, dh, dc, dgx, dgh, dhp);
+    }
   });
 
   // Weight gradients: one GEMM each over all steps and rows.

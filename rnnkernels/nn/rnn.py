@@ -47,7 +47,8 @@ class RNNBase(nn.Module):
                             ("num_layers", num_layers)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
+        if (not isinstance(dropout, (int, float)) or isinstance(dropout, bool)
+                or not 0 <= dropout <= 1):
             raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
         if not isinstance(proj_size, int) or proj_size < 0:
             raise ValueError(f"proj_size must be a non-negative integer, got {proj_size!r}")

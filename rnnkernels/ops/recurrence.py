@@ -12,8 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _backend, _validate
-from .. import _kernels  # noqa: F401  (loads the ops before the registrations below)
+from .. import (
+    _backend,
+    _kernels,  # noqa: F401  (loads the ops before the registrations below)
+    _validate,
+)
 from ..reference import gru_reference, lstm_reference, rnn_reference
 
 LSTM, GRU, GRU_RESET_BEFORE, RNN_TANH, RNN_RELU = range(5)
@@ -125,7 +128,8 @@ def _check_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell):
     P = w_hr.shape[0] if w_hr is not None else H
     if w_hr is not None:
         if cell != LSTM:
-            raise ValueError(f"w_hr (projection) is supported for the LSTM only, not {CELL_NAMES[cell]}")
+            raise ValueError("w_hr (projection) is supported for the LSTM only, "
+                             f"not {CELL_NAMES[cell]}")
         _validate.tensor("w_hr", w_hr, shape=("P", H), like=x)
     _validate.tensor("w_hh", w_hh, shape=(G * H, P), like=x)
     _validate.optional("b_ih", b_ih, shape=(G * H,), like=x)

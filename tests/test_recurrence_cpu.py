@@ -1,0 +1,187 @@
+"""The C++ CPU kernels of the generic recurrence against the float64 references: outputs, final
+states and every gradient, for every cell, dtype, direction, projection and length mask."""
+
+import pytest
+import torch
+from conftest import assert_close
+
+import rnnkernels
+from rnnkernels.ops import recurrence as R
+from rnnkernels.ops.recurrence import reference_layer
+
+CELLS = [R.LSTM, R.GRU, R.GRU_RESET_BEFORE, R.RNN_TANH, R.RNN_RELU]
+SHAPES = [  # T, B, I, H
+    (1, 1, 3, 5),
+    (7, 3, 5, 17),
+    (5, 33, 8, 16),
+    (4, 2, 6, 33),
+]
+
+
+def make_layer(cell, T, B, I, H, dtype, proj=0, bias=True, requires_grad=True):
+    G = R.NUM_GATES[cell]
+    P = proj or H
+    scale = H ** -0.5
+    def t(*shape, s=1.0):
+        v = (torch.randn(*shape, dtype=torch.float64) * s).to(dtype)
+        return v.requires_grad_(requires_grad)
+    args = dict(
+        x=t(T, B, I), h0=t(B, P, s=0.5), c0=t(B, H, s=0.5) if cell == R.LSTM else None,
+        w_ih=t(G * H, I, s=scale), w_hh=t(G * H, P, s=scale),
+        b_ih=t(G * H, s=scale) if bias else None, b_hh=t(G * H, s=scale) if bias else None,
+        w_hr=t(P, H, s=scale) if proj else None)
+    return args
+
+
+def run(args, cell, lengths=None, reverse=False, backend=None):
+    a = dict(args)
+    if backend == "reference":
+        y, h, c = reference_layer(a["x"], a["h0"], a["c0"], a["w_ih"], a["w_hh"], a["b_ih"],
+                                  a["b_hh"], a["w_hr"], lengths, cell, reverse)
+    else:
+        gx = torch.nn.functional.linear(a["x"], a["w_ih"], a["b_ih"])
+        y, h, c = R.recurrence(gx, a["h0"], a["c0"], a["w_hh"], a["b_hh"], a["w_hr"], lengths,
+                               cell, reverse, "cpu")
+        c = c if cell == R.LSTM else None
+    return y, h, c
+
+
+def check_against_reference(cell, shape, dtype, proj=0, lengths=None, reverse=False, bias=True):
+    T, B, I, H = shape
+    args = make_layer(cell, T, B, I, H, dtype, proj, bias)
+    ref_args = {k: (v.detach().double().requires_grad_() if v is not None else None)
+                for k, v in args.items()}
+    outs = run(args, cell, lengths, reverse)
+    ref = run(ref_args, cell, lengths, reverse, backend="reference")
+    for name, o, r in zip(("y", "h_n", "c_n"), outs, ref):
+        if r is not None:
+            assert o.dtype == dtype
+            assert_close(o, r, dtype, msg=f"{name} of cell {cell}")
+    # every gradient, with random output gradients (never all ones / zeros)
+    grads_out = [torch.randn_like(r) for r in ref if r is not None]
+    leaves = [k for k, v in args.items() if v is not None]
+    g = torch.autograd.grad([o for o in outs if o is not None], [args[k] for k in leaves],
+                            [go.to(dtype) for go in grads_out])
+    rg = torch.autograd.grad([r for r in ref if r is not None], [ref_args[k] for k in leaves],
+                             grads_out)
+    for k, a, b in zip(leaves, g, rg):
+        scale = 4 if dtype != torch.float64 else 1
+        assert_close(a, b, dtype, msg=f"grad {k} of cell {cell}", scale=scale)
+
+
+@pytest.fixture(params=["persistent", "batched"])
+def cpu_path(request, monkeypatch):
+    """Both CPU decompositions: the persistent thread team (default where it applies) and the
+    per-step batched GEMM."""
+    monkeypatch.setenv("RNNKERNELS_CPU_RECURRENCE", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_forward_backward(cell, shape, dtype, cpu_path):
+    check_against_reference(cell, shape, dtype)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("cell", [R.LSTM, R.GRU])
+def test_thread_counts(cell, threads):
+    """The persistent team forms with any thread count, including more threads than cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_against_reference(cell, (6, 2, 5, 40), torch.float32, lengths=torch.tensor([6, 3]))
+        check_against_reference(cell, (4, 9, 5, 40), torch.float32, reverse=True)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_bfloat16(cell, cpu_path):
+    check_against_reference(cell, (6, 3, 5, 16), torch.bfloat16)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_lengths_and_reverse(cell, reverse, cpu_path):
+    lengths = torch.tensor([3, 7, 1, 5])
+    check_against_reference(cell, (7, 4, 3, 9), torch.float64, lengths=lengths, reverse=reverse)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("lengths", [None, torch.tensor([2, 5, 4])])
+def test_lstm_projection(reverse, lengths):
+    check_against_reference(R.LSTM, (5, 3, 4, 11), torch.float64, proj=6, lengths=lengths,
+                            reverse=reverse)
+    check_against_reference(R.LSTM, (5, 3, 4, 11), torch.float32, proj=6, lengths=lengths,
+                            reverse=reverse)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_no_bias(cell):
+    check_against_reference(cell, (4, 3, 5, 6), torch.float64, bias=False)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_gradcheck(cell):
+    args = make_layer(cell, 3, 2, 3, 4, torch.float64, proj=3 if cell == R.LSTM else 0)
+    gx = torch.nn.functional.linear(args["x"], args["w_ih"], args["b_ih"]).detach().requires_grad_()
+    lengths = torch.tensor([3, 2])
+
+    def f(gx, h0, c0, w_hh, b_hh, w_hr, reverse):
+        y, h, c = R.recurrence(gx, h0, c0, w_hh, b_hh, w_hr, lengths, cell, reverse, "cpu")
+        return (y, h, c) if cell == R.LSTM else (y, h)
+
+    for reverse in (False, True):
+        torch.autograd.gradcheck(
+            lambda *a, reverse=reverse: f(*a, reverse),
+            (gx, args["h0"], args["c0"], args["w_hh"], args["b_hh"], args["w_hr"]))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_opcheck(cell):
+    args = make_layer(cell, 3, 2, 3, 5, torch.float32, proj=3 if cell == R.LSTM else 0)
+    gx = torch.nn.functional.linear(args["x"], args["w_ih"], args["b_ih"]).detach().requires_grad_()
+    for lengths in (None, torch.tensor([3, 1])):
+        fwd_args = (gx, args["h0"], args["c0"], args["w_hh"], args["b_hh"], args["w_hr"], lengths,
+                    cell, False, True)
+        torch.library.opcheck(torch.ops.rnnkernels.recurrence_fwd.default, fwd_args)
+        y, h, c, hs, ws = torch.ops.rnnkernels.recurrence_fwd(*fwd_args)
+        bwd_args = (torch.randn_like(y), torch.randn_like(h),
+                    torch.randn_like(c) if cell == R.LSTM else None, args["c0"], args["w_hh"],
+                    args["w_hr"], lengths, hs, ws, cell, False)
+        bwd_args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in bwd_args)
+        torch.library.opcheck(torch.ops.rnnkernels.recurrence_bwd.default, bwd_args)
+
+
+def test_non_contiguous_input():
+    args = make_layer(R.LSTM, 5, 4, 6, 8, torch.float64)
+    x = torch.randn(4, 5, 12, dtype=torch.float64).transpose(0, 1)[..., ::2]
+    assert not x.is_contiguous()
+    y, (h, c) = rnnkernels.ops.lstm(x, (args["h0"], args["c0"]), args["w_ih"], args["w_hh"],
+                                    args["b_ih"], args["b_hh"])
+    ry, rh, rc = reference_layer(x, args["h0"], args["c0"], args["w_ih"], args["w_hh"],
+                                 args["b_ih"], args["b_hh"], None, None, R.LSTM, False)
+    assert_close(y, ry, torch.float64)
+    assert_close(c, rc, torch.float64)
+
+
+def test_no_grad_forward_matches():
+    args = make_layer(R.GRU, 6, 3, 4, 10, torch.float32)
+    with torch.no_grad():
+        y0, h0 = rnnkernels.ops.gru(args["x"], args["h0"], args["w_ih"], args["w_hh"], args["b_ih"],
+                                    args["b_hh"])
+    y1, h1 = rnnkernels.ops.gru(args["x"], args["h0"], args["w_ih"], args["w_hh"], args["b_ih"],
+                                args["b_hh"])
+    torch.testing.assert_close(y0, y1.detach(), atol=0, rtol=0)
+    torch.testing.assert_close(h0, h1.detach(), atol=0, rtol=0)
+
+
+def test_backward_after_no_save_raises():
+    args = make_layer(R.RNN_TANH, 3, 2, 3, 4, torch.float32)
+    gx = torch.randn(3, 2, 4, requires_grad=True)
+    y, *_ = torch.ops.rnnkernels.recurrence_fwd(gx, args["h0"], None, args["w_hh"], None, None,
+                                                None, R.RNN_TANH, False, False)
+    with pytest.raises(RuntimeError, match="save=False"):
+        y.sum().backward()

@@ -1,0 +1,235 @@
+"""rnnkernels.nn.LSTM / GRU / RNN as drop-ins for torch.nn: parameters, state_dict, inputs,
+outputs and every gradient against torch.nn (float64 and float32), extras, torch.compile."""
+
+import pytest
+import torch
+from conftest import assert_close
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import rnnkernels
+
+MODES = ["LSTM", "GRU", "RNN"]
+
+
+def pair(mode, *args, dtype=torch.float64, **kwargs):
+    """A torch.nn module and ours with the same weights."""
+    ref = getattr(nn, mode)(*args, dtype=dtype, **kwargs)
+    ours = getattr(rnnkernels.nn, mode)(*args, dtype=dtype, **kwargs)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def flat(out):
+    """Output tensors of a module call (PackedSequence data included), in a fixed order."""
+    y, h = out
+    y = y.data if isinstance(y, nn.utils.rnn.PackedSequence) else y
+    return [y, *h] if isinstance(h, tuple) else [y, h]
+
+
+def compare(ref, ours, inputs, dtype, scale=4.0):
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    a, b = flat(ref(*inputs)), flat(ours(*inputs))
+    for x, y in zip(a, b):
+        assert_close(y, x, dtype)
+    grads = [torch.randn_like(x) for x in a]
+    params = list(ref.parameters())
+    ga = torch.autograd.grad(a, leaves + params, grads)
+    gb = torch.autograd.grad(b, leaves + list(ours.parameters()), grads)
+    names = [f"input{i}" for i in range(len(leaves))] + [n for n, _ in ref.named_parameters()]
+    for name, x, y in zip(names, ga, gb):
+        assert_close(y, x, dtype, msg=f"gradient of {name}", scale=scale)
+
+
+def rand(*shape, dtype=torch.float64):
+    return torch.randn(*shape, dtype=dtype, requires_grad=True)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("config", [
+    dict(T=1, B=1, I=3, H=5),
+    dict(T=9, B=4, I=7, H=13, num_layers=3, bidirectional=True),
+    dict(T=5, B=40, I=16, H=32, num_layers=2, batch_first=True),
+    dict(T=6, B=3, I=5, H=9, bias=False),
+])
+def test_matches_torch(mode, dtype, config):
+    c = dict(config)
+    T, B, I, H = c.pop("T"), c.pop("B"), c.pop("I"), c.pop("H")
+    ref, ours = pair(mode, I, H, dtype=dtype, **c)
+    x = rand(B, T, I, dtype=dtype) if c.get("batch_first") else rand(T, B, I, dtype=dtype)
+    D = 2 if c.get("bidirectional") else 1
+    h0 = rand(c.get("num_layers", 1) * D, B, H, dtype=dtype)
+    hx = (h0, rand(c.get("num_layers", 1) * D, B, H, dtype=dtype)) if mode == "LSTM" else h0
+    compare(ref, ours, (x, hx), dtype)
+    compare(ref, ours, (x,), dtype)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_lstm_proj_size(bidirectional):
+    ref, ours = pair("LSTM", 6, 10, num_layers=2, proj_size=4, bidirectional=bidirectional)
+    D = 2 if bidirectional else 1
+    x = rand(7, 3, 6)
+    compare(ref, ours, (x, (rand(2 * D, 3, 4), rand(2 * D, 3, 10))), torch.float64)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_unbatched(mode):
+    ref, ours = pair(mode, 4, 6, num_layers=2)
+    x = rand(5, 4)
+    hx = (rand(2, 6), rand(2, 6)) if mode == "LSTM" else rand(2, 6)
+    compare(ref, ours, (x, hx), torch.float64)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("enforce_sorted", [True, False])
+def test_packed_sequence(mode, enforce_sorted):
+    ref, ours = pair(mode, 4, 6, num_layers=2, bidirectional=True)
+    x = rand(8, 4, 4)
+    lengths = torch.tensor([8, 5, 3, 1]) if enforce_sorted else torch.tensor([3, 8, 1, 5])
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=enforce_sorted)
+    h0 = rand(4, 4, 6)
+    hx = (h0, rand(4, 4, 6)) if mode == "LSTM" else h0
+    out_ref, out_ours = ref(packed, hx), ours(packed, hx)
+    assert torch.equal(out_ours[0].batch_sizes, out_ref[0].batch_sizes)
+    for a, b in ((out_ours[0].sorted_indices, out_ref[0].sorted_indices),
+                 (out_ours[0].unsorted_indices, out_ref[0].unsorted_indices)):
+        assert (a is None and b is None) or torch.equal(a, b)
+    compare(ref, ours, (packed, hx), torch.float64)
+
+
+def test_lengths_keyword_matches_packed():
+    _, ours = pair("GRU", 3, 5)
+    x = rand(6, 3, 3)
+    lengths = torch.tensor([2, 6, 4])
+    y_pad, h_pad = ours(x, lengths=lengths)
+    y_packed, h_packed = ours(pack_padded_sequence(x, lengths, enforce_sorted=False))
+    y_packed, _ = pad_packed_sequence(y_packed, total_length=6)
+    torch.testing.assert_close(y_pad, y_packed)
+    torch.testing.assert_close(h_pad, h_packed)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_parameters_state_dict_and_init(mode):
+    kwargs = dict(num_layers=2, bidirectional=True)
+    torch.manual_seed(3)
+    ref = getattr(nn, mode)(5, 7, **kwargs)
+    torch.manual_seed(3)
+    ours = getattr(rnnkernels.nn, mode)(5, 7, **kwargs)
+    assert list(ref.state_dict()) == list(ours.state_dict())
+    for (n1, p1), (n2, p2) in zip(ref.named_parameters(), ours.named_parameters()):
+        assert n1 == n2 and p1.shape == p2.shape
+        torch.testing.assert_close(p1, p2, atol=0, rtol=0)
+    back = getattr(nn, mode)(5, 7, **kwargs)
+    back.load_state_dict(ours.state_dict())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dropout_train_matches_reference_backend(mode):
+    """With dropout between layers, our kernels and the reference path see the same masks."""
+    m = getattr(rnnkernels.nn, mode)(4, 6, num_layers=3, dropout=0.5, dtype=torch.float64)
+    x = rand(5, 2, 4)
+    torch.manual_seed(7)
+    a = flat(m(x))
+    torch.manual_seed(7)
+    with rnnkernels.use_backend("reference"):
+        b = flat(m(x))
+    for u, v in zip(a, b):
+        assert_close(u, v, torch.float64)
+    m.eval()
+    assert torch.equal(flat(m(x))[0], flat(m(x))[0])
+
+
+def test_lstm_forget_bias():
+    torch.manual_seed(0)
+    plain = rnnkernels.nn.LSTM(3, 4, num_layers=2)
+    torch.manual_seed(0)
+    biased = rnnkernels.nn.LSTM(3, 4, num_layers=2, forget_bias=1.0)
+    for (name, p), q in zip(plain.named_parameters(), biased.parameters()):
+        expected = p.detach().clone()
+        if name.startswith("bias_ih"):
+            expected[4:8] += 1.0
+        torch.testing.assert_close(q.detach(), expected)
+
+
+def test_residual_matches_manual_stack():
+    ours = rnnkernels.nn.LSTM(6, 6, num_layers=3, residual=True, dtype=torch.float64)
+    x = rand(5, 2, 6)
+    y, _ = ours(x)
+    layer_in = x
+    for layer in range(3):
+        kinds = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+        w = [getattr(ours, f"{k}_l{layer}") for k in kinds]
+        zeros = torch.zeros(2, 6, dtype=torch.float64)
+        out, _ = rnnkernels.ops.lstm(layer_in, (zeros, zeros), *w)
+        layer_in = out + layer_in if layer > 0 else out
+    assert_close(y, layer_in, torch.float64)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_truncated_bptt_chunks_equal_one_pass(mode):
+    """State carried across chunks (detached for truncation) gives the outputs of one pass."""
+    m = getattr(rnnkernels.nn, mode)(3, 5, num_layers=2, batch_first=True, dtype=torch.float64)
+    x = torch.randn(2, 20, 3, dtype=torch.float64)
+    full, h_full = m(x)
+    state, outs = None, []
+    for chunk in x.split(6, dim=1):
+        y, state = m(chunk, state)
+        state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+        outs.append(y)
+    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-12, rtol=1e-10)
+    last = state if isinstance(state, tuple) else (state,)
+    full_last = h_full if isinstance(h_full, tuple) else (h_full,)
+    for a, b in zip(last, full_last):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+def test_gru_reset_before_module_matches_reference():
+    ours = rnnkernels.nn.GRU(4, 6, num_layers=2, reset_after=False, dtype=torch.float64)
+    x = rand(5, 3, 4)
+    y, h = ours(x)
+    with rnnkernels.use_backend("reference"):
+        ry, rh = ours(x)
+    assert_close(y, ry, torch.float64)
+    assert_close(h, rh, torch.float64)
+    g = torch.autograd.grad(y.sum(), [x, *ours.parameters()])
+    rg = torch.autograd.grad(ry.sum(), [x, *ours.parameters()])
+    for a, b in zip(g, rg):
+        assert_close(a, b, torch.float64)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_torch_compile_fullgraph(mode):
+    m = getattr(rnnkernels.nn, mode)(4, 8, num_layers=2, batch_first=True)
+    x = torch.randn(3, 6, 4, requires_grad=True)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    y, _ = compiled(x)
+    y_eager, _ = m(x)
+    torch.testing.assert_close(y, y_eager)
+    (g,) = torch.autograd.grad(y.square().sum(), x)
+    (g_eager,) = torch.autograd.grad(y_eager.square().sum(), x)
+    torch.testing.assert_close(g, g_eager)
+
+
+def test_float16_falls_back_with_one_warning():
+    m = rnnkernels.nn.GRU(3, 4, dtype=torch.float16)
+    x = torch.randn(4, 2, 3, dtype=torch.float16)
+    rnnkernels._backend._warned.clear()
+    with pytest.warns(UserWarning, match="reference"):
+        y, _ = m(x)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m(x)
+    with rnnkernels.use_backend("reference"):
+        ry, _ = m(x)
+    torch.testing.assert_close(y, ry)
+
+
+def test_torch_compile_inductor_lstm():
+    m = rnnkernels.nn.LSTM(4, 8, num_layers=2, batch_first=True)
+    x = torch.randn(3, 6, 4)
+    y, (h, c) = torch.compile(m, fullgraph=True)(x)
+    y_eager, (h_eager, c_eager) = m(x)
+    torch.testing.assert_close(y, y_eager)
+    torch.testing.assert_close(c, c_eager)
