@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[dtype_text]
     the_plan = runner.plan(args.suite, device, dtype, args.quick)
     if args.list:
-        for suite, spec in the_plan.cases:
+        for _, spec in the_plan.cases:
             print(f"{spec.suite:15} {spec.label:22} {spec.mode:9} {dtype_name(dtype):9} "
                   f"{spec.describe()}{'' if spec.loops else '  (no loop baseline)'}")
         for t in the_plan.targets:

@@ -48,8 +48,8 @@ def compare(names: Sequence[str], got: Sequence[Tensor], expected: Sequence[Tens
             tol: float) -> Verdict:
     """Check every result; the verdict carries the worst errors and the first failure found."""
     if len(got) != len(expected):
-        return Verdict(False, float("inf"), float("inf"),
-                       f"returned {len(got)} results, expected {len(expected)} ({', '.join(names)})")
+        return Verdict(False, float("inf"), float("inf"), f"returned {len(got)} results, "
+                       f"expected {len(expected)} ({', '.join(names)})")
     worst, worst_max = 0.0, 0.0
     for name, g, e in zip(names, got, expected):
         if tuple(g.shape) != tuple(e.shape):

@@ -169,8 +169,8 @@ def merge_duplicates(specs: Sequence[CaseSpec]) -> list[CaseSpec]:
     return list(merged.values())
 
 
-def standard_specs(suite: str, device: str, dtype: torch.dtype, config, couple: Mapping[str, Sequence[str]]
-                   ) -> list[CaseSpec]:
+def standard_specs(suite: str, device: str, dtype: torch.dtype, config,
+                   couple: Mapping[str, Sequence[str]]) -> list[CaseSpec]:
     """The cases every suite has (see :mod:`bench.configs`): training step and forward at the
     training point, inference at batch 1, the extra cases, and the sweeps."""
     train = tuple(config.train.items())

@@ -1,9 +1,9 @@
 """The README's performance table, generated from committed result files, never typed by hand.
 
-    python -m bench.readme_table                  print the table (bench/results/*.json)
-    python -m bench.readme_table --write          rewrite the block of README.md between
-                                                  <!-- perf-table:begin --> and <!-- perf-table:end -->
-    python -m bench.readme_table FILE.json ...    use these result files instead
+    python -m bench.readme_table                print the table (bench/results/*.json)
+    python -m bench.readme_table --write        rewrite the block of README.md between the
+                                                perf-table:begin and perf-table:end comments
+    python -m bench.readme_table FILE.json ...  use these result files instead
 
 By default every result file of a full (not --quick) run under bench/results/ is used. For each,
 the headline cases: our fastest backend, its median time, and its speed-up over torch.nn, the

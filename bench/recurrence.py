@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -25,10 +26,20 @@ from rnnkernels.reference import gru_reference, lstm_reference, rnn_reference
 from . import configs
 from .core import CaseSpec, Contender, Prepared, Step, Target, standard_specs
 
+
+@dataclass(frozen=True)
+class Family:
+    title: str
+    gates: int
+    ours: type[nn.Module]
+    torch: type[nn.Module]
+    cell: type[nn.Module]
+
+
 FAMILIES = {
-    "lstm": {"title": "LSTM", "gates": 4, "ours": rnnkernels.nn.LSTM, "torch": nn.LSTM, "cell": nn.LSTMCell},
-    "gru": {"title": "GRU", "gates": 3, "ours": rnnkernels.nn.GRU, "torch": nn.GRU, "cell": nn.GRUCell},
-    "rnn": {"title": "RNN", "gates": 1, "ours": rnnkernels.nn.RNN, "torch": nn.RNN, "cell": nn.RNNCell},
+    "lstm": Family("LSTM", 4, rnnkernels.nn.LSTM, nn.LSTM, nn.LSTMCell),
+    "gru": Family("GRU", 3, rnnkernels.nn.GRU, nn.GRU, nn.GRUCell),
+    "rnn": Family("RNN", 1, rnnkernels.nn.RNN, nn.RNN, nn.RNNCell),
 }
 # Speed-ups over torch.nn the project aims for on the CPU in float32 (issues 3, 4 and 11).
 CPU_TARGETS = {"lstm": (1.05, 2.5), "gru": (1.4, 6.0), "rnn": (1.5, 4.0)}
@@ -81,7 +92,7 @@ class RecurrenceSuite:
     def targets(self, device: str, dtype: torch.dtype, profile: str) -> list[Target]:
         if profile != "cpu" or dtype != torch.float32:
             return []
-        title = self.family["title"]
+        title = self.family.title
         ours, theirs = "rnnkernels (cpu)", f"torch.nn.{title}"
         train, infer = CPU_TARGETS[self.name]
         targets = [
@@ -111,7 +122,7 @@ class _Case:
         self.train = spec.mode == "train"
         self.packed = spec.variant == "packed"
         gen = torch.Generator().manual_seed(seed_of(spec))
-        G, H, I = suite.family["gates"], self.H, self.I
+        G, H, I = suite.family.gates, self.H, self.I
 
         def rand(*shape: int, scale: float = 1.0) -> Tensor:
             # Rounded to the run's dtype, so float64 copies hold exactly the values every
@@ -213,7 +224,7 @@ class _Case:
         return Contender(name, kind, impl, build, canon=self._unpack if self.packed else None)
 
     def _loop_contender(self) -> Contender:
-        cls = self.suite.family["cell"]
+        cls = self.suite.family.cell
 
         def build() -> Step:
             from .loops import cell_loop
@@ -242,7 +253,7 @@ class _Case:
         return out
 
     def contenders(self) -> list[Contender]:
-        fam, title = self.suite.family, self.suite.family["title"]
+        fam, title = self.suite.family, self.suite.family.title
         out = []
         for backend in our_backends(self.device):
             name = f"rnnkernels ({backend})"
@@ -250,8 +261,8 @@ class _Case:
             if reason is not None:
                 out.append(Contender(name, "ours", backend, unavailable=reason))
             else:
-                out.append(self._module_contender(fam["ours"], name, "ours", backend, backend))
-        out.append(self._module_contender(fam["torch"], f"torch.nn.{title}", "torch.nn",
+                out.append(self._module_contender(fam.ours, name, "ours", backend, backend))
+        out.append(self._module_contender(fam.torch, f"torch.nn.{title}", "torch.nn",
                                           torch_impl(self.suite.name, self.device, self.dtype,
                                                      self.packed)))
         if self.spec.loops:
@@ -260,7 +271,7 @@ class _Case:
 
     def prepared(self) -> Prepared:
         steps = int(self.lengths.sum()) if self.packed else self.T * self.B
-        G = self.suite.family["gates"]
+        G = self.suite.family.gates
         flops = 2.0 * steps * G * self.H * (self.I + self.H) * (3 if self.train else 1)
         return Prepared(self.names(), self.expected(), self.contenders(), flops=flops,
                         steps=self.T)

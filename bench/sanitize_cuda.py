@@ -126,10 +126,11 @@ def cases() -> Iterator[tuple[str, str, RunFn]]:
     shapes = [{"T": 5, "B": 3, "I": 17, "H": 33}, {"T": 1, "B": 1, "I": 8, "H": 64}]
     for cell, variant in (("lstm", ""), ("gru", ""), ("gru", "reset-before"), ("rnn", "tanh"),
                           ("rnn", "relu")):
+        name = f"{cell} {variant}".strip()
         for s in shapes:
-            yield ("recurrence", f"{cell} {variant} T={s['T']} B={s['B']} I={s['I']} H={s['H']}",
+            yield ("recurrence", f"{name} T={s['T']} B={s['B']} I={s['I']} H={s['H']}",
                    _recurrence(cell, **s, variant=variant))
-        yield ("recurrence", f"{cell} {variant} lengths + reverse T=7 B=4 I=16 H=20",
+        yield ("recurrence", f"{name} lengths + reverse T=7 B=4 I=16 H=20",
                _recurrence(cell, 7, 4, 16, 20, lengths=[7, 2, 1, 5], reverse=True,
                            variant=variant))
     yield ("recurrence", "lstm projection P=11 T=6 B=2 I=9 H=24",

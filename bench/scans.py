@@ -116,7 +116,8 @@ class SelectiveScanSuite(_ScanSuite):
         gen = torch.Generator().manual_seed(seed_of(spec))
 
         def randn(*shape: int, scale: float = 1.0, dtype: torch.dtype = dt) -> Tensor:
-            return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(dev)
+            values = torch.randn(shape, generator=gen, dtype=torch.float64) * scale
+            return values.to(dtype).to(dev)
 
         # Mamba's conventions: A, D and delta_bias are float32 parameters, A = -(1..N) scaled
         # (S4D-real), delta_bias the inverse softplus of a step in [1e-3, 1e-1].
