@@ -105,11 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     title = f"{header['device']}, {header['dtype']}, {header['threads']} threads"
     written += plots.write_all(results, title, args.out, tag)
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
-    failed = runner.failed(results, the_plan)
-    if failed:
-        print("FAILED: some contenders were refused or raised, or a suite could not run "
-              "(see the report)", file=sys.stderr)
-    return 1 if failed else 0
+    failures = runner.failures(results, the_plan)
+    for line in failures:
+        print(f"FAILED: {line}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -116,4 +116,4 @@ def chunked_float64(fn: Callable[..., Tensor], inputs: Sequence[Tensor | None],
             else:
                 grads[i].narrow(d, start, stop - start).copy_(part)
     out = torch.cat(outs, dim=1)
-    return [out] + ([g for g in grads] if grad_out is not None else [])
+    return [out] + (list(grads) if grad_out is not None else [])

@@ -32,7 +32,14 @@ def fmt_time(seconds: float | None) -> str:
 def fmt_bytes(n: int | None) -> str:
     if n is None:
         return ""
-    return f"{n / 2**20:.1f} MiB"
+    if n < 2**20:
+        return f"{n / 2**10:.1f} KiB"
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+def cell(text: object) -> str:
+    """Text safe inside a markdown table cell."""
+    return " ".join(str(text).split()).replace("|", "\\|")
 
 
 def fmt_ratio(x: float | None) -> str:
@@ -79,7 +86,7 @@ def _header_table(h: dict) -> list[str]:
     ]
     if h.get("quick"):
         rows.append(("profile", "--quick (plumbing check; timings meaningless)"))
-    return ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    return ["| | |", "|---|---|"] + [f"| {k} | {cell(v)} |" for k, v in rows]
 
 
 def suite_table(results: Sequence[Result]) -> list[str]:
@@ -103,7 +110,8 @@ def suite_table(results: Sequence[Result]) -> list[str]:
             shape += f" ({r.variant})"
         head = [r.case, shape, r.contender, r.impl]
         if r.status != "ok":
-            cells = [f"**{r.status.upper()}**: {r.reason}"] + [""] * (len(cols) - len(head) - 1)
+            cells = [f"**{r.status.upper()}**: {cell(r.reason)}"]
+            cells += [""] * (len(cols) - len(head) - 1)
             lines.append("| " + " | ".join(head + cells) + " |")
             continue
         cells = [fmt_time(r.median_s)]
@@ -132,7 +140,7 @@ def markdown(header: dict, results: Sequence[Result], targets: Sequence[dict],
         lines += suite_table([r for r in results if r.suite == suite])
     if targets:
         lines += ["", "## Targets", "", "| target | measured | status |", "|---|---|---|"]
-        lines += [f"| {t['target']} | {fmt_ratio(t['measured'])} | {t['status']} |"
+        lines += [f"| {cell(t['target'])} | {fmt_ratio(t['measured'])} | {cell(t['status'])} |"
                   for t in targets]
     if errors:
         lines += ["", "## Suites that could not run", ""] + [f"- **ERROR** {e}" for e in errors]

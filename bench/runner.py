@@ -112,6 +112,7 @@ def run(the_plan: Plan, min_time_s: float, copy_bandwidth: float, progress: bool
         bar.set_description(f"{spec.suite} {spec.label}")
         try:
             prepared = suite.prepare(spec)
+            _release(spec.device)  # the expected values' float64 scratch
         except Exception as error:  # noqa: BLE001  (reported as the case's error)
             setup = Contender("(case setup)", "ours", "")
             case_results = [Result.for_spec(spec, setup, "error", _error_text(error))]
@@ -137,5 +138,7 @@ def add_speedups(case_results: Sequence[Result]) -> None:
         r.speedups = {b.contender: b.median_s / r.median_s for b in baselines if b is not r}
 
 
-def failed(results: Sequence[Result], the_plan: Plan) -> bool:
-    return bool(the_plan.errors) or any(r.status in ("refused", "error") for r in results)
+def failures(results: Sequence[Result], the_plan: Plan) -> list[str]:
+    """One line per suite that could not run and per contender refused or raised."""
+    return list(the_plan.errors) + [f"{r.suite} {r.case}: {r.contender} {r.status}: {r.reason}"
+                                    for r in results if r.status in ("refused", "error")]

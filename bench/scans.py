@@ -29,7 +29,7 @@ from .recurrence import our_backends, seed_of, unavailable_reason
 # Speed-up of the selective scan's training step over the PyTorch loop on the CPU (issue 5).
 SELECTIVE_SCAN_CPU_TARGET = 100.0
 # Bytes of float64 working memory the expected-value computation may use per channel chunk.
-REFERENCE_CHUNK_BYTES = {"cpu": 256 << 20, "cuda": 2 << 30}
+REFERENCE_CHUNK_BYTES = {"cpu": 256 << 20, "cuda": 16 << 30}
 
 
 def _missing(name: str) -> str | None:
