@@ -1,10 +1,14 @@
 // CPU kernels of the generic gated recurrence (LSTM, GRU in both variants, tanh/ReLU RNN).
 //
-// Decomposition. The step's matmul (B x P) x (P x G*H) is one ATen GEMM (MKL / oneDNN, all
-// threads); the cell's pointwise math is fused into one pass over the batch rows, split across
-// threads (at::parallel_for), vectorised over the hidden units with at::vec. The weight gradients
-// are single GEMMs over all steps after the backward loop. Small batches in inference take the
-// persistent path of recurrence_persistent.cpp instead.
+// Two decompositions of the sequential part, one cell code (forward_units / backward_units,
+// vectorised over hidden units with at::vec, math from cells.h):
+// - persistent (default for T > 1 without projection or reset-before GRU): one thread team for
+//   the whole sequence, each thread owning a slice of hidden units and of W_hh, one spin barrier
+//   per step (see "persistent path" below);
+// - batched (everything else): per step one ATen GEMM on all threads, then the pointwise pass
+//   split over batch rows.
+// The input projection and the weight gradients are single GEMMs over all steps, outside the
+// loop (the input projection in Python, the weight gradients at the end of the backward).
 //
 // Memory. hs (T+1, B, P) holds the recurrent state before every step in the accumulation type;
 // slot t is the state before time t for the forward direction and slot t+1 for the reverse one,
@@ -25,6 +29,7 @@
 #include <thread>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -530,7 +535,7 @@ void backward_batched(const Problem<S, T>& pb, const Tensor& grad_y, const Tenso
 
 constexpr int64_t kSmallBatch = 4;       // up to this batch the GEMV kernels below beat ATen calls
 constexpr int64_t kRowBlock = 4;         // W_hh rows per GEMV block (16 accumulators at batch 4)
-constexpr int kSpinsBeforeYield = 4096;  // then yield, so an oversubscribed machine still progresses
+constexpr int kSpinsBeforeYield = 1024;  // then yield, so an oversubscribed machine still progresses
 
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(_M_X64)
@@ -674,9 +679,22 @@ void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor&
   run_team([&](int64_t k, int64_t n, SpinBarrier& barrier) {
     const auto [u0, u1] = unit_range<T>(H, k, n);
     const int64_t nk = u1 - u0;
-    // gate g of row b of this thread's matmul result: gh[(g * B + b) * nk + unit]
-    Tensor gh = at::empty({G, B, std::max<int64_t>(nk, 1)}, hs.options());
+    // Row b of this thread's matmul result: gh[b * G * nk + g * nk + unit]. For the GEMM path
+    // the thread's G row blocks of W_hh (and of b_hh) are packed once into one matrix, so that a
+    // step is a single GEMM call.
+    const int64_t ldg = G * std::max<int64_t>(nk, 1);
+    Tensor gh = at::empty({B, ldg}, hs.options());
     T* gh_p = gh.data_ptr<T>();
+    Tensor w_own, b_own;
+    if (B > kSmallBatch && nk > 0) {
+      std::vector<Tensor> rows, biases;
+      for (int64_t g = 0; g < G; ++g) {
+        rows.push_back(w.narrow(0, g * H + u0, nk));
+        if (bias_p) biases.push_back(bias.narrow(0, g * H + u0, nk));
+      }
+      w_own = at::cat(rows).t();
+      if (bias_p) b_own = at::cat(biases);
+    }
     for (int64_t s = 0; s < pb.steps; ++s) {
       const int64_t t = pb.time(s);
       const FwdStep<S, T> st{
@@ -688,27 +706,21 @@ void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor&
           pb.save ? ws.data_ptr<T>() + t * B * KH : nullptr, y.data_ptr<S>() + t * B * P,
           nullptr};
       if (nk > 0) {
-        for (int64_t g = 0; g < G; ++g) {
-          const T* wg = w_p + (g * H + u0) * P;
-          const T* bg = bias_p ? bias_p + g * H + u0 : nullptr;
-          if (B <= kSmallBatch) {
-            gemv_rows_small<T>(B, nk, P, wg, bg, st.hin, gh_p + g * B * nk, nk);
-          } else {
-            Tensor out = gh.select(0, g);
-            const Tensor hin = hs.select(0, pb.slot_in(s));
-            const Tensor wt = w.narrow(0, g * H + u0, nk).t();
-            if (bg) {
-              at::addmm_out(out, bias.narrow(0, g * H + u0, nk), hin, wt);
-            } else {
-              at::mm_out(out, hin, wt);
-            }
+        if (B <= kSmallBatch) {
+          for (int64_t g = 0; g < G; ++g) {
+            gemv_rows_small<T>(B, nk, P, w_p + (g * H + u0) * P,
+                               bias_p ? bias_p + g * H + u0 : nullptr, st.hin, gh_p + g * nk, ldg);
           }
+        } else if (b_own.defined()) {
+          at::addmm_out(gh, b_own, hs.select(0, pb.slot_in(s)), w_own);
+        } else {
+          at::mm_out(gh, hs.select(0, pb.slot_in(s)), w_own);
         }
         for (int64_t b = 0; b < B; ++b) {
           if (pb.masked(t, b)) {
             forward_masked_units(pb, st, b, u0, u1);
           } else {
-            forward_units(pb, st, b, u0, u1, gh_p + b * nk, B * nk);
+            forward_units(pb, st, b, u0, u1, gh_p + b * ldg, nk);
           }
         }
       }
@@ -771,6 +783,8 @@ template <typename S, typename T>
 bool use_persistent(const Problem<S, T>& pb) {
 #if AT_PARALLEL_OPENMP
   if (pb.projected || pb.cell == Cell::GRU_RESET_BEFORE) return false;
+  // Keeping W_hh slices in each core's L2 pays only across steps; one step is one GEMM.
+  if (pb.steps == 1) return false;
   const char* forced = std::getenv("RNNKERNELS_CPU_RECURRENCE");  // tests exercise both paths
   if (forced != nullptr && std::string(forced) == "batched") return false;
   return true;

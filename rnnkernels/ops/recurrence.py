@@ -38,7 +38,6 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # ------------------------------------------------------------------ fake kernels and autograd
 
-@torch.library.register_fake("rnnkernels::recurrence_fwd")
 def _recurrence_fwd_fake(gx, h0, c0, w_hh, b_hh, w_hr, lengths, cell, reverse, save):
     T, B, GH = gx.shape
     H = GH // NUM_GATES[cell]
@@ -53,7 +52,6 @@ def _recurrence_fwd_fake(gx, h0, c0, w_hh, b_hh, w_hr, lengths, cell, reverse, s
     return y, h_n, c_n, hs, ws
 
 
-@torch.library.register_fake("rnnkernels::recurrence_bwd")
 def _recurrence_bwd_fake(grad_y, grad_h_n, grad_c_n, c0, w_hh, w_hr, lengths, hs, ws, cell,
                          reverse):
     T, B = ws.shape[0], ws.shape[1]
@@ -69,25 +67,38 @@ def _setup_context(ctx, inputs, output):
     gx, h0, c0, w_hh, b_hh, w_hr, lengths, cell, reverse, save = inputs
     _, _, _, hs, ws = output
     ctx.cell, ctx.reverse, ctx.save = cell, reverse, save
+    # Unused outputs (hs, ws, often h_n / c_n) get no gradient instead of materialised zeros:
+    # the backward op takes them as optional.
+    ctx.set_materialize_grads(False)
     ctx.has_bias, ctx.has_proj = b_hh is not None, w_hr is not None
     ctx.save_for_backward(c0, w_hh, w_hr, lengths, hs, ws)
 
 
-def _backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_hs, _grad_ws):
-    if not ctx.save:
-        raise RuntimeError("rnnkernels: recurrence_fwd was called with save=False, so it kept "
-                           "nothing to differentiate; call it with save=True when a gradient is "
-                           "needed")
-    c0, w_hh, w_hr, lengths, hs, ws = ctx.saved_tensors
-    dgx, dh0, dc0, dw_hh, db_hh, dw_hr = torch.ops.rnnkernels.recurrence_bwd(
-        grad_y, grad_h_n, grad_c_n if ctx.cell == LSTM else None, c0, w_hh, w_hr, lengths, hs, ws,
-        ctx.cell, ctx.reverse)
-    return (dgx, dh0, dc0 if ctx.cell == LSTM else None, dw_hh, db_hh if ctx.has_bias else None,
-            dw_hr if ctx.has_proj else None, None, None, None, None)
+def register_recurrence(fwd_name: str, bwd_name: str) -> None:
+    """Fake kernels and autograd of a pair of recurrence ops with the schemas of
+    recurrence_fwd / recurrence_bwd (one pair per backend: C++, Triton)."""
+    torch.library.register_fake(fwd_name, _recurrence_fwd_fake)
+    torch.library.register_fake(bwd_name, _recurrence_bwd_fake)
+    namespace, name = bwd_name.split("::")
+    bwd_op = getattr(getattr(torch.ops, namespace), name)
+
+    def backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_hs, _grad_ws):
+        if not ctx.save:
+            raise RuntimeError(f"rnnkernels: {fwd_name} was called with save=False, so it kept "
+                               "nothing to differentiate; call it with save=True when a "
+                               "gradient is needed")
+        c0, w_hh, w_hr, lengths, hs, ws = ctx.saved_tensors
+        dgx, dh0, dc0, dw_hh, db_hh, dw_hr = bwd_op(
+            grad_y, grad_h_n, grad_c_n if ctx.cell == LSTM else None, c0, w_hh, w_hr, lengths,
+            hs, ws, ctx.cell, ctx.reverse)
+        return (dgx, dh0, dc0 if ctx.cell == LSTM else None, dw_hh,
+                db_hh if ctx.has_bias else None, dw_hr if ctx.has_proj else None, None, None,
+                None, None)
+
+    torch.library.register_autograd(fwd_name, backward, setup_context=_setup_context)
 
 
-torch.library.register_autograd("rnnkernels::recurrence_fwd", _backward,
-                                setup_context=_setup_context)
+register_recurrence("rnnkernels::recurrence_fwd", "rnnkernels::recurrence_bwd")
 
 
 # ------------------------------------------------------------------ dispatch
