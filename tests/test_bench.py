@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -300,3 +301,26 @@ def test_gpu_check_fails_loudly(tmp_path):
     assert done.returncode == 1
     assert "FAILED: stage versions" in done.stdout and "aborting" in done.stdout
     assert "versions  FAIL" in done.stdout
+
+
+def test_a_backend_that_fell_back_posts_no_time():
+    from bench.core import CaseSpec, Contender, Prepared
+
+    expected = torch.randn(4, dtype=torch.float64)
+
+    def build():
+        def step():
+            warnings.warn("rnnkernels: backend 'cuda' cannot run recurrence (test); using 'cpu'",
+                          stacklevel=1)
+            return [expected.float()]
+        return step
+
+    spec = CaseSpec("lstm", "train", "train", (("B", 1),), "cpu", torch.float32)
+    prepared = Prepared(["y"], [expected], [])
+    ours = runner.run_contender(spec, prepared, Contender("rnnkernels (cuda)", "ours", "cuda",
+                                                          build), 0.001, 1e9)
+    assert ours.status == "skipped" and ours.reason.startswith("fell back: rnnkernels:")
+    assert ours.median_s is None
+    baseline = runner.run_contender(spec, prepared, Contender("torch", "torch.nn", "", build),
+                                    0.001, 1e9)
+    assert baseline.status == "ok"
