@@ -303,7 +303,7 @@ def test_gpu_check_fails_loudly(tmp_path):
     assert "versions  FAIL" in done.stdout
 
 
-@pytest.mark.filterwarnings("ignore:rnnkernels: backend")
+@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_a_backend_that_fell_back_posts_no_time():
     from bench.core import CaseSpec, Contender, Prepared
 
