@@ -1,0 +1,109 @@
+"""Median wall time of a step after warm-up, and the peak memory one step allocates.
+
+CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` with every intra-op thread torch has.
+GPU: CUDA events around each call, median over the calls. In both cases the caller has already
+run the step (the correctness check, which also triggers compilation and autotuning), and
+:func:`median_time` warms up again before measuring, so neither compilation nor autotuning is
+ever inside a measured call.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.utils import benchmark
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+# Least time spent in warm-up calls, and least number of them.
+WARMUP_S = 0.025
+WARMUP_CALLS = 2
+# A measurement spans at least this many calls, so a slow step still gets a median of several.
+MIN_CALLS = 3
+
+
+@dataclass
+class Timing:
+    median_s: float
+    iqr_s: float
+    runs: int
+
+
+def _warm_up(step: Callable[[], object], device: str) -> float:
+    """Run ``step`` until WARMUP_S and WARMUP_CALLS are both reached; the mean seconds a call."""
+    calls, start = 0, time.perf_counter()
+    while calls < WARMUP_CALLS or time.perf_counter() - start < WARMUP_S:
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        calls += 1
+    return (time.perf_counter() - start) / calls
+
+
+def median_time(step: Callable[[], object], device: str, min_time_s: float) -> Timing:
+    """Median seconds per call of ``step`` over at least ``min_time_s`` and MIN_CALLS calls."""
+    per_call = _warm_up(step, device)
+    run_time = max(min_time_s, MIN_CALLS * per_call)
+    if device == "cuda":
+        calls = max(MIN_CALLS, int(run_time / per_call))
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(calls)]
+        for start, end in events:
+            start.record()
+            step()
+            end.record()
+        torch.cuda.synchronize()
+        times = sorted(start.elapsed_time(end) / 1e3 for start, end in events)
+        quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+        return Timing(statistics.median(times), quartiles[2] - quartiles[0], len(times))
+    timer = benchmark.Timer(stmt="step()", globals={"step": step},
+                            num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=run_time)
+    return Timing(m.median, m.iqr, len(m.times) * m.number_per_run)
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Counts the bytes of every storage an op creates while active, until it is freed, and
+    keeps the peak: what ``torch.cuda.max_memory_allocated`` measures on a GPU, for the CPU
+    (storages that ops allocate; scratch a kernel frees before returning is not seen)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: dict[int, weakref.finalize] = {}
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self._seen.pop(key, None)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                storage = t.untyped_storage()
+                key, nbytes = storage.data_ptr(), storage.nbytes()
+                if nbytes and key not in self._seen:
+                    self._seen[key] = weakref.finalize(storage, self._free, key, nbytes)
+                    self.live += nbytes
+                    self.peak = max(self.peak, self.live)
+        return out
+
+
+def peak_memory(step: Callable[[], object], device: str) -> int:
+    """Peak bytes allocated during one call of ``step`` above what was allocated before it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    with _LiveBytes() as tracker:
+        step()
+    return tracker.peak

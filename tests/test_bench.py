@@ -1,0 +1,327 @@
+"""The benchmark suite's plumbing on the CPU, with the tiny --quick configuration: it runs,
+writes valid JSON, markdown and PNGs, refuses a wrong kernel, fails loudly when an op is missing;
+its float64 references, correctness gate and memory meter are right; the README table and the
+GPU pass script work. Timings are never asserted."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import check, loops, report, runner
+from bench.__main__ import main as bench_main
+from bench.core import Result, Target
+from bench.readme_table import BEGIN, END
+from bench.readme_table import main as readme_main
+from bench.timing import peak_memory
+from rnnkernels import ops
+
+ROOT = Path(__file__).resolve().parent.parent
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@contextlib.contextmanager
+def _one_thread():
+    # Tiny ops on a shared 2-core machine: a second intra-op thread only adds waiting.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(out: Path, *args: str) -> tuple[int, str]:
+    stdout = io.StringIO()
+    with _one_thread(), contextlib.redirect_stdout(stdout):
+        rc = bench_main(["--quick", "--device", "cpu", "--out", str(out), "--no-progress", *args])
+    return rc, stdout.getvalue()
+
+
+def _results(out: Path) -> tuple[Path, dict]:
+    (path,) = out.glob("*.json")
+    return path, json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def quick_lstm(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-lstm")
+    rc, stdout = _run(out, "--suite", "lstm")
+    return rc, out, stdout
+
+
+def test_quick_run_writes_json_markdown_and_png(quick_lstm):
+    rc, out, stdout = quick_lstm
+    assert rc == 0
+    path, data = _results(out)
+    assert data["schema"] == report.SCHEMA and data["errors"] == []
+    header = data["header"]
+    for key in ("device", "dtype", "threads", "torch", "triton", "commit", "date",
+                "copy_bandwidth_Bps"):
+        assert key in header
+    assert header["dtype"] == "float32" and header["quick"] is True
+    assert header["copy_bandwidth_Bps"] > 0
+
+    results = data["results"]
+    assert {r["status"] for r in results} == {"ok"}
+    train = {r["contender"]: r for r in results if r["case"] == "train"}
+    assert set(train) == {"rnnkernels (cpu)", "torch.nn.LSTM", "nn.LSTMCell loop"}
+    for r in results:
+        assert r["median_s"] > 0 and r["runs"] >= 1 and r["peak_bytes"] >= 0
+        assert r["err"] < check.tolerance("cpu", torch.float32)
+        assert r["tflops"] > 0 and r["us_per_step"] > 0
+    ours = train["rnnkernels (cpu)"]
+    assert set(ours["speedups"]) == {"torch.nn.LSTM", "nn.LSTMCell loop"}
+    ratio = train["torch.nn.LSTM"]["median_s"] / ours["median_s"]
+    assert ours["speedups"]["torch.nn.LSTM"] == pytest.approx(ratio)
+    labels = {r["case"] for r in results}
+    assert {"train", "forward", "inference", "train-packed"} <= labels
+    assert any(r["variant"] == "packed" for r in results)
+    assert {tuple(r["axes"]) for r in results if r["case"] == "train"} == {("T", "B", "H")}
+
+    markdown = (out / f"{path.stem}.md").read_text()
+    assert "## lstm" in markdown
+    assert "| case | shape | contender | impl | median | vs torch.nn.LSTM |" in markdown
+    assert markdown.strip() in stdout
+    for name in (f"{path.stem}-lstm-scaling.png", f"{path.stem}-speedup.png"):
+        assert (out / name).read_bytes()[:8] == PNG
+
+
+def test_wrong_kernel_is_refused(monkeypatch, tmp_path):
+    from rnnkernels.ops import recurrence as R
+
+    real = R.recurrence
+
+    def off_by_a_tenth_of_a_percent(*args, **kwargs):
+        y, h_n, c_n = real(*args, **kwargs)
+        return y * 1.001, h_n, c_n
+
+    monkeypatch.setattr(R, "recurrence", off_by_a_tenth_of_a_percent)
+    rc, stdout = _run(tmp_path, "--suite", "rnn")
+    assert rc == 1
+    _, data = _results(tmp_path)
+    ours = [r for r in data["results"] if r["kind"] == "ours"]
+    assert ours and all(r["status"] == "refused" for r in ours)
+    for r in ours:
+        assert r["median_s"] is None and r["peak_bytes"] is None and r["speedups"] == {}
+        assert r["reason"].startswith("y: relative error")
+    others = [r for r in data["results"] if r["kind"] != "ours"]
+    assert others and all(r["status"] == "ok" for r in others)
+    assert all("rnnkernels (cpu)" not in r["speedups"] for r in others)
+    assert "**REFUSED**: y: relative error" in stdout
+
+
+def test_scan_suites_run_with_stand_in_ops(monkeypatch, tmp_path):
+    # The plumbing of the scan suites, with the PyTorch loops standing in for our ops.
+    monkeypatch.setattr(ops, "selective_scan", loops.selective_scan_loop, raising=False)
+    monkeypatch.setattr(ops, "linear_scan", loops.linear_scan_loop, raising=False)
+    rc, _ = _run(tmp_path, "--suite", "selective_scan,linear_scan")
+    assert rc == 0
+    _, data = _results(tmp_path)
+    by_status: dict[str, list] = {}
+    for r in data["results"]:
+        by_status.setdefault(r["status"], []).append(r)
+    assert set(by_status) == {"ok", "skipped"}
+    assert {r["contender"] for r in by_status["skipped"]} == {"mamba_ssm"}
+    assert {r["suite"] for r in by_status["ok"]} == {"selective_scan", "linear_scan"}
+    for r in by_status["ok"]:
+        assert r["gbps"] > 0 and r["bw_fraction"] > 0 and r["tflops"] is None
+    train = [r for r in by_status["ok"] if r["suite"] == "selective_scan" and r["case"] == "train"]
+    assert {r["contender"] for r in train} == {"rnnkernels (cpu)", "PyTorch loop"}
+
+
+def test_missing_op_fails_the_run_loudly(monkeypatch, tmp_path):
+    monkeypatch.delattr(ops, "linear_scan", raising=False)
+    the_plan = runner.plan(["linear_scan"], "cpu", torch.float32, quick=True)
+    assert the_plan.cases == []
+    assert len(the_plan.errors) == 1 and "rnnkernels.ops.linear_scan" in the_plan.errors[0]
+    rc, stdout = _run(tmp_path, "--suite", "linear_scan")
+    assert rc == 1
+    assert "## Suites that could not run" in stdout and "rnnkernels.ops.linear_scan" in stdout
+    assert _results(tmp_path)[1]["errors"] == the_plan.errors
+
+
+def test_gpu_plan_needs_no_gpu_and_measures_shared_points_once(monkeypatch):
+    monkeypatch.setattr(ops, "selective_scan", loops.selective_scan_loop, raising=False)
+    the_plan = runner.plan(["lstm", "selective_scan"], "cuda", torch.bfloat16, quick=False)
+    specs = {(s.suite, s.label): s for _, s in the_plan.cases}
+    assert specs[("lstm", "train")].dims == {"B": 16, "T": 1024, "I": 768, "H": 768}
+    wide = specs[("selective_scan", "train-wide")]
+    assert wide.dims == {"batch": 8, "dim": 3072, "L": 2048, "N": 16} and wide.axes == ("dim",)
+    assert ("selective_scan", "train dim=3072") not in specs
+    assert all(s.dtype == torch.bfloat16 and s.device == "cuda" for s in specs.values())
+    assert the_plan.targets == []
+
+
+def test_chunked_reference_equals_one_chunk():
+    gen = torch.Generator().manual_seed(1)
+    batch, dim, L, N = 2, 5, 6, 3
+
+    def rand(*shape):
+        return torch.randn(shape, generator=gen, dtype=torch.float64)
+
+    inputs = [rand(batch, dim, L), rand(batch, dim, L), -rand(dim, N).abs() - 0.5,
+              rand(batch, N, L), rand(batch, N, L), rand(dim), rand(batch, dim, L), rand(dim)]
+    grad_out = rand(batch, dim, L)
+    dims = (1, 1, 0, None, None, 0, 1, 0)
+
+    def scan(*args):
+        return loops.selective_scan_loop(*args, delta_softplus=True)
+
+    whole = loops.chunked_float64(scan, inputs, dims, grad_out, chunk=dim)
+    parts = loops.chunked_float64(scan, inputs, dims, grad_out, chunk=2)
+    assert len(whole) == len(inputs) + 1
+    for a, b in zip(whole, parts):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_scan_loops_match_the_recurrences_written_out():
+    gen = torch.Generator().manual_seed(2)
+    batch, dim, L, N = 2, 3, 4, 2
+
+    def rand(*shape):
+        return torch.randn(shape, generator=gen, dtype=torch.float64)
+
+    u, delta, z, B, C = rand(batch, dim, L), rand(batch, dim, L), rand(batch, dim, L), \
+        rand(batch, N, L), rand(batch, N, L)
+    A, D, bias = -rand(dim, N).abs(), rand(dim), rand(dim)
+    out = loops.selective_scan_loop(u, delta, A, B, C, D, z, bias, delta_softplus=True)
+    for b in range(batch):
+        for d in range(dim):
+            x = [0.0] * N
+            for t in range(L):
+                dt = math.log1p(math.exp(delta[b, d, t].item() + bias[d].item()))
+                y = 0.0
+                for n in range(N):
+                    x[n] = math.exp(dt * A[d, n].item()) * x[n] + dt * B[b, n, t].item() * \
+                        u[b, d, t].item()
+                    y += C[b, n, t].item() * x[n]
+                zz = z[b, d, t].item()
+                expected = (y + D[d].item() * u[b, d, t].item()) * zz / (1 + math.exp(-zz))
+                assert out[b, d, t].item() == pytest.approx(expected, rel=1e-12, abs=1e-12)
+
+    a, x, h0 = torch.rand(batch, dim, L, generator=gen, dtype=torch.float64), \
+        rand(batch, dim, L), rand(batch, dim)
+    h = loops.linear_scan_loop(a, x, h0)
+    state = h0.clone()
+    for t in range(L):
+        state = a[..., t] * state + x[..., t]
+        torch.testing.assert_close(h[..., t], state, rtol=1e-12, atol=1e-12)
+
+
+def test_compare_refuses_wrong_shapes_nonfinite_and_local_garbage():
+    expected = torch.randn(256, 256, dtype=torch.float64)
+    tol = check.tolerance("cpu", torch.float32)
+    good = check.compare(["y"], [expected.float()], [expected], tol)
+    assert good.ok and good.err < tol
+    assert not check.compare(["y"], [expected[:-1]], [expected], tol).ok
+    nan = expected.clone()
+    nan[3, 3] = float("nan")
+    assert "non-finite" in check.compare(["y"], [nan], [expected], tol).reason
+    # One garbage element: tiny norm-wise, caught element-wise.
+    garbage = expected.clone()
+    garbage[5, 7] += 2 * check.ELEMENT_FACTOR * tol * expected.abs().max()
+    verdict = check.compare(["y"], [garbage], [expected], tol)
+    assert verdict.err < tol and not verdict.ok and "largest deviation" in verdict.reason
+    assert "returned 1 results" in check.compare(["y", "dx"], [expected], [expected, expected],
+                                                 tol).reason
+
+
+def test_peak_memory_counts_live_tensors_only():
+    def step():
+        a = torch.empty(1 << 20, dtype=torch.uint8)
+        b = torch.empty(1 << 19, dtype=torch.uint8)
+        del a
+        c = torch.empty(1 << 19, dtype=torch.uint8)
+        return b, c
+
+    assert peak_memory(step, "cpu") == (1 << 20) + (1 << 19)
+
+
+def _result(case: str, contender: str, median: float | None) -> Result:
+    return Result(suite="lstm", case=case, mode="train", shape={}, variant="", headline=True,
+                  axes=[], dtype="float32", device="cpu", contender=contender, kind="ours",
+                  impl="", status="ok" if median else "refused", median_s=median)
+
+
+def test_targets_report_met_missed_and_unmeasured():
+    results = [_result("train", "ours", 1.0), _result("train", "torch", 1.2),
+               _result("inference", "ours", None), _result("inference", "torch", 1.0)]
+    targets = [Target("lstm", "met", ("train", "ours"), ("train", "torch"), 1.1),
+               Target("lstm", "missed", ("train", "ours"), ("train", "torch"), 1.5),
+               Target("lstm", "unmeasured", ("inference", "ours"), ("inference", "torch"), 2.0)]
+    met, missed, unmeasured = report.evaluate_targets(targets, results)
+    assert met["measured"] == pytest.approx(1.2) and met["status"] == "met (+9%)"
+    assert missed["status"] == "missed by 20%"
+    assert unmeasured["measured"] is None and unmeasured["status"].startswith("not measured")
+
+
+def test_readme_table_rewrites_only_its_block(quick_lstm, tmp_path, capsys):
+    _, out, _ = quick_lstm
+    path, _ = _results(out)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\nbefore\n{BEGIN}\nold table\n{END}\nafter\n")
+    assert readme_main([str(path), "--write", "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("# title\n\nbefore\n") and text.endswith(f"{END}\nafter\n")
+    assert "old table" not in text and "| lstm | train | B=3 T=6 I=5 H=8 | cpu |" in text
+    readme.write_text("no markers\n")
+    assert readme_main([str(path), "--write", "--readme", str(readme)]) == 2
+    assert "no <!-- perf-table:begin -->" in capsys.readouterr().err
+
+
+def _gpu_check(tmp_path: Path, python: str, *stages: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GPU_CHECK_DRY_RUN": "1", "PYTHON": python, "OUT": str(tmp_path)}
+    return subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), *stages], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_gpu_check_dry_run(tmp_path):
+    assert subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_check.sh")]).returncode == 0
+    done = _gpu_check(tmp_path, sys.executable, "build", "sanitize")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "DRY RUN, would run:" in done.stdout and "[dry-run ok on cpu] recurrence" in done.stdout
+    for stage in ("versions", "build", "sanitize"):
+        assert f"{stage:9} PASS" in done.stdout
+    assert (tmp_path / "log").read_text() == done.stdout
+
+
+def test_gpu_check_fails_loudly(tmp_path):
+    done = _gpu_check(tmp_path, "/nonexistent/python", "build")
+    assert done.returncode == 1
+    assert "FAILED: stage versions" in done.stdout and "aborting" in done.stdout
+    assert "versions  FAIL" in done.stdout
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_backend_that_fell_back_posts_no_time():
+    from bench.core import CaseSpec, Contender, Prepared
+
+    expected = torch.randn(4, dtype=torch.float64)
+
+    def build():
+        def step():
+            warnings.warn("rnnkernels: backend 'cuda' cannot run recurrence (test); using 'cpu'",
+                          stacklevel=1)
+            return [expected.float()]
+        return step
+
+    spec = CaseSpec("lstm", "train", "train", (("B", 1),), "cpu", torch.float32)
+    prepared = Prepared(["y"], [expected], [])
+    ours = runner.run_contender(spec, prepared, Contender("rnnkernels (cuda)", "ours", "cuda",
+                                                          build), 0.001, 1e9)
+    assert ours.status == "skipped" and ours.reason.startswith("fell back: rnnkernels:")
+    assert ours.median_s is None
+    baseline = runner.run_contender(spec, prepared, Contender("torch", "torch.nn", "", build),
+                                    0.001, 1e9)
+    assert baseline.status == "ok"
