@@ -91,8 +91,8 @@ def test_thread_counts(cell, threads):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        check_against_reference(cell, (6, 2, 5, 40), torch.float32, lengths=torch.tensor([6, 3]))
-        check_against_reference(cell, (4, 9, 5, 40), torch.float32, reverse=True)
+        check_against_reference(cell, (6, 2, 5, 128), torch.float32, lengths=torch.tensor([6, 3]))
+        check_against_reference(cell, (4, 9, 5, 128), torch.float32, reverse=True)
     finally:
         torch.set_num_threads(previous)
 

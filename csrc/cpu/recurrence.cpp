@@ -575,12 +575,16 @@ class SpinBarrier {
   std::atomic<bool> failed_{false};
 };
 
-// Runs body(k, n, barrier) on every thread of one parallel region, k in [0, n). The team size is
-// what at::parallel_for actually gets (1 inside another parallel region), read from the chunk
+// Runs body(k, n, barrier) on every thread of one parallel region, k in [0, n), with no more
+// threads than the step's work keeps busy. The team size is what at::parallel_for actually gets (1 inside another parallel region), read from the chunk
 // it hands to the first thread, so the barrier never waits for a thread that does not exist.
+// Matmul work (multiply-adds) per step below which a thread is not worth a barrier per step.
+constexpr int64_t kMinStepWorkPerThread = 32768;
+
 template <typename F>
-void run_team(const F& body) {
-  const int64_t want = at::get_num_threads();
+void run_team(int64_t step_work, const F& body) {
+  const int64_t want = std::min<int64_t>(at::get_num_threads(),
+                                         std::max<int64_t>(1, step_work / kMinStepWorkPerThread));
   std::atomic<int64_t> chunk{0};
   SpinBarrier barrier;
   at::parallel_for(0, want, 1, [&](int64_t begin, int64_t end) {
@@ -677,7 +681,7 @@ void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor&
   const int64_t B = pb.batch, H = pb.hidden, P = pb.out, G = pb.gates, GH = G * H, KH = pb.wsu * H;
   const T* w_p = w.data_ptr<T>();
   const T* bias_p = bias.defined() ? bias.data_ptr<T>() : nullptr;
-  run_team([&](int64_t k, int64_t n, SpinBarrier& barrier) {
+  run_team(B * GH * P, [&](int64_t k, int64_t n, SpinBarrier& barrier) {
     const auto [u0, u1] = unit_range<T>(H, k, n);
     const int64_t nk = u1 - u0;
     // Row b of this thread's matmul result: gh[b * G * nk + g * nk + unit]. For the GEMM path
@@ -741,7 +745,7 @@ void backward_persistent(const Problem<S, T>& pb, const Tensor& grad_y, const Te
   T* dh_p = dh.data_ptr<T>();
   T* dhd_p = dhd.data_ptr<T>();
   const T* w_p = w.data_ptr<T>();
-  run_team([&](int64_t k, int64_t n, SpinBarrier& barrier) {
+  run_team(B * GH * P, [&](int64_t k, int64_t n, SpinBarrier& barrier) {
     const auto [u0, u1] = unit_range<T>(H, k, n);
     const int64_t nk = u1 - u0;
     Tensor part = at::empty({B, std::max<int64_t>(nk, 1)}, dh.options());
