@@ -280,7 +280,8 @@ void forward_steps(int64_t len, int64_t N, T* x, const T* A, const T* B, const T
 
 // The reverse recurrence over one chunk of a block. h (N x W) holds dL/dx after the chunk on
 // entry and dL/dx before it on exit; g: dL/dy per step (len x W). Sums over the chunk are added
-// to dA (N x W) and to dB / dC: (len x N x W) per-step lanes when grouped, (N x W) when fixed.
+// to dA (N x W) and, when fixed, to dB / dC (N x W); when grouped, dB / dC (len x N x W) receive
+// each step's per-lane terms.
 // s1 = sum_n h B and s2 = sum_n h A a x_prev per step go to s1 / s2 (len x W).
 template <typename T, bool kBvar, bool kCvar>
 void backward_steps(int64_t len, int64_t N, T* h, const T* A, const T* B, const T* C,
@@ -299,10 +300,16 @@ void backward_steps(int64_t len, int64_t N, T* h, const T* A, const T* B, const 
       const V xp = V::loadu(xs + (t * N + n) * W);
       const V a = V::loadu(as + (t * N + n) * W);
       const V hn = at::vec::fmadd(gv, Cn, V::loadu(h + n * W));
-      T* dCn = dC + (kCvar ? t * N + n : n) * W;
-      T* dBn = dB + (kBvar ? t * N + n : n) * W;
-      at::vec::fmadd(gv, xn, V::loadu(dCn)).store(dCn);
-      at::vec::fmadd(hn, duv, V::loadu(dBn)).store(dBn);
+      if constexpr (kCvar) {
+        (gv * xn).store(dC + (t * N + n) * W);
+      } else {
+        at::vec::fmadd(gv, xn, V::loadu(dC + n * W)).store(dC + n * W);
+      }
+      if constexpr (kBvar) {
+        (hn * duv).store(dB + (t * N + n) * W);
+      } else {
+        at::vec::fmadd(hn, duv, V::loadu(dB + n * W)).store(dB + n * W);
+      }
       s1v = at::vec::fmadd(hn, Bn, s1v);
       const V q = hn * a * xp;
       s2v = at::vec::fmadd(q, An, s2v);
@@ -453,11 +460,9 @@ void backward_task(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_
     scatter_lanes(gr.grad_z + off, p.L, s.gdt.data(), blk.nc, len);
   }
 
-  // Grouped: per-lane sums of the chunk, summed over the lanes below; fixed: sums over L.
+  // Grouped: per-lane terms of the chunk, summed over the lanes below; fixed: sums over L.
   T* dB = kBvar ? w.dB.data() : gr.carried.dB + i * NW;
   T* dC = kCvar ? w.dC.data() : gr.carried.dC + i * NW;
-  if constexpr (kBvar) std::fill(dB, dB + len * NW, T(0));
-  if constexpr (kCvar) std::fill(dC, dC + len * NW, T(0));
   backward_steps<T, kBvar, kCvar>(len, N, gr.carried.h + i * NW, c.A.data(), B, C, w.xs.data(),
                                   w.as.data(), s.dt.data(), s.du.data(), s.g.data(),
                                   gr.carried.dA + i * NW, dB, dC, w.s1.data(), w.s2.data());
