@@ -10,7 +10,9 @@
 // (step, state, channel) is one lane of a vector exp. Grouped B_t and C_t are shared by the
 // block's channels: one broadcast scalar per (step, state), read from (L, N) rows transposed
 // once per call. Per chunk, the block's rows of u, delta, z (and grad_out) are transposed into
-// (chunk, W) lanes and the results transposed back, with at::vec's SIMD transposes.
+// (chunk, W) lanes and the results transposed back, W x W tiles at a time in registers
+// (at::vec::interleave2 shuffles). A block has fewer than W channels only at a group's end: the
+// unused lanes compute on zeros and are never stored.
 //
 // Memory. The forward reads u, delta, z once, B and C twice (once to transpose them), and writes
 // out once; with save it also writes the state at every chunk start (checkpoints (batch, dim,
@@ -18,10 +20,11 @@
 // chunk: each task recomputes its chunk's states and exp(dt A) from the checkpoint into
 // (chunk + 1) x N x W buffers and runs the reverse recurrence, carrying dL/dx across chunk
 // boundaries in a per-task buffer, so its working memory does not grow with L. Gradients that
-// sum over channels (grouped B/C) are summed per task over its lanes into (chunk, N) partials,
-// reduced over the group's tasks once the chunk's tasks are done; gradients that sum over batch and
-// L (A, fixed B/C, D, delta_bias) are kept per lane across chunks and reduced over batch at the
-// end. Every sum runs in a fixed order, so results do not depend on the number of threads.
+// sum over channels (grouped B/C) are summed per task over its lanes into (chunk, N)
+// partials, reduced over the group's tasks once the chunk's tasks are done; gradients that sum
+// over batch and L (A, fixed B/C, D, delta_bias) are kept per lane across chunks and reduced
+// over batch at the end. Every sum runs in a fixed order, so results do not depend on the
+// number of threads.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
