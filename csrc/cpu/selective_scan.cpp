@@ -51,11 +51,6 @@ constexpr int64_t kMinReduceWork = 1 << 16;
 constexpr double kSoftplusThreshold = 20.0;
 
 template <typename T>
-T hsum(const Vec<T>& v) {
-  return at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, v);
-}
-
-template <typename T>
 Vec<T> sigmoid(const Vec<T>& v) {
   return Vec<T>(T(1)) / (Vec<T>(T(1)) + v.neg().exp());
 }
