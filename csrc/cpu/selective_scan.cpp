@@ -2,28 +2,29 @@
 //   x_t = exp(dt_t A) x_{t-1} + dt_t B_t u_t,   y_t = C_t . x_t + D u_t,   out_t = y_t silu(z_t),
 //   dt_t = softplus(delta_t + delta_bias) (or without softplus / bias).
 //
-// Decomposition. A task owns a block of at most kChannelsPerTask channels of one batch row that
-// share one group of B/C; tasks run under at::parallel_for. Grouped B and C, stored (N, L), are
-// first transposed into (L, N) rows so that a step's B_t and C_t are contiguous for every
-// channel. Per channel the sequence is walked chunk by chunk; within a chunk the state lanes are
-// walked one SIMD vector at a time (N padded to whole vectors with zeros, which stay zero) with
-// the time steps inside, so a vector of state stays in a register across the chunk and the
-// exp(dt A) of each (step, lane) is one vector exp. Sums over N (y_t, and the backward's sums)
-// are kept per step as vectors and reduced horizontally after the last lane. The per-step
-// scalars (softplus, the D term, the silu gate) are computed for a whole chunk, vectorised
-// along L.
+// Decomposition. A task owns a block of W channels (W = the SIMD width: 16 floats with AVX-512)
+// of one batch row inside one group of B/C, one channel per vector lane; tasks run under
+// at::parallel_for. The block's state is N vectors (lane j = channel j), so every operation of
+// the recurrence, including the sums over N (y_t = C_t . x_t and the backward's sums), is a
+// plain vector operation, with no horizontal reduction in the time loop; the exp(dt A) of each
+// (step, state, channel) is one lane of a vector exp. Grouped B_t and C_t are shared by the
+// block's channels: one broadcast scalar per (step, state), read from (L, N) rows transposed
+// once per call. Per chunk, the block's rows of u, delta, z (and grad_out) are transposed into
+// (chunk, W) lanes and the results transposed back, W x W tiles at a time in registers
+// (at::vec::interleave2 shuffles). A block has fewer than W channels only at a group's end: the
+// unused lanes compute on zeros and are never stored.
 //
 // Memory. The forward reads u, delta, z once, B and C twice (once to transpose them), and writes
 // out once; with save it also writes the state at every chunk start (checkpoints (batch, dim,
 // ceil(L / chunk), N)). The backward walks the chunks in reverse, one at::parallel_for per
 // chunk: each task recomputes its chunk's states and exp(dt A) from the checkpoint into
-// (chunk + 1) x N buffers and runs the reverse recurrence, carrying dL/dx across chunk
-// boundaries in a (batch, dim, N) buffer, so its working memory does not grow with L.
-// Gradients that sum over channels (grouped B/C) are summed per task over its block into
-// per-block partials of the chunk, reduced over blocks once the chunk's tasks are done;
-// gradients that sum over batch and L (A, fixed B/C, D, delta_bias) are summed per (batch,
-// channel) and reduced over batch at the end. Every sum runs in a fixed order, so results do
-// not depend on the number of threads.
+// (chunk + 1) x N x W buffers and runs the reverse recurrence, carrying dL/dx across chunk
+// boundaries in a per-task buffer, so its working memory does not grow with L. Gradients that
+// sum over channels (grouped B/C) are summed per task over its lanes into (chunk, N)
+// partials, reduced over the group's tasks once the chunk's tasks are done; gradients that sum
+// over batch and L (A, fixed B/C, D, delta_bias) are kept per lane across chunks and reduced
+// over batch at the end. Every sum runs in a fixed order, so results do not depend on the
+// number of threads.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -31,6 +32,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -43,46 +45,112 @@ namespace {
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
-// Channels of one task: the block over which grouped B/C gradients are summed before the
-// cross-task reduction (so its partials are 1 / kChannelsPerTask of a per-channel buffer).
-constexpr int64_t kChannelsPerTask = 8;
 // Partial sums a cross-task reduction adds before it is worth a parallel region.
 constexpr int64_t kMinReduceWork = 1 << 16;
 // softplus(v) = v above this, as in torch.nn.functional.softplus and mamba_ssm.
 constexpr double kSoftplusThreshold = 20.0;
 
 template <typename T>
-int64_t padded(int64_t n) {
-  const int64_t w = Vec<T>::size();
-  return (n + w - 1) / w * w;
-}
-
-template <typename T>
-T hsum(const Vec<T>& v) {
-  return at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, v);
-}
-
-template <typename T, typename S>
-void load_row(T* dst, const S* src, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
-}
-
-template <typename S, typename T>
-void store_row(S* dst, const T* src, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<S>(src[i]);
-}
-
-template <typename T>
 Vec<T> sigmoid(const Vec<T>& v) {
   return Vec<T>(T(1)) / (Vec<T>(T(1)) + v.neg().exp());
 }
 
+template <typename T>
+Vec<T> softplus(const Vec<T>& v) {
+  return Vec<T>::blendv(v.exp().log1p(), v, v > Vec<T>(static_cast<T>(kSoftplusThreshold)));
+}
+
+// In-register transpose of a W x W tile held as W vectors (row i = r[i]): log2(W) rounds of
+// perfect shuffles, each interleaving row i with row i + W / 2.
+template <typename T>
+void transpose_tile(Vec<T>* r) {
+  constexpr int64_t W = Vec<T>::size();
+  Vec<T> next[W];
+  for (int64_t round = 1; round < W; round *= 2) {
+    for (int64_t i = 0; i < W / 2; ++i) {
+      std::tie(next[2 * i], next[2 * i + 1]) = at::vec::interleave2(r[i], r[i + W / 2]);
+    }
+    std::copy(next, next + W, r);
+  }
+}
+
+// The first n values of p as a vector (zero past n), converted to T.
+template <typename T, typename S>
+Vec<T> load_as(const S* p, int64_t n) {
+  if constexpr (std::is_same_v<S, T>) {
+    return Vec<T>::loadu(p, n);
+  } else {
+    T buf[Vec<T>::size()] = {};
+    for (int64_t k = 0; k < n; ++k) buf[k] = static_cast<T>(p[k]);
+    return Vec<T>::loadu(buf);
+  }
+}
+
+template <typename S, typename T>
+void store_as(S* p, const Vec<T>& v, int64_t n) {
+  if constexpr (std::is_same_v<S, T>) {
+    v.store(p, n);
+  } else {
+    T buf[Vec<T>::size()];
+    v.store(buf);
+    for (int64_t k = 0; k < n; ++k) p[k] = static_cast<S>(buf[k]);
+  }
+}
+
+// dst (len x W): lane j < nc is row j of src (row stride ld, len values), lanes past nc are zero.
+template <typename T, typename S>
+void gather_lanes(T* dst, const S* src, int64_t ld, int64_t nc, int64_t len) {
+  constexpr int64_t W = Vec<T>::size();
+  Vec<T> r[W];
+  for (int64_t t0 = 0; t0 < len; t0 += W) {
+    const int64_t n = std::min(W, len - t0);
+    for (int64_t j = 0; j < W; ++j) r[j] = j < nc ? load_as<T>(src + j * ld + t0, n) : Vec<T>(0);
+    transpose_tile(r);
+    for (int64_t i = 0; i < n; ++i) r[i].store(dst + (t0 + i) * W);
+  }
+}
+
+// Rows j < nc of dst (row stride ld, len values) = lane j of src (len x W).
+template <typename S, typename T>
+void scatter_lanes(S* dst, int64_t ld, const T* src, int64_t nc, int64_t len) {
+  constexpr int64_t W = Vec<T>::size();
+  Vec<T> r[W];
+  for (int64_t t0 = 0; t0 < len; t0 += W) {
+    const int64_t n = std::min(W, len - t0);
+    for (int64_t i = 0; i < W; ++i) r[i] = i < n ? Vec<T>::loadu(src + (t0 + i) * W) : Vec<T>(0);
+    transpose_tile(r);
+    for (int64_t j = 0; j < nc; ++j) store_as(dst + j * ld + t0, r[j], n);
+  }
+}
+
+// out[i] = the sum of the W lanes of vector i of v, for i < count, W vectors at a time: each
+// round interleaves vector i with vector i + m and adds the two halves, halving m, so lane i of
+// the last vector is the sum of vector i (2 (W - 1) shuffles and W - 1 adds for W sums).
+template <typename T>
+void lane_sums(const T* v, int64_t count, T* out) {
+  using V = Vec<T>;
+  constexpr int64_t W = V::size();
+  V r[W];
+  for (int64_t i0 = 0; i0 < count; i0 += W) {
+    const int64_t n = std::min(W, count - i0);
+    for (int64_t i = 0; i < W; ++i) r[i] = i < n ? V::loadu(v + (i0 + i) * W) : V(0);
+    for (int64_t m = W / 2; m >= 1; m /= 2) {
+      for (int64_t i = 0; i < m; ++i) {
+        const auto [lo, hi] = at::vec::interleave2(r[i], r[i + m]);
+        r[i] = lo + hi;
+      }
+    }
+    r[0].store(out + i0, n);
+  }
+}
+
 // Everything the kernels read: sizes, flags and raw pointers. S is the storage type of u, delta,
-// z, grouped B/C and out; T (float, or double for double) that of A, fixed B/C, D, delta_bias,
-// the states and every accumulation.
+// z and out; T (float, or double for double) that of A, B, C, D, delta_bias, the states and
+// every accumulation.
 template <typename S, typename T>
 struct Scan {
-  int64_t batch, dim, L, N, Np, G, channels_per_group, blocks_per_group, chunk, nchunks;
+  static constexpr int64_t W = Vec<T>::size();
+  int64_t batch, dim, L, N, G, channels_per_group, blocks_per_group, chunk, nchunks;
   bool softplus;
   const S* u;
   const S* delta;
@@ -90,23 +158,22 @@ struct Scan {
   const T* A;
   const T* B_fixed;  // (dim, N), null when grouped
   const T* C_fixed;
-  const T* B_var;  // grouped, as rows (batch, G, L, Np), null when fixed
-  const T* C_var;
+  const T* B_rows;  // grouped B as rows (batch, G, L, N), null when fixed
+  const T* C_rows;
   const T* D;           // null without the skip term
   const T* delta_bias;  // null without a bias
   const T* x0;          // (batch, dim, N), null for a zero initial state
 
   int64_t tasks() const { return batch * G * blocks_per_group; }
-  int64_t row(int64_t b, int64_t d) const { return b * dim + d; }
-  // The row of grouped B (or C) at step t0 of batch row b, group g.
+  // Rows of grouped B (or C) of batch row b, group g, from step t0 on.
   const T* rows(const T* M, int64_t b, int64_t g, int64_t t0) const {
-    return M + ((b * G + g) * L + t0) * Np;
+    return M + ((b * G + g) * L + t0) * N;
   }
 };
 
-// Which batch row, group and channel range task i owns.
+// Task i: batch row b, group g, block k of the group, channels [d0, d0 + nc).
 struct Block {
-  int64_t b, g, k, d0, d1;
+  int64_t b, g, k, d0, nc;
 };
 
 template <typename S, typename T>
@@ -116,336 +183,349 @@ Block block_of(const Scan<S, T>& p, int64_t i) {
   const int64_t rest = i % (p.G * p.blocks_per_group);
   blk.g = rest / p.blocks_per_group;
   blk.k = rest % p.blocks_per_group;
-  blk.d0 = blk.g * p.channels_per_group + blk.k * kChannelsPerTask;
-  blk.d1 = std::min(blk.d0 + kChannelsPerTask, (blk.g + 1) * p.channels_per_group);
+  const int64_t first = blk.k * Scan<S, T>::W;
+  blk.d0 = blk.g * p.channels_per_group + first;
+  blk.nc = std::min(Scan<S, T>::W, p.channels_per_group - first);
   return blk;
 }
 
-// Per-chunk scalars of one channel, all of length `chunk`.
+// Per-channel constants of a block as lanes: A, B and C when fixed (N x W each), D and
+// delta_bias (W each); zero in lanes past the block's channels.
 template <typename T>
-struct StepScalars {
-  std::vector<T> u, v, dt, du, y, gy, gu, gdt, aux;
-  explicit StepScalars(int64_t chunk)
-      : u(chunk), v(chunk), dt(chunk), du(chunk), y(chunk), gy(chunk), gu(chunk), gdt(chunk),
-        aux(chunk) {}
+struct Lanes {
+  std::vector<T> A, B, C, D, bias;
+  explicit Lanes(int64_t N)
+      : A(N * Vec<T>::size()), B(N * Vec<T>::size()), C(N * Vec<T>::size()),
+        D(Vec<T>::size()), bias(Vec<T>::size()) {}
+
+  template <typename S>
+  void load(const Scan<S, T>& p, const Block& blk) {
+    constexpr int64_t W = Vec<T>::size();
+    auto lanes = [&](std::vector<T>& dst, const T* src, int64_t n_per) {
+      std::fill(dst.begin(), dst.end(), T(0));
+      if (src == nullptr) return;
+      for (int64_t j = 0; j < blk.nc; ++j) {
+        for (int64_t n = 0; n < n_per; ++n) dst[n * W + j] = src[(blk.d0 + j) * n_per + n];
+      }
+    };
+    lanes(A, p.A, p.N);
+    lanes(B, p.B_fixed, p.N);
+    lanes(C, p.C_fixed, p.N);
+    lanes(D, p.D, 1);
+    lanes(bias, p.delta_bias, 1);
+  }
 };
 
-// Loads u and delta of one channel's chunk and forms v = delta + bias, dt and du = dt * u.
-template <typename S, typename T>
-void discretise(const Scan<S, T>& p, int64_t d, int64_t off, int64_t len, StepScalars<T>& s) {
-  using V = Vec<T>;
-  load_row(s.u.data(), p.u + off, len);
-  load_row(s.v.data(), p.delta + off, len);
-  if (p.delta_bias != nullptr) {
-    const V bias(p.delta_bias[d]);
-    at::vec::map([&](V x) { return x + bias; }, s.v.data(), s.v.data(), len);
-  }
-  if (p.softplus) {
-    const V threshold(static_cast<T>(kSoftplusThreshold));
-    at::vec::map([&](V x) { return V::blendv(x.exp().log1p(), x, x > threshold); }, s.dt.data(),
-                 s.v.data(), len);
-  } else {
-    std::copy(s.v.begin(), s.v.begin() + len, s.dt.begin());
-  }
-  at::vec::map2([](V a, V b) { return a * b; }, s.du.data(), s.dt.data(), s.u.data(), len);
-}
+// Per-chunk lanes (chunk x W each) of one block: u, v = delta + bias, dt, du = dt u, y, z and
+// the gradients.
+template <typename T>
+struct StepLanes {
+  std::vector<T> u, v, dt, du, y, z, g, gu, gdt;
+  explicit StepLanes(int64_t chunk)
+      : u(chunk * Vec<T>::size()), v(chunk * Vec<T>::size()), dt(chunk * Vec<T>::size()),
+        du(chunk * Vec<T>::size()), y(chunk * Vec<T>::size()), z(chunk * Vec<T>::size()),
+        g(chunk * Vec<T>::size()), gu(chunk * Vec<T>::size()), gdt(chunk * Vec<T>::size()) {}
+};
 
-// The recurrence over one chunk of one channel: x (Np) is the state before the chunk and after it.
-// B and C rows advance by b_step / c_step per time step (0: fixed, Np: a transposed chunk).
-// With kY, y_t = C_t . x_t goes to y. With kStore, exp(dt A) of every step goes to as (len x Np)
-// and the state after step t to xs[(t + 1) * Np] (xs row 0 is the state before the chunk).
-// yv (len x W) is scratch.
-template <typename T, bool kY, bool kStore>
-void forward_steps(int64_t len, int64_t Np, T* x, const T* A, const T* B, int64_t b_step,
-                   const T* C, int64_t c_step, const T* dt, const T* du, T* y, T* yv,
-                   T* as, T* xs) {
+// Loads u, delta (and z) of a block's chunk and forms v, dt and du.
+template <typename S, typename T>
+void discretise(const Scan<S, T>& p, const Block& blk, const Lanes<T>& c, int64_t t0,
+                int64_t len, StepLanes<T>& s) {
   using V = Vec<T>;
   constexpr int64_t W = V::size();
-  for (int64_t k = 0; k < Np; k += W) {
-    V xk = V::loadu(x + k);
-    const V Ak = V::loadu(A + k);
-    for (int64_t t = 0; t < len; ++t) {
-      const V a = (V(dt[t]) * Ak).exp_u20();
-      xk = at::vec::fmadd(a, xk, V(du[t]) * V::loadu(B + t * b_step + k));
+  const int64_t off = (blk.b * p.dim + blk.d0) * p.L + t0;
+  gather_lanes(s.u.data(), p.u + off, p.L, blk.nc, len);
+  gather_lanes(s.v.data(), p.delta + off, p.L, blk.nc, len);
+  if (p.z != nullptr) gather_lanes(s.z.data(), p.z + off, p.L, blk.nc, len);
+  const V bias = V::loadu(c.bias.data());
+  for (int64_t t = 0; t < len; ++t) {
+    const V v = V::loadu(&s.v[t * W]) + bias;
+    const V dt = p.softplus ? softplus(v) : v;
+    v.store(&s.v[t * W]);
+    dt.store(&s.dt[t * W]);
+    (dt * V::loadu(&s.u[t * W])).store(&s.du[t * W]);
+  }
+}
+
+// The recurrence over one chunk of a block: x (N x W) is the state before the chunk and after
+// it. B and C are (N x W) lanes when fixed, else (len x N) rows of scalars shared by the lanes.
+// With kY, y_t = C_t . x_t goes to y (len x W). With kStore, exp(dt A) of every step goes to
+// as (len x N x W) and the state after step t to xs[(t + 1) N W] (xs[0] holds the state before).
+template <typename T, bool kBvar, bool kCvar, bool kY, bool kStore>
+void forward_steps(int64_t len, int64_t N, T* x, const T* A, const T* B, const T* C,
+                   const T* dt, const T* du, T* y, T* as, T* xs) {
+  using V = Vec<T>;
+  constexpr int64_t W = V::size();
+  for (int64_t t = 0; t < len; ++t) {
+    const V dtv = V::loadu(dt + t * W), duv = V::loadu(du + t * W);
+    V yv(T(0));
+    for (int64_t n = 0; n < N; ++n) {
+      const V a = (dtv * V::loadu(A + n * W)).exp_u20();
+      const V Bn = kBvar ? V(B[t * N + n]) : V::loadu(B + n * W);
+      const V xn = at::vec::fmadd(a, V::loadu(x + n * W), duv * Bn);
+      xn.store(x + n * W);
       if constexpr (kStore) {
-        a.store(as + t * Np + k);
-        xk.store(xs + (t + 1) * Np + k);
+        a.store(as + (t * N + n) * W);
+        xn.store(xs + ((t + 1) * N + n) * W);
       }
       if constexpr (kY) {
-        V yk = xk * V::loadu(C + t * c_step + k);
-        if (k > 0) yk = yk + V::loadu(yv + t * W);
-        yk.store(yv + t * W);
+        yv = at::vec::fmadd(xn, kCvar ? V(C[t * N + n]) : V::loadu(C + n * W), yv);
       }
     }
-    xk.store(x + k);
-  }
-  if constexpr (kY) {
-    for (int64_t t = 0; t < len; ++t) y[t] = hsum(V::loadu(yv + t * W));
+    if constexpr (kY) yv.store(y + t * W);
   }
 }
 
-// The reverse recurrence over one chunk of one channel. h (Np) holds dL/dx after the chunk on
-// entry and dL/dx before it on exit. gy: dL/dy per step. Sums over the chunk go to dA (Np),
-// dB / dC: (len x Np) per-step rows when grouped (kBvar / kCvar, accumulated: the block's
-// channels add to the same rows), a single Np row when fixed. The per-step sums over n
-// s1 = sum h B and s2 = sum h A a x_prev come back in s1 / s2 (len each); sv (2 x len x W) is
-// scratch.
+// The reverse recurrence over one chunk of a block. h (N x W) holds dL/dx after the chunk on
+// entry and dL/dx before it on exit; g: dL/dy per step (len x W). Sums over the chunk are added
+// to dA (N x W) and, when fixed, to dB / dC (N x W); when grouped, dB / dC (len x N x W) receive
+// each step's per-lane terms.
+// s1 = sum_n h B and s2 = sum_n h A a x_prev per step go to s1 / s2 (len x W).
 template <typename T, bool kBvar, bool kCvar>
-void backward_steps(int64_t len, int64_t Np, T* h, const T* A, const T* B, const T* C,
-                    const T* xs, const T* as, const T* dt, const T* du, const T* gy, T* dA,
-                    T* dB, T* dC, T* s1, T* s2, T* sv) {
+void backward_steps(int64_t len, int64_t N, T* h, const T* A, const T* B, const T* C,
+                    const T* xs, const T* as, const T* dt, const T* du, const T* g, T* dA,
+                    T* dB, T* dC, T* s1, T* s2) {
   using V = Vec<T>;
   constexpr int64_t W = V::size();
-  T* s1v = sv;
-  T* s2v = sv + len * W;
-  for (int64_t k = 0; k < Np; k += W) {
-    V hk = V::loadu(h + k);
-    const V Ak = V::loadu(A + k);
-    V dAk(T(0)), dBk(T(0)), dCk(T(0));
-    for (int64_t t = len - 1; t >= 0; --t) {
-      const V g(gy[t]);
-      const V Bk = V::loadu(B + (kBvar ? t * Np : 0) + k);
-      const V Ck = V::loadu(C + (kCvar ? t * Np : 0) + k);
-      const V xk = V::loadu(xs + (t + 1) * Np + k);
-      const V xp = V::loadu(xs + t * Np + k);
-      const V a = V::loadu(as + t * Np + k);
-      hk = at::vec::fmadd(g, Ck, hk);
+  for (int64_t t = len - 1; t >= 0; --t) {
+    const V gv = V::loadu(g + t * W), dtv = V::loadu(dt + t * W), duv = V::loadu(du + t * W);
+    V s1v(T(0)), s2v(T(0));
+    for (int64_t n = 0; n < N; ++n) {
+      const V An = V::loadu(A + n * W);
+      const V Bn = kBvar ? V(B[t * N + n]) : V::loadu(B + n * W);
+      const V Cn = kCvar ? V(C[t * N + n]) : V::loadu(C + n * W);
+      const V xn = V::loadu(xs + ((t + 1) * N + n) * W);
+      const V xp = V::loadu(xs + (t * N + n) * W);
+      const V a = V::loadu(as + (t * N + n) * W);
+      const V hn = at::vec::fmadd(gv, Cn, V::loadu(h + n * W));
       if constexpr (kCvar) {
-        at::vec::fmadd(g, xk, V::loadu(dC + t * Np + k)).store(dC + t * Np + k);
+        (gv * xn).store(dC + (t * N + n) * W);
       } else {
-        dCk = at::vec::fmadd(g, xk, dCk);
+        at::vec::fmadd(gv, xn, V::loadu(dC + n * W)).store(dC + n * W);
       }
       if constexpr (kBvar) {
-        at::vec::fmadd(hk, V(du[t]), V::loadu(dB + t * Np + k)).store(dB + t * Np + k);
+        (hn * duv).store(dB + (t * N + n) * W);
       } else {
-        dBk = at::vec::fmadd(hk, V(du[t]), dBk);
+        at::vec::fmadd(hn, duv, V::loadu(dB + n * W)).store(dB + n * W);
       }
-      const V q = hk * a * xp;
-      V p1 = hk * Bk;
-      V p2 = q * Ak;
-      if (k > 0) {
-        p1 = p1 + V::loadu(s1v + t * W);
-        p2 = p2 + V::loadu(s2v + t * W);
-      }
-      p1.store(s1v + t * W);
-      p2.store(s2v + t * W);
-      dAk = at::vec::fmadd(q, V(dt[t]), dAk);
-      hk = a * hk;
+      s1v = at::vec::fmadd(hn, Bn, s1v);
+      const V q = hn * a * xp;
+      s2v = at::vec::fmadd(q, An, s2v);
+      at::vec::fmadd(q, dtv, V::loadu(dA + n * W)).store(dA + n * W);
+      (a * hn).store(h + n * W);
     }
-    hk.store(h + k);
-    (V::loadu(dA + k) + dAk).store(dA + k);
-    if constexpr (!kBvar) (V::loadu(dB + k) + dBk).store(dB + k);
-    if constexpr (!kCvar) (V::loadu(dC + k) + dCk).store(dC + k);
+    s1v.store(s1 + t * W);
+    s2v.store(s2 + t * W);
   }
-  for (int64_t t = 0; t < len; ++t) {
-    s1[t] = hsum(V::loadu(s1v + t * W));
-    s2[t] = hsum(V::loadu(s2v + t * W));
-  }
-}
-
-// A channel's constants as padded rows: A, and B / C when fixed.
-template <typename S, typename T>
-void load_constants(const Scan<S, T>& p, int64_t d, T* A, T* B, T* C) {
-  std::copy(p.A + d * p.N, p.A + (d + 1) * p.N, A);
-  if (p.B_fixed != nullptr) std::copy(p.B_fixed + d * p.N, p.B_fixed + (d + 1) * p.N, B);
-  if (p.C_fixed != nullptr) std::copy(p.C_fixed + d * p.N, p.C_fixed + (d + 1) * p.N, C);
 }
 
 // ------------------------------------------------------------------------------ forward
 
-template <typename S, typename T>
+template <typename S, typename T, bool kBvar, bool kCvar>
 void forward_task(const Scan<S, T>& p, const Block& blk, S* out, T* last, T* ckpt) {
   using V = Vec<T>;
   constexpr int64_t W = V::size();
-  const int64_t Np = p.Np, nc = blk.d1 - blk.d0;
-  std::vector<T> consts(3 * nc * Np, T(0)), state(nc * Np, T(0));
-  std::vector<T> yv(p.chunk * W);
-  StepScalars<T> s(p.chunk);
-  for (int64_t j = 0; j < nc; ++j) {
-    const int64_t d = blk.d0 + j;
-    load_constants(p, d, &consts[j * Np], &consts[(nc + j) * Np], &consts[(2 * nc + j) * Np]);
-    if (p.x0 != nullptr) {
-      std::copy(p.x0 + p.row(blk.b, d) * p.N, p.x0 + (p.row(blk.b, d) + 1) * p.N, &state[j * Np]);
+  const int64_t N = p.N;
+  Lanes<T> c(N);
+  c.load(p, blk);
+  StepLanes<T> s(p.chunk);
+  std::vector<T> x(N * W, T(0));
+  if (p.x0 != nullptr) {
+    for (int64_t j = 0; j < blk.nc; ++j) {
+      for (int64_t n = 0; n < N; ++n) x[n * W + j] = p.x0[(blk.b * p.dim + blk.d0 + j) * N + n];
     }
   }
-  for (int64_t c = 0; c < p.nchunks; ++c) {
-    const int64_t t0 = c * p.chunk, len = std::min(p.chunk, p.L - t0);
-    for (int64_t j = 0; j < nc; ++j) {
-      const int64_t d = blk.d0 + j, r = p.row(blk.b, d), off = r * p.L + t0;
-      T* x = &state[j * Np];
-      if (ckpt != nullptr) std::copy(x, x + p.N, ckpt + (r * p.nchunks + c) * p.N);
-      discretise(p, d, off, len, s);
-      const T* B = p.B_var ? p.rows(p.B_var, blk.b, blk.g, t0) : &consts[(nc + j) * Np];
-      const T* C = p.C_var ? p.rows(p.C_var, blk.b, blk.g, t0) : &consts[(2 * nc + j) * Np];
-      forward_steps<T, true, false>(len, Np, x, &consts[j * Np], B, p.B_var ? Np : 0, C,
-                                    p.C_var ? Np : 0, s.dt.data(), s.du.data(), s.y.data(),
-                                    yv.data(), nullptr, nullptr);
-      if (p.D != nullptr) {
-        const V Dd(p.D[d]);
-        at::vec::map2([&](V y, V u) { return at::vec::fmadd(Dd, u, y); }, s.y.data(),
-                      s.y.data(), s.u.data(), len);
+  for (int64_t ci = 0; ci < p.nchunks; ++ci) {
+    const int64_t t0 = ci * p.chunk, len = std::min(p.chunk, p.L - t0);
+    if (ckpt != nullptr) {
+      for (int64_t j = 0; j < blk.nc; ++j) {
+        T* dst = ckpt + ((blk.b * p.dim + blk.d0 + j) * p.nchunks + ci) * N;
+        for (int64_t n = 0; n < N; ++n) dst[n] = x[n * W + j];
       }
+    }
+    discretise(p, blk, c, t0, len, s);
+    const T* B = kBvar ? p.rows(p.B_rows, blk.b, blk.g, t0) : c.B.data();
+    const T* C = kCvar ? p.rows(p.C_rows, blk.b, blk.g, t0) : c.C.data();
+    forward_steps<T, kBvar, kCvar, true, false>(len, N, x.data(), c.A.data(), B, C,
+                                                s.dt.data(), s.du.data(), s.y.data(), nullptr,
+                                                nullptr);
+    const V Dv = V::loadu(c.D.data());
+    for (int64_t t = 0; t < len; ++t) {
+      V y = at::vec::fmadd(Dv, V::loadu(&s.u[t * W]), V::loadu(&s.y[t * W]));
       if (p.z != nullptr) {
-        load_row(s.aux.data(), p.z + off, len);
-        at::vec::map2([](V y, V z) { return y * z * sigmoid(z); }, s.y.data(), s.y.data(),
-                      s.aux.data(), len);
+        const V z = V::loadu(&s.z[t * W]);
+        y = y * z * sigmoid(z);
       }
-      store_row(out + off, s.y.data(), len);
+      y.store(&s.y[t * W]);
     }
+    scatter_lanes(out + (blk.b * p.dim + blk.d0) * p.L + t0, p.L, s.y.data(), blk.nc, len);
   }
-  for (int64_t j = 0; j < nc; ++j) {
-    std::copy(&state[j * Np], &state[j * Np] + p.N, last + p.row(blk.b, blk.d0 + j) * p.N);
+  for (int64_t j = 0; j < blk.nc; ++j) {
+    for (int64_t n = 0; n < N; ++n) last[(blk.b * p.dim + blk.d0 + j) * N + n] = x[n * W + j];
   }
 }
 
 // ------------------------------------------------------------------------------ backward
 
+// Per-task buffers that live across chunks (each task i owns slice i): dL/dx at the current
+// chunk boundary and the sums over L, all as lanes.
+template <typename T>
+struct Carried {
+  T* h;      // (tasks, N, W)
+  T* dA;     // (tasks, N, W)
+  T* dB;     // (tasks, N, W), fixed B only
+  T* dC;     // (tasks, N, W), fixed C only
+  T* dD;     // (tasks, W)
+  T* dbias;  // (tasks, W)
+};
+
 template <typename S, typename T>
 struct Grads {
   const S* grad_out;
   const T* ckpt;
-  T* carry;          // (batch, dim, Np): dL/dx at the current chunk boundary
-  T* dA;             // (batch, dim, Np) per-row sums
-  T* dB_fixed;       // (batch, dim, Np) per-row sums, null when grouped
-  T* dC_fixed;
-  T* dB_part;        // (batch, G, blocks_per_group, chunk, Np) per-block sums, null when fixed
+  Carried<T> carried;
+  T* dB_part;  // (tasks, chunk, N): the block's sums of the chunk, grouped B only
   T* dC_part;
-  T* dD;             // (batch, dim) per-row sums, left at zero without D
-  T* dbias;          // (batch, dim) per-row sums, left at zero without delta_bias
   S* grad_u;
   S* grad_delta;
-  S* grad_z;         // null without z
+  S* grad_z;  // null without z
 };
 
-// Buffers of one thread's backward tasks over one chunk: the block's sums of grouped B / C
-// gradients, the channel's constants, recomputed states and exp(dt A).
+// Buffers of one thread's backward tasks over one chunk.
 template <typename T>
 struct BackwardWork {
-  std::vector<T> dBt, dCt, consts, xs, as, x, sv, s1, s2;
-  StepScalars<T> s;
-  BackwardWork(int64_t chunk, int64_t Np, bool B_var, bool C_var)
-      : dBt(B_var ? chunk * Np : 0), dCt(C_var ? chunk * Np : 0), consts(3 * Np, T(0)),
-        xs((chunk + 1) * Np, T(0)), as(chunk * Np), x(Np), sv(2 * chunk * Vec<T>::size()),
-        s1(chunk), s2(chunk), s(chunk) {}
+  Lanes<T> c;
+  StepLanes<T> s;
+  std::vector<T> x, xs, as, s1, s2, dB, dC;
+  BackwardWork(int64_t chunk, int64_t N, bool B_var, bool C_var)
+      : c(N), s(chunk), x(N * Vec<T>::size()), xs((chunk + 1) * N * Vec<T>::size()),
+        as(chunk * N * Vec<T>::size()), s1(chunk * Vec<T>::size()), s2(chunk * Vec<T>::size()),
+        dB(B_var ? chunk * N * Vec<T>::size() : 0), dC(C_var ? chunk * N * Vec<T>::size() : 0) {}
 };
 
 template <typename S, typename T, bool kBvar, bool kCvar>
-void backward_task(const Scan<S, T>& p, const Grads<S, T>& gr, const Block& blk, int64_t c,
+void backward_task(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_t ci,
                    BackwardWork<T>& w) {
   using V = Vec<T>;
-  const int64_t Np = p.Np, nc = blk.d1 - blk.d0;
-  const int64_t t0 = c * p.chunk, len = std::min(p.chunk, p.L - t0);
-  StepScalars<T>& s = w.s;
-  std::fill(w.dBt.begin(), w.dBt.end(), T(0));
-  std::fill(w.dCt.begin(), w.dCt.end(), T(0));
-  for (int64_t j = 0; j < nc; ++j) {
-    const int64_t d = blk.d0 + j, r = p.row(blk.b, d), off = r * p.L + t0;
-    T* A = w.consts.data();
-    load_constants(p, d, A, A + Np, A + 2 * Np);
-    const T* B = kBvar ? p.rows(p.B_var, blk.b, blk.g, t0) : A + Np;
-    const T* C = kCvar ? p.rows(p.C_var, blk.b, blk.g, t0) : A + 2 * Np;
-    std::copy(gr.ckpt + (r * p.nchunks + c) * p.N, gr.ckpt + (r * p.nchunks + c + 1) * p.N,
-              w.xs.begin());
-    std::copy(w.xs.begin(), w.xs.begin() + Np, w.x.begin());
-    discretise(p, d, off, len, s);
-    // y is needed only for the gate's gradient.
-    auto recompute = p.z != nullptr ? forward_steps<T, true, true> : forward_steps<T, false, true>;
-    recompute(len, Np, w.x.data(), A, B, kBvar ? Np : 0, C, kCvar ? Np : 0, s.dt.data(),
-              s.du.data(), s.y.data(), w.sv.data(), w.as.data(), w.xs.data());
+  constexpr int64_t W = V::size();
+  const Block blk = block_of(p, i);
+  const int64_t N = p.N, NW = N * W;
+  const int64_t t0 = ci * p.chunk, len = std::min(p.chunk, p.L - t0);
+  const int64_t off = (blk.b * p.dim + blk.d0) * p.L + t0;
+  Lanes<T>& c = w.c;
+  StepLanes<T>& s = w.s;
+  c.load(p, blk);
+  discretise(p, blk, c, t0, len, s);
+  const T* B = kBvar ? p.rows(p.B_rows, blk.b, blk.g, t0) : c.B.data();
+  const T* C = kCvar ? p.rows(p.C_rows, blk.b, blk.g, t0) : c.C.data();
 
-    // Through the gate and the skip term: gy = dL/dy, gu starts as the D term's part of dL/du.
-    load_row(s.gy.data(), gr.grad_out + off, len);
-    const T Dd = p.D != nullptr ? p.D[d] : T(0);
-    if (p.z != nullptr) {
-      const V Dv(Dd);
-      load_row(s.aux.data(), p.z + off, len);
-      // y + D u, the gate's input; then dL/dz into gdt (as scratch) and gy scaled by silu(z).
-      at::vec::map2([&](V y, V u) { return at::vec::fmadd(Dv, u, y); }, s.y.data(), s.y.data(),
-                    s.u.data(), len);
-      at::vec::map3(
-          [](V g, V y, V z) {
-            const V sg = sigmoid(z);
-            return g * y * sg * (V(T(1)) + z * (V(T(1)) - sg));
-          },
-          s.gdt.data(), s.gy.data(), s.y.data(), s.aux.data(), len);
-      store_row(gr.grad_z + off, s.gdt.data(), len);
-      at::vec::map2([](V g, V z) { return g * z * sigmoid(z); }, s.gy.data(), s.gy.data(),
-                    s.aux.data(), len);
-    }
-    if (p.D != nullptr) {
-      T acc = T(0);
-      for (int64_t t = 0; t < len; ++t) acc += s.gy[t] * s.u[t];
-      gr.dD[r] += acc;
-    }
-
-    T* dB = kBvar ? w.dBt.data() : gr.dB_fixed + r * Np;
-    T* dC = kCvar ? w.dCt.data() : gr.dC_fixed + r * Np;
-    backward_steps<T, kBvar, kCvar>(len, Np, gr.carry + r * Np, A, B, C, w.xs.data(),
-                                    w.as.data(), s.dt.data(), s.du.data(), s.gy.data(),
-                                    gr.dA + r * Np, dB, dC, w.s1.data(), w.s2.data(),
-                                    w.sv.data());
-    for (int64_t t = 0; t < len; ++t) {
-      s.gu[t] = s.gy[t] * Dd + s.dt[t] * w.s1[t];
-      s.gdt[t] = s.u[t] * w.s1[t] + w.s2[t];
-    }
-    if (p.softplus) {
-      const V threshold(static_cast<T>(kSoftplusThreshold));
-      at::vec::map2(
-          [&](V g, V v) { return V::blendv(g * sigmoid(v), g, v > threshold); }, s.gdt.data(),
-          s.gdt.data(), s.v.data(), len);
-    }
-    if (p.delta_bias != nullptr) {
-      T acc = T(0);
-      for (int64_t t = 0; t < len; ++t) acc += s.gdt[t];
-      gr.dbias[r] += acc;
-    }
-    store_row(gr.grad_u + off, s.gu.data(), len);
-    store_row(gr.grad_delta + off, s.gdt.data(), len);
+  // Recompute the chunk's states from its checkpoint (lanes past the block stay zero).
+  std::fill(w.xs.begin(), w.xs.begin() + NW, T(0));
+  for (int64_t j = 0; j < blk.nc; ++j) {
+    const T* src = gr.ckpt + ((blk.b * p.dim + blk.d0 + j) * p.nchunks + ci) * N;
+    for (int64_t n = 0; n < N; ++n) w.xs[n * W + j] = src[n];
   }
-  const int64_t part = ((blk.b * p.G + blk.g) * p.blocks_per_group + blk.k) * p.chunk * Np;
-  if constexpr (kBvar) std::copy(w.dBt.begin(), w.dBt.begin() + len * Np, gr.dB_part + part);
-  if constexpr (kCvar) std::copy(w.dCt.begin(), w.dCt.begin() + len * Np, gr.dC_part + part);
+  std::vector<T>& state = w.x;  // a copy of xs[0], advanced by the recomputation
+  std::copy(w.xs.begin(), w.xs.begin() + NW, state.begin());
+  if (p.z != nullptr) {
+    forward_steps<T, kBvar, kCvar, true, true>(len, N, state.data(), c.A.data(), B, C,
+                                               s.dt.data(), s.du.data(), s.y.data(),
+                                               w.as.data(), w.xs.data());
+  } else {
+    forward_steps<T, kBvar, kCvar, false, true>(len, N, state.data(), c.A.data(), B, C,
+                                                s.dt.data(), s.du.data(), s.y.data(),
+                                                w.as.data(), w.xs.data());
+  }
+
+  // Through the gate and the skip term: g becomes dL/dy; dL/dz goes to gdt (as scratch).
+  gather_lanes(s.g.data(), gr.grad_out + off, p.L, blk.nc, len);
+  const V Dv = V::loadu(c.D.data());
+  V dD = V::loadu(gr.carried.dD + i * W);
+  for (int64_t t = 0; t < len; ++t) {
+    V g = V::loadu(&s.g[t * W]);
+    const V u = V::loadu(&s.u[t * W]);
+    if (p.z != nullptr) {
+      const V z = V::loadu(&s.z[t * W]), sg = sigmoid(z);
+      const V pre = at::vec::fmadd(Dv, u, V::loadu(&s.y[t * W]));
+      (g * pre * sg * (V(T(1)) + z * (V(T(1)) - sg))).store(&s.gdt[t * W]);
+      g = g * z * sg;
+      g.store(&s.g[t * W]);
+    }
+    dD = at::vec::fmadd(g, u, dD);
+  }
+  dD.store(gr.carried.dD + i * W);
+  if (p.z != nullptr) {
+    scatter_lanes(gr.grad_z + off, p.L, s.gdt.data(), blk.nc, len);
+  }
+
+  // Grouped: per-lane terms of the chunk, summed over the lanes below; fixed: sums over L.
+  T* dB = kBvar ? w.dB.data() : gr.carried.dB + i * NW;
+  T* dC = kCvar ? w.dC.data() : gr.carried.dC + i * NW;
+  backward_steps<T, kBvar, kCvar>(len, N, gr.carried.h + i * NW, c.A.data(), B, C, w.xs.data(),
+                                  w.as.data(), s.dt.data(), s.du.data(), s.g.data(),
+                                  gr.carried.dA + i * NW, dB, dC, w.s1.data(), w.s2.data());
+  if constexpr (kBvar) lane_sums(dB, len * N, gr.dB_part + i * p.chunk * N);
+  if constexpr (kCvar) lane_sums(dC, len * N, gr.dC_part + i * p.chunk * N);
+
+  V dbias = V::loadu(gr.carried.dbias + i * W);
+  const V threshold(static_cast<T>(kSoftplusThreshold));
+  for (int64_t t = 0; t < len; ++t) {
+    const V s1 = V::loadu(&w.s1[t * W]), dt = V::loadu(&s.dt[t * W]);
+    at::vec::fmadd(V::loadu(&s.g[t * W]), Dv, dt * s1).store(&s.gu[t * W]);
+    V gdt = at::vec::fmadd(V::loadu(&s.u[t * W]), s1, V::loadu(&w.s2[t * W]));
+    if (p.softplus) {
+      const V v = V::loadu(&s.v[t * W]);
+      gdt = V::blendv(gdt * sigmoid(v), gdt, v > threshold);
+    }
+    dbias = dbias + gdt;
+    gdt.store(&s.gdt[t * W]);
+  }
+  dbias.store(gr.carried.dbias + i * W);
+  scatter_lanes(gr.grad_u + off, p.L, s.gu.data(), blk.nc, len);
+  scatter_lanes(gr.grad_delta + off, p.L, s.gdt.data(), blk.nc, len);
 }
 
-// grad (batch, G, N, L) over one chunk = sum over the blocks of a group of the per-block partials
-// (len x Np each), added block after block, then written transposed.
+// grad (batch, G, N, L) over one chunk: the blocks' sums (tasks, chunk, N) of a group added block
+// after block, then written transposed.
 template <typename S, typename T>
 void reduce_grouped(const Scan<S, T>& p, const T* part, S* grad, int64_t t0, int64_t len) {
   using V = Vec<T>;
-  const int64_t block = p.chunk * p.Np;
-  // A few microseconds of adds per group: threads only when there is enough of them.
+  const int64_t block = p.chunk * p.N;
   const int64_t grain = std::max<int64_t>(1, kMinReduceWork / (p.blocks_per_group * block));
   at::parallel_for(0, p.batch * p.G, grain, [&](int64_t i0, int64_t i1) {
-    std::vector<T> acc(len * p.Np);
+    std::vector<T> acc(len * p.N);
     for (int64_t i = i0; i < i1; ++i) {
       const T* src = part + i * p.blocks_per_group * block;
-      std::copy(src, src + len * p.Np, acc.begin());
+      std::copy(src, src + len * p.N, acc.begin());
       for (int64_t k = 1; k < p.blocks_per_group; ++k) {
         at::vec::map2([](V a, V b) { return a + b; }, acc.data(), acc.data(), src + k * block,
-                      len * p.Np);
+                      len * p.N);
       }
       for (int64_t n = 0; n < p.N; ++n) {
         S* dst = grad + (i * p.N + n) * p.L + t0;
-        for (int64_t t = 0; t < len; ++t) dst[t] = static_cast<S>(acc[t * p.Np + n]);
+        for (int64_t t = 0; t < len; ++t) dst[t] = static_cast<S>(acc[t * p.N + n]);
       }
     }
   });
 }
 
-// out (rows x cols, or (rows,) when cols is 0) = sum over batch of per-row sums (batch x rows x
-// ld), batch row after batch row.
-template <typename T>
-Tensor sum_over_batch(const Tensor& per_row, int64_t batch, int64_t rows, int64_t ld,
-                      int64_t cols) {
+// out (dim, cols) (or (dim,) when cols is 0) = sum over batch of per-lane sums (tasks, cols, W),
+// batch row after batch row.
+template <typename S, typename T>
+Tensor sum_over_batch(const Scan<S, T>& p, const Tensor& lanes, int64_t cols) {
+  constexpr int64_t W = Vec<T>::size();
   const std::vector<int64_t> shape =
-      cols == 0 ? std::vector<int64_t>{rows} : std::vector<int64_t>{rows, cols};
-  Tensor out = at::zeros(shape, per_row.options());
-  cols = std::max<int64_t>(cols, 1);
-  const T* src = per_row.data_ptr<T>();
+      cols == 0 ? std::vector<int64_t>{p.dim} : std::vector<int64_t>{p.dim, cols};
+  Tensor out = at::zeros(shape, lanes.options());
+  const int64_t n_cols = std::max<int64_t>(cols, 1);
+  const T* src = lanes.data_ptr<T>();
   T* dst = out.data_ptr<T>();
-  for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t i = 0; i < rows; ++i) {
-      for (int64_t n = 0; n < cols; ++n) dst[i * cols + n] += src[(b * rows + i) * ld + n];
+  for (int64_t i = 0; i < p.tasks(); ++i) {
+    const Block blk = block_of(p, i);
+    for (int64_t j = 0; j < blk.nc; ++j) {
+      for (int64_t n = 0; n < n_cols; ++n) {
+        dst[(blk.d0 + j) * n_cols + n] += src[(i * n_cols + n) * W + j];
+      }
     }
   }
   return out;
@@ -522,12 +602,9 @@ Inputs prepare(const Tensor& u, const Tensor& delta, const Tensor& A, const Tens
   return in;
 }
 
-// Grouped B or C (batch, G, N, L) as rows (batch, G, L, Np) in the accumulation type, zero-padded
-// to whole vectors.
-Tensor rows_of(const Tensor& M, int64_t Np, at::ScalarType acc) {
-  Tensor rows = at::zeros({M.size(0), M.size(1), M.size(3), Np}, M.options().dtype(acc));
-  rows.narrow(3, 0, M.size(2)).copy_(M.transpose(2, 3));
-  return rows;
+// Grouped B or C (batch, G, N, L) as rows (batch, G, L, N) in the accumulation type.
+Tensor rows_of(const Tensor& M, at::ScalarType acc) {
+  return M.transpose(2, 3).to(acc).contiguous();
 }
 
 template <typename S, typename T>
@@ -539,10 +616,9 @@ Scan<S, T> make_scan(const Inputs& in, const Tensor& B_rows, const Tensor& C_row
   p.dim = in.dim;
   p.L = in.L;
   p.N = in.N;
-  p.Np = padded<T>(in.N);
   p.G = in.G;
   p.channels_per_group = in.dim / in.G;
-  p.blocks_per_group = (p.channels_per_group + kChannelsPerTask - 1) / kChannelsPerTask;
+  p.blocks_per_group = (p.channels_per_group + Scan<S, T>::W - 1) / Scan<S, T>::W;
   p.chunk = std::min(chunk_size, std::max<int64_t>(in.L, 1));
   p.nchunks = (in.L + chunk_size - 1) / chunk_size;
   p.softplus = softplus;
@@ -552,12 +628,27 @@ Scan<S, T> make_scan(const Inputs& in, const Tensor& B_rows, const Tensor& C_row
   p.A = static_cast<const T*>(ptr(in.A, true));
   p.B_fixed = static_cast<const T*>(ptr(in.B, !in.B_var));
   p.C_fixed = static_cast<const T*>(ptr(in.C, !in.C_var));
-  p.B_var = static_cast<const T*>(ptr(B_rows, in.B_var));
-  p.C_var = static_cast<const T*>(ptr(C_rows, in.C_var));
+  p.B_rows = static_cast<const T*>(ptr(B_rows, in.B_var));
+  p.C_rows = static_cast<const T*>(ptr(C_rows, in.C_var));
   p.D = static_cast<const T*>(ptr(in.D, true));
   p.delta_bias = static_cast<const T*>(ptr(in.delta_bias, true));
   p.x0 = static_cast<const T*>(ptr(in.x0, true));
   return p;
+}
+
+// Calls f(b_var, c_var) with std::true_type / std::false_type for grouped / fixed B and C, so
+// that the kernels are instantiated per form.
+template <typename F>
+void with_forms(bool B_var, bool C_var, const F& f) {
+  if (B_var && C_var) {
+    f(std::true_type{}, std::true_type{});
+  } else if (B_var) {
+    f(std::true_type{}, std::false_type{});
+  } else if (C_var) {
+    f(std::false_type{}, std::true_type{});
+  } else {
+    f(std::false_type{}, std::false_type{});
+  }
 }
 
 std::tuple<Tensor, Tensor, Tensor> selective_scan_fwd_cpu(
@@ -566,42 +657,32 @@ std::tuple<Tensor, Tensor, Tensor> selective_scan_fwd_cpu(
     const std::optional<Tensor>& delta_bias, bool delta_softplus,
     const std::optional<Tensor>& initial_state, int64_t chunk_size, bool save) {
   const Inputs in = prepare(u, delta, A, B, C, D, z, delta_bias, initial_state, chunk_size);
-  const auto acc_opts = u.options().dtype(acc_type(u.scalar_type()));
+  const auto at_ = acc_type(u.scalar_type());
+  const auto acc_opts = u.options().dtype(at_);
   const int64_t nchunks = (in.L + chunk_size - 1) / chunk_size;
   Tensor out = at::empty({in.batch, in.dim, in.L}, u.options());
   Tensor last = at::empty({in.batch, in.dim, in.N}, acc_opts);
   Tensor ckpt = save ? at::empty({in.batch, in.dim, nchunks, in.N}, acc_opts)
                      : at::empty({0}, acc_opts);
+  const Tensor B_rows = in.B_var ? rows_of(in.B, at_) : Tensor();
+  const Tensor C_rows = in.C_var ? rows_of(in.C, at_) : Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, u.scalar_type(), "selective_scan_fwd_cpu", [&] {
     using S = scalar_t;
     using T = std::conditional_t<std::is_same_v<S, double>, double, float>;
-    const int64_t Np = padded<T>(in.N);
-    const Tensor B_rows = in.B_var ? rows_of(in.B, Np, acc_type(u.scalar_type())) : Tensor();
-    const Tensor C_rows = in.C_var ? rows_of(in.C, Np, acc_type(u.scalar_type())) : Tensor();
     const Scan<S, T> p = make_scan<S, T>(in, B_rows, C_rows, delta_softplus, chunk_size);
     S* out_p = out.data_ptr<S>();
     T* last_p = last.data_ptr<T>();
     T* ckpt_p = save ? ckpt.data_ptr<T>() : nullptr;
-    at::parallel_for(0, p.tasks(), 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) forward_task(p, block_of(p, i), out_p, last_p, ckpt_p);
+    with_forms(in.B_var, in.C_var, [&](auto b_var, auto c_var) {
+      at::parallel_for(0, p.tasks(), 1, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          forward_task<S, T, decltype(b_var)::value, decltype(c_var)::value>(
+              p, block_of(p, i), out_p, last_p, ckpt_p);
+        }
+      });
     });
   });
   return {out, last, ckpt};
-}
-
-template <typename S, typename T, bool kBvar, bool kCvar>
-void backward_chunks(const Scan<S, T>& p, const Grads<S, T>& gr, S* grad_B, S* grad_C) {
-  for (int64_t c = p.nchunks - 1; c >= 0; --c) {
-    at::parallel_for(0, p.tasks(), 1, [&](int64_t i0, int64_t i1) {
-      BackwardWork<T> w(p.chunk, p.Np, kBvar, kCvar);
-      for (int64_t i = i0; i < i1; ++i) {
-        backward_task<S, T, kBvar, kCvar>(p, gr, block_of(p, i), c, w);
-      }
-    });
-    const int64_t t0 = c * p.chunk, len = std::min(p.chunk, p.L - t0);
-    if constexpr (kBvar) reduce_grouped(p, gr.dB_part, grad_B, t0, len);
-    if constexpr (kCvar) reduce_grouped(p, gr.dC_part, grad_C, t0, len);
-  }
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
@@ -623,6 +704,8 @@ selective_scan_bwd_cpu(const Tensor& grad_out, const std::optional<Tensor>& grad
               "rnnkernels: selective_scan_bwd: grad_out must match u");
   const Tensor gout = contiguous_as(grad_out, st, "grad_out");
   const Tensor ckpt = checkpoints.contiguous();
+  const Tensor B_rows = in.B_var ? rows_of(in.B, at_) : Tensor();
+  const Tensor C_rows = in.C_var ? rows_of(in.C, at_) : Tensor();
 
   Tensor grad_u = at::empty_like(in.u), grad_delta = at::empty_like(in.u);
   Tensor grad_z = in.z.defined() ? at::empty_like(in.u) : at::empty({0}, u.options());
@@ -633,56 +716,71 @@ selective_scan_bwd_cpu(const Tensor& grad_out, const std::optional<Tensor>& grad
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, st, "selective_scan_bwd_cpu", [&] {
     using S = scalar_t;
     using T = std::conditional_t<std::is_same_v<S, double>, double, float>;
-    const int64_t Np = padded<T>(in.N);
-    const Tensor B_rows = in.B_var ? rows_of(in.B, Np, at_) : Tensor();
-    const Tensor C_rows = in.C_var ? rows_of(in.C, Np, at_) : Tensor();
+    constexpr int64_t W = Vec<T>::size();
     const Scan<S, T> p = make_scan<S, T>(in, B_rows, C_rows, delta_softplus, chunk_size);
-    const int64_t rows = p.batch * p.dim;
-    Tensor carry = at::zeros({rows, p.Np}, acc_opts);
+    const int64_t tasks = p.tasks(), NW = p.N * W;
+    Tensor h = at::zeros({tasks, NW}, acc_opts);
     if (given(grad_last_state)) {
-      carry.narrow(1, 0, p.N).copy_(grad_last_state->reshape({rows, p.N}));
+      const Tensor gl = grad_last_state->to(at_).contiguous();
+      const T* src = gl.data_ptr<T>();
+      T* dst = h.data_ptr<T>();
+      for (int64_t i = 0; i < tasks; ++i) {
+        const Block blk = block_of(p, i);
+        for (int64_t j = 0; j < blk.nc; ++j) {
+          for (int64_t n = 0; n < p.N; ++n) {
+            dst[i * NW + n * W + j] = src[(blk.b * p.dim + blk.d0 + j) * p.N + n];
+          }
+        }
+      }
     }
-    Tensor dA = at::zeros({rows, p.Np}, acc_opts);
-    Tensor dB_fixed = in.B_var ? Tensor() : at::zeros({rows, p.Np}, acc_opts);
-    Tensor dC_fixed = in.C_var ? Tensor() : at::zeros({rows, p.Np}, acc_opts);
-    const int64_t part = p.batch * p.G * p.blocks_per_group * p.chunk * p.Np;
-    Tensor dB_part = in.B_var ? at::empty({part}, acc_opts) : Tensor();
-    Tensor dC_part = in.C_var ? at::empty({part}, acc_opts) : Tensor();
-    Tensor dD = at::zeros({rows}, acc_opts), dbias = at::zeros({rows}, acc_opts);
+    Tensor dA = at::zeros({tasks, NW}, acc_opts);
+    Tensor dB_fixed = in.B_var ? Tensor() : at::zeros({tasks, NW}, acc_opts);
+    Tensor dC_fixed = in.C_var ? Tensor() : at::zeros({tasks, NW}, acc_opts);
+    Tensor dB_part = in.B_var ? at::empty({tasks, p.chunk * p.N}, acc_opts) : Tensor();
+    Tensor dC_part = in.C_var ? at::empty({tasks, p.chunk * p.N}, acc_opts) : Tensor();
+    Tensor dD = at::zeros({tasks, W}, acc_opts), dbias = at::zeros({tasks, W}, acc_opts);
     auto ptr = [](Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
-    Grads<S, T> gr{gout.data_ptr<S>(),
-                   ckpt.data_ptr<T>(),
-                   carry.data_ptr<T>(),
-                   dA.data_ptr<T>(),
-                   ptr(dB_fixed),
-                   ptr(dC_fixed),
-                   ptr(dB_part),
-                   ptr(dC_part),
-                   dD.data_ptr<T>(),
-                   dbias.data_ptr<T>(),
-                   grad_u.data_ptr<S>(),
-                   grad_delta.data_ptr<S>(),
-                   in.z.defined() ? grad_z.data_ptr<S>() : nullptr};
+    const Grads<S, T> gr{
+        gout.data_ptr<S>(), ckpt.data_ptr<T>(),
+        Carried<T>{h.data_ptr<T>(), dA.data_ptr<T>(), ptr(dB_fixed), ptr(dC_fixed),
+                   dD.data_ptr<T>(), dbias.data_ptr<T>()},
+        ptr(dB_part), ptr(dC_part), grad_u.data_ptr<S>(), grad_delta.data_ptr<S>(),
+        in.z.defined() ? grad_z.data_ptr<S>() : nullptr};
     S* gB = in.B_var ? grad_B.data_ptr<S>() : nullptr;
     S* gC = in.C_var ? grad_C.data_ptr<S>() : nullptr;
-    if (in.B_var && in.C_var) {
-      backward_chunks<S, T, true, true>(p, gr, gB, gC);
-    } else if (in.B_var) {
-      backward_chunks<S, T, true, false>(p, gr, gB, gC);
-    } else if (in.C_var) {
-      backward_chunks<S, T, false, true>(p, gr, gB, gC);
-    } else {
-      backward_chunks<S, T, false, false>(p, gr, gB, gC);
-    }
-    grad_A = sum_over_batch<T>(dA, p.batch, p.dim, p.Np, p.N);
-    if (!in.B_var) grad_B = sum_over_batch<T>(dB_fixed, p.batch, p.dim, p.Np, p.N);
-    if (!in.C_var) grad_C = sum_over_batch<T>(dC_fixed, p.batch, p.dim, p.Np, p.N);
-    grad_D = in.D.defined() ? sum_over_batch<T>(dD, p.batch, p.dim, 1, 0)
-                            : at::empty({0}, u.options());
-    grad_bias = in.delta_bias.defined() ? sum_over_batch<T>(dbias, p.batch, p.dim, 1, 0)
+    with_forms(in.B_var, in.C_var, [&](auto b_var, auto c_var) {
+      constexpr bool kBvar = decltype(b_var)::value, kCvar = decltype(c_var)::value;
+      for (int64_t ci = p.nchunks - 1; ci >= 0; --ci) {
+        at::parallel_for(0, tasks, 1, [&](int64_t i0, int64_t i1) {
+          BackwardWork<T> w(p.chunk, p.N, kBvar, kCvar);
+          for (int64_t i = i0; i < i1; ++i) backward_task<S, T, kBvar, kCvar>(p, gr, i, ci, w);
+        });
+        const int64_t t0 = ci * p.chunk, len = std::min(p.chunk, p.L - t0);
+        if constexpr (kBvar) reduce_grouped(p, gr.dB_part, gB, t0, len);
+        if constexpr (kCvar) reduce_grouped(p, gr.dC_part, gC, t0, len);
+      }
+    });
+    grad_A = sum_over_batch(p, dA, p.N);
+    if (!in.B_var) grad_B = sum_over_batch(p, dB_fixed, p.N);
+    if (!in.C_var) grad_C = sum_over_batch(p, dC_fixed, p.N);
+    grad_D = in.D.defined() ? sum_over_batch(p, dD, 0) : at::empty({0}, u.options());
+    grad_bias = in.delta_bias.defined() ? sum_over_batch(p, dbias, 0)
                                         : at::empty({0}, u.options());
-    grad_x0 = in.x0.defined() ? carry.narrow(1, 0, p.N).reshape({p.batch, p.dim, p.N}).clone()
-                              : at::empty({0}, u.options());
+    if (in.x0.defined()) {
+      grad_x0 = at::empty({p.batch, p.dim, p.N}, acc_opts);
+      const T* src = h.data_ptr<T>();
+      T* dst = grad_x0.data_ptr<T>();
+      for (int64_t i = 0; i < tasks; ++i) {
+        const Block blk = block_of(p, i);
+        for (int64_t j = 0; j < blk.nc; ++j) {
+          for (int64_t n = 0; n < p.N; ++n) {
+            dst[(blk.b * p.dim + blk.d0 + j) * p.N + n] = src[i * NW + n * W + j];
+          }
+        }
+      }
+    } else {
+      grad_x0 = at::empty({0}, u.options());
+    }
   });
   return {grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_z, grad_bias, grad_x0};
 }
