@@ -1,4 +1,4 @@
-"""Modules: drop-in LSTM / GRU / RNN."""
+"""Modules: drop-in LSTM / GRU / RNN for torch.nn, and the Mamba block of mamba_ssm."""
 
 from .rnn import GRU, LSTM, RNN, RNNBase
 from .ssm import Mamba
