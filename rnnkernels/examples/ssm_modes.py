@@ -35,8 +35,7 @@ class Settings:
     state_size: int = 16
     batch: int = 1
     lengths: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
-    repeats: int = 3             # best of, for the scan and the convolution
-    loop_repeats: int = 1        # the Python loop takes seconds at 64k: once
+    repeats: int = 3             # best of
     step_repeats: int = 200
 
 
@@ -117,8 +116,7 @@ def run(tiny: bool = False, out: str | Path = "docs", seed: int = 0,
     for L in tqdm(s.lengths, desc="lengths", leave=False):
         u = torch.randn(s.batch, L, s.channels, generator=g)
         for mode in modes:
-            reps = s.loop_repeats if mode == "recurrent" else s.repeats
-            train[mode][L] = time_training(model, u, mode, reps)
+            train[mode][L] = time_training(model, u, mode, s.repeats)
         step_t[L], conv_t[L] = time_next_token(model, u, s)
 
     plt = _common.pyplot()
@@ -165,8 +163,7 @@ state per step) and as a global convolution (for training: parallel over the seq
 Produced by `{_common.command(NAME, argv)}` (seed {seed}) with `rnnkernels.nn.LinearSSM`
 (S4D-Real initialisation, {s.channels} channels x {s.state_size} states, float32, batch
 {s.batch}). The machine is shared with other jobs, so the timings are noisy (best of
-{s.repeats} for the scan and the convolution, one run of the Python loop); their trends, not
-their digits, are the result.
+{s.repeats} runs after a warm-up); their trends, not their digits, are the result.
 {scan_note}
 The modes agree (float64, L = 300, batch 2; gradient of a random projection of y):
 
