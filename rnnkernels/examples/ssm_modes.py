@@ -154,6 +154,8 @@ def run(tiny: bool = False, out: str | Path = "docs", seed: int = 0,
     scan_note = "" if "scan" in modes else (
         "\nThe scan mode is missing from this run: this build has no `rnnkernels.ops.linear_scan`"
         " yet. Run the command again once it has.\n")
+    low, high = (f"{1e6 * f(step_t.values()):.0f}" for f in (min, max))
+    step_range = low if low == high else f"{low} to {high}"
     fastest = ", ".join(f"{L}: {min(modes, key=lambda m: train[m][L])}" for L in s.lengths)
     page = f"""# Linear SSM: recurrence == convolution
 
@@ -175,13 +177,13 @@ Timings against sequence length:
 
 ![time against sequence length for each mode]({png.name})
 
-Reading it: the "recurrent" mode is a Python loop of a few small tensor ops per step, linear in
-L with a large constant per step; the convolution costs O(L N) for the kernel and O(L log L)
-for the FFTs, with every step in parallel. Fastest training step in this run, by L:
-{fastest}. For generation the roles swap: one `step()` from the carried state took
-{1e6 * min(step_t.values()):.0f}-{1e6 * max(step_t.values()):.0f} us at every prefix length,
-while recomputing the convolution over the prefix took {1e3 * min(conv_t.values()):.2f}-
-{1e3 * max(conv_t.values()):.2f} ms, growing with L.
+Reading it: the "recurrent" mode is a Python loop with one fused op per step, linear in L
+with a large constant per step; the convolution costs O(L N) for the kernel and O(L log L) for
+the FFTs, with every step in parallel. Fastest training step in this run, by L: {fastest}.
+
+For generation the roles swap: one `step()` from the carried state took {step_range} us
+whatever the prefix length, while recomputing the convolution over the prefix took {1e3 * conv_t[s.lengths[0]]:.2f} ms
+at L = {s.lengths[0]} and {1e3 * conv_t[s.lengths[-1]]:.2f} ms at L = {s.lengths[-1]}.
 """
     files = [png, _common.write_page(out, NAME, page)]
     return {"agreement": agree, "train": train, "next_token": {"step": step_t, "conv": conv_t},
