@@ -47,12 +47,12 @@ def test_gradient_flow(tmp_path):
     assert g["RNN, ||W_hh|| = 1.1, unit inputs"]["ratios"][far] < small11["ratios"][far]
     # The forget-gate bias opens the highway: a larger bias keeps more gradient, and its gates'
     # product is larger.
-    lstm = [g[f"LSTM, forget bias {b}"] for b in ("0", "+1", "+2")]
+    lstm = [g[f"LSTM (forget bias {b})"] for b in ("0", "+1", "+2")]
     assert lstm[0]["ratios"][far] < lstm[1]["ratios"][far] < lstm[2]["ratios"][far]
     assert lstm[0]["gates"][far] < lstm[1]["gates"][far] < lstm[2]["gates"][far]
 
-    final = {label: res["curve"][-1][1] for label, res in r["recall"].items()}
-    for gated in ("LSTM, forget bias +2", "GRU"):
+    final = {label: res["curve"][-1][1] for label, res in r["recall"]["mixed"].items()}
+    for gated in ("LSTM (forget bias +2)", "GRU"):
         assert final[gated] > 0.9, final
     # Over seeds 0-4 the RNN ended between 12% and 48% (chance: 12.5%), the gated cells at 100%.
     assert final["RNN (tanh)"] < 0.6, final

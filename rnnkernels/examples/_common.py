@@ -48,10 +48,13 @@ def pyplot():
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A markdown table; floats keep the text they were given (format them before)."""
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+    """A markdown table; numbers appear as given (format them before). A "|" inside a cell (a
+    norm, ||W||) is escaped so it does not split the cell."""
+    def line(cells: Sequence[object]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(headers), "|" + "|".join("---" for _ in headers) + "|"]
+                     + [line(row) for row in rows])
 
 
 def write_page(out: Path, name: str, text: str) -> Path:

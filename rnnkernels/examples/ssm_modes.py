@@ -35,8 +35,7 @@ class Settings:
     state_size: int = 16
     batch: int = 1
     lengths: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
-    repeats: int = 3             # best of, for the scan and the convolution
-    loop_repeats: int = 1        # the Python loop takes seconds at 64k: once
+    repeats: int = 3             # best of
     step_repeats: int = 200
 
 
@@ -118,8 +117,7 @@ def run(tiny: bool = False, out: str | Path = "docs", seed: int = 0,
     for L in tqdm(s.lengths, desc="lengths", leave=False):
         u = torch.randn(s.batch, L, s.channels, generator=g)
         for mode in modes:
-            reps = s.loop_repeats if mode == "recurrent" else s.repeats
-            train[mode][L] = time_training(model, u, mode, reps)
+            train[mode][L] = time_training(model, u, mode, s.repeats)
         step_t[L], conv_t[L] = time_next_token(model, u, s)
 
     plt = _common.pyplot()
@@ -157,6 +155,8 @@ def run(tiny: bool = False, out: str | Path = "docs", seed: int = 0,
     scan_note = "" if "scan" in modes else (
         "\nThe scan mode is missing from this run: this build has no `rnnkernels.ops.linear_scan`"
         " yet. Run the command again once it has.\n")
+    low, high = (f"{1e6 * f(step_t.values()):.0f}" for f in (min, max))
+    step_range = low if low == high else f"{low} to {high}"
     fastest = ", ".join(f"{L}: {min(modes, key=lambda m: train[m][L])}" for L in s.lengths)
     page = f"""# Linear SSM: recurrence == convolution
 
@@ -166,8 +166,7 @@ state per step) and as a global convolution (for training: parallel over the seq
 Produced by `{_common.command(NAME, argv)}` (seed {seed}) with `rnnkernels.nn.LinearSSM`
 (S4D-Real initialisation, {s.channels} channels x {s.state_size} states, float32, batch
 {s.batch}). The machine is shared with other jobs, so the timings are noisy (best of
-{s.repeats} for the scan and the convolution, one run of the Python loop); their trends, not
-their digits, are the result.
+{s.repeats} runs after a warm-up); their trends, not their digits, are the result.
 {scan_note}
 The modes agree (float64, L = 300, batch 2; gradient of a random projection of y):
 
@@ -179,13 +178,13 @@ Timings against sequence length:
 
 ![time against sequence length for each mode]({png.name})
 
-Reading it: the "recurrent" mode is a Python loop of a few small tensor ops per step, linear in
-L with a large constant per step; the convolution costs O(L N) for the kernel and O(L log L)
-for the FFTs, with every step in parallel. Fastest training step in this run, by L:
-{fastest}. For generation the roles swap: one `step()` from the carried state took
-{1e6 * min(step_t.values()):.0f}-{1e6 * max(step_t.values()):.0f} us at every prefix length,
-while recomputing the convolution over the prefix took {1e3 * min(conv_t.values()):.2f}-
-{1e3 * max(conv_t.values()):.2f} ms, growing with L.
+Reading it: the "recurrent" mode is a Python loop with one fused op per step, linear in L
+with a large constant per step; the convolution costs O(L N) for the kernel and O(L log L) for
+the FFTs, with every step in parallel. Fastest training step in this run, by L: {fastest}.
+
+For generation the roles swap: one `step()` from the carried state took {step_range} us
+whatever the prefix length, while recomputing the convolution over the prefix took {1e3 * conv_t[s.lengths[0]]:.2f} ms
+at L = {s.lengths[0]} and {1e3 * conv_t[s.lengths[-1]]:.2f} ms at L = {s.lengths[-1]}.
 """
     files = [png, _common.write_page(out, NAME, page)]
     return {"agreement": agree, "train": train, "next_token": {"step": step_t, "conv": conv_t},

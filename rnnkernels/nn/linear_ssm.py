@@ -10,9 +10,11 @@ diagonal states:
     kernel:      K_l = sum_n C_n Bb_n Ab_n^l,  y = (K * u)_causal + D u
 
 Because the recurrence is linear and time-invariant, the same output is a causal convolution
-with K: the recurrence costs O(L N) per channel with O(N) state (inference, one token at a
-time), the convolution O(L N) to build K plus O(L log L) through the FFT, with every step in
-parallel (training).
+with K: the recurrence costs O(L N) per channel in L sequential steps, and :meth:`step` carries
+only the O(N) state (inference, one token at a time); the convolution costs O(L N) to build K
+plus O(L log L) through the FFT, with every step in parallel (training). Over a whole sequence
+the "recurrent" and "scan" modes keep every state, (batch, L, channels, N), for the readout and
+the backward; the "conv" mode keeps the Vandermonde matrix Ab^l, (channels, N, L).
 
 Initialisation (S4D-Real, Gu et al. 2022, "On the Parameterization and Initialization of
 Diagonal State Space Models"): A_n = -(n + 1) for n = 0..N-1 (the diagonal of HiPPO-LegS), B_n = 1,
