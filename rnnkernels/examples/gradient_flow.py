@@ -404,7 +404,8 @@ test the trained model at shorter lags.
 
 {t2_fixed}
 
-With the lag varying ({verdict}): {mixed_summary}. With a single fixed lag: {fixed_summary}. The shorter lags tell what was learned: a model that
+With the lag varying ({verdict}): {mixed_summary}.
+With a single fixed lag: {fixed_summary}. The shorter lags tell what was learned: a model that
 scores at lag {s.lag} but near chance at lags {", ".join(str(lag) for lag in lags)} does not
 remember the token; it decodes where its deterministic, input-free trajectory stands after
 exactly {s.lag} steps, a solution that exists only because every training sequence had the same

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import rnnkernels
 from rnnkernels.nn import LinearSSM
+from rnnkernels.nn.linear_ssm import MODES
 
 from . import _common
 
@@ -40,11 +40,6 @@ class Settings:
 
 
 TINY = Settings(channels=4, state_size=4, lengths=(64, 256), repeats=1, step_repeats=10)
-
-
-def available_modes() -> list[str]:
-    return ["recurrent", "scan", "conv"] if hasattr(rnnkernels.ops, "linear_scan") \
-        else ["recurrent", "conv"]
 
 
 def agreement(model: LinearSSM, u: torch.Tensor,
@@ -106,7 +101,7 @@ def run(tiny: bool = False, out: str | Path = "docs", seed: int = 0,
     s = TINY if tiny else Settings()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    modes = available_modes()
+    modes = list(MODES)
     torch.manual_seed(seed)
     model = LinearSSM(s.channels, s.state_size)
     g = torch.Generator().manual_seed(seed)
@@ -152,9 +147,6 @@ def run(tiny: bool = False, out: str | Path = "docs", seed: int = 0,
         [[L] + [f"{1e3 * train[m][L]:.1f}" for m in modes]
          + [f"{1e6 * step_t[L]:.0f}", f"{1e3 * conv_t[L]:.2f}"] for L in s.lengths])
     print(t_agree, t_time, sep="\n\n")
-    scan_note = "" if "scan" in modes else (
-        "\nThe scan mode is missing from this run: this build has no `rnnkernels.ops.linear_scan`"
-        " yet. Run the command again once it has.\n")
     low, high = (f"{1e6 * f(step_t.values()):.0f}" for f in (min, max))
     step_range = low if low == high else f"{low} to {high}"
     fastest = ", ".join(f"{L}: {min(modes, key=lambda m: train[m][L])}" for L in s.lengths)
@@ -167,7 +159,7 @@ Produced by `{_common.command(NAME, argv)}` (seed {seed}) with `rnnkernels.nn.Li
 (S4D-Real initialisation, {s.channels} channels x {s.state_size} states, float32, batch
 {s.batch}). The machine is shared with other jobs, so the timings are noisy (best of
 {s.repeats} runs after a warm-up); their trends, not their digits, are the result.
-{scan_note}
+
 The modes agree (float64, L = 300, batch 2; gradient of a random projection of y):
 
 {t_agree}
@@ -183,8 +175,9 @@ with a large constant per step; the convolution costs O(L N) for the kernel and 
 the FFTs, with every step in parallel. Fastest training step in this run, by L: {fastest}.
 
 For generation the roles swap: one `step()` from the carried state took {step_range} us
-whatever the prefix length, while recomputing the convolution over the prefix took {1e3 * conv_t[s.lengths[0]]:.2f} ms
-at L = {s.lengths[0]} and {1e3 * conv_t[s.lengths[-1]]:.2f} ms at L = {s.lengths[-1]}.
+whatever the prefix length, while recomputing the convolution over the prefix took
+{1e3 * conv_t[s.lengths[0]]:.2f} ms at L = {s.lengths[0]} and
+{1e3 * conv_t[s.lengths[-1]]:.2f} ms at L = {s.lengths[-1]}.
 """
     files = [png, _common.write_page(out, NAME, page)]
     return {"agreement": agree, "train": train, "next_token": {"step": step_t, "conv": conv_t},
