@@ -315,24 +315,9 @@ def test_selective_scan_opcheck():
 
 
 def test_selective_scan_compile_fullgraph():
-    from rnnkernels.ops import selective_scan
+    from test_selective_scan import check_compile_matches_eager
 
-    inputs = scan_inputs(2, 4, 9, 4, initial_state=True)
-
-    def fn(u, delta, A, B, C, D, z, delta_bias, x0):
-        out, last = selective_scan(u, delta, A, B, C, D, z, delta_bias, True, True,
-                                   initial_state=x0)
-        return out.sum() + last.square().sum()
-
-    leaves = [inputs[k].requires_grad_() for k in ARGS]
-    with rnnkernels.use_backend("cuda"):
-        loss = torch.compile(fn, fullgraph=True)(*leaves)
-        grads = torch.autograd.grad(loss, leaves)
-        loss_e = fn(*leaves)
-        grads_e = torch.autograd.grad(loss_e, leaves)
-    torch.testing.assert_close(loss, loss_e)
-    for g, ge in zip(grads, grads_e):
-        torch.testing.assert_close(g, ge)
+    check_compile_matches_eager(scan_inputs(2, 4, 9, 4, initial_state=True), "cuda")
 
 
 # ================================================================== linear scan

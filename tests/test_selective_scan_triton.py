@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_selective_scan import ARGS, check_against_reference, make_inputs
+from test_selective_scan import (
+    ARGS,
+    check_against_reference,
+    check_compile_matches_eager,
+    make_inputs,
+)
 
 import rnnkernels
 from rnnkernels import _kernels
@@ -69,17 +74,4 @@ def test_triton_gpu_opcheck_and_compile():
            inputs["initial_state"], ckpt, 16)
     torch.library.opcheck(T.selective_scan_bwd_triton, bwd)
 
-    def fn(*tensors):
-        out, last = rnnkernels.ops.selective_scan(*tensors[:8], True, True,
-                                                  initial_state=tensors[8])
-        return out.sum() + last.square().sum()
-
-    leaves = [inputs[k].requires_grad_() for k in ARGS]
-    with rnnkernels.use_backend("triton"):
-        loss = torch.compile(fn, fullgraph=True)(*leaves)
-        grads = torch.autograd.grad(loss, leaves)
-        loss_e = fn(*leaves)
-        grads_e = torch.autograd.grad(loss_e, leaves)
-    torch.testing.assert_close(loss, loss_e)
-    for g, ge in zip(grads, grads_e):
-        torch.testing.assert_close(g, ge)
+    check_compile_matches_eager(inputs, "triton")
