@@ -3,7 +3,7 @@ states and every gradient, for every cell, dtype, direction, projection and leng
 
 import pytest
 import torch
-from conftest import assert_close
+from conftest import assert_close, tol
 
 import rnnkernels
 from rnnkernels.ops import recurrence as R
@@ -185,3 +185,31 @@ def test_backward_after_no_save_raises():
                                                 None, R.RNN_TANH, False, False)
     with pytest.raises(RuntimeError, match="save=False"):
         y.sum().backward()
+
+
+@pytest.mark.parametrize("cell", [R.LSTM, R.RNN_TANH])
+def test_gate_math_over_the_float_range(cell):
+    """The kernels' own float exp / sigmoid / tanh (csrc/cpu/recurrence.cpp) against float64 over
+    tiny, ordinary, saturating and overflowing pre-activations, NaN and +-Inf: one step with
+    W_hh = 0 is the cell's pointwise function of gx alone."""
+    G = R.NUM_GATES[cell]
+    H = 48
+    mags = torch.cat([torch.logspace(-9, 2.3, 400), torch.tensor([0.0, 1e30, float("inf")])])
+    vals = torch.cat([mags, -mags, torch.tensor([float("nan")])])
+    vals = vals[torch.randperm(vals.numel())]
+    B = (vals.numel() * G + G * H - 1) // (G * H)
+    gx = torch.cat([vals.repeat(G), torch.randn(B * G * H)])[: B * G * H].view(1, B, G * H)
+    h0 = torch.zeros(B, H)
+    c0 = torch.randn(B, H) if cell == R.LSTM else None
+    w = torch.zeros(G * H, H)
+    y, _, c, _, _ = torch.ops.rnnkernels.recurrence_fwd(gx, h0, c0, w, None, None, None, cell,
+                                                        False, False)
+    g = gx[0].double()
+    if cell == R.LSTM:
+        i, f, gg, o = (t.view(B, H) for t in g.view(B, 4, H).unbind(1))
+        c_ref = torch.sigmoid(f) * c0.double() + torch.sigmoid(i) * torch.tanh(gg)
+        y_ref = torch.sigmoid(o) * torch.tanh(c_ref)
+        torch.testing.assert_close(c.double(), c_ref, **tol(torch.float32), equal_nan=True)
+    else:
+        y_ref = torch.tanh(g)
+    torch.testing.assert_close(y[0].double(), y_ref, **tol(torch.float32), equal_nan=True)

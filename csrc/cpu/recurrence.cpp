@@ -49,12 +49,42 @@ namespace {
 // Work per task below which a step's pointwise pass stays on one thread.
 constexpr int64_t kMinUnitsPerTask = 16384;
 
+// exp for the gates, inlined: a call to Sleef's exp forces every live vector register of the
+// pointwise pass to the stack around it (five calls per LSTM unit vector). Cody-Waite reduction
+// x = n ln2 + r, |r| <= ln2 / 2, Taylor series of e^r to r^7 (truncation < 2e-9 relative), and
+// 2^n applied by scalef, which also gives inf / 0 past the float range. About 1 ulp; NaN
+// propagates. Float on AVX-512 only; elsewhere at::vec's exp.
+template <typename T>
+inline Vectorized<T> fast_exp(Vectorized<T> x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m512 v = x;
+    const __m512 xc = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-104.f)), _mm512_set1_ps(90.f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), xc);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+    __m512 q = _mm512_set1_ps(1.f / 5040.f);
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.f / 720.f));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.f / 120.f));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.f / 24.f));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.f / 6.f));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.5f));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.f));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.f));
+    const __m512 e = _mm512_scalef_ps(q, n);
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), e, v);
+  }
+#endif
+  return x.exp();
+}
+
 template <typename T>
 struct VecMath {
   using V = Vectorized<T>;
   static V one() { return V(T(1)); }
   static V zero() { return V(T(0)); }
-  static V sigmoid(V x) { return V(T(1)) / (V(T(1)) + x.neg().exp()); }
+  static V sigmoid(V x) { return V(T(1)) / (V(T(1)) + fast_exp<T>(x.neg())); }
   // float: tanh from one exp, about 2.5x cheaper than Sleef's tanh (the LSTM's forward and
   // backward each take one per unit per step): (1 - e^-2|x|) / (1 + e^-2|x|), and below
   // |x| = 1/8, where that difference cancels, the odd Taylor series to x^9 (truncation < 1e-11
@@ -62,7 +92,7 @@ struct VecMath {
   static V tanh_(V x) {
     if constexpr (std::is_same_v<T, float>) {
       const V ax = x.abs();
-      const V e = (ax * V(-2.f)).exp();
+      const V e = fast_exp<T>(ax * V(-2.f));
       const V big = (V(1.f) - e) / (V(1.f) + e);
       const V x2 = x * x;
       V poly = at::vec::fmadd(x2, V(62.f / 2835.f), V(-17.f / 315.f));
@@ -621,6 +651,25 @@ void run_team(int64_t step_work, const F& body) {
   });
 }
 
+// Prefetches share p of `parts` of the row segments [rows[b] + off, + len) (elements of S) into
+// L2: the pointwise pass after a step's GEMM reads the step's gx (forward) or workspace
+// (backward) slices that no cache holds yet; fetched during the GEMM, they arrive for free.
+template <typename S>
+void prefetch_share(const S* base, int64_t nrows, int64_t row_stride, int64_t nseg,
+                    int64_t seg_stride, int64_t len, int64_t p, int64_t parts) {
+#if defined(__x86_64__) || defined(_M_X64)
+  constexpr int64_t kLine = 64 / sizeof(S);
+  const int64_t per_seg = (len + kLine - 1) / kLine;
+  const int64_t total = nrows * nseg * per_seg;
+  const int64_t l0 = total * p / parts, l1 = total * (p + 1) / parts;
+  for (int64_t l = l0; l < l1; ++l) {
+    const int64_t seg = l / per_seg, line = l % per_seg;
+    const S* q = base + (seg / nseg) * row_stride + (seg % nseg) * seg_stride + line * kLine;
+    _mm_prefetch(reinterpret_cast<const char*>(q), _MM_HINT_T1);
+  }
+#endif
+}
+
 // Units [u0, u1) of thread k of n, in whole SIMD vectors where possible.
 template <typename T>
 std::pair<int64_t, int64_t> unit_range(int64_t H, int64_t k, int64_t n) {
@@ -659,7 +708,9 @@ void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor&
           pb.save ? ws.data_ptr<T>() + t * B * KH : nullptr, y.data_ptr<S>() + t * B * P,
           nullptr};
       if (nk > 0) {
-        w_own.multiply(B, st.hin, P, gh_p, ldg);
+        w_own.multiply(B, st.hin, P, gh_p, ldg, [&](int64_t p, int64_t parts) {
+          prefetch_share(st.gx + u0, B, GH, G, H, nk, p, parts);
+        });
         for (int64_t b = 0; b < B; ++b) {
           if (pb.masked(t, b)) {
             forward_masked_units(pb, st, b, u0, u1);
@@ -677,7 +728,7 @@ template <typename S, typename T>
 void backward_persistent(const Problem<S, T>& pb, const Tensor& grad_y, const Tensor& c0,
                          const Tensor& w, const Tensor& hs, const Tensor& ws, Tensor& dh,
                          Tensor& dc, Tensor& dgx, Tensor& dgh) {
-  const int64_t B = pb.batch, H = pb.hidden, P = pb.out, GH = pb.gates * H;
+  const int64_t B = pb.batch, H = pb.hidden, P = pb.out, GH = pb.gates * H, KH = pb.wsu * H;
   const S* gy_p = grad_y.defined() ? grad_y.data_ptr<S>() : nullptr;
   const bool dgx_is_dgh = static_cast<void*>(dgx.data_ptr()) == static_cast<void*>(dgh.data_ptr());
   Tensor dhd = at::empty({B, P}, dh.options());
@@ -713,7 +764,11 @@ void backward_persistent(const Problem<S, T>& pb, const Tensor& grad_y, const Te
       barrier.wait();
       if (nk == 0) continue;
       // dh_{t-1}[:, own units] = direct part + dgh_t @ W_hh[:, own units]
-      w_own.multiply(B, st.dgh, GH, part_p, nk);
+      // while it runs, fetch the workspace the next (earlier) step's pointwise pass reads
+      const T* ws_next = s > 0 ? ws.data_ptr<T>() + pb.time(s - 1) * B * KH : nullptr;
+      w_own.multiply(B, st.dgh, GH, part_p, nk, [&](int64_t p, int64_t parts) {
+        if (ws_next) prefetch_share(ws_next + u0, B, KH, pb.wsu, H, nk, p, parts);
+      });
       for (int64_t b = 0; b < B; ++b) {
         for (int64_t u = 0; u < nk; ++u) {
           dh_p[b * P + u0 + u] = dhd_p[b * P + u0 + u] + part_p[b * nk + u];
