@@ -54,10 +54,7 @@ class PackedPanels {
   }
 
   // C[m * ldc + n] = sum_k A[m * lda + k] * B(k, n) [+ bias(n)] for m < M, n < N.
-  // after_panel(p, panels) runs after each panel: the caller's chance to prefetch what it reads
-  // next while the multiply-adds, not memory, set the pace.
-  template <typename F>
-  void multiply(int64_t M, const T* a, int64_t lda, T* c, int64_t ldc, const F& after_panel) const {
+  void multiply(int64_t M, const T* a, int64_t lda, T* c, int64_t ldc) const {
     if (M <= 0 || N_ <= 0) return;
     const int64_t blocks = (M + kMR - 1) / kMR;
     const int64_t base = M / blocks, extra = M % blocks;
@@ -83,7 +80,6 @@ class PackedPanels {
         }
         m0 += rows;
       }
-      after_panel(p, panels_);
     }
   }
 

@@ -651,25 +651,6 @@ void run_team(int64_t step_work, const F& body) {
   });
 }
 
-// Prefetches share p of `parts` of the row segments [rows[b] + off, + len) (elements of S) into
-// L2: the pointwise pass after a step's GEMM reads the step's gx (forward) or workspace
-// (backward) slices that no cache holds yet; fetched during the GEMM, they arrive for free.
-template <typename S>
-void prefetch_share(const S* base, int64_t nrows, int64_t row_stride, int64_t nseg,
-                    int64_t seg_stride, int64_t len, int64_t p, int64_t parts) {
-#if defined(__x86_64__) || defined(_M_X64)
-  constexpr int64_t kLine = 64 / sizeof(S);
-  const int64_t per_seg = (len + kLine - 1) / kLine;
-  const int64_t total = nrows * nseg * per_seg;
-  const int64_t l0 = total * p / parts, l1 = total * (p + 1) / parts;
-  for (int64_t l = l0; l < l1; ++l) {
-    const int64_t seg = l / per_seg, line = l % per_seg;
-    const S* q = base + (seg / nseg) * row_stride + (seg % nseg) * seg_stride + line * kLine;
-    _mm_prefetch(reinterpret_cast<const char*>(q), _MM_HINT_T1);
-  }
-#endif
-}
-
 // Units [u0, u1) of thread k of n, in whole SIMD vectors where possible.
 template <typename T>
 std::pair<int64_t, int64_t> unit_range(int64_t H, int64_t k, int64_t n) {
@@ -708,9 +689,7 @@ void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor&
           pb.save ? ws.data_ptr<T>() + t * B * KH : nullptr, y.data_ptr<S>() + t * B * P,
           nullptr};
       if (nk > 0) {
-        w_own.multiply(B, st.hin, P, gh_p, ldg, [&](int64_t p, int64_t parts) {
-          prefetch_share(st.gx + u0, B, GH, G, H, nk, p, parts);
-        });
+        w_own.multiply(B, st.hin, P, gh_p, ldg);
         for (int64_t b = 0; b < B; ++b) {
           if (pb.masked(t, b)) {
             forward_masked_units(pb, st, b, u0, u1);
@@ -728,7 +707,7 @@ template <typename S, typename T>
 void backward_persistent(const Problem<S, T>& pb, const Tensor& grad_y, const Tensor& c0,
                          const Tensor& w, const Tensor& hs, const Tensor& ws, Tensor& dh,
                          Tensor& dc, Tensor& dgx, Tensor& dgh) {
-  const int64_t B = pb.batch, H = pb.hidden, P = pb.out, GH = pb.gates * H, KH = pb.wsu * H;
+  const int64_t B = pb.batch, H = pb.hidden, P = pb.out, GH = pb.gates * H;
   const S* gy_p = grad_y.defined() ? grad_y.data_ptr<S>() : nullptr;
   const bool dgx_is_dgh = static_cast<void*>(dgx.data_ptr()) == static_cast<void*>(dgh.data_ptr());
   Tensor dhd = at::empty({B, P}, dh.options());
@@ -764,11 +743,7 @@ void backward_persistent(const Problem<S, T>& pb, const Tensor& grad_y, const Te
       barrier.wait();
       if (nk == 0) continue;
       // dh_{t-1}[:, own units] = direct part + dgh_t @ W_hh[:, own units]
-      // while it runs, fetch the workspace the next (earlier) step's pointwise pass reads
-      const T* ws_next = s > 0 ? ws.data_ptr<T>() + pb.time(s - 1) * B * KH : nullptr;
-      w_own.multiply(B, st.dgh, GH, part_p, nk, [&](int64_t p, int64_t parts) {
-        if (ws_next) prefetch_share(ws_next + u0, B, KH, pb.wsu, H, nk, p, parts);
-      });
+      w_own.multiply(B, st.dgh, GH, part_p, nk);
       for (int64_t b = 0; b < B; ++b) {
         for (int64_t u = 0; u < nk; ++u) {
           dh_p[b * P + u0 + u] = dhd_p[b * P + u0 + u] + part_p[b * nk + u];
