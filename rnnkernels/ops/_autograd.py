@@ -48,10 +48,11 @@ def register_autograd(op: object, backward: Callable, setup_context: Callable) -
     fwd = overload(op)
 
     def below_autograd(keyset, args):
-        # Redispatch with the call's keyset, as a built-in op's Autograd kernel does: under a
-        # torch.func grad transform this goes down to the next level, which records its own
-        # backward.
-        return fwd.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+        # As a built-in op's Autograd kernel: autograd excluded for the kernel's own ATen calls,
+        # redispatch with the call's keyset. Under a torch.func grad transform this goes down
+        # to the next level, which records its own backward.
+        with torch._C._AutoDispatchBelowAutograd():
+            return fwd.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 
     def forward(keyset, *args):
         # Function.apply turns grad mode off for the forward; the levels below (outer torch.func
@@ -63,7 +64,12 @@ def register_autograd(op: object, backward: Callable, setup_context: Callable) -
         setup_context(ctx, inputs[1:], output)
 
     def backward_(ctx, *grads):
-        return None, *backward(ctx, *grads)
+        needs = ctx.needs_input_grad
+        ctx.needs_input_grad = needs[1:]  # as the op's arguments, without the keyset
+        try:
+            return None, *backward(ctx, *grads)
+        finally:
+            ctx.needs_input_grad = needs
 
     # A single-level Function: the kernel runs inside the dispatcher, at the Autograd key of
     # whichever autograd level (plain, or one torch.func grad transform) is processing the op,
