@@ -100,7 +100,7 @@ def _hvp_of_penalty(fn, inputs, weights_at):
     ``weights_at``: a first-order backward with create_graph, then a second backward."""
     torch.manual_seed(1)
     outs = [o for o in _outputs(fn(*inputs)) if o is not None]
-    loss = sum((o * torch.randn_like(o)).sum() for o in outs)
+    loss = sum((o * torch.randn(o.shape, dtype=F64).to(o.dtype)).sum() for o in outs)
     diff = [t for t in inputs if t is not None]
     grads = torch.autograd.grad(loss, diff, create_graph=True)
     penalty = sum(g.pow(2).sum() for g in grads)
@@ -145,6 +145,12 @@ def test_penalty_gradient_matches_reference():
         (recurrence_fn(R.GRU_RESET_BEFORE, None, False),
          recurrence_ref(R.GRU_RESET_BEFORE, None, False), recurrence_inputs(R.GRU_RESET_BEFORE),
          (0, 1, 3)),
+        # h0 depends on gx: the partial derivatives must not count that path twice
+        (lambda gx, w, b: recurrence_fn(R.RNN_TANH, None, False)(gx, gx[0].tanh(), None, w, b,
+                                                                  None),
+         lambda gx, w, b: recurrence_ref(R.RNN_TANH, None, False)(gx, gx[0].tanh(), None, w, b,
+                                                                   None),
+         recurrence_inputs(R.RNN_TANH)[::3][:1] + recurrence_inputs(R.RNN_TANH)[3:5], (0, 1, 2)),
         (scan_fn(rnnkernels.ops.selective_scan), scan_fn(selective_scan_reference),
          scan_inputs(), (2, 3, 5, 7)),
         (rnnkernels.ops.linear_scan, linear_scan_reference, linear_inputs(), (0, 1, 2)),
@@ -255,12 +261,13 @@ def test_func_grad_vjp_jacrev_recurrence(name):
     second = [tf.grad(lambda w, f=f: tf.grad(scalar(f), argnums=1)(inputs[0], w).sum())(
         inputs[3]) for f in (fn, ref)]
     assert_close(second[0], second[1])
-    out, vjp_fn = tf.vjp(fn, *inputs[:2], inputs[2], *inputs[3:5], inputs[5])
+    def three(f):
+        return lambda gx, h0, w_hh: f(gx, h0, inputs[2], w_hh, inputs[4], inputs[5])
+
+    out, vjp_fn = tf.vjp(three(fn), inputs[0], inputs[1], inputs[3])
     cot = tuple(torch.randn_like(o) for o in out)
-    out_r, vjp_r = tf.vjp(ref, *inputs[:2], inputs[2], *inputs[3:5], inputs[5])
-    for g, w in zip(vjp_fn(cot), vjp_r(cot)):
-        if w is not None:
-            assert_close(g, w)
+    for g, w in zip(vjp_fn(cot), tf.vjp(three(ref), inputs[0], inputs[1], inputs[3])[1](cot)):
+        assert_close(g, w)
     assert_close(tf.jacrev(lambda w: fn(inputs[0], inputs[1], inputs[2], w, inputs[4],
                                         inputs[5])[0])(inputs[3]),
                  tf.jacrev(lambda w: ref(inputs[0], inputs[1], inputs[2], w, inputs[4],
@@ -371,34 +378,45 @@ triton_interpreted = pytest.mark.skipif(
 
 
 @triton_interpreted
-def test_triton_second_order_and_vmap():
-    """The Triton ops, float32: penalty gradient against the float64 reference, vmap against a
-    loop, per-sample gradients (vmap of the fused Triton backward)."""
-    f32 = torch.float32
+def test_triton_recurrence_second_order_and_vmap():
+    """The Triton recurrence, float32: penalty gradient against the float64 reference; vmap
+    and per-sample gradients (vmap of the fused Triton backward) with per-sample weights
+    against a loop."""
     lengths = torch.tensor([3, 1])
-    inputs = recurrence_inputs(R.LSTM, dtype=f32)
+    inputs = recurrence_inputs(R.LSTM, dtype=torch.float32)
     ref_inputs = [t if t is None else t.detach().double().requires_grad_() for t in inputs]
-    with _backend.use_backend("triton"):
-        got = _hvp_of_penalty(recurrence_fn(R.LSTM, lengths, False, "triton"), inputs, (0, 3))
     want = _hvp_of_penalty(recurrence_ref(R.LSTM, lengths, False), ref_inputs, (0, 3))
+    with _backend.use_backend("triton"), OpCounter() as counter:
+        got = _hvp_of_penalty(recurrence_fn(R.LSTM, lengths, False, "triton"), inputs, (0, 3))
+        gx, h0, c0, w_hh, b_hh, _ = (t if t is None else t.detach() for t in inputs)
+        lstm = recurrence_fn(R.LSTM, None, False, "triton")
+        batch = (torch.stack([gx, -gx], 1), torch.stack([w_hh, -w_hh]))
+        _check_vmap(lambda gx, w_hh: lstm(gx, h0, c0, w_hh, b_hh, None), (1, 0), batch, 2)
+        _check_vmap(tf.grad(lambda gx, w_hh: lstm(gx, h0, c0, w_hh, b_hh, None)[0].sum(),
+                            argnums=(0, 1)), (1, 0), batch, 2)
+    assert set(counter.calls) == {"recurrence_fwd_triton", "recurrence_bwd_triton"}
     for g, w in zip(got, want):
         assert_close(g, w, scale=10)
-    a, b, h0 = linear_inputs(dtype=f32)
-    s_in = scan_inputs(L=3, dtype=f32)
-    with _backend.use_backend("triton"):
-        got_l = _hvp_of_penalty(rnnkernels.ops.linear_scan, (a, b, h0), (0,))
-        got_s = _hvp_of_penalty(scan_fn(rnnkernels.ops.selective_scan), s_in, (2,))
-        gx, h, c, w, bias, _ = (t if t is None else t.detach() for t in inputs)
-        lstm = recurrence_fn(R.LSTM, None, False, "triton")
-        _check_vmap(lambda gx, w: lstm(gx, h, c, w, bias, None), (1, 0),
-                    (torch.stack([gx, -gx], 1), torch.stack([w, -w])), 2)
-        u, delta, A, B, C, D, z, db, h0 = (t.detach() for t in s_in)
-        scan = scan_fn(rnnkernels.ops.selective_scan)
+
+
+@triton_interpreted
+def test_triton_scans_second_order_and_vmap():
+    """The Triton scans, float32: penalty gradient against the float64 reference; per-sample
+    gradients (vmap of the fused Triton backward) against a loop."""
+    lin = linear_inputs(dtype=torch.float32)
+    sel = scan_inputs(L=3, dtype=torch.float32)
+    scan = scan_fn(rnnkernels.ops.selective_scan)
+    want_lin = _hvp_of_penalty(linear_scan_reference,
+                               [t.detach().double().requires_grad_() for t in lin], (0,))
+    want_sel = _hvp_of_penalty(scan_fn(selective_scan_reference),
+                               [t.detach().double().requires_grad_() for t in sel], (2,))
+    with _backend.use_backend("triton"), OpCounter() as counter:
+        got_lin = _hvp_of_penalty(rnnkernels.ops.linear_scan, lin, (0,))
+        got_sel = _hvp_of_penalty(scan, sel, (2,))
+        u, delta, A, B, C, D, z, db, h0 = (t.detach() for t in sel)
         _check_vmap(tf.grad(lambda u, A: scan(u, delta, A, B, C, D, z, db, h0)[0].sum(),
                             argnums=(0, 1)), (0, None), (torch.stack([u, -u]), A), 2)
-    want_l = _hvp_of_penalty(linear_scan_reference,
-                             [t.detach().double().requires_grad_() for t in (a, b, h0)], (0,))
-    want_s = _hvp_of_penalty(scan_fn(selective_scan_reference),
-                             [t.detach().double().requires_grad_() for t in s_in], (2,))
-    assert_close(got_l[0], want_l[0], scale=10)
-    assert_close(got_s[0], want_s[0], scale=10)
+    assert set(counter.calls) == {"linear_scan_fwd_triton", "linear_scan_bwd_triton",
+                                  "selective_scan_fwd_triton", "selective_scan_bwd_triton"}
+    assert_close(got_lin[0], want_lin[0], scale=10)
+    assert_close(got_sel[0], want_sel[0], scale=10)

@@ -127,6 +127,10 @@ def differentiable_vjp(fn: Callable, inputs: Sequence[Tensor | None],
     as a graph that can be differentiated again: the gradient w.r.t. each input whose ``needs``
     is set, None for the others."""
     with torch.enable_grad():
+        # Fresh aliases, so that autograd.grad gives the partial derivatives: an input may
+        # depend on another (Mamba's delta on u), and the derivative w.r.t. the original would
+        # add that path, which the caller's graph adds again.
+        inputs = [t.view_as(t) if t is not None and t.requires_grad else t for t in inputs]
         outputs = fn(*inputs)
     pairs = [(o, g) for o, g in zip(outputs, grads)
              if o is not None and g is not None and o.requires_grad]

@@ -75,7 +75,8 @@ def register_autograd(fwd_op, bwd_op) -> None:
         a, h, initial_state = ctx.saved_tensors
         if graph_needed(grad_h, a, h, initial_state):
             return _backward_differentiable(fwd, grad_h, a, h, initial_state)
-        grad_a, grad_b, grad_h0 = bwd(grad_h, a, h, initial_state)
+        with torch.no_grad():  # the fused op has no autograd, and no graph is needed
+            grad_a, grad_b, grad_h0 = bwd(grad_h, a, h, initial_state)
         return grad_a, grad_b, (None if initial_state is None else grad_h0)
 
     _autograd.register_autograd(fwd, backward, _setup_context)

@@ -135,8 +135,10 @@ def register_recurrence(fwd_name: str, bwd_name: str) -> None:
         if graph_needed(*inputs, grad_y, grad_h_n, grad_c_n):
             grads = _backward_differentiable(ctx, inputs, lengths, (grad_y, grad_h_n, grad_c_n))
             return (*grads, None, None, None, None)
-        dgx, dh0, dc0, dw_hh, db_hh, dw_hr = bwd_op(
-            grad_y, grad_h_n, grad_c_n, c0, w_hh, w_hr, lengths, hs, ws, ctx.cell, ctx.reverse)
+        with torch.no_grad():  # the fused op has no autograd, and no graph is needed
+            dgx, dh0, dc0, dw_hh, db_hh, dw_hr = bwd_op(
+                grad_y, grad_h_n, grad_c_n, c0, w_hh, w_hr, lengths, hs, ws, ctx.cell,
+                ctx.reverse)
         return (dgx, dh0, dc0 if ctx.cell == LSTM else None, dw_hh,
                 db_hh if b_hh is not None else None, dw_hr if w_hr is not None else None, None,
                 None, None, None)

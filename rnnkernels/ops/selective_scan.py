@@ -117,8 +117,9 @@ def register_autograd(fwd_op, bwd_op) -> None:
         if graph_needed(*inputs, grad_out, grad_last_state):
             g = _backward_differentiable(ctx, inputs, (grad_out, grad_last_state))
             return (*g[:8], None, g[8], None, None)
-        g = bwd(grad_out, grad_last_state, u, delta, A, B, C, D, z, delta_bias,
-                ctx.delta_softplus, initial_state, checkpoints, ctx.chunk_size)
+        with torch.no_grad():  # the fused op has no autograd, and no graph is needed
+            g = bwd(grad_out, grad_last_state, u, delta, A, B, C, D, z, delta_bias,
+                    ctx.delta_softplus, initial_state, checkpoints, ctx.chunk_size)
 
         def given(grad, t):
             return None if t is None else grad
