@@ -203,6 +203,21 @@ def test_module_penalty_matches_reference_backend(mode):
         assert_close(g, w)
 
 
+def test_second_order_support_keeps_no_input_projection():
+    """The forward saves x / w_ih / b_ih (kept by the projection's backward anyway) instead of
+    gx (T, B, 4H) for the differentiable backward, in the module and the functional path."""
+    T, B, I, H = 5, 3, 2, 4
+    lstm = rnnkernels.nn.LSTM(I, H, dtype=F64)
+    x = torch.randn(T, B, I, dtype=F64, requires_grad=True)
+    h0, c0 = torch.zeros(B, H, dtype=F64), torch.zeros(B, H, dtype=F64)
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(t.shape) or t,
+                                                  lambda t: t):
+        lstm(x)
+        rnnkernels.ops.lstm(x, (h0, c0), lstm.weight_ih_l0, lstm.weight_hh_l0)
+    assert (T, B, I) in shapes and (T, B, 4 * H) not in shapes, shapes
+
+
 def test_mamba_hessian_vector_product_matches_reference_backend():
     mamba = rnnkernels.nn.Mamba(4, d_state=3, d_conv=2, expand=1, dtype=F64)
     x = torch.randn(2, 5, 4, dtype=F64)

@@ -8,6 +8,8 @@ input projection as usual and through the recurrence by the registered backward 
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -65,6 +67,15 @@ def _recurrence_bwd_fake(grad_y, grad_h_n, grad_c_n, c0, w_hh, w_hr, lengths, hs
             w_hh.new_empty((P, H)) if w_hr is not None else w_hh.new_empty((0,)))
 
 
+class _Projection(threading.local):
+    """(gx, x, w_ih, b_ih) of the :func:`projected_recurrence` call in flight on this thread."""
+
+    source: tuple | None = None
+
+
+_projection = _Projection()
+
+
 def _setup_context(ctx, inputs, output):
     gx, h0, c0, w_hh, b_hh, w_hr, lengths, cell, reverse, save = inputs
     _, _, _, hs, ws = output
@@ -72,9 +83,13 @@ def _setup_context(ctx, inputs, output):
     # Unused outputs (hs, ws, often h_n / c_n) get no gradient instead of materialised zeros:
     # the backward op takes them as optional.
     ctx.set_materialize_grads(False)
-    # gx, h0 and b_hh serve the differentiable backward only (references, no copies); gx is
-    # the one that costs memory: it stays alive until the backward.
-    ctx.save_for_backward(gx, h0, c0, w_hh, b_hh, w_hr, lengths, hs, ws)
+    # The differentiable backward needs gx. Saving it would keep (T, B, G*H) alive until the
+    # backward; when gx is F.linear(x, w_ih, b_ih) of projected_recurrence, x, w_ih and b_ih,
+    # which that linear's backward keeps anyway, are saved instead and gx is recomputed.
+    source = _projection.source
+    ctx.projected = source is not None and source[0] is gx
+    gx_from = source[1:] if ctx.projected else (gx,)
+    ctx.save_for_backward(*gx_from, h0, c0, w_hh, b_hh, w_hr, lengths, hs, ws)
 
 
 def _backward_differentiable(ctx, inputs, lengths, grads):
@@ -129,11 +144,12 @@ def register_recurrence(fwd_name: str, bwd_name: str) -> None:
             raise RuntimeError(f"rnnkernels: {fwd_name} was called with save=False, so it kept "
                                "nothing to differentiate; call it with save=True when a "
                                "gradient is needed")
-        gx, h0, c0, w_hh, b_hh, w_hr, lengths, hs, ws = ctx.saved_tensors
+        *gx_from, h0, c0, w_hh, b_hh, w_hr, lengths, hs, ws = ctx.saved_tensors
         grad_c_n = grad_c_n if ctx.cell == LSTM else None
-        inputs = (gx, h0, c0, w_hh, b_hh, w_hr)
-        if graph_needed(*inputs, grad_y, grad_h_n, grad_c_n):
-            grads = _backward_differentiable(ctx, inputs, lengths, (grad_y, grad_h_n, grad_c_n))
+        if graph_needed(*gx_from, h0, c0, w_hh, b_hh, w_hr, grad_y, grad_h_n, grad_c_n):
+            gx = F.linear(*gx_from) if ctx.projected else gx_from[0]
+            grads = _backward_differentiable(ctx, (gx, h0, c0, w_hh, b_hh, w_hr), lengths,
+                                             (grad_y, grad_h_n, grad_c_n))
             return (*grads, None, None, None, None)
         with torch.no_grad():  # the fused op has no autograd, and no graph is needed
             dgx, dh0, dc0, dw_hh, db_hh, dw_hr = bwd_op(
@@ -193,6 +209,25 @@ def recurrence(gx: Tensor, h0: Tensor, c0: Tensor | None, w_hh: Tensor, b_hh: Te
     return y, h_n, c_n
 
 
+def projected_recurrence(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, h0: Tensor,
+                         c0: Tensor | None, w_hh: Tensor, b_hh: Tensor | None,
+                         w_hr: Tensor | None, lengths: Tensor | None, cell: int, reverse: bool,
+                         backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`recurrence` of gx = x W_ih^T + b_ih (x: (T, B, I), w_ih: (G*H, I)), whose
+    autograd saves x, w_ih and b_ih instead of gx for second-order gradients (no memory beyond
+    what the projection's backward keeps)."""
+    gx = F.linear(x, w_ih, b_ih)
+    if torch.compiler.is_compiling():
+        # A compiled graph keeps what its traced backward reads, and that (first order) reads
+        # no gx.
+        return recurrence(gx, h0, c0, w_hh, b_hh, w_hr, lengths, cell, reverse, backend)
+    _projection.source = (gx, x, w_ih, b_ih)
+    try:
+        return recurrence(gx, h0, c0, w_hh, b_hh, w_hr, lengths, cell, reverse, backend)
+    finally:
+        _projection.source = None
+
+
 def _check_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell):
     _validate.tensor("x", x, ndim=3, floating=True)
     _validate.nonempty("x", x, [(0, "time step"), (1, "batch row")])
@@ -243,9 +278,8 @@ def _layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reverse):
     backend = _backend.choose("recurrence", x.device, compute_dtype(x))
     if backend == "reference":
         return reference_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reverse)
-    gx = F.linear(x, w_ih, b_ih)
-    y, h_n, c_n = recurrence(gx, h0, c0 if cell == LSTM else None, w_hh, b_hh, w_hr, lengths,
-                             cell, reverse, backend)
+    y, h_n, c_n = projected_recurrence(x, w_ih, b_ih, h0, c0 if cell == LSTM else None, w_hh,
+                                       b_hh, w_hr, lengths, cell, reverse, backend)
     return y, h_n, (c_n if cell == LSTM else None)
 
 
