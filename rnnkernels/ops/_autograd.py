@@ -6,7 +6,10 @@ autograd.Function whose forward takes ``ctx``, which every torch.func transform 
 override the setup_context staticmethod", pytorch/pytorch#168393). :func:`register_autograd`
 registers the same thing, an Autograd kernel that runs the op below autograd and records a
 backward, through an autograd.Function with a separate ``setup_context``, so ``torch.func.grad``,
-``vjp`` and ``jacrev`` work as well as eager autograd and ``torch.compile``.
+``vjp`` and ``jacrev`` work as well as eager autograd and ``torch.compile``. This leans on
+private torch APIs (``_SingleLevelFunction``, ``enable_single_level_autograd_function``,
+``torch._C._functorch``, ``_AutoDispatchBelowAutograd``), as functorch's own handling of
+autograd.Function does; tests/test_func.py checks them on the pinned torch.
 """
 
 from __future__ import annotations

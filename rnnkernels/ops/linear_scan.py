@@ -1,5 +1,9 @@
 """Functional API of the first-order linear scan h_t = a_t * h_{t-1} + b_t, the recurrence of
-diagonal linear state-space models, on the backend chosen by :mod:`rnnkernels._backend`."""
+diagonal linear state-space models, on the backend chosen by :mod:`rnnkernels._backend`.
+
+Gradients of every order stay fused: the first order is the backward op, higher orders write the
+gradients as linear scans of the forward op. torch.func ``grad``, ``vjp``, ``jacrev`` and
+``vmap`` work (vmap folds the vmapped dimension into the batch: one kernel call)."""
 
 from __future__ import annotations
 

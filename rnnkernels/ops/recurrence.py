@@ -4,10 +4,17 @@ Every function takes time-major input x (T, B, I) and the layer's weights in tor
 computes the input projection for all steps as one GEMM (``x @ w_ih^T + b_ih``) and runs the
 sequential part in the backend chosen by :mod:`rnnkernels._backend`. Autograd flows through the
 input projection as usual and through the recurrence by the registered backward op.
+
+Second order (``create_graph=True``, Hessian-vector products, gradient penalties): the first
+order stays the fused backward op; a backward whose result must be differentiable recomputes the
+recurrence with the plain-PyTorch reference and differentiates that (slower, any order).
+torch.func: ``grad``, ``vjp``, ``jacrev`` and ``vmap`` (vmap rules on the ops: a vmapped
+dimension on the inputs and states folds into the batch; per-sample weights loop).
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import torch
@@ -161,8 +168,7 @@ def register_recurrence(fwd_name: str, bwd_name: str) -> None:
 
     _autograd.register_autograd(fwd, backward, _setup_context)
     torch.library.register_vmap(fwd, _vmap_forward(fwd))
-    torch.library.register_vmap(
-        bwd_op, lambda info, in_dims, *args: _autograd.vmap_by_loop(bwd_op, info, in_dims, *args))
+    torch.library.register_vmap(bwd_op, functools.partial(_autograd.vmap_by_loop, bwd_op))
 
 
 register_recurrence("rnnkernels::recurrence_fwd", "rnnkernels::recurrence_bwd")

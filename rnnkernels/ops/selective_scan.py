@@ -5,10 +5,16 @@
 (dim, N) or (batch, G, N, L); A, D, delta_bias and the state in the accumulation dtype) and runs
 the op of the backend chosen by :mod:`rnnkernels._backend`. The forward keeps only the states at
 chunk starts; the backward recomputes the states chunk by chunk from them.
+
+Second order: the first order stays the fused backward op; a backward whose result must be
+differentiable (``create_graph=True``, grad of grad) differentiates the reference scan instead
+(slower, any order). torch.func ``grad``, ``vjp``, ``jacrev`` and ``vmap`` work (vmap rules on
+the ops).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -129,8 +135,7 @@ def register_autograd(fwd_op, bwd_op) -> None:
 
     _autograd.register_autograd(fwd, backward, _setup_context)
     torch.library.register_vmap(fwd, _vmap_forward(fwd))
-    torch.library.register_vmap(
-        bwd, lambda info, in_dims, *args: _autograd.vmap_by_loop(bwd, info, in_dims, *args))
+    torch.library.register_vmap(bwd, functools.partial(_autograd.vmap_by_loop, bwd))
 
 
 register_autograd("rnnkernels::selective_scan_fwd", torch.ops.rnnkernels.selective_scan_bwd)
