@@ -356,6 +356,27 @@ def test_vmap_recurrence(name, weights):
     _check_vmap(tf.grad(loss, argnums=(0, 1)), (1, wd), (gxs, w_hhs), V)
 
 
+def test_vmap_then_backward():
+    """Plain autograd through a vmapped call (folded into one kernel call) equals the loop's."""
+    gx, h0, c0, w_hh, b_hh, _ = recurrence_inputs(R.GRU)
+    gxs = torch.stack([gx, 2 * gx], dim=1).detach().requires_grad_()
+    fn = recurrence_fn(R.GRU, None, True)
+
+    def run(gx_batched):
+        return tf.vmap(lambda g: fn(g, h0, c0, w_hh, b_hh, None)[0], in_dims=1)(gx_batched)
+
+    def looped(gx_batched):
+        return torch.stack([fn(gx_batched[:, i], h0, c0, w_hh, b_hh, None)[0]
+                            for i in range(2)])
+
+    with OpCounter() as counter:
+        got = torch.autograd.grad(run(gxs).pow(2).sum(), (gxs, h0, w_hh, b_hh))
+    assert counter.calls == {"recurrence_fwd": 1, "recurrence_bwd": 1}
+    want = torch.autograd.grad(looped(gxs).pow(2).sum(), (gxs, h0, w_hh, b_hh))
+    for g, w in zip(got, want):
+        assert_close(g, w)
+
+
 @pytest.mark.parametrize("fixed_b", [False, True])
 def test_vmap_selective_scan(fixed_b):
     V = 2
