@@ -162,8 +162,9 @@ def test_penalty_gradient_matches_reference():
 
 
 def test_first_order_runs_the_fused_backward():
-    """create_graph=False runs the fused backward op; create_graph=True the differentiable path
-    (no backward op for the recurrence / selective scan; forward-op scans for the linear scan)."""
+    """create_graph=False and torch.func.grad run the fused backward op; create_graph=True the
+    differentiable path (no backward op for the recurrence / selective scan; forward-op scans
+    for the linear scan)."""
     lengths = torch.tensor([3, 2])
     cases = [
         (recurrence_fn(R.LSTM, lengths, False), recurrence_inputs(R.LSTM), "recurrence_bwd"),
@@ -177,7 +178,12 @@ def test_first_order_runs_the_fused_backward():
                 torch.autograd.grad(loss, [t for t in inputs if t is not None],
                                     create_graph=create_graph)
             assert counter.calls.get(bwd, 0) == (0 if create_graph else 1), (bwd, counter.calls)
-    assert counter.calls == {"linear_scan_fwd": 1}
+        # one torch.func.grad runs its backward with grad mode on, but needs no graph
+        detached = [t if t is None else t.detach() for t in inputs]
+        with OpCounter() as counter:
+            tf.grad(lambda first, *rest, f=fn: sum(o.sum() for o in _outputs(f(first, *rest))))(
+                *detached)
+        assert counter.calls.get(bwd, 0) == 1, (bwd, counter.calls)
 
 
 # ------------------------------------------------------------------ modules
@@ -315,6 +321,24 @@ def test_func_scans():
     hess = [tf.jacrev(tf.jacrev(lambda a, s=s: s(a, b, h).pow(2).sum()))(a)
             for s in (rnnkernels.ops.linear_scan, linear_scan_reference)]
     assert_close(hess[0], hess[1])
+
+
+def test_forward_mode_is_refused():
+    """Forward-mode AD would drop the tangent silently: every op refuses it by name."""
+    a, b, _ = (t.detach() for t in linear_inputs())
+    gx, h0, c0, w_hh, b_hh, _ = (t if t is None else t.detach()
+                                 for t in recurrence_inputs(R.LSTM))
+    u, delta, A, B, C, D, z, db, h = (t.detach() for t in scan_inputs())
+    cases = [
+        (lambda a: rnnkernels.ops.linear_scan(a, b), a, "linear_scan_fwd"),
+        (lambda w: recurrence_fn(R.LSTM, None, False)(gx, h0, c0, w, b_hh, None)[0], w_hh,
+         "recurrence_fwd"),
+        (lambda u: scan_fn(rnnkernels.ops.selective_scan)(u, delta, A, B, C, D, z, db, h)[0], u,
+         "selective_scan_fwd"),
+    ]
+    for fn, primal, op in cases:
+        with pytest.raises(NotImplementedError, match=f"{op} has no forward-mode derivative"):
+            tf.jvp(fn, (primal,), (torch.ones_like(primal),))
 
 
 # ------------------------------------------------------------------ vmap

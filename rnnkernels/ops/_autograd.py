@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from torch._C import _functorch as _ft
 from torch._functorch.utils import enable_single_level_autograd_function
+from torch.autograd import forward_ad
 
 # Python-side kernel registrations of this package (a Library must outlive its kernels).
 _LIBS: dict[str, torch.library.Library] = {}
@@ -84,6 +85,11 @@ def register_autograd(op: object, backward: Callable, setup_context: Callable) -
     })
 
     def autograd_kernel(keyset, *args):
+        if _has_tangent(args):
+            raise NotImplementedError(
+                f"rnnkernels: {fwd._opname} has no forward-mode derivative (torch.func.jvp, "
+                "jacfwd, hessian); use reverse mode: vjp, jacrev, jacrev(jacrev(f)) for a "
+                "Hessian")
         if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad
                                            for a in args):
             with enable_single_level_autograd_function():
@@ -95,6 +101,13 @@ def register_autograd(op: object, backward: Callable, setup_context: Callable) -
         # replacing it is the point, not a mistake the warning should report.
         warnings.filterwarnings("ignore", "(?s).*Overriding a previously registered kernel")
         _library(fwd).impl(fwd, autograd_kernel, "Autograd", with_keyset=True)
+
+
+def _has_tangent(args: tuple) -> bool:
+    """Whether forward-mode AD (a dual level, torch.func.jvp) carries a tangent on an argument:
+    the op would drop it silently."""
+    return forward_ad._current_level >= 0 and any(
+        isinstance(a, Tensor) and forward_ad.unpack_dual(a).tangent is not None for a in args)
 
 
 def _grad_levels(t: Tensor) -> list[int]:
