@@ -233,8 +233,8 @@ class RNNBase(nn.Module):
         if backend == "reference":
             return R.reference_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell,
                                      reverse)
-        gx = F.linear(x, w_ih, b_ih)
-        return R.recurrence(gx, h0, c0, w_hh, b_hh, w_hr, lengths, cell, reverse, backend)
+        return R.projected_recurrence(x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths, cell,
+                                      reverse, backend)
 
 
 class LSTM(RNNBase):

@@ -4,9 +4,18 @@ Every function takes time-major input x (T, B, I) and the layer's weights in tor
 computes the input projection for all steps as one GEMM (``x @ w_ih^T + b_ih``) and runs the
 sequential part in the backend chosen by :mod:`rnnkernels._backend`. Autograd flows through the
 input projection as usual and through the recurrence by the registered backward op.
+
+Second order (``create_graph=True``, Hessian-vector products, gradient penalties): the first
+order stays the fused backward op; a backward whose result must be differentiable recomputes the
+recurrence with the plain-PyTorch reference and differentiates that (slower, any order).
+torch.func: ``grad``, ``vjp``, ``jacrev`` and ``vmap`` (vmap rules on the ops: a vmapped
+dimension on the inputs and states folds into the batch; per-sample weights loop).
 """
 
 from __future__ import annotations
+
+import functools
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +26,9 @@ from .. import (
     _kernels,  # noqa: F401  (loads the ops before the registrations below)
     _validate,
 )
-from ..reference import gru_reference, lstm_reference, rnn_reference
+from ..reference import gru_recurrence, lstm_recurrence, rnn_recurrence
+from . import _autograd
+from ._autograd import batched, differentiable_vjp, fold, graph_needed, overload, unfold
 
 LSTM, GRU, GRU_RESET_BEFORE, RNN_TANH, RNN_RELU = range(5)
 NUM_GATES = {LSTM: 4, GRU: 3, GRU_RESET_BEFORE: 3, RNN_TANH: 1, RNN_RELU: 1}
@@ -63,6 +74,15 @@ def _recurrence_bwd_fake(grad_y, grad_h_n, grad_c_n, c0, w_hh, w_hr, lengths, hs
             w_hh.new_empty((P, H)) if w_hr is not None else w_hh.new_empty((0,)))
 
 
+class _Projection(threading.local):
+    """(gx, x, w_ih, b_ih) of the :func:`projected_recurrence` call in flight on this thread."""
+
+    source: tuple | None = None
+
+
+_projection = _Projection()
+
+
 def _setup_context(ctx, inputs, output):
     gx, h0, c0, w_hh, b_hh, w_hr, lengths, cell, reverse, save = inputs
     _, _, _, hs, ws = output
@@ -70,32 +90,85 @@ def _setup_context(ctx, inputs, output):
     # Unused outputs (hs, ws, often h_n / c_n) get no gradient instead of materialised zeros:
     # the backward op takes them as optional.
     ctx.set_materialize_grads(False)
-    ctx.has_bias, ctx.has_proj = b_hh is not None, w_hr is not None
-    ctx.save_for_backward(c0, w_hh, w_hr, lengths, hs, ws)
+    # The differentiable backward needs gx. Saving it would keep (T, B, G*H) alive until the
+    # backward; when gx is F.linear(x, w_ih, b_ih) of projected_recurrence, x, w_ih and b_ih,
+    # which that linear's backward keeps anyway, are saved instead and gx is recomputed.
+    source = _projection.source
+    ctx.projected = source is not None and source[0] is gx
+    gx_from = source[1:] if ctx.projected else (gx,)
+    ctx.save_for_backward(*gx_from, h0, c0, w_hh, b_hh, w_hr, lengths, hs, ws)
+
+
+def _backward_differentiable(ctx, inputs, lengths, grads):
+    """First-order gradients that can be differentiated again: the reference recurrence (in
+    the accumulation dtype, as the kernels compute) recomputed from the saved inputs."""
+    dtype = inputs[0].dtype
+    acc = _acc_dtype(dtype)
+
+    def forward(*tensors):
+        y, h, c = reference_recurrence(*(t if t is None else t.to(acc) for t in tensors),
+                                       lengths, ctx.cell, ctx.reverse)
+        return y.to(dtype), h.to(dtype), (None if c is None else c.to(dtype))
+
+    return differentiable_vjp(forward, inputs, grads, ctx.needs_input_grad[:6])
+
+
+def _vmap_forward(op):
+    """vmap of a recurrence forward: a vmapped dimension on gx / h0 / c0 / lengths only folds
+    into the batch dimension (one kernel call); per-sample weights run one call each."""
+
+    def rule(info, in_dims, gx, h0, c0, w_hh, b_hh, w_hr, lengths, cell, reverse, save):
+        args = (gx, h0, c0, w_hh, b_hh, w_hr, lengths, cell, reverse, save)
+        if batched(in_dims, 3, 4, 5):
+            return _autograd.vmap_by_loop(op, info, in_dims, *args)
+        n = info.batch_size
+        y, h_n, c_n, hs, ws = op(fold(gx, in_dims[0], 1, n), fold(h0, in_dims[1], 0, n),
+                                 fold(c0, in_dims[2], 0, n), w_hh, b_hh, w_hr,
+                                 fold(lengths, in_dims[6], 0, n), cell, reverse, save)
+        lstm = cell == LSTM
+        outs = (unfold(y, 1, n), unfold(h_n, 0, n), unfold(c_n, 0, n) if lstm else c_n,
+                unfold(hs, 1, n) if save else hs, unfold(ws, 1, n) if save else ws)
+        return outs, (1, 0, 0 if lstm else None, 1 if save else None, 1 if save else None)
+
+    return rule
 
 
 def register_recurrence(fwd_name: str, bwd_name: str) -> None:
-    """Fake kernels and autograd of a pair of recurrence ops with the schemas of
-    recurrence_fwd / recurrence_bwd (one pair per backend: C++, Triton)."""
+    """Fake kernels, autograd and vmap rules of a pair of recurrence ops with the schemas of
+    recurrence_fwd / recurrence_bwd (one pair per backend: C++, Triton).
+
+    First order (``create_graph=False``, one ``torch.func.grad``): the fused backward op. When
+    the gradients must be differentiable themselves (``create_graph=True``, grad of grad,
+    Hessian-vector products), the backward recomputes the forward with the reference
+    recurrence from the saved inputs and differentiates that: slower, any order. vmap of the
+    backward op runs one call per sample, as its weight gradients sum over the batch."""
     torch.library.register_fake(fwd_name, _recurrence_fwd_fake)
     torch.library.register_fake(bwd_name, _recurrence_bwd_fake)
-    namespace, name = bwd_name.split("::")
-    bwd_op = getattr(getattr(torch.ops, namespace), name)
+    fwd, bwd_op = overload(fwd_name), overload(bwd_name)
 
     def backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_hs, _grad_ws):
         if not ctx.save:
             raise RuntimeError(f"rnnkernels: {fwd_name} was called with save=False, so it kept "
                                "nothing to differentiate; call it with save=True when a "
                                "gradient is needed")
-        c0, w_hh, w_hr, lengths, hs, ws = ctx.saved_tensors
-        dgx, dh0, dc0, dw_hh, db_hh, dw_hr = bwd_op(
-            grad_y, grad_h_n, grad_c_n if ctx.cell == LSTM else None, c0, w_hh, w_hr, lengths,
-            hs, ws, ctx.cell, ctx.reverse)
+        *gx_from, h0, c0, w_hh, b_hh, w_hr, lengths, hs, ws = ctx.saved_tensors
+        grad_c_n = grad_c_n if ctx.cell == LSTM else None
+        if graph_needed(*gx_from, h0, c0, w_hh, b_hh, w_hr, grad_y, grad_h_n, grad_c_n):
+            gx = F.linear(*gx_from) if ctx.projected else gx_from[0]
+            grads = _backward_differentiable(ctx, (gx, h0, c0, w_hh, b_hh, w_hr), lengths,
+                                             (grad_y, grad_h_n, grad_c_n))
+            return (*grads, None, None, None, None)
+        with torch.no_grad():  # the fused op has no autograd, and no graph is needed
+            dgx, dh0, dc0, dw_hh, db_hh, dw_hr = bwd_op(
+                grad_y, grad_h_n, grad_c_n, c0, w_hh, w_hr, lengths, hs, ws, ctx.cell,
+                ctx.reverse)
         return (dgx, dh0, dc0 if ctx.cell == LSTM else None, dw_hh,
-                db_hh if ctx.has_bias else None, dw_hr if ctx.has_proj else None, None, None,
-                None, None)
+                db_hh if b_hh is not None else None, dw_hr if w_hr is not None else None, None,
+                None, None, None)
 
-    torch.library.register_autograd(fwd_name, backward, setup_context=_setup_context)
+    _autograd.register_autograd(fwd, backward, _setup_context)
+    torch.library.register_vmap(fwd, _vmap_forward(fwd))
+    torch.library.register_vmap(bwd_op, functools.partial(_autograd.vmap_by_loop, bwd_op))
 
 
 register_recurrence("rnnkernels::recurrence_fwd", "rnnkernels::recurrence_bwd")
@@ -142,6 +215,25 @@ def recurrence(gx: Tensor, h0: Tensor, c0: Tensor | None, w_hh: Tensor, b_hh: Te
     return y, h_n, c_n
 
 
+def projected_recurrence(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, h0: Tensor,
+                         c0: Tensor | None, w_hh: Tensor, b_hh: Tensor | None,
+                         w_hr: Tensor | None, lengths: Tensor | None, cell: int, reverse: bool,
+                         backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`recurrence` of gx = x W_ih^T + b_ih (x: (T, B, I), w_ih: (G*H, I)), whose
+    autograd saves x, w_ih and b_ih instead of gx for second-order gradients (no memory beyond
+    what the projection's backward keeps)."""
+    gx = F.linear(x, w_ih, b_ih)
+    if torch.compiler.is_compiling():
+        # A compiled graph keeps what its traced backward reads, and that (first order) reads
+        # no gx.
+        return recurrence(gx, h0, c0, w_hh, b_hh, w_hr, lengths, cell, reverse, backend)
+    _projection.source = (gx, x, w_ih, b_ih)
+    try:
+        return recurrence(gx, h0, c0, w_hh, b_hh, w_hr, lengths, cell, reverse, backend)
+    finally:
+        _projection.source = None
+
+
 def _check_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell):
     _validate.tensor("x", x, ndim=3, floating=True)
     _validate.nonempty("x", x, [(0, "time step"), (1, "batch row")])
@@ -169,16 +261,22 @@ def _check_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell):
     return H, P
 
 
+def reference_recurrence(gx, h0, c0, w_hh, b_hh, w_hr, lengths, cell, reverse):
+    """The reference of the recurrence from gx for any cell; returns (y, h_n, c_n or None)."""
+    if cell == LSTM:
+        return lstm_recurrence(gx, h0, c0, w_hh, b_hh, w_hr, lengths, reverse)
+    if cell in (GRU, GRU_RESET_BEFORE):
+        y, h = gru_recurrence(gx, h0, w_hh, b_hh, cell == GRU, lengths, reverse)
+    else:
+        y, h = rnn_recurrence(gx, h0, w_hh, b_hh, "tanh" if cell == RNN_TANH else "relu",
+                              lengths, reverse)
+    return y, h, None
+
+
 def reference_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reverse):
     """The reference of one layer for any cell; returns (y, h_n, c_n or None)."""
-    if cell == LSTM:
-        return lstm_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
-    if cell in (GRU, GRU_RESET_BEFORE):
-        y, h = gru_reference(x, h0, w_ih, w_hh, b_ih, b_hh, cell == GRU, lengths, reverse)
-    else:
-        y, h = rnn_reference(x, h0, w_ih, w_hh, b_ih, b_hh, "tanh" if cell == RNN_TANH else "relu",
-                             lengths, reverse)
-    return y, h, None
+    return reference_recurrence(F.linear(x, w_ih, b_ih), h0, c0, w_hh, b_hh, w_hr, lengths, cell,
+                                reverse)
 
 
 def _layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reverse):
@@ -186,9 +284,8 @@ def _layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reverse):
     backend = _backend.choose("recurrence", x.device, compute_dtype(x))
     if backend == "reference":
         return reference_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reverse)
-    gx = F.linear(x, w_ih, b_ih)
-    y, h_n, c_n = recurrence(gx, h0, c0 if cell == LSTM else None, w_hh, b_hh, w_hr, lengths,
-                             cell, reverse, backend)
+    y, h_n, c_n = projected_recurrence(x, w_ih, b_ih, h0, c0 if cell == LSTM else None, w_hh,
+                                       b_hh, w_hr, lengths, cell, reverse, backend)
     return y, h_n, (c_n if cell == LSTM else None)
 
 

@@ -5,10 +5,16 @@
 (dim, N) or (batch, G, N, L); A, D, delta_bias and the state in the accumulation dtype) and runs
 the op of the backend chosen by :mod:`rnnkernels._backend`. The forward keeps only the states at
 chunk starts; the backward recomputes the states chunk by chunk from them.
+
+Second order: the first order stays the fused backward op; a backward whose result must be
+differentiable (``create_graph=True``, grad of grad) differentiates the reference scan instead
+(slower, any order). torch.func ``grad``, ``vjp``, ``jacrev`` and ``vmap`` work (vmap rules on
+the ops).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -16,6 +22,8 @@ from torch import Tensor
 
 from .. import _backend, _kernels, _validate
 from ..reference import selective_scan_reference
+from . import _autograd
+from ._autograd import batched, differentiable_vjp, fold, graph_needed, overload, unfold
 from .recurrence import _needs_grad
 
 # Largest state size N the kernels take (as mamba_ssm's).
@@ -58,8 +66,52 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, output[2])
 
 
+def _backward_differentiable(ctx, inputs, grads):
+    """First-order gradients that can be differentiated again: the reference scan recomputed
+    from the saved inputs (all of which the fused backward keeps anyway), differentiated."""
+    u, delta, A, B, C, D, z, delta_bias, initial_state = inputs
+
+    def forward(u, delta, A, B, C, D, z, delta_bias, initial_state):
+        return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus,
+                                        True, initial_state=initial_state)
+
+    needs = ctx.needs_input_grad
+    return differentiable_vjp(forward, inputs, grads, needs[:8] + needs[9:10])
+
+
+# Positions in selective_scan_fwd's arguments.
+_U, _DELTA, _A, _B, _C, _D, _Z, _DELTA_BIAS, _INITIAL = 0, 1, 2, 3, 4, 5, 6, 7, 9
+
+
+def _vmap_forward(op):
+    """vmap of a selective-scan forward: a vmapped dimension on the per-row arguments (u,
+    delta, z, initial_state, time-varying B / C) folds into the batch dimension (one kernel
+    call); per-sample A, D, delta_bias or fixed (dim, N) B / C run one call each."""
+
+    def rule(info, in_dims, *args):
+        fixed = [p for p in (_B, _C) if args[p].dim() - (in_dims[p] is not None) == 2]
+        if batched(in_dims, _A, _D, _DELTA_BIAS, *fixed):
+            return _autograd.vmap_by_loop(op, info, in_dims, *args)
+        n = info.batch_size
+        rows = {_U, _DELTA, _B, _C, _Z, _INITIAL} - set(fixed)
+        args = [fold(a, d, 0, n) if p in rows else a for p, (a, d) in enumerate(zip(args, in_dims))]
+        out, last_state, checkpoints = op(*args)
+        save = checkpoints.numel() > 0
+        return ((unfold(out, 0, n), unfold(last_state, 0, n),
+                 unfold(checkpoints, 0, n) if save else checkpoints), (0, 0, 0 if save else None))
+
+    return rule
+
+
 def register_autograd(fwd_op, bwd_op) -> None:
-    """Registers the backward of a selective-scan forward op (C++ or Triton) with its bwd op."""
+    """Registers the backward and vmap rules of a selective-scan op pair (C++ or Triton).
+
+    First order (``create_graph=False``, one ``torch.func.grad``): the fused backward op. When
+    the gradients must be differentiable themselves (``create_graph=True``, grad of grad), the
+    backward recomputes the scan with the reference from the saved inputs and differentiates
+    it: slower, any order. vmap of the backward op runs one call per sample, as the gradients
+    of A, D, delta_bias and fixed B / C sum over the batch."""
+    fwd, bwd = overload(fwd_op), overload(bwd_op)
 
     def backward(ctx, grad_out, grad_last_state, _grad_checkpoints):
         if not ctx.save:
@@ -67,8 +119,13 @@ def register_autograd(fwd_op, bwd_op) -> None:
                                "kept no states to differentiate; call it with save=True when a "
                                "gradient is needed")
         u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints = ctx.saved_tensors
-        g = bwd_op(grad_out, grad_last_state, u, delta, A, B, C, D, z, delta_bias,
-                   ctx.delta_softplus, initial_state, checkpoints, ctx.chunk_size)
+        inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+        if graph_needed(*inputs, grad_out, grad_last_state):
+            g = _backward_differentiable(ctx, inputs, (grad_out, grad_last_state))
+            return (*g[:8], None, g[8], None, None)
+        with torch.no_grad():  # the fused op has no autograd, and no graph is needed
+            g = bwd(grad_out, grad_last_state, u, delta, A, B, C, D, z, delta_bias,
+                    ctx.delta_softplus, initial_state, checkpoints, ctx.chunk_size)
 
         def given(grad, t):
             return None if t is None else grad
@@ -76,7 +133,9 @@ def register_autograd(fwd_op, bwd_op) -> None:
         return (g[0], g[1], g[2], g[3], g[4], given(g[5], D), given(g[6], z),
                 given(g[7], delta_bias), None, given(g[8], initial_state), None, None)
 
-    torch.library.register_autograd(fwd_op, backward, setup_context=_setup_context)
+    _autograd.register_autograd(fwd, backward, _setup_context)
+    torch.library.register_vmap(fwd, _vmap_forward(fwd))
+    torch.library.register_vmap(bwd, functools.partial(_autograd.vmap_by_loop, bwd))
 
 
 register_autograd("rnnkernels::selective_scan_fwd", torch.ops.rnnkernels.selective_scan_bwd)

@@ -4,8 +4,15 @@ They define what correct means for every kernel of the package and never call ou
 """
 
 from .linear_scan import linear_scan_reference
-from .recurrence import gru_reference, lstm_reference, rnn_reference
+from .recurrence import (
+    gru_recurrence,
+    gru_reference,
+    lstm_recurrence,
+    lstm_reference,
+    rnn_recurrence,
+    rnn_reference,
+)
 from .selective_scan import selective_scan_reference
 
-__all__ = ["gru_reference", "linear_scan_reference", "lstm_reference", "rnn_reference",
-           "selective_scan_reference"]
+__all__ = ["gru_recurrence", "gru_reference", "linear_scan_reference", "lstm_recurrence",
+           "lstm_reference", "rnn_recurrence", "rnn_reference", "selective_scan_reference"]
