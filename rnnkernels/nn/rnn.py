@@ -22,6 +22,13 @@ from ..ops import recurrence as R
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 
 
+def _autocast_cast(t: object, like: Tensor) -> bool:
+    """Whether floating ``t`` is to take ``like``'s dtype: inside an autocast region of its
+    device, where the dtypes of activations differ from the parameters' by design."""
+    return (isinstance(t, Tensor) and t.is_floating_point() and t.dtype != like.dtype
+            and like.is_floating_point() and torch.is_autocast_enabled(t.device.type))
+
+
 def _pack_like(y: Tensor, like: PackedSequence) -> PackedSequence:
     """Pack time-major padded y (T, B, *) with the batch sizes and order of ``like``."""
     bs = like.batch_sizes
@@ -131,6 +138,8 @@ class RNNBase(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def _check_state(self, name: str, t: object, shape: tuple[int, ...], x: Tensor) -> Tensor:
+        if _autocast_cast(t, x):
+            t = t.to(x.dtype)
         t = _validate.tensor(name, t, like=x)
         if tuple(t.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
@@ -159,6 +168,10 @@ class RNNBase(nn.Module):
             raise ValueError(f"input must have input_size={self.input_size} features in its last "
                              f"dimension, got {x.shape[-1]}")
         w0 = self.weight_ih_l0
+        if _autocast_cast(x, w0):
+            # As torch.nn.LSTM under autocast: an input out of an autocast matmul is taken; the
+            # layers run in the autocast dtype (compute_dtype) whatever the input's.
+            x = x.to(w0.dtype)
         if x.dtype != w0.dtype:
             raise TypeError(f"input must have the module's dtype {w0.dtype}, got {x.dtype}")
         if x.device != w0.device:

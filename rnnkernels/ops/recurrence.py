@@ -18,6 +18,7 @@ from .. import (
     _validate,
 )
 from ..reference import gru_reference, lstm_reference, rnn_reference
+from ._autocast import autocast_promote
 
 LSTM, GRU, GRU_RESET_BEFORE, RNN_TANH, RNN_RELU = range(5)
 NUM_GATES = {LSTM: 4, GRU: 3, GRU_RESET_BEFORE: 3, RNN_TANH: 1, RNN_RELU: 1}
@@ -182,6 +183,10 @@ def reference_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reve
 
 
 def _layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reverse):
+    # Under autocast, x from an autocast matmul may meet fp32 weights or states: one dtype for
+    # the checks; the recurrence then runs in the autocast dtype (compute_dtype).
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = autocast_promote(x, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                                               w_hr)
     _check_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell)
     backend = _backend.choose("recurrence", x.device, compute_dtype(x))
     if backend == "reference":
