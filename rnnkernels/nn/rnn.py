@@ -18,15 +18,9 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .. import _backend, _validate
 from ..ops import recurrence as R
+from ..ops._autocast import autocast_input
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
-
-
-def _autocast_cast(t: object, like: Tensor) -> bool:
-    """Whether floating ``t`` is to take ``like``'s dtype: inside an autocast region of its
-    device, where the dtypes of activations differ from the parameters' by design."""
-    return (isinstance(t, Tensor) and t.is_floating_point() and t.dtype != like.dtype
-            and like.is_floating_point() and torch.is_autocast_enabled(t.device.type))
 
 
 def _pack_like(y: Tensor, like: PackedSequence) -> PackedSequence:
@@ -138,9 +132,7 @@ class RNNBase(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def _check_state(self, name: str, t: object, shape: tuple[int, ...], x: Tensor) -> Tensor:
-        if _autocast_cast(t, x):
-            t = t.to(x.dtype)
-        t = _validate.tensor(name, t, like=x)
+        t = _validate.tensor(name, autocast_input(t, x), like=x)
         if tuple(t.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
         return t
@@ -168,10 +160,8 @@ class RNNBase(nn.Module):
             raise ValueError(f"input must have input_size={self.input_size} features in its last "
                              f"dimension, got {x.shape[-1]}")
         w0 = self.weight_ih_l0
-        if _autocast_cast(x, w0):
-            # As torch.nn.LSTM under autocast: an input out of an autocast matmul is taken; the
-            # layers run in the autocast dtype (compute_dtype) whatever the input's.
-            x = x.to(w0.dtype)
+        # Under autocast the layers run in the autocast dtype (compute_dtype) anyway.
+        x = autocast_input(x, w0)
         if x.dtype != w0.dtype:
             raise TypeError(f"input must have the module's dtype {w0.dtype}, got {x.dtype}")
         if x.device != w0.device:
