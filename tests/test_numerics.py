@@ -172,47 +172,52 @@ def test_cpu_ops_run_under_deterministic_algorithms():
         assert torch.equal(a, b)
 
 
-def _mamba_grads_cuda():
-    torch.manual_seed(0)
-    model = rnnkernels.nn.Mamba(64, d_state=16).cuda()
-    x = torch.randn(4, 300, 64, device="cuda")
-    model(x).square().sum().backward()
-    return [p.grad.clone() for p in model.parameters()]
+def _scan_grads_cuda():
+    """Gradients of a CUDA selective scan with fixed and time-varying B, C (no matmul, so no
+    cuBLAS in the way of the flag)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    kw = {"device": "cuda", "generator": g}
+    u, delta = torch.randn(4, 64, 300, **kw), torch.rand(4, 64, 300, **kw)
+    A, Bm, Cm = -torch.rand(64, 16, **kw), torch.randn(64, 16, **kw), torch.randn(4, 16, 300, **kw)
+    leaves = [t.requires_grad_() for t in (u, delta, A, Bm, Cm)]
+    out = ops.selective_scan(*leaves, delta_softplus=True)
+    return torch.autograd.grad(out.square().sum(), leaves)
 
 
-@pytest.mark.cuda
-def test_cuda_deterministic_flag_refuses_atomic_scan_backward():
-    """The CUDA selective-scan backward sums parameter gradients with atomics: refused with an
-    error naming the op under the flag, a warning with warn_only."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    try:
-        torch.use_deterministic_algorithms(True)
-        with pytest.raises(RuntimeError, match="selective_scan_bwd"):
-            _mamba_grads_cuda()
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        with pytest.warns(UserWarning, match="selective_scan_bwd"):
-            _mamba_grads_cuda()
-    finally:
-        torch.use_deterministic_algorithms(previous)
-
-
-@pytest.mark.cuda
-def test_cuda_deterministic_paths_are_bitwise_repeatable():
-    """The Triton scan backward (no atomics) and the recurrences run under the flag and repeat
-    bit for bit."""
+@pytest.fixture
+def deterministic(monkeypatch):
+    """torch.use_deterministic_algorithms(True) for one test, with the cuBLAS workspace setting
+    the flag asks for."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
-    try:
-        with rnnkernels.use_backend("triton"):
-            first, second = _mamba_grads_cuda(), _mamba_grads_cuda()
-        lstm = rnnkernels.nn.LSTM(32, 64, num_layers=2).cuda()
-        x = torch.randn(50, 8, 32, device="cuda")
-        runs = []
-        for _ in range(2):
-            lstm.zero_grad()
-            lstm(x)[0].square().sum().backward()
-            runs.append([p.grad.clone() for p in lstm.parameters()])
-    finally:
-        torch.use_deterministic_algorithms(previous)
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
+@pytest.mark.cuda
+def test_cuda_deterministic_flag_refuses_atomic_scan_backward(deterministic):
+    """The CUDA selective-scan backward sums parameter gradients with atomics: refused with an
+    error naming the op under the flag, a warning with warn_only."""
+    with pytest.raises(RuntimeError, match="selective_scan_bwd"):
+        _scan_grads_cuda()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    with pytest.warns(UserWarning, match="selective_scan_bwd"):
+        _scan_grads_cuda()
+
+
+@pytest.mark.cuda
+def test_cuda_deterministic_paths_are_bitwise_repeatable(deterministic):
+    """The Triton scan backward (no atomics) and the recurrences run under the flag and repeat
+    bit for bit."""
+    with rnnkernels.use_backend("triton"):
+        first, second = _scan_grads_cuda(), _scan_grads_cuda()
+    lstm = rnnkernels.nn.LSTM(32, 64, num_layers=2).cuda()
+    x = torch.randn(50, 8, 32, device="cuda")
+    runs = []
+    for _ in range(2):
+        lstm.zero_grad()
+        lstm(x)[0].square().sum().backward()
+        runs.append([p.grad.clone() for p in lstm.parameters()])
     for a, b in [*zip(first, second), *zip(*runs)]:
         assert torch.equal(a, b)
