@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import assert_close
 
+import rnnkernels
 from rnnkernels import ops
 from rnnkernels.reference import (
     linear_scan_reference,
@@ -119,21 +120,26 @@ def test_selective_scan_chunked_100k_equals_one_pass():
 # ------------------------------------------------------------------ 2^31 elements, on a GPU
 
 INT32_LIMIT = 2**31
+GPU_BACKENDS = ["cuda", "triton"]
 
 
 @pytest.mark.cuda
-def test_linear_scan_past_int32_elements():
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_linear_scan_past_int32_elements(backend):
     batch, channels, steps = 1, 2**16, 2**15 + 3
     assert batch * channels * steps > INT32_LIMIT
     a = torch.rand(batch, channels, steps, device="cuda", dtype=torch.float16)
     b = torch.randn(batch, channels, steps, device="cuda", dtype=torch.float16)
-    h = ops.linear_scan(a, b)
-    # The last channel, run alone, has only small offsets: the big run must agree with it.
-    torch.testing.assert_close(h[:, -1:], ops.linear_scan(a[:, -1:], b[:, -1:]), rtol=0, atol=0)
+    with rnnkernels.use_backend(backend):
+        h = ops.linear_scan(a, b)
+        # The last channel, run alone, has only small offsets: the big run must agree with it.
+        alone = ops.linear_scan(a[:, -1:], b[:, -1:])
+    torch.testing.assert_close(h[:, -1:], alone, rtol=0, atol=0)
 
 
 @pytest.mark.cuda
-def test_selective_scan_past_int32_elements():
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_selective_scan_past_int32_elements(backend):
     batch, dim, N, L = 2, 2**14, 4, 2**16 + 5
     assert batch * dim * L > INT32_LIMIT
     kw = {"device": "cuda", "dtype": torch.bfloat16}
@@ -141,24 +147,26 @@ def test_selective_scan_past_int32_elements():
     Bm, Cm = torch.randn(batch, N, L, **kw), torch.randn(batch, N, L, **kw)
     A = -torch.rand(dim, N, device="cuda") - 0.1
     u.requires_grad_()
-    out = ops.selective_scan(u, delta, A, Bm, Cm)
-    (du,) = torch.autograd.grad(out.float().sum(), u)
     small_u = u[-1:, -16:].detach().requires_grad_()
-    small = ops.selective_scan(small_u, delta[-1:, -16:], A[-16:], Bm[-1:], Cm[-1:])
-    (small_du,) = torch.autograd.grad(small.float().sum(), small_u)
+    with rnnkernels.use_backend(backend):
+        out = ops.selective_scan(u, delta, A, Bm, Cm)
+        (du,) = torch.autograd.grad(out.float().sum(), u)
+        small = ops.selective_scan(small_u, delta[-1:, -16:], A[-16:], Bm[-1:], Cm[-1:])
+        (small_du,) = torch.autograd.grad(small.float().sum(), small_u)
     torch.testing.assert_close(out[-1:, -16:], small, rtol=0, atol=0)
     torch.testing.assert_close(du[-1:, -16:], small_du, rtol=0, atol=0)
 
 
 @pytest.mark.cuda
-def test_lstm_past_int32_elements():
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_lstm_past_int32_elements(backend):
     T, B, I, H = 8200, 1024, 16, 256
     assert T * B * H > INT32_LIMIT
     kw = {"device": "cuda", "dtype": torch.bfloat16}
     x = torch.randn(T, B, I, **kw)
     w_ih, w_hh = torch.randn(4 * H, I, **kw) * 0.2, torch.randn(4 * H, H, **kw) * 0.05
     h0 = torch.zeros(B, H, **kw)
-    with torch.no_grad():
+    with torch.no_grad(), rnnkernels.use_backend(backend):
         y, (h, c) = ops.lstm(x, (h0, h0), w_ih, w_hh)
         y_row, (h_row, _) = ops.lstm(x[:, -1:], (h0[-1:], h0[-1:]), w_ih, w_hh)
     assert torch.isfinite(y).all()
