@@ -43,9 +43,10 @@ def test_export_inference_dynamic_batch_and_length():
     with torch.no_grad():
         exported = torch.export.export(model, (torch.randn(3, 7, 5),),
                                        dynamic_shapes={"x": {0: batch, 1: length}})
+        module = exported.module()
         for shape in [(1, 2, 5), (3, 7, 5), (5, 130, 5)]:
             x = torch.randn(shape)
-            assert_close(exported.module()(x), model(x).double(), torch.float32)
+            assert_close(module(x), model(x).double(), torch.float32)
 
 
 def test_exported_program_save_load(tmp_path: Path):
