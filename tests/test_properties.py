@@ -258,7 +258,8 @@ def test_relu_rnn_counterexample_float32():
 def test_selective_scan_counterexample_growing_state():
     """Found by the slow profile: negative delta without softplus (exp(delta A) > 1, a growing
     state; the gradient of delta reached -2.1e6) put fp32 gradients 1e-3 off relatively, past
-    the fp32 tolerance. In float64 the op matches the reference in that regime, across chunks of 8."""
+    the fp32 tolerance. In float64 the op matches the reference in that regime, across chunks
+    of 8."""
     torch.manual_seed(0)
     values = selective_scan_inputs(batch=1, dim=1, L=78, N=1, form="fixed", D=False, z=False,
                                    delta_bias=False, dtype=torch.float64)
