@@ -438,6 +438,11 @@ selective_scan_bwd_cuda(const Tensor& grad_out, const std::optional<Tensor>& gra
                         const std::optional<Tensor>& z, const std::optional<Tensor>& delta_bias,
                         bool delta_softplus, const std::optional<Tensor>& initial_state,
                         const Tensor& checkpoints, int64_t chunk_size) {
+  // The parameter gradients are summed across blocks with fp32 atomics, in no fixed order:
+  // under torch.use_deterministic_algorithms(True) this raises (warns with warn_only).
+  at::globalContext().alertNotDeterministic(
+      "rnnkernels::selective_scan_bwd on CUDA (fp32 atomic adds); the Triton backend "
+      "(rnnkernels.use_backend(\"triton\")) has a deterministic backward");
   const c10::cuda::CUDAGuard guard(u.device());
   std::vector<Tensor> keep;
   cuda::SelectiveScanBwdParams p;

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from .. import _validate
 from ..ops import linear_scan
+from ..ops._autocast import autocast_input
 
 MODES = ("recurrent", "scan", "conv")
 
@@ -125,7 +126,7 @@ class LinearSSM(nn.Module):
 
     def _check_input(self, u: object) -> Tensor:
         p = self.log_neg_A
-        u = _validate.tensor("u", u, ndim=3, floating=True)
+        u = _validate.tensor("u", autocast_input(u, p), ndim=3, floating=True)
         if u.shape[2] != self.channels:
             raise ValueError(f"u must have shape (batch, L, {self.channels}) (channels last), got "
                              f"{tuple(u.shape)}")
@@ -194,7 +195,8 @@ class LinearSSM(nn.Module):
     def step(self, u_t: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         """One step: u_t (batch, channels), state (batch, channels, N) -> (y_t, new state)."""
         p = self.log_neg_A
-        u_t = _validate.tensor("u_t", u_t, shape=("batch", self.channels), floating=True)
+        u_t = _validate.tensor("u_t", autocast_input(u_t, p), shape=("batch", self.channels),
+                               floating=True)
         if u_t.dtype != p.dtype or u_t.device != p.device:
             raise TypeError(f"u_t must have the module's dtype {p.dtype} and device {p.device}, "
                             f"got {u_t.dtype} on {u_t.device}")

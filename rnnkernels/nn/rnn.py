@@ -18,6 +18,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .. import _backend, _validate
 from ..ops import recurrence as R
+from ..ops._autocast import autocast_input
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 
@@ -131,7 +132,7 @@ class RNNBase(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def _check_state(self, name: str, t: object, shape: tuple[int, ...], x: Tensor) -> Tensor:
-        t = _validate.tensor(name, t, like=x)
+        t = _validate.tensor(name, autocast_input(t, x), like=x)
         if tuple(t.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
         return t
@@ -159,6 +160,8 @@ class RNNBase(nn.Module):
             raise ValueError(f"input must have input_size={self.input_size} features in its last "
                              f"dimension, got {x.shape[-1]}")
         w0 = self.weight_ih_l0
+        # Under autocast the layers run in the autocast dtype (compute_dtype) anyway.
+        x = autocast_input(x, w0)
         if x.dtype != w0.dtype:
             raise TypeError(f"input must have the module's dtype {w0.dtype}, got {x.dtype}")
         if x.device != w0.device:

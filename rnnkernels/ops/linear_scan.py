@@ -13,6 +13,7 @@ from torch import Tensor
 from .. import _backend, _kernels, _validate
 from ..reference import linear_scan_reference
 from . import _autograd
+from ._autocast import autocast_promote
 from ._autograd import fold, graph_needed, overload, unfold
 
 # ------------------------------------------------------------------ fake kernels and autograd
@@ -103,7 +104,11 @@ def linear_scan(a: Tensor, b: Tensor, initial_state: Tensor | None = None) -> Te
 
     a, b: (batch, channels, T); initial_state: (batch, channels); one floating dtype. Returns
     h (batch, channels, T) in that dtype; the state is carried in float32 (float64 for float64).
+    Under ``torch.autocast`` the scan keeps its inputs' precision (memory-bound, no matmul): a
+    and b are brought to the wider of their dtypes (autocast's "promote" rule), initial_state
+    to that dtype too, and h has that dtype.
     """
+    a, b, initial_state = autocast_promote(a, b, states=(initial_state,))
     _validate.tensor("a", a, ndim=3, floating=True)
     _validate.nonempty("a", a, [(0, "batch row"), (1, "channel"), (2, "time step")])
     batch, channels, steps = a.shape

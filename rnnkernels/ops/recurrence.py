@@ -28,6 +28,7 @@ from .. import (
 )
 from ..reference import gru_recurrence, lstm_recurrence, rnn_recurrence
 from . import _autograd
+from ._autocast import autocast_promote
 from ._autograd import batched, differentiable_vjp, fold, graph_needed, overload, unfold
 
 LSTM, GRU, GRU_RESET_BEFORE, RNN_TANH, RNN_RELU = range(5)
@@ -280,6 +281,10 @@ def reference_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reve
 
 
 def _layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reverse):
+    # Under autocast, x from an autocast matmul may meet fp32 weights or states: one dtype for
+    # the checks; the recurrence then runs in the autocast dtype (compute_dtype).
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = autocast_promote(x, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                                               w_hr)
     _check_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell)
     backend = _backend.choose("recurrence", x.device, compute_dtype(x))
     if backend == "reference":

@@ -23,6 +23,7 @@ from torch import Tensor
 from .. import _backend, _kernels, _validate
 from ..reference import selective_scan_reference
 from . import _autograd
+from ._autocast import autocast_promote
 from ._autograd import batched, differentiable_vjp, fold, graph_needed, overload, unfold
 from .recurrence import _needs_grad
 
@@ -224,7 +225,13 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     ``return_last_state`` the pair (out, last_state), last_state (batch, dim, N) in float32
     (float64 for float64 input). Gradients flow through initial_state and last_state, so a
     sequence scanned chunk by chunk gives exactly the result of one pass.
+
+    Under ``torch.autocast`` the scan keeps its inputs' precision (it is memory-bound, with no
+    matmul to speed up): u, delta and z are brought to the widest dtype among them (autocast's
+    "promote" rule), the scan runs in that dtype with a float32 state and float32 accumulation,
+    and out has that dtype; the parameters keep their dtypes as outside autocast.
     """
+    u, delta, z = autocast_promote(u, delta, z)
     _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
     backend = _backend.choose("selective_scan", u.device, u.dtype)
     if backend == "reference":

@@ -37,7 +37,7 @@ def _linear_scan_fwd_kernel(a_ptr, b_ptr, h0_ptr, h_ptr, rows, T, HAS_H0: tl.con
     for t0 in range(0, T, BLOCK_T):
         t = t0 + cols
         mask = r_mask[:, None] & (t < T)[None, :]
-        offs = r[:, None] * T + t[None, :]
+        offs = r[:, None].to(tl.int64) * T + t[None, :]  # rows * T may pass 2^31
         # Past T: a = 1, b = 0 keep the state, so the tile's last column is the carry.
         a = tl.load(a_ptr + offs, mask=mask, other=1.0).to(tl.float32)
         b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -58,7 +58,7 @@ def _linear_scan_bwd_kernel(gh_ptr, a_ptr, h_ptr, h0_ptr, ga_ptr, gb_ptr, gh0_pt
     for i in range(n_tiles):
         t = (n_tiles - 1 - i) * BLOCK_T + cols
         mask = r_mask[:, None] & (t < T)[None, :]
-        offs = r[:, None] * T + t[None, :]
+        offs = r[:, None].to(tl.int64) * T + t[None, :]  # rows * T may pass 2^31
         g = tl.load(gh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         a_next = tl.load(a_ptr + offs + 1, mask=r_mask[:, None] & (t + 1 < T)[None, :],
                          other=0.0).to(tl.float32)
@@ -72,7 +72,7 @@ def _linear_scan_bwd_kernel(gh_ptr, a_ptr, h_ptr, h0_ptr, ga_ptr, gb_ptr, gh0_pt
         tl.store(ga_ptr + offs, dh * h_prev.to(tl.float32), mask=mask)
         carry = tl.sum(tl.where(cols[None, :] == 0, dh, 0.0), 1)
     if HAS_H0:
-        a0 = tl.load(a_ptr + r * T, mask=r_mask, other=0.0).to(tl.float32)
+        a0 = tl.load(a_ptr + r.to(tl.int64) * T, mask=r_mask, other=0.0).to(tl.float32)
         tl.store(gh0_ptr + r, a0 * carry, mask=r_mask)
 
 

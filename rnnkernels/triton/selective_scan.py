@@ -90,11 +90,11 @@ def _selective_scan_fwd_kernel(
     bias = tl.load(bias_ptr + d, mask=d_mask & HAS_BIAS, other=0.0).to(tl.float32)
     state = (b * dim + d)[:, None] * N + n[None, :]
     x = tl.load(x0_ptr + state, mask=dn_mask & HAS_X0, other=0.0).to(tl.float32)
-    row = (b * dim + d) * L
-    bc_base = (b * G + g) * N * L
+    row = (b * dim + d).to(tl.int64) * L  # int64: batch * dim * L may pass 2^31
+    bc_base = ((b * G + g) * N).to(tl.int64) * L
     for t in range(L):
         if SAVE:  # the state before each chunk's first step
-            ck = ((b * dim + d) * nchunks + t // CHUNK)[:, None] * N + n[None, :]
+            ck = ((b * dim + d).to(tl.int64) * nchunks + t // CHUNK)[:, None] * N + n[None, :]
             tl.store(ckpt_ptr + ck, x, mask=dn_mask & (t % CHUNK == 0))
         _, dt = _discretise(delta_ptr, bias, row, t, d_mask, HAS_BIAS, SOFTPLUS)
         u = tl.load(u_ptr + row + t, mask=d_mask, other=0.0).to(tl.float32)
@@ -129,10 +129,10 @@ def _selective_scan_bwd_kernel(
     bias = tl.load(bias_ptr + d, mask=d_mask & HAS_BIAS, other=0.0).to(tl.float32)
     state = (b * dim + d)[:, None] * N + n[None, :]
     h = tl.load(glast_ptr + state, mask=dn_mask & HAS_GLAST, other=0.0).to(tl.float32)
-    row = (b * dim + d) * L
-    bc_base = (b * G + g) * N * L
+    row = (b * dim + d).to(tl.int64) * L  # int64: batch * dim * L may pass 2^31
+    bc_base = ((b * G + g) * N).to(tl.int64) * L
     # Partials of grouped B/C gradients: (batch, G, blocks, N, L), this program's slice.
-    part = ((b * G + g) * blocks + k) * N * L
+    part = (((b * G + g) * blocks + k) * N).to(tl.int64) * L
     program = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
     tile = tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + n[None, :]
     scratch = scratch_ptr + program * (CHUNK + 1) * BLOCK_D * BLOCK_N + tile
@@ -145,7 +145,7 @@ def _selective_scan_bwd_kernel(
         c = nchunks - 1 - i
         t0 = c * CHUNK
         t1 = tl.minimum(t0 + CHUNK, L)
-        ck = ((b * dim + d) * nchunks + c)[:, None] * N + n[None, :]
+        ck = ((b * dim + d).to(tl.int64) * nchunks + c)[:, None] * N + n[None, :]
         x = tl.load(ckpt_ptr + ck, mask=dn_mask, other=0.0)
         tl.store(scratch, x)
         for t in range(t0, t1):
