@@ -72,10 +72,13 @@ void backward_rows(const S* gh, const S* a, const S* h, const S* h0, S* ga, S* g
   }
 }
 
+// Row blocks over the threads, with enough steps per task (rows x T) that a small scan stays on
+// the calling thread instead of paying for a parallel region.
 template <typename F>
-void for_row_blocks(int64_t rows, const F& f) {
+void for_row_blocks(int64_t rows, int64_t steps, const F& f) {
   const int64_t blocks = (rows + kRowsPerTask - 1) / kRowsPerTask;
-  at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, kRowsPerTask * steps));
+  at::parallel_for(0, blocks, grain, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       f(k * kRowsPerTask, std::min(rows, (k + 1) * kRowsPerTask));
     }
@@ -93,7 +96,7 @@ Tensor linear_scan_fwd_cpu(const Tensor& a_in, const Tensor& b_in,
     using S = scalar_t;
     using T = std::conditional_t<std::is_same_v<S, double>, double, float>;
     const S* h0_p = h0.defined() ? h0.data_ptr<S>() : nullptr;
-    for_row_blocks(rows, [&](int64_t r0, int64_t r1) {
+    for_row_blocks(rows, T_, [&](int64_t r0, int64_t r1) {
       forward_rows<S, T>(a.data_ptr<S>(), b.data_ptr<S>(), h0_p, h.data_ptr<S>(), r0, r1, T_);
     });
   });
@@ -115,7 +118,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_scan_bwd_cpu(
     using T = std::conditional_t<std::is_same_v<S, double>, double, float>;
     const S* h0_p = h0.defined() ? h0.data_ptr<S>() : nullptr;
     S* gh0_p = h0.defined() ? gh0.data_ptr<S>() : nullptr;
-    for_row_blocks(rows, [&](int64_t r0, int64_t r1) {
+    for_row_blocks(rows, T_, [&](int64_t r0, int64_t r1) {
       backward_rows<S, T>(gh.data_ptr<S>(), a.data_ptr<S>(), h.data_ptr<S>(), h0_p,
                           ga.data_ptr<S>(), gb.data_ptr<S>(), gh0_p, r0, r1, T_);
     });

@@ -47,6 +47,14 @@ using Vec = at::vec::Vectorized<T>;
 
 // Partial sums a cross-task reduction adds before it is worth a parallel region.
 constexpr int64_t kMinReduceWork = 1 << 16;
+// State updates (lane x N x step) a task must carry before it gets a thread of its own: a
+// parallel region per call (per chunk in the backward) costs more than a tiny scan, and on a busy
+// machine a region waits for a descheduled thread.
+constexpr int64_t kMinTaskWork = 1 << 15;
+
+inline int64_t task_grain(int64_t work_per_task) {
+  return std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work_per_task));
+}
 // softplus(v) = v above this, as in torch.nn.functional.softplus and mamba_ssm.
 constexpr double kSoftplusThreshold = 20.0;
 
@@ -674,7 +682,8 @@ std::tuple<Tensor, Tensor, Tensor> selective_scan_fwd_cpu(
     T* last_p = last.data_ptr<T>();
     T* ckpt_p = save ? ckpt.data_ptr<T>() : nullptr;
     with_forms(in.B_var, in.C_var, [&](auto b_var, auto c_var) {
-      at::parallel_for(0, p.tasks(), 1, [&](int64_t i0, int64_t i1) {
+      const int64_t grain = task_grain(p.L * p.N * Vec<T>::size());
+      at::parallel_for(0, p.tasks(), grain, [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
           forward_task<S, T, decltype(b_var)::value, decltype(c_var)::value>(
               p, block_of(p, i), out_p, last_p, ckpt_p);
@@ -751,7 +760,8 @@ selective_scan_bwd_cpu(const Tensor& grad_out, const std::optional<Tensor>& grad
     with_forms(in.B_var, in.C_var, [&](auto b_var, auto c_var) {
       constexpr bool kBvar = decltype(b_var)::value, kCvar = decltype(c_var)::value;
       for (int64_t ci = p.nchunks - 1; ci >= 0; --ci) {
-        at::parallel_for(0, tasks, 1, [&](int64_t i0, int64_t i1) {
+        at::parallel_for(0, tasks, task_grain(p.chunk * p.N * Vec<T>::size()),
+                         [&](int64_t i0, int64_t i1) {
           BackwardWork<T> w(p.chunk, p.N, kBvar, kCvar);
           for (int64_t i = i0; i < i1; ++i) backward_task<S, T, kBvar, kCvar>(p, gr, i, ci, w);
         });
