@@ -53,6 +53,13 @@ cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream().stream()
 
 bool given(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
 
+// The CUDA recurrence kernels implement no cell option (peephole, ...): rnnkernels.ops runs
+// the reference on the GPU instead, so only a direct call of the op gets here with one.
+void check_no_cell_options(const std::optional<Tensor>& w_peep) {
+  TORCH_CHECK(!given(w_peep), "rnnkernels: the CUDA recurrence kernel has no peephole; "
+              "rnnkernels.ops.lstm falls back to the reference for it");
+}
+
 Tensor f32(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
 // A fresh fp32 copy, for buffers the kernels update in place.
@@ -128,8 +135,10 @@ void batched_forward(cuda::RecurrenceStepFwdParams sp, const cuda::StepOrder& or
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_fwd_cuda(
     const Tensor& gx_in, const Tensor& h0, const std::optional<Tensor>& c0, const Tensor& w_hh,
     const std::optional<Tensor>& b_hh, const std::optional<Tensor>& w_hr,
-    const std::optional<Tensor>& lengths_opt, int64_t cell_id, bool reverse, bool save) {
+    const std::optional<Tensor>& lengths_opt, int64_t cell_id, bool reverse, bool save,
+    const std::optional<Tensor>& w_peep) {
   TORCH_CHECK(cell_id >= 0 && cell_id <= 4, "rnnkernels: unknown cell ", cell_id);
+  check_no_cell_options(w_peep);
   const c10::cuda::CUDAGuard guard(gx_in.device());
   const Cell cell = static_cast<Cell>(cell_id);
   const Tensor gx = gx_in.contiguous();
@@ -234,12 +243,14 @@ void batched_backward(cuda::RecurrenceStepBwdParams sp, const cuda::StepOrder& o
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_bwd_cuda(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_bwd_cuda(
     const std::optional<Tensor>& grad_y_opt, const std::optional<Tensor>& grad_hn,
     const std::optional<Tensor>& grad_cn, const std::optional<Tensor>& c0, const Tensor& w_hh,
     const std::optional<Tensor>& w_hr, const std::optional<Tensor>& lengths_opt,
-    const Tensor& hs_in, const Tensor& ws_in, int64_t cell_id, bool reverse) {
+    const Tensor& hs_in, const Tensor& ws_in, int64_t cell_id, bool reverse,
+    const std::optional<Tensor>& w_peep) {
   TORCH_CHECK(cell_id >= 0 && cell_id <= 4, "rnnkernels: unknown cell ", cell_id);
+  check_no_cell_options(w_peep);
   const c10::cuda::CUDAGuard guard(w_hh.device());
   const Cell cell = static_cast<Cell>(cell_id);
   const Tensor hs = hs_in.contiguous(), ws = ws_in.contiguous();
@@ -309,7 +320,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_bwd_cuda(
   auto [dw, db, dw_hr] = recurrence_weight_grads(cell, hs, ws, dgh, projected ? dhp : Tensor(), H,
                                                  reverse, st);
   Tensor dc0 = cell == Cell::LSTM ? dc.to(st) : at::empty({0}, w_hh.options());
-  return {dgx, dh.to(st), dc0, dw, db, dw_hr};
+  return {dgx, dh.to(st), dc0, dw, db, dw_hr, at::empty({0}, w_hh.options())};
 }
 
 // ================================================================== selective scan

@@ -16,15 +16,18 @@ TORCH_LIBRARY(rnnkernels, m) {
   // w_hh: (G*H, P); b_hh: (G*H,); w_hr: (P, H) projection (LSTM only); lengths: (B,) int64.
   // y: (T, B, P); h_n: (B, P); c_n: (B, H) or (0,); hs: (T+1, B, P) states; ws: (T, B, K*H).
   // hs and ws are what the backward needs, empty (0,) when save is false.
+  // Cell options, absent by default (the Triton ops keep the schemas without them):
+  //   w_peep: (3, H) peephole weights of the LSTM's i, f, o gates (grad_w_peep is (0,) without).
   m.def(
       "recurrence_fwd(Tensor gx, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? b_hh, Tensor? w_hr, "
-      "Tensor? lengths, int cell, bool reverse, bool save) "
+      "Tensor? lengths, int cell, bool reverse, bool save, Tensor? w_peep=None) "
       "-> (Tensor y, Tensor h_n, Tensor c_n, Tensor hs, Tensor ws)");
   m.def(
       "recurrence_bwd(Tensor? grad_y, Tensor? grad_h_n, Tensor? grad_c_n, Tensor? c0, Tensor w_hh, "
-      "Tensor? w_hr, Tensor? lengths, Tensor hs, Tensor ws, int cell, bool reverse) "
+      "Tensor? w_hr, Tensor? lengths, Tensor hs, Tensor ws, int cell, bool reverse, "
+      "Tensor? w_peep=None) "
       "-> (Tensor grad_gx, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_hh, Tensor grad_b_hh, "
-      "Tensor grad_w_hr)");
+      "Tensor grad_w_hr, Tensor grad_w_peep)");
 
   // ---- selective scan (Mamba semantics), per (batch, channel) with state size N:
   //   x_t = exp(delta_t * A) * x_{t-1} + delta_t * B_t * u_t,  y_t = C_t . x_t + D * u_t,

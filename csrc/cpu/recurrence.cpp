@@ -101,7 +101,10 @@ struct Problem {
   int64_t wsu;                        // workspace units K (ws row = K * H)
   bool reverse, save, projected;
   const int64_t* lengths;
+  // Cell options (null / zero when off; any of them selects the batched path).
+  const T* peep = nullptr;  // (3, H) peephole weights of the LSTM's i, f, o gates
 
+  bool has_options() const { return peep != nullptr; }
   int64_t time(int64_t s) const { return reverse ? steps - 1 - s : s; }
   bool masked(int64_t t, int64_t b) const { return lengths != nullptr && t >= lengths[b]; }
   // State slots (see header comment).
@@ -154,11 +157,18 @@ void forward_units(const Problem<S, T>& pb, const FwdStep<S, T>& st, int64_t b, 
     switch (pb.cell) {
       case Cell::LSTM: {
         V i, f, gg, o, c, h;
-        lstm_forward<V, M>(load<T>(gxr + j, n) + load<T>(g, n),
-                           load<T>(gxr + H + j, n) + load<T>(g + gstride, n),
-                           load<T>(gxr + 2 * H + j, n) + load<T>(g + 2 * gstride, n),
-                           load<T>(gxr + 3 * H + j, n) + load<T>(g + 3 * gstride, n),
-                           load<T>(st.cin + b * H + j, n), i, f, gg, o, c, h);
+        const V pi = load<T>(gxr + j, n) + load<T>(g, n);
+        const V pf = load<T>(gxr + H + j, n) + load<T>(g + gstride, n);
+        const V pg = load<T>(gxr + 2 * H + j, n) + load<T>(g + 2 * gstride, n);
+        const V po = load<T>(gxr + 3 * H + j, n) + load<T>(g + 3 * gstride, n);
+        const V cp = load<T>(st.cin + b * H + j, n);
+        if (pb.peep) {
+          lstm_peephole_forward<V, M>(pi, pf, pg, po, cp, load<T>(pb.peep + j, n),
+                                      load<T>(pb.peep + H + j, n),
+                                      load<T>(pb.peep + 2 * H + j, n), i, f, gg, o, c, h);
+        } else {
+          lstm_forward<V, M>(pi, pf, pg, po, cp, i, f, gg, o, c, h);
+        }
         store<T>(st.cout + b * H + j, c, n);
         store<T>(st.hfull + b * H + j, h, n);
         if (wsr) {
@@ -270,10 +280,18 @@ void backward_units(const Problem<S, T>& pb, const BwdStep<S, T>& st, int64_t b,
     switch (pb.cell) {
       case Cell::LSTM: {
         V di, df, dg, do_, dcp;
-        lstm_backward<V, M>(dH, load<T>(st.dc + b * H + j, n), load<T>(wsr + j, n),
-                            load<T>(wsr + H + j, n), load<T>(wsr + 2 * H + j, n),
-                            load<T>(wsr + 3 * H + j, n), load<T>(wsr + 4 * H + j, n),
-                            load<T>(st.cprev + b * st.cprev_stride + j, n), di, df, dg, do_, dcp);
+        const V i = load<T>(wsr + j, n), f = load<T>(wsr + H + j, n);
+        const V gg = load<T>(wsr + 2 * H + j, n), o = load<T>(wsr + 3 * H + j, n);
+        const V c = load<T>(wsr + 4 * H + j, n);
+        const V cp = load<T>(st.cprev + b * st.cprev_stride + j, n);
+        const V dcin = load<T>(st.dc + b * H + j, n);
+        if (pb.peep) {
+          lstm_peephole_backward<V, M>(dH, dcin, i, f, gg, o, c, cp, load<T>(pb.peep + j, n),
+                                       load<T>(pb.peep + H + j, n),
+                                       load<T>(pb.peep + 2 * H + j, n), di, df, dg, do_, dcp);
+        } else {
+          lstm_backward<V, M>(dH, dcin, i, f, gg, o, c, cp, di, df, dg, do_, dcp);
+        }
         store<T>(dghr + j, di, n);
         store<T>(dghr + H + j, df, n);
         store<T>(dghr + 2 * H + j, dg, n);
@@ -787,7 +805,7 @@ void backward_persistent(const Problem<S, T>& pb, const Tensor& grad_y, const Te
 template <typename S, typename T>
 bool use_persistent(const Problem<S, T>& pb) {
 #if AT_PARALLEL_OPENMP
-  if (pb.projected || pb.cell == Cell::GRU_RESET_BEFORE) return false;
+  if (pb.projected || pb.cell == Cell::GRU_RESET_BEFORE || pb.has_options()) return false;
   // Keeping W_hh slices in each core's L2 pays only across steps; one step is one GEMM.
   if (pb.steps == 1) return false;
   const char* forced = std::getenv("RNNKERNELS_CPU_RECURRENCE");  // tests exercise both paths
@@ -804,12 +822,30 @@ Tensor acc(const Tensor& t, at::ScalarType acc_type) {
   return t.defined() ? t.to(acc_type).contiguous() : t;
 }
 
+bool given(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
+
+// Gradient of the (3, H) peephole weights: sums over steps and rows of di * c_{t-1},
+// df * c_{t-1} and do * c_t, from the gate gradients dgh (T, B, 4H) and the cell states in ws
+// (slot 4 holds c_t, and for a masked step the carried c, which is the next step's c_{t-1}).
+Tensor peephole_grad(const Tensor& dgh, const Tensor& ws, const Tensor& c0, int64_t H,
+                     bool reverse) {
+  const int64_t T = ws.size(0);
+  const Tensor c = ws.narrow(2, 4 * H, H);
+  const Tensor first = c0.unsqueeze(0);
+  const Tensor cprev = reverse ? at::cat({c.narrow(0, 1, T - 1), first})
+                               : at::cat({first, c.narrow(0, 0, T - 1)});
+  const auto sum = [](const Tensor& t) { return t.sum(at::IntArrayRef{0, 1}); };
+  return at::stack({sum(dgh.narrow(2, 0, H) * cprev), sum(dgh.narrow(2, H, H) * cprev),
+                    sum(dgh.narrow(2, 3 * H, H) * c)});
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_fwd_cpu(
     const Tensor& gx_in, const Tensor& h0, const std::optional<Tensor>& c0_opt, const Tensor& w_hh,
     const std::optional<Tensor>& b_hh_opt, const std::optional<Tensor>& w_hr_opt,
-    const std::optional<Tensor>& lengths_opt, int64_t cell_id, bool reverse, bool save) {
+    const std::optional<Tensor>& lengths_opt, int64_t cell_id, bool reverse, bool save,
+    const std::optional<Tensor>& w_peep_opt) {
   const Cell cell = static_cast<Cell>(cell_id);
   TORCH_CHECK(cell_id >= 0 && cell_id <= 4, "rnnkernels: unknown cell ", cell_id);
   const Tensor gx = gx_in.contiguous();
@@ -834,6 +870,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_fwd_cpu(
                      lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr};
     const Tensor w = acc(w_hh, acc_type);
     const Tensor bias = b_hh_opt ? acc(*b_hh_opt, acc_type) : Tensor();
+    const Tensor peep = given(w_peep_opt) ? acc(*w_peep_opt, acc_type) : Tensor();
+    if (peep.defined()) pb.peep = peep.data_ptr<T>();
     hs.select(0, pb.slot_in(0)).copy_(h0);
     Tensor cbuf;
     if (cell == Cell::LSTM) {
@@ -855,12 +893,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_fwd_cpu(
   return {y, h_n, c_n, hs, ws};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_bwd_cpu(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_bwd_cpu(
     const std::optional<Tensor>& grad_y_opt, const std::optional<Tensor>& grad_hn_opt,
     const std::optional<Tensor>& grad_cn_opt, const std::optional<Tensor>& c0_opt,
     const Tensor& w_hh, const std::optional<Tensor>& w_hr_opt,
     const std::optional<Tensor>& lengths_opt, const Tensor& hs_in, const Tensor& ws_in,
-    int64_t cell_id, bool reverse) {
+    int64_t cell_id, bool reverse, const std::optional<Tensor>& w_peep_opt) {
   TORCH_CHECK(cell_id >= 0 && cell_id <= 4, "rnnkernels: unknown cell ", cell_id);
   const Cell cell = static_cast<Cell>(cell_id);
   const Tensor hs = hs_in.contiguous(), ws = ws_in.contiguous();
@@ -870,7 +908,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_bwd_cpu(
   const auto acc_type = hs.scalar_type();
   const auto st = w_hh.scalar_type();
   const auto acc_opts = hs.options();
-  auto given = [](const std::optional<Tensor>& t) { return t.has_value() && t->defined(); };
 
   Tensor lengths = given(lengths_opt) ? lengths_opt->contiguous() : Tensor();
   Tensor grad_y = given(grad_y_opt) ? grad_y_opt->contiguous() : Tensor();
@@ -893,6 +930,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_bwd_cpu(
     Problem<S, T> pb{cell, T_, B, H, P, G, K, reverse, true, projected,
                      lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr};
     const Tensor c0 = cell == Cell::LSTM ? acc(*c0_opt, acc_type) : Tensor();
+    const Tensor peep = given(w_peep_opt) ? acc(*w_peep_opt, acc_type) : Tensor();
+    if (peep.defined()) pb.peep = peep.data_ptr<T>();
     if (use_persistent(pb)) {
       backward_persistent<S, T>(pb, grad_y, c0, w, hs, ws, dh, dc, dgx, dgh);
     } else {
@@ -904,7 +943,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_bwd_cpu(
   auto [dw, db, dw_hr] = recurrence_weight_grads(cell, hs, ws, dgh, projected ? dhp : Tensor(), H,
                                                  reverse, st);
   Tensor dc0 = cell == Cell::LSTM ? dc.to(st) : at::empty({0}, w_hh.options());
-  return {dgx, dh.to(st), dc0, dw, db, dw_hr};
+  Tensor dpeep = given(w_peep_opt)
+                     ? peephole_grad(dgh, ws, acc(*c0_opt, acc_type), H, reverse).to(st)
+                     : at::empty({0}, w_hh.options());
+  return {dgx, dh.to(st), dc0, dw, db, dw_hr, dpeep};
 }
 
 TORCH_LIBRARY_IMPL(rnnkernels, CPU, m) {

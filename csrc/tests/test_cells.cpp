@@ -53,6 +53,33 @@ void test_lstm(std::mt19937& rng) {
   for (size_t k = 0; k < 5; ++k) expect_close(names[k], d[k], numeric(loss, x, k));
 }
 
+void test_lstm_peephole(std::mt19937& rng) {
+  std::normal_distribution<double> n(0, 1);
+  // x = (pi, pf, pg, po, c_prev, wi, wf, wo); loss = a * h + b * c
+  std::vector<double> x(8);
+  for (auto& v : x) v = n(rng);
+  const double a = n(rng), b = n(rng);
+  auto loss = [&](const std::vector<double>& v) {
+    double i, f, g, o, c, h;
+    lstm_peephole_forward<double, M>(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], i, f, g, o,
+                                     c, h);
+    return a * h + b * c;
+  };
+  double i, f, g, o, c, h;
+  lstm_peephole_forward<double, M>(x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7], i, f, g, o, c,
+                                   h);
+  double d[5];
+  lstm_peephole_backward<double, M>(a, b, i, f, g, o, c, x[4], x[5], x[6], x[7], d[0], d[1], d[2],
+                                    d[3], d[4]);
+  const char* names[] = {"peephole di", "peephole df", "peephole dg", "peephole do",
+                         "peephole dc_prev"};
+  for (size_t k = 0; k < 5; ++k) expect_close(names[k], d[k], numeric(loss, x, k));
+  // the weight gradients the kernel sums: di * c_prev, df * c_prev, do * c
+  expect_close("peephole dwi", d[0] * x[4], numeric(loss, x, 5));
+  expect_close("peephole dwf", d[1] * x[4], numeric(loss, x, 6));
+  expect_close("peephole dwo", d[3] * c, numeric(loss, x, 7));
+}
+
 void test_gru(std::mt19937& rng) {
   std::normal_distribution<double> n(0, 1);
   // x = (xr, xz, xn, hr, hz, hn, h_prev); loss = a * h
@@ -120,6 +147,7 @@ int main() {
   std::mt19937 rng(1234);
   for (int trial = 0; trial < 50; ++trial) {
     test_lstm(rng);
+    test_lstm_peephole(rng);
     test_gru(rng);
     test_gru_reset_before(rng);
     test_rnn(rng);

@@ -4,7 +4,9 @@ Same constructor arguments, parameter names, shapes, initialisation and state_di
 torch.nn, so ``load_state_dict`` works both ways; same inputs (batched or unbatched tensors,
 PackedSequence, optional initial state) and outputs. Extras are keyword-only: ``residual``
 (residual connections between stacked layers of equal width), ``forget_bias`` (LSTM),
-``reset_after`` (GRU variant), and ``lengths=`` in forward for padded input.
+``reset_after`` (GRU variant), the cell options ``peephole`` (LSTM), and ``lengths=`` in forward
+for padded input. A cell option adds its parameters after torch.nn's (``weight_peephole_l0``,
+...); with every option off the parameters and state_dict keys are exactly torch.nn's.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ class RNNBase(nn.Module):
     def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
                  bidirectional: bool = False, proj_size: int = 0, device=None, dtype=None, *,
-                 residual: bool = False, reset_after: bool = True) -> None:
+                 residual: bool = False, reset_after: bool = True,
+                 peephole: bool = False) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size),
@@ -57,6 +60,8 @@ class RNNBase(nn.Module):
         if proj_size >= hidden_size:
             raise ValueError(f"proj_size must be smaller than hidden_size ({hidden_size}), got "
                              f"{proj_size}")
+        if not isinstance(peephole, bool):
+            raise ValueError(f"peephole must be a bool, got {peephole!r}")
         self.mode = mode
         self.input_size = input_size
         self.hidden_size = hidden_size
@@ -68,6 +73,7 @@ class RNNBase(nn.Module):
         self.proj_size = proj_size
         self.residual = residual
         self.reset_after = reset_after
+        self.peephole = peephole
         num_directions = 2 if bidirectional else 1
         gate_size = _GATES[mode] * hidden_size
         real_hidden = proj_size if proj_size > 0 else hidden_size
@@ -82,6 +88,8 @@ class RNNBase(nn.Module):
                     params += [("bias_ih", (gate_size,)), ("bias_hh", (gate_size,))]
                 if proj_size > 0:
                     params += [("weight_hr", (proj_size, hidden_size))]
+                if peephole:
+                    params += [("weight_peephole", (3, hidden_size))]
                 for kind, shape in params:
                     name = f"{kind}_l{layer}{suffix}"
                     setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
@@ -108,6 +116,10 @@ class RNNBase(nn.Module):
         return (get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"),
                 get("weight_hr"))
 
+    def _cell_options(self, layer: int, direction: int) -> R.CellOptions:
+        suffix = "_reverse" if direction == 1 else ""
+        return R.CellOptions(w_peep=getattr(self, f"weight_peephole_l{layer}{suffix}", None))
+
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
         if self.proj_size:
@@ -126,6 +138,8 @@ class RNNBase(nn.Module):
             s += ", residual=True"
         if self.mode == "GRU" and not self.reset_after:
             s += ", reset_after=False"
+        if self.peephole:
+            s += ", peephole=True"
         return s
 
     # ------------------------------------------------------------------ forward
@@ -202,9 +216,9 @@ class RNNBase(nn.Module):
             for direction in range(D):
                 k = layer * D + direction
                 w_ih, w_hh, b_ih, b_hh, w_hr = self._weights(layer, direction)
-                y, h, c = self._run_layer(layer_input, h0[k], c0[k] if is_lstm else None, w_ih,
-                                          w_hh, b_ih, b_hh, w_hr, lengths, cell, direction == 1,
-                                          backend)
+                y, h, c = R.run_layer(layer_input, h0[k], c0[k] if is_lstm else None, w_ih,
+                                      w_hh, b_ih, b_hh, w_hr, lengths, cell, direction == 1,
+                                      backend, self._cell_options(layer, direction))
                 outs.append(y)
                 h_n.append(h)
                 if is_lstm:
@@ -228,27 +242,22 @@ class RNNBase(nn.Module):
             output = output.transpose(0, 1)
         return output, (h_n, c_n) if is_lstm else h_n
 
-    def _run_layer(self, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reverse,
-                   backend):
-        if backend == "reference":
-            return R.reference_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell,
-                                     reverse)
-        gx = F.linear(x, w_ih, b_ih)
-        return R.recurrence(gx, h0, c0, w_hh, b_hh, w_hr, lengths, cell, reverse, backend)
-
 
 class LSTM(RNNBase):
     """Drop-in for torch.nn.LSTM. Keyword-only extras: ``forget_bias`` (added to the forget
-    gate's input bias at initialisation; +1 or +2 helps long-range gradients), ``residual``.
+    gate's input bias at initialisation; +1 or +2 helps long-range gradients), ``residual``,
+    ``peephole`` (the i and f gates see c_{t-1} and the o gate c_t through diagonal weights
+    ``weight_peephole_l{k}[_reverse]`` of shape (3, hidden_size), rows i, f, o).
     forward(input, hx=None, *, lengths=None) -> (output, (h_n, c_n))."""
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  proj_size: int = 0, device=None, dtype=None, *, forget_bias: float = 0.0,
-                 residual: bool = False) -> None:
+                 residual: bool = False, peephole: bool = False) -> None:
         self.forget_bias = float(forget_bias)
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, proj_size, device, dtype, residual=residual)
+                         bidirectional, proj_size, device, dtype, residual=residual,
+                         peephole=peephole)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()

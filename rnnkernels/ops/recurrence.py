@@ -8,6 +8,8 @@ input projection as usual and through the recurrence by the registered backward 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -38,7 +40,8 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # ------------------------------------------------------------------ fake kernels and autograd
 
-def _recurrence_fwd_fake(gx, h0, c0, w_hh, b_hh, w_hr, lengths, cell, reverse, save):
+def _recurrence_fwd_fake(gx, h0, c0, w_hh, b_hh, w_hr, lengths, cell, reverse, save,
+                         w_peep=None):
     T, B, GH = gx.shape
     H = GH // NUM_GATES[cell]
     P = h0.shape[1]
@@ -63,22 +66,48 @@ def _recurrence_bwd_fake(grad_y, grad_h_n, grad_c_n, c0, w_hh, w_hr, lengths, hs
             w_hh.new_empty((P, H)) if w_hr is not None else w_hh.new_empty((0,)))
 
 
+def _recurrence_bwd_options_fake(grad_y, grad_h_n, grad_c_n, c0, w_hh, w_hr, lengths, hs, ws,
+                                 cell, reverse, w_peep=None):
+    """The C++ backward op: the outputs of _recurrence_bwd_fake and the cell options' gradients."""
+    grads = _recurrence_bwd_fake(grad_y, grad_h_n, grad_c_n, c0, w_hh, w_hr, lengths, hs, ws,
+                                 cell, reverse)
+    return grads + (w_hh.new_empty(w_peep.shape if w_peep is not None else (0,)),)
+
+
+# The trailing arguments of recurrence_fwd / recurrence_bwd after the base schema (the Triton
+# ops have none): the cell options, in schema order.
+_BASE_FWD_ARGS = 10
+
+
 def _setup_context(ctx, inputs, output):
-    gx, h0, c0, w_hh, b_hh, w_hr, lengths, cell, reverse, save = inputs
+    gx, h0, c0, w_hh, b_hh, w_hr, lengths, cell, reverse, save = inputs[:_BASE_FWD_ARGS]
+    options = inputs[_BASE_FWD_ARGS:]
     _, _, _, hs, ws = output
     ctx.cell, ctx.reverse, ctx.save = cell, reverse, save
     # Unused outputs (hs, ws, often h_n / c_n) get no gradient instead of materialised zeros:
     # the backward op takes them as optional.
     ctx.set_materialize_grads(False)
     ctx.has_bias, ctx.has_proj = b_hh is not None, w_hr is not None
-    ctx.save_for_backward(c0, w_hh, w_hr, lengths, hs, ws)
+    ctx.num_options = len(options)
+    ctx.save_for_backward(c0, w_hh, w_hr, lengths, hs, ws, *options)
 
 
-def register_recurrence(fwd_name: str, bwd_name: str) -> None:
+def _option_grads(ctx, options: tuple, option_outputs: tuple) -> tuple:
+    """Gradients of the cell-option inputs (w_peep) from the backward op's extra outputs."""
+    if not ctx.num_options:
+        return ()
+    (w_peep,) = options
+    (dw_peep,) = option_outputs
+    return (dw_peep if w_peep is not None else None,)
+
+
+def register_recurrence(fwd_name: str, bwd_name: str, cell_options: bool = False) -> None:
     """Fake kernels and autograd of a pair of recurrence ops with the schemas of
-    recurrence_fwd / recurrence_bwd (one pair per backend: C++, Triton)."""
+    recurrence_fwd / recurrence_bwd (one pair per backend: C++, Triton). cell_options: the ops
+    take the cell options (the C++ ones: w_peep)."""
     torch.library.register_fake(fwd_name, _recurrence_fwd_fake)
-    torch.library.register_fake(bwd_name, _recurrence_bwd_fake)
+    torch.library.register_fake(bwd_name, _recurrence_bwd_options_fake if cell_options
+                                else _recurrence_bwd_fake)
     namespace, name = bwd_name.split("::")
     bwd_op = getattr(getattr(torch.ops, namespace), name)
 
@@ -87,18 +116,19 @@ def register_recurrence(fwd_name: str, bwd_name: str) -> None:
             raise RuntimeError(f"rnnkernels: {fwd_name} was called with save=False, so it kept "
                                "nothing to differentiate; call it with save=True when a "
                                "gradient is needed")
-        c0, w_hh, w_hr, lengths, hs, ws = ctx.saved_tensors
-        dgx, dh0, dc0, dw_hh, db_hh, dw_hr = bwd_op(
+        c0, w_hh, w_hr, lengths, hs, ws, *options = ctx.saved_tensors
+        dgx, dh0, dc0, dw_hh, db_hh, dw_hr, *option_outputs = bwd_op(
             grad_y, grad_h_n, grad_c_n if ctx.cell == LSTM else None, c0, w_hh, w_hr, lengths,
-            hs, ws, ctx.cell, ctx.reverse)
+            hs, ws, ctx.cell, ctx.reverse, *options)
         return (dgx, dh0, dc0 if ctx.cell == LSTM else None, dw_hh,
                 db_hh if ctx.has_bias else None, dw_hr if ctx.has_proj else None, None, None,
-                None, None)
+                None, None) + _option_grads(ctx, tuple(options), tuple(option_outputs))
 
     torch.library.register_autograd(fwd_name, backward, setup_context=_setup_context)
 
 
-register_recurrence("rnnkernels::recurrence_fwd", "rnnkernels::recurrence_bwd")
+register_recurrence("rnnkernels::recurrence_fwd", "rnnkernels::recurrence_bwd",
+                    cell_options=True)
 
 
 # ------------------------------------------------------------------ dispatch
@@ -117,19 +147,41 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+@dataclass(frozen=True)
+class CellOptions:
+    """The cell options of one layer and direction (all off by default).
+
+    w_peep: (3, H) peephole weights of the LSTM's i, f, o gates.
+    """
+
+    w_peep: Tensor | None = None
+
+    def names(self) -> list[str]:
+        """The options that are on, by their module argument names."""
+        return ["peephole"] if self.w_peep is not None else []
+
+
+NO_OPTIONS = CellOptions()
+
+
 def recurrence(gx: Tensor, h0: Tensor, c0: Tensor | None, w_hh: Tensor, b_hh: Tensor | None,
                w_hr: Tensor | None, lengths: Tensor | None, cell: int, reverse: bool,
-               backend: str) -> tuple[Tensor, Tensor, Tensor]:
+               backend: str, options: CellOptions = NO_OPTIONS) -> tuple[Tensor, Tensor, Tensor]:
     """The sequential part on a fast backend, from precomputed gx (T, B, G*H).
 
     Returns y (T, B, P), h_n (B, P) and c_n ((B, H) for the LSTM, else empty). Inside an
     autocast region every floating input is cast to the autocast dtype (state and accumulation
-    stay fp32 inside the kernels)."""
+    stay fp32 inside the kernels). Cell options run on the C++ CPU kernels only (backend
+    "cpu"); :func:`run_layer` sends them elsewhere to the reference."""
+    if options.names() and backend != "cpu":
+        raise ValueError(f"the {backend} recurrence kernel has no cell options "
+                         f"({', '.join(options.names())}); use backend 'cpu' or the reference")
+    w_peep = options.w_peep
     dtype = compute_dtype(gx)
     if dtype != gx.dtype or h0.dtype != dtype:
-        gx, h0, c0, w_hh, b_hh, w_hr = (t if t is None else t.to(dtype)
-                                        for t in (gx, h0, c0, w_hh, b_hh, w_hr))
-    save = _needs_grad(gx, h0, c0, w_hh, b_hh, w_hr)
+        gx, h0, c0, w_hh, b_hh, w_hr, w_peep = (t if t is None else t.to(dtype)
+                                                for t in (gx, h0, c0, w_hh, b_hh, w_hr, w_peep))
+    save = _needs_grad(gx, h0, c0, w_hh, b_hh, w_hr, w_peep)
     if lengths is not None:
         lengths = lengths.to(device=gx.device, dtype=torch.int64)
     if backend == "triton":
@@ -138,11 +190,13 @@ def recurrence(gx: Tensor, h0: Tensor, c0: Tensor | None, w_hh: Tensor, b_hh: Te
         fwd = recurrence_fwd_triton
     else:
         fwd = torch.ops.rnnkernels.recurrence_fwd
-    y, h_n, c_n, _, _ = fwd(gx, h0, c0, w_hh, b_hh, w_hr, lengths, cell, reverse, save)
+    extra = (w_peep,) if options.names() else ()
+    y, h_n, c_n, _, _ = fwd(gx, h0, c0, w_hh, b_hh, w_hr, lengths, cell, reverse, save, *extra)
     return y, h_n, c_n
 
 
-def _check_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell):
+def _check_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell,
+                 options: CellOptions = NO_OPTIONS):
     _validate.tensor("x", x, ndim=3, floating=True)
     _validate.nonempty("x", x, [(0, "time step"), (1, "batch row")])
     T, B, I = x.shape
@@ -166,13 +220,16 @@ def _check_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell):
         _validate.tensor("c0", c0, shape=(B, H), like=x)
     if lengths is not None:
         _validate.lengths("lengths", lengths, B, T)
+    _validate.optional("w_peep", options.w_peep, shape=(3, H), like=x)
     return H, P
 
 
-def reference_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reverse):
+def reference_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reverse,
+                    options: CellOptions = NO_OPTIONS):
     """The reference of one layer for any cell; returns (y, h_n, c_n or None)."""
     if cell == LSTM:
-        return lstm_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
+        return lstm_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
+                              w_peep=options.w_peep)
     if cell in (GRU, GRU_RESET_BEFORE):
         y, h = gru_reference(x, h0, w_ih, w_hh, b_ih, b_hh, cell == GRU, lengths, reverse)
     else:
@@ -181,30 +238,50 @@ def reference_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reve
     return y, h, None
 
 
-def _layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reverse):
-    _check_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell)
-    backend = _backend.choose("recurrence", x.device, compute_dtype(x))
+def run_layer(x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, w_hh: Tensor,
+              b_ih: Tensor | None, b_hh: Tensor | None, w_hr: Tensor | None,
+              lengths: Tensor | None, cell: int, reverse: bool, backend: str,
+              options: CellOptions = NO_OPTIONS) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One layer and direction on ``backend`` (from :func:`rnnkernels._backend.choose`), inputs
+    already checked. The Triton and CUDA kernels have no cell options: with one, the layer runs
+    on the reference on the same device, with a warning. Returns (y, h_n, c_n or None)."""
+    if options.names() and backend in ("triton", "cuda"):
+        _backend.warn_once(f"rnnkernels: the {backend} recurrence kernel has no "
+                           f"{', '.join(options.names())}; using the PyTorch reference")
+        backend = "reference"
     if backend == "reference":
-        return reference_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reverse)
+        return reference_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reverse,
+                               options)
     gx = F.linear(x, w_ih, b_ih)
     y, h_n, c_n = recurrence(gx, h0, c0 if cell == LSTM else None, w_hh, b_hh, w_hr, lengths,
-                             cell, reverse, backend)
+                             cell, reverse, backend, options)
     return y, h_n, (c_n if cell == LSTM else None)
+
+
+def _layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reverse,
+           options: CellOptions = NO_OPTIONS):
+    _check_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, options)
+    backend = _backend.choose("recurrence", x.device, compute_dtype(x))
+    return run_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reverse, backend,
+                     options)
 
 
 def lstm(x: Tensor, hx: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tensor,
          b_ih: Tensor | None = None, b_hh: Tensor | None = None, w_hr: Tensor | None = None, *,
-         lengths: Tensor | None = None, reverse: bool = False
+         lengths: Tensor | None = None, reverse: bool = False, w_peep: Tensor | None = None
          ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """One LSTM layer, one direction.
 
     x: (T, B, I); hx = (h0 (B, P), c0 (B, H)); w_ih: (4H, I); w_hh: (4H, P); b_ih, b_hh: (4H,);
     w_hr: (P, H) projection (P = H without it); lengths: (B,) valid steps per row (rows past
-    their length keep their state and output zeros). Returns y (T, B, P) and (h_n, c_n).
+    their length keep their state and output zeros). w_peep: (3, H) peephole weights (the i
+    and f gates see c_{t-1}, the o gate c_t). Returns y (T, B, P) and (h_n, c_n).
     """
     if not isinstance(hx, (tuple, list)) or len(hx) != 2:
         raise TypeError("hx must be a tuple (h0, c0) for the LSTM")
-    y, h, c = _layer(x, hx[0], hx[1], w_ih, w_hh, b_ih, b_hh, w_hr, lengths, LSTM, reverse)
+    options = CellOptions(w_peep=w_peep)
+    y, h, c = _layer(x, hx[0], hx[1], w_ih, w_hh, b_ih, b_hh, w_hr, lengths, LSTM, reverse,
+                     options)
     return y, (h, c)
 
 
@@ -218,7 +295,8 @@ def gru(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None =
     the recurrent matmul of the candidate). Returns y (T, B, H) and h_n (B, H).
     """
     cell = GRU if reset_after else GRU_RESET_BEFORE
-    y, h, _ = _layer(x, h0, None, w_ih, w_hh, b_ih, b_hh, None, lengths, cell, reverse)
+    y, h, _ = _layer(x, h0, None, w_ih, w_hh, b_ih, b_hh, None, lengths, cell, reverse,
+                     NO_OPTIONS)
     return y, h
 
 
@@ -232,9 +310,10 @@ def rnn(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None =
     """
     _validate.choice("nonlinearity", nonlinearity, ("tanh", "relu"))
     cell = RNN_TANH if nonlinearity == "tanh" else RNN_RELU
-    y, h, _ = _layer(x, h0, None, w_ih, w_hh, b_ih, b_hh, None, lengths, cell, reverse)
+    y, h, _ = _layer(x, h0, None, w_ih, w_hh, b_ih, b_hh, None, lengths, cell, reverse,
+                     NO_OPTIONS)
     return y, h
 
 
-__all__ = ["lstm", "gru", "rnn", "recurrence", "LSTM", "GRU", "GRU_RESET_BEFORE", "RNN_TANH",
-           "RNN_RELU"]
+__all__ = ["lstm", "gru", "rnn", "recurrence", "run_layer", "CellOptions", "LSTM", "GRU",
+           "GRU_RESET_BEFORE", "RNN_TANH", "RNN_RELU"]

@@ -4,6 +4,10 @@ Shapes: x (T, B, I); h0 (B, P); c0 (B, H); w_ih (G*H, I); w_hh (G*H, P); biases 
 w_hr (P, H) (LSTM projection); lengths (B,) valid steps per row. Rows past their length keep
 their state and output zeros, as a PackedSequence does; with reverse=True each row runs from its
 last valid step down to step 0. Returns y (T, B, P) and the final states.
+
+Cell options (keyword-only, off by default, and then the cells are exactly torch.nn's):
+w_peep (3, H) peephole weights of the LSTM (Gers and Schmidhuber 2000: the i and f gates see
+c_{t-1}, the o gate sees c_t, each through a diagonal weight).
 """
 
 from __future__ import annotations
@@ -31,14 +35,21 @@ def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
 def lstm_reference(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
                    b_ih: Tensor | None = None, b_hh: Tensor | None = None,
                    w_hr: Tensor | None = None, lengths: Tensor | None = None,
-                   reverse: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """LSTM as torch.nn.LSTM computes it: gates (i, f, g, o), optional projection of h."""
+                   reverse: bool = False, *, w_peep: Tensor | None = None
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """LSTM as torch.nn.LSTM computes it: gates (i, f, g, o), optional projection of h; with
+    w_peep, the peephole LSTM."""
     h, c = h0, c0
     ys = [None] * x.shape[0]
     for t in _steps(x.shape[0], reverse):
         gates = _linear(x[t], w_ih, b_ih) + _linear(h, w_hh, b_hh)
         i, f, g, o = gates.chunk(4, dim=1)
+        if w_peep is not None:
+            i = i + w_peep[0] * c
+            f = f + w_peep[1] * c
         c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        if w_peep is not None:
+            o = o + w_peep[2] * c_new
         h_new = torch.sigmoid(o) * torch.tanh(c_new)
         if w_hr is not None:
             h_new = h_new @ w_hr.t()

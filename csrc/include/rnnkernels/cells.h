@@ -88,6 +88,35 @@ RK_HOST_DEVICE inline void lstm_backward(V dh, V dc, V i, V f, V g, V o, V c, V 
   dc_prev = dct * f;
 }
 
+// Peephole LSTM (Gers and Schmidhuber 2000): the input and forget gates see c_{t-1} and the
+// output gate sees c_t, each through a diagonal weight (wi, wf, wo for this unit).
+template <typename V, typename M>
+RK_HOST_DEVICE inline void lstm_peephole_forward(V pi, V pf, V pg, V po, V c_prev, V wi, V wf,
+                                                 V wo, V& i, V& f, V& g, V& o, V& c, V& h) {
+  i = M::sigmoid(pi + wi * c_prev);
+  f = M::sigmoid(pf + wf * c_prev);
+  g = M::tanh_(pg);
+  c = f * c_prev + i * g;
+  o = M::sigmoid(po + wo * c);
+  h = o * M::tanh_(c);
+}
+
+// As lstm_backward; c is the cell's c_t (before zoneout). The peephole weight gradients are
+// di * c_prev, df * c_prev and do_ * c, summed by the caller.
+template <typename V, typename M>
+RK_HOST_DEVICE inline void lstm_peephole_backward(V dh, V dc, V i, V f, V g, V o, V c, V c_prev,
+                                                  V wi, V wf, V wo, V& di, V& df, V& dg, V& do_,
+                                                  V& dc_prev) {
+  const V one = M::one();
+  const V tc = M::tanh_(c);
+  do_ = dh * tc * o * (one - o);
+  const V dct = dc + dh * o * (one - tc * tc) + do_ * wo;
+  di = dct * g * i * (one - i);
+  df = dct * c_prev * f * (one - f);
+  dg = dct * i * (one - g * g);
+  dc_prev = dct * f + di * wi + df * wf;
+}
+
 // ---------------------------------------------------------------- GRU (reset after)
 template <typename V, typename M>
 RK_HOST_DEVICE inline void gru_forward(V xr, V xz, V xn, V hr, V hz, V hn, V h_prev, V& r, V& z,
