@@ -53,11 +53,15 @@ cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream().stream()
 
 bool given(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
 
-// The CUDA recurrence kernels implement no cell option (peephole, ...): rnnkernels.ops runs
-// the reference on the GPU instead, so only a direct call of the op gets here with one.
-void check_no_cell_options(const std::optional<Tensor>& w_peep) {
-  TORCH_CHECK(!given(w_peep), "rnnkernels: the CUDA recurrence kernel has no peephole; "
-              "rnnkernels.ops.lstm falls back to the reference for it");
+// The CUDA recurrence kernels implement no cell option (peephole, zoneout, ...):
+// rnnkernels.ops runs the reference on the GPU instead, so only a direct call of the op gets
+// here with one.
+void check_no_cell_options(const std::optional<Tensor>& w_peep,
+                           const std::optional<Tensor>& zoneout_mask,
+                           const std::optional<Tensor>& zoneout_mask_c, double zoneout) {
+  TORCH_CHECK(!given(w_peep) && !given(zoneout_mask) && !given(zoneout_mask_c) && zoneout == 0,
+              "rnnkernels: the CUDA recurrence kernel has no cell options (peephole, zoneout); "
+              "rnnkernels.ops and rnnkernels.nn fall back to the reference for them");
 }
 
 Tensor f32(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
@@ -136,9 +140,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_fwd_cuda(
     const Tensor& gx_in, const Tensor& h0, const std::optional<Tensor>& c0, const Tensor& w_hh,
     const std::optional<Tensor>& b_hh, const std::optional<Tensor>& w_hr,
     const std::optional<Tensor>& lengths_opt, int64_t cell_id, bool reverse, bool save,
-    const std::optional<Tensor>& w_peep) {
+    const std::optional<Tensor>& w_peep, const std::optional<Tensor>& zoneout_mask,
+    const std::optional<Tensor>& zoneout_mask_c, double zoneout) {
   TORCH_CHECK(cell_id >= 0 && cell_id <= 4, "rnnkernels: unknown cell ", cell_id);
-  check_no_cell_options(w_peep);
+  check_no_cell_options(w_peep, zoneout_mask, zoneout_mask_c, zoneout);
   const c10::cuda::CUDAGuard guard(gx_in.device());
   const Cell cell = static_cast<Cell>(cell_id);
   const Tensor gx = gx_in.contiguous();
@@ -248,9 +253,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_bw
     const std::optional<Tensor>& grad_cn, const std::optional<Tensor>& c0, const Tensor& w_hh,
     const std::optional<Tensor>& w_hr, const std::optional<Tensor>& lengths_opt,
     const Tensor& hs_in, const Tensor& ws_in, int64_t cell_id, bool reverse,
-    const std::optional<Tensor>& w_peep) {
+    const std::optional<Tensor>& w_peep, const std::optional<Tensor>& zoneout_mask,
+    const std::optional<Tensor>& zoneout_mask_c, double zoneout) {
   TORCH_CHECK(cell_id >= 0 && cell_id <= 4, "rnnkernels: unknown cell ", cell_id);
-  check_no_cell_options(w_peep);
+  check_no_cell_options(w_peep, zoneout_mask, zoneout_mask_c, zoneout);
   const c10::cuda::CUDAGuard guard(w_hh.device());
   const Cell cell = static_cast<Cell>(cell_id);
   const Tensor hs = hs_in.contiguous(), ws = ws_in.contiguous();

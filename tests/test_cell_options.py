@@ -1,4 +1,4 @@
-"""The cell options of the generic recurrence (peephole): the C++ CPU kernels against the
+"""The cell options of the generic recurrence (peephole, zoneout): the C++ CPU kernels against the
 float64 references (forward and every gradient), the references against the formulas, the ops
 (gradcheck, opcheck), the modules end to end, the Triton fallback and bad values."""
 
@@ -9,7 +9,9 @@ from conftest import assert_close
 
 import rnnkernels
 from rnnkernels.ops import recurrence as R
-from rnnkernels.reference import lstm_reference
+from rnnkernels.reference import gru_reference, lstm_reference, rnn_reference
+
+CELLS = [R.LSTM, R.GRU, R.GRU_RESET_BEFORE, R.RNN_TANH, R.RNN_RELU]
 
 
 def make(cell, T, B, I, H, dtype, proj=0, peephole=False):
@@ -28,20 +30,21 @@ def make(cell, T, B, I, H, dtype, proj=0, peephole=False):
                 w_peep=t(3, H, scale=0.5) if peephole else None)
 
 
-def run(a, cell, backend, lengths=None, reverse=False):
-    options = R.CellOptions(w_peep=a["w_peep"])
+def run(a, cell, backend, lengths=None, reverse=False, zoneout=0.0, training=False, seed=0):
+    options = R.CellOptions(w_peep=a["w_peep"], zoneout=zoneout, training=training)
+    torch.manual_seed(seed)  # the same random masks on both backends
     return R.run_layer(a["x"], a["h0"], a["c0"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"],
                        a["w_hr"], lengths, cell, reverse, backend, options)
 
 
-def check(cell, shape, dtype, lengths=None, reverse=False, proj=0, **opts):
+def check(cell, shape, dtype, lengths=None, reverse=False, proj=0, peephole=False, **opts):
     """Kernel (backend cpu, in dtype) against the float64 reference: outputs and the gradients
-    of every input, with random output gradients."""
-    a = make(cell, *shape, dtype, proj, **opts)
+    of every input, with random output gradients. opts: zoneout, training."""
+    a = make(cell, *shape, dtype, proj, peephole)
     ref_a = {k: v.detach().double().requires_grad_() if v is not None else None
              for k, v in a.items()}
-    outs = [o for o in run(a, cell, "cpu", lengths, reverse) if o is not None]
-    refs = [o for o in run(ref_a, cell, "reference", lengths, reverse) if o is not None]
+    outs = [o for o in run(a, cell, "cpu", lengths, reverse, **opts) if o is not None]
+    refs = [o for o in run(ref_a, cell, "reference", lengths, reverse, **opts) if o is not None]
     for name, o, r in zip(("y", "h_n", "c_n"), outs, refs):
         assert o.dtype == dtype
         assert_close(o, r, dtype, msg=f"{name}")
@@ -111,14 +114,14 @@ def test_peephole_gradcheck():
 
 def test_peephole_opcheck():
     a = make(R.LSTM, 3, 2, 3, 5, torch.float32, peephole=True)
-    for lengths in (None, torch.tensor([3, 1])):
-        fwd = _op_args(a, R.LSTM, lengths, False) + (a["w_peep"],)
-        torch.library.opcheck(torch.ops.rnnkernels.recurrence_fwd.default, fwd)
-        y, h, c, hs, ws = torch.ops.rnnkernels.recurrence_fwd(*fwd)
-        bwd = (torch.randn_like(y), torch.randn_like(h), torch.randn_like(c), a["c0"], a["w_hh"],
-               None, lengths, hs, ws, R.LSTM, False, a["w_peep"])
-        bwd = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in bwd)
-        torch.library.opcheck(torch.ops.rnnkernels.recurrence_bwd.default, bwd)
+    lengths = torch.tensor([3, 1])
+    fwd = _op_args(a, R.LSTM, lengths, False) + (a["w_peep"],)
+    torch.library.opcheck(torch.ops.rnnkernels.recurrence_fwd.default, fwd)
+    y, h, c, hs, ws = torch.ops.rnnkernels.recurrence_fwd(*fwd)
+    bwd = (torch.randn_like(y), torch.randn_like(h), torch.randn_like(c), a["c0"], a["w_hh"],
+           None, lengths, hs, ws, R.LSTM, False, a["w_peep"])
+    bwd = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in bwd)
+    torch.library.opcheck(torch.ops.rnnkernels.recurrence_bwd.default, bwd)
 
 
 def test_peephole_functional():
@@ -134,16 +137,129 @@ def test_peephole_functional():
         rnnkernels.ops.lstm(*args, w_peep=a["w_peep"][:2])
 
 
+# ------------------------------------------------------------------ zoneout
+
+def test_zoneout_reference_formula():
+    """One step: each unit is d * previous + (1 - d) * the cell's new value."""
+    for cell in (R.LSTM, R.GRU, R.RNN_TANH):
+        a = make(cell, 1, 3, 4, 6, torch.float64)
+        d = (torch.rand(1, 3, 6) < 0.5).double()
+        dc = (torch.rand(1, 3, 6) < 0.5).double()
+        if cell == R.LSTM:
+            args = (a["x"], a["h0"], a["c0"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"])
+            _, h, c = lstm_reference(*args)
+            _, hz, cz = lstm_reference(*args, zoneout_mask=d, zoneout_mask_c=dc)
+            assert_close(cz, dc[0] * a["c0"] + (1 - dc[0]) * c, torch.float64)
+            _, he, _ = lstm_reference(*args, zoneout=0.25)
+        else:
+            ref = gru_reference if cell == R.GRU else rnn_reference
+            args = (a["x"], a["h0"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"])
+            _, h = ref(*args)
+            _, hz = ref(*args, zoneout_mask=d)
+            _, he = ref(*args, zoneout=0.25)
+        assert_close(hz, d[0] * a["h0"] + (1 - d[0]) * h, torch.float64)
+        assert_close(he, 0.25 * a["h0"] + 0.75 * h, torch.float64)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("training", [False, True])
+def test_zoneout(cell, training):
+    check(cell, SHAPES[0], torch.float64, zoneout=0.3, training=training)
+    check(cell, SHAPES[1], torch.float32, zoneout=0.3, training=training)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_zoneout_lengths(cell, reverse):
+    check(cell, (6, 4, 3, 9), torch.float64, lengths=torch.tensor([3, 6, 1, 5]), reverse=reverse,
+          zoneout=0.4, training=True)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_zoneout_projection_peephole(training):
+    lengths = torch.tensor([2, 5, 4])
+    check(R.LSTM, (5, 3, 4, 11), torch.float64, lengths=lengths, proj=6, zoneout=0.3,
+          training=training)
+    check(R.LSTM, (5, 3, 4, 11), torch.float64, lengths=lengths, reverse=True, peephole=True,
+          zoneout=0.3, training=training)
+    check(R.LSTM, (5, 3, 4, 11), torch.float32, proj=6, peephole=True, zoneout=0.3,
+          training=training)
+
+
+def test_zoneout_bfloat16():
+    check(R.LSTM, (6, 3, 5, 16), torch.bfloat16, zoneout=0.3, training=True)
+
+
+def _zoneout_args(cell, T, B, P, H, draws):
+    if not draws:
+        return (None, None, 0.3)
+    mask = (torch.rand(T, B, P) < 0.3).double()
+    return (mask, (torch.rand(T, B, H) < 0.3).double() if cell == R.LSTM else None, 0.3)
+
+
+@pytest.mark.parametrize("cell", [R.LSTM, R.GRU, R.GRU_RESET_BEFORE, R.RNN_RELU])
+def test_zoneout_gradcheck(cell):
+    proj = 3 if cell == R.LSTM else 0
+    a = make(cell, 3, 2, 3, 4, torch.float64, proj=proj, peephole=cell == R.LSTM)
+    for draws, lengths, reverse in ((True, None, False), (False, torch.tensor([3, 2]), True)):
+        base = _op_args(a, cell, lengths, reverse)
+        zo = _zoneout_args(cell, 3, 2, proj or 4, 4, draws)
+
+        def f(gx, h0, c0, w_hh, b_hh, w_hr, w_peep, base=base, zo=zo):
+            out = torch.ops.rnnkernels.recurrence_fwd(gx, h0, c0, w_hh, b_hh, w_hr, *base[6:],
+                                                      w_peep, *zo)
+            return out[:3] if cell == R.LSTM else out[:2]
+
+        torch.autograd.gradcheck(f, (*base[:6], a["w_peep"]))
+
+
+@pytest.mark.parametrize("cell", [R.LSTM, R.GRU])
+def test_zoneout_opcheck(cell):
+    a = make(cell, 3, 2, 3, 5, torch.float32)
+    lengths = torch.tensor([3, 1])
+    zo = tuple(t.float() if isinstance(t, torch.Tensor) else t
+               for t in _zoneout_args(cell, 3, 2, 5, 5, True))
+    fwd = _op_args(a, cell, lengths, False) + (None,) + zo
+    torch.library.opcheck(torch.ops.rnnkernels.recurrence_fwd.default, fwd)
+    y, h, c, hs, ws = torch.ops.rnnkernels.recurrence_fwd(*fwd)
+    bwd = (torch.randn_like(y), torch.randn_like(h),
+           torch.randn_like(c) if cell == R.LSTM else None, a["c0"], a["w_hh"], None, lengths,
+           hs, ws, cell, False, None) + zo
+    bwd = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in bwd)
+    torch.library.opcheck(torch.ops.rnnkernels.recurrence_bwd.default, bwd)
+
+
+def test_zoneout_functional_seed():
+    """Training draws follow torch.manual_seed; evaluation is deterministic."""
+    a = make(R.GRU, 5, 3, 4, 6, torch.float32)
+    args = (a["x"], a["h0"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"])
+    torch.manual_seed(1)
+    y1, _ = rnnkernels.ops.gru(*args, zoneout=0.5)
+    torch.manual_seed(1)
+    y2, _ = rnnkernels.ops.gru(*args, zoneout=0.5)
+    y3, _ = rnnkernels.ops.gru(*args, zoneout=0.5)
+    torch.testing.assert_close(y1, y2, atol=0, rtol=0)
+    assert not torch.equal(y1, y3)
+    e1, _ = rnnkernels.ops.gru(*args, zoneout=0.5, training=False)
+    e2, _ = rnnkernels.ops.gru(*args, zoneout=0.5, training=False)
+    torch.testing.assert_close(e1, e2, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="zoneout"):
+        rnnkernels.ops.gru(*args, zoneout=1.0)
+
+
 # ------------------------------------------------------------------ modules
 
-def _module_vs_reference(module, x, **kwargs):
-    """The module on the CPU kernels and on the reference: outputs and parameter gradients."""
-    out = module(x, **kwargs)
+def _module_vs_reference(module, x, seed=0):
+    """The module on the CPU kernels and on the reference (same random draws): outputs and
+    parameter gradients."""
+    torch.manual_seed(seed)
+    out = module(x)
     y = out[0].data if isinstance(out[0], torch.nn.utils.rnn.PackedSequence) else out[0]
     g = torch.randn_like(y)
     grads = torch.autograd.grad(y, list(module.parameters()), g)
+    torch.manual_seed(seed)
     with rnnkernels.use_backend("reference"):
-        rout = module(x, **kwargs)
+        rout = module(x)
     ry = rout[0].data if isinstance(rout[0], torch.nn.utils.rnn.PackedSequence) else rout[0]
     rgrads = torch.autograd.grad(ry, list(module.parameters()), g)
     assert_close(y, ry, torch.float64)
@@ -167,10 +283,31 @@ def test_lstm_module_peephole():
     _module_vs_reference(m, packed)
 
 
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN"])
+def test_module_zoneout(mode):
+    kw = {"proj_size": 3} if mode == "LSTM" else {}
+    m = getattr(rnnkernels.nn, mode)(4, 5, num_layers=2, bidirectional=True, zoneout=0.25,
+                                     dtype=torch.float64, **kw)
+    assert "zoneout=0.25" in repr(m)
+    assert set(m.state_dict()) == set(getattr(torch.nn, mode)(4, 5, 2, bidirectional=True,
+                                                              **kw).state_dict())
+    x = torch.randn(6, 3, 4, dtype=torch.float64)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor([6, 2, 4]),
+                                                     enforce_sorted=False)
+    for training in (True, False):
+        m.train(training)
+        _module_vs_reference(m, packed)
+    m.train()
+    torch.manual_seed(5)
+    y1 = m(x)[0]
+    torch.manual_seed(5)
+    torch.testing.assert_close(m(x)[0], y1, atol=0, rtol=0)
+
+
 def test_module_options_off_are_torch():
     for m in (rnnkernels.nn.LSTM(3, 4, peephole=False), rnnkernels.nn.GRU(3, 4),
               rnnkernels.nn.RNN(3, 4)):
-        assert "peephole" not in repr(m)
+        assert "peephole" not in repr(m) and "zoneout" not in repr(m)
     assert (list(rnnkernels.nn.LSTM(3, 4, num_layers=2).state_dict())
             == list(torch.nn.LSTM(3, 4, num_layers=2).state_dict()))
 
@@ -178,6 +315,9 @@ def test_module_options_off_are_torch():
 def test_bad_option_values():
     with pytest.raises(ValueError, match="peephole"):
         rnnkernels.nn.LSTM(3, 4, peephole=1)
+    for bad in (-0.1, 1.0, "0.5", True):
+        with pytest.raises(ValueError, match="zoneout"):
+            rnnkernels.nn.GRU(3, 4, zoneout=bad)
 
 
 # ------------------------------------------------------------------ Triton / CUDA fallback

@@ -102,9 +102,16 @@ struct Problem {
   bool reverse, save, projected;
   const int64_t* lengths;
   // Cell options (null / zero when off; any of them selects the batched path).
-  const T* peep = nullptr;  // (3, H) peephole weights of the LSTM's i, f, o gates
+  const T* peep = nullptr;     // (3, H) peephole weights of the LSTM's i, f, o gates
+  const T* zmask_h = nullptr;  // (T, B, P) zoneout draws of h (1: keep the previous value)
+  const T* zmask_c = nullptr;  // (T, B, H) zoneout draws of the LSTM's c
+  T zoneout_p = T(0);          // the zoneout weight of a state without draws (evaluation)
 
-  bool has_options() const { return peep != nullptr; }
+  bool zoneout() const { return zmask_h != nullptr || zmask_c != nullptr || zoneout_p != T(0); }
+  bool has_options() const { return peep != nullptr || zoneout(); }
+  // Step t's zoneout draws, or null (then zoneout_p applies).
+  const T* zoneout_h(int64_t t) const { return zmask_h ? zmask_h + t * batch * out : nullptr; }
+  const T* zoneout_c(int64_t t) const { return zmask_c ? zmask_c + t * batch * hidden : nullptr; }
   int64_t time(int64_t s) const { return reverse ? steps - 1 - s : s; }
   bool masked(int64_t t, int64_t b) const { return lengths != nullptr && t >= lengths[b]; }
   // State slots (see header comment).
@@ -135,7 +142,15 @@ struct FwdStep {
   T* ws;           // (B, K*H) or null
   S* y;            // (B, P) or null when y is written after a projection / phase 2
   T* v;            // (B, H): r * h_prev of the reset-before GRU
+  const T* zh = nullptr;  // (B, P) zoneout draws of h, or null (Problem::zoneout_h)
+  const T* zc = nullptr;  // (B, H) zoneout draws of c
 };
+
+// The zoneout weights of n units at offset k of a step's draws, or the evaluation weight.
+template <typename T>
+inline Vectorized<T> zoneout_weight(const T* draws, T p, int64_t k, int64_t n) {
+  return draws ? load<T>(draws + k, n) : Vectorized<T>(p);
+}
 
 // The cell's forward pointwise work for units [u0, u1) of batch row b. gh points at this row's
 // unit u0 of gate 0; gate g of unit j is gh[g * gstride + j - u0].
@@ -151,6 +166,7 @@ void forward_units(const Problem<S, T>& pb, const FwdStep<S, T>& st, int64_t b, 
   T* wsr = st.ws ? st.ws + b * KH : nullptr;
   S* yr = st.y ? st.y + b * P : nullptr;
   const bool relu = pb.cell == Cell::RNN_RELU;
+  const bool zoneout = pb.zoneout();
   for (int64_t j = u0; j < u1; j += VS) {
     const int64_t n = std::min(VS, u1 - j);
     const T* g = gh + (j - u0);
@@ -169,15 +185,22 @@ void forward_units(const Problem<S, T>& pb, const FwdStep<S, T>& st, int64_t b, 
         } else {
           lstm_forward<V, M>(pi, pf, pg, po, cp, i, f, gg, o, c, h);
         }
+        if (pb.projected && wsr) store<T>(wsr + 5 * H + j, h, n);
+        if (zoneout) {  // h of a projected LSTM is zoned out after the projection
+          c = zoneout_forward(zoneout_weight(st.zc, pb.zoneout_p, b * H + j, n), cp, c);
+          if (!pb.projected) {
+            h = zoneout_forward(zoneout_weight(st.zh, pb.zoneout_p, b * P + j, n),
+                                load<T>(hprev + j, n), h);
+          }
+        }
         store<T>(st.cout + b * H + j, c, n);
         store<T>(st.hfull + b * H + j, h, n);
-        if (wsr) {
+        if (wsr) {  // with zoneout, slot 4 holds the state c, from which the backward recomputes
           store<T>(wsr + j, i, n);
           store<T>(wsr + H + j, f, n);
           store<T>(wsr + 2 * H + j, gg, n);
           store<T>(wsr + 3 * H + j, o, n);
           store<T>(wsr + 4 * H + j, c, n);
-          if (pb.projected) store<T>(wsr + 5 * H + j, h, n);
         }
         if (yr) store<T>(yr + j, h, n);
         break;
@@ -185,9 +208,11 @@ void forward_units(const Problem<S, T>& pb, const FwdStep<S, T>& st, int64_t b, 
       case Cell::GRU: {
         V r, z, nn, h;
         const V hn = load<T>(g + 2 * gstride, n);
+        const V hp = load<T>(hprev + j, n);
         gru_forward<V, M>(load<T>(gxr + j, n), load<T>(gxr + H + j, n),
                           load<T>(gxr + 2 * H + j, n), load<T>(g, n), load<T>(g + gstride, n), hn,
-                          load<T>(hprev + j, n), r, z, nn, h);
+                          hp, r, z, nn, h);
+        if (zoneout) h = zoneout_forward(zoneout_weight(st.zh, pb.zoneout_p, b * P + j, n), hp, h);
         store<T>(st.hout + b * H + j, h, n);
         if (wsr) {
           store<T>(wsr + j, r, n);
@@ -212,9 +237,12 @@ void forward_units(const Problem<S, T>& pb, const FwdStep<S, T>& st, int64_t b, 
       }
       case Cell::RNN_TANH:
       case Cell::RNN_RELU: {
-        const V h = rnn_forward<V, M>(load<T>(gxr + j, n) + load<T>(g, n), relu);
+        const V hc = rnn_forward<V, M>(load<T>(gxr + j, n) + load<T>(g, n), relu);
+        const V h = zoneout ? zoneout_forward(zoneout_weight(st.zh, pb.zoneout_p, b * P + j, n),
+                                              load<T>(hprev + j, n), hc)
+                            : hc;
         store<T>(st.hout + b * H + j, h, n);
-        if (wsr) store<T>(wsr + j, h, n);
+        if (wsr) store<T>(wsr + j, hc, n);
         if (yr) store<T>(yr + j, h, n);
         break;
       }
@@ -254,10 +282,12 @@ struct BwdStep {
   T* dgh;          // (B, G*H) gradient of the recurrent pre-activations
   S* dgx;          // (B, G*H) gradient of gx, or null when it is dgh itself
   T* dhd;          // (B, P) the part of dh_{t-1} that does not pass through W_hh
+  const T* zh;     // (B, P) zoneout draws of h, or null (Problem::zoneout_h)
+  const T* zc;     // (B, H) zoneout draws of c
 };
 
 // The cell's backward pointwise work for units [u0, u1) of an unmasked batch row b (P == H
-// unless projected; the direct term is then zero and written by the caller).
+// unless projected; the direct term is then written by the caller).
 template <typename S, typename T>
 void backward_units(const Problem<S, T>& pb, const BwdStep<S, T>& st, int64_t b, int64_t u0,
                     int64_t u1) {
@@ -273,18 +303,29 @@ void backward_units(const Problem<S, T>& pb, const BwdStep<S, T>& st, int64_t b,
   const S* gyr = st.gy ? st.gy + b * P : nullptr;
   T* dhdr = st.dhd + b * P;
   const bool relu = pb.cell == Cell::RNN_RELU;
+  const bool zoneout = pb.zoneout();
   for (int64_t j = u0; j < u1; j += VS) {
     const int64_t n = std::min(VS, u1 - j);
     V dH = load<T>(dhr + j, n);
     if (gyr) dH = dH + load<T>(gyr + j, n);
+    V dzo = M::zero();  // the part of dH that zoneout passes straight to h_{t-1}
+    if (zoneout && !pb.projected) {  // projected: done on the projected state by the caller
+      zoneout_backward(zoneout_weight(st.zh, pb.zoneout_p, b * P + j, n), dH, dH, dzo);
+    }
     switch (pb.cell) {
       case Cell::LSTM: {
         V di, df, dg, do_, dcp;
         const V i = load<T>(wsr + j, n), f = load<T>(wsr + H + j, n);
         const V gg = load<T>(wsr + 2 * H + j, n), o = load<T>(wsr + 3 * H + j, n);
-        const V c = load<T>(wsr + 4 * H + j, n);
+        V c = load<T>(wsr + 4 * H + j, n);
         const V cp = load<T>(st.cprev + b * st.cprev_stride + j, n);
-        const V dcin = load<T>(st.dc + b * H + j, n);
+        V dcin = load<T>(st.dc + b * H + j, n);
+        V dc_carry = M::zero();
+        if (zoneout) {  // slot 4 holds the zoned-out state: the cell's own c_t is recomputed
+          c = f * cp + i * gg;
+          zoneout_backward(zoneout_weight(st.zc, pb.zoneout_p, b * H + j, n), dcin, dcin,
+                           dc_carry);
+        }
         if (pb.peep) {
           lstm_peephole_backward<V, M>(dH, dcin, i, f, gg, o, c, cp, load<T>(pb.peep + j, n),
                                        load<T>(pb.peep + H + j, n),
@@ -296,8 +337,8 @@ void backward_units(const Problem<S, T>& pb, const BwdStep<S, T>& st, int64_t b,
         store<T>(dghr + H + j, df, n);
         store<T>(dghr + 2 * H + j, dg, n);
         store<T>(dghr + 3 * H + j, do_, n);
-        store<T>(st.dc + b * H + j, dcp, n);
-        if (!pb.projected) store<T>(dhdr + j, M::zero(), n);
+        store<T>(st.dc + b * H + j, dcp + dc_carry, n);
+        if (!pb.projected) store<T>(dhdr + j, dzo, n);
         break;
       }
       case Cell::GRU: {
@@ -311,7 +352,7 @@ void backward_units(const Problem<S, T>& pb, const BwdStep<S, T>& st, int64_t b,
         store<T>(dgxr + j, dxr, n);
         store<T>(dgxr + H + j, dxz, n);
         store<T>(dgxr + 2 * H + j, dxn, n);
-        store<T>(dhdr + j, direct, n);
+        store<T>(dhdr + j, direct + dzo, n);
         break;
       }
       case Cell::GRU_RESET_BEFORE: {  // phase A; phase B in backward_batched
@@ -320,13 +361,13 @@ void backward_units(const Problem<S, T>& pb, const BwdStep<S, T>& st, int64_t b,
                                   load<T>(hprev + j, n), dn, dz, direct);
         store<T>(dghr + H + j, dz, n);
         store<T>(dghr + 2 * H + j, dn, n);
-        store<T>(dhdr + j, direct, n);
+        store<T>(dhdr + j, direct + dzo, n);
         break;
       }
       case Cell::RNN_TANH:
       case Cell::RNN_RELU: {
         store<T>(dghr + j, rnn_backward<V, M>(dH, load<T>(wsr + j, n), relu), n);
-        store<T>(dhdr + j, M::zero(), n);
+        store<T>(dhdr + j, dzo, n);
         break;
       }
     }
@@ -365,7 +406,9 @@ BwdStep<S, T> make_bwd_step(const Problem<S, T>& pb, int64_t s, const S* gy, con
       hs.data_ptr<T>() + pb.slot_in(s) * B * P,
       dgh.data_ptr<T>() + t * B * GH,
       dgx ? dgx + t * B * GH : nullptr,
-      dhd};
+      dhd,
+      pb.zoneout_h(t),
+      pb.zoneout_c(t)};
 }
 
 // ============================================================== batched path
@@ -403,7 +446,7 @@ void forward_batched(const Problem<S, T>& pb, const Tensor& gx, const Tensor& w,
       at::mm_out(gh, hin, w1.t());
     }
     T* hout_p = hout.data_ptr<T>();
-    const FwdStep<S, T> st{
+    FwdStep<S, T> st{
         gx.data_ptr<S>() + t * B * GH, hin.data_ptr<T>(), hout_p,
         pb.cell == Cell::LSTM ? cbuf.select(0, s & 1).data_ptr<T>() : nullptr,
         pb.cell == Cell::LSTM ? cbuf.select(0, (s + 1) & 1).data_ptr<T>() : nullptr,
@@ -411,6 +454,8 @@ void forward_batched(const Problem<S, T>& pb, const Tensor& gx, const Tensor& w,
         pb.save ? ws.data_ptr<T>() + t * B * KH : nullptr,
         (pb.projected || split) ? nullptr : y.data_ptr<S>() + t * B * P,
         split ? vbuf.data_ptr<T>() : nullptr};
+    st.zh = pb.zoneout_h(t);
+    st.zc = pb.zoneout_c(t);
     const T* gh_p = gh.data_ptr<T>();
     parallel_rows(B, GH, [&](int64_t b) {
       if (pb.masked(t, b)) {
@@ -440,8 +485,12 @@ void forward_batched(const Problem<S, T>& pb, const Tensor& gx, const Tensor& w,
           const int64_t n = std::min(VS, H - j);
           const V z = M::sigmoid(load<T>(gxr + H + j, n) + load<T>(gh_p + b * ghs + H + j, n));
           V nn, h;
+          const V hp = load<T>(hprev + j, n);
           gru_rb_forward_out<V, M>(load<T>(gxr + 2 * H + j, n), load<T>(ghv_p + b * H + j, n), z,
-                                   load<T>(hprev + j, n), nn, h);
+                                   hp, nn, h);
+          if (pb.zoneout()) {
+            h = zoneout_forward(zoneout_weight(st.zh, pb.zoneout_p, b * P + j, n), hp, h);
+          }
           store<T>(hout_p + b * H + j, h, n);
           if (st.ws) store<T>(st.ws + b * KH + 2 * H + j, nn, n);
           store<T>(yr + j, h, n);
@@ -452,12 +501,21 @@ void forward_batched(const Problem<S, T>& pb, const Tensor& gx, const Tensor& w,
       at::mm_out(hout, hfull, w_hr.t());
       parallel_rows(B, P, [&](int64_t b) {
         S* yr = yt + b * P;
+        T* hr = hout_p + b * P;
         if (pb.masked(t, b)) {
-          std::copy(st.hin + b * P, st.hin + (b + 1) * P, hout_p + b * P);
+          std::copy(st.hin + b * P, st.hin + (b + 1) * P, hr);
           std::fill(yr, yr + P, S(0));
-        } else {
-          store_scalar_row(yr, hout_p + b * P, P);
+          return;
         }
+        if (pb.zoneout()) {
+          for (int64_t j = 0; j < P; j += VS) {
+            const int64_t n = std::min(VS, P - j);
+            store<T>(hr + j, zoneout_forward(zoneout_weight(st.zh, pb.zoneout_p, b * P + j, n),
+                                             load<T>(st.hin + b * P + j, n), load<T>(hr + j, n)),
+                     n);
+          }
+        }
+        store_scalar_row(yr, hr, P);
       });
     }
   }
@@ -484,21 +542,38 @@ void backward_batched(const Problem<S, T>& pb, const Tensor& grad_y, const Tenso
   for (int64_t s = pb.steps - 1; s >= 0; --s) {
     const int64_t t = pb.time(s);
     if (pb.projected) {
+      // rec: the gradient of the projection's output; dhd: the direct part of dh_{t-1} (all of
+      // dh for a masked row, the zoned-out share otherwise)
       T* dhp_p = dhp.data_ptr<T>();
+      const T* zh = pb.zoneout_h(t);
       parallel_rows(B, P, [&](int64_t b) {
         T* d = dh_p + b * P;
         T* rec = dhp_p + (t * B + b) * P;
+        T* direct = dhd_p + b * P;
         if (pb.masked(t, b)) {
           std::fill(rec, rec + P, T(0));
+          std::copy(d, d + P, direct);
           return;
         }
         if (gy_p) {
           const S* g = gy_p + (t * B + b) * P;
           for (int64_t k = 0; k < P; ++k) d[k] += static_cast<T>(g[k]);
         }
-        std::copy(d, d + P, rec);
+        if (!pb.zoneout()) {
+          std::copy(d, d + P, rec);
+          std::fill(direct, direct + P, T(0));
+          return;
+        }
+        for (int64_t j = 0; j < P; j += VS) {
+          const int64_t n = std::min(VS, P - j);
+          V dnext, dprev;
+          zoneout_backward(zoneout_weight(zh, pb.zoneout_p, b * P + j, n), load<T>(d + j, n),
+                           dnext, dprev);
+          store<T>(rec + j, dnext, n);
+          store<T>(direct + j, dprev, n);
+        }
       });
-      at::mm_out(dhfull, dh, w_hr);
+      at::mm_out(dhfull, dhp.select(0, t), w_hr);
     }
     const BwdStep<S, T> st = make_bwd_step(pb, s, gy_p, pb.projected ? dhfull.data_ptr<T>() : dh_p,
                                            dc, c0, ws, hs, dgh,
@@ -506,11 +581,9 @@ void backward_batched(const Problem<S, T>& pb, const Tensor& grad_y, const Tenso
     parallel_rows(B, GH, [&](int64_t b) {
       if (pb.masked(t, b)) {
         backward_masked_units(pb, st, b, 0, H);
-        if (pb.projected) std::copy(dh_p + b * P, dh_p + (b + 1) * P, dhd_p + b * P);
-        return;
+      } else {
+        backward_units(pb, st, b, 0, H);
       }
-      backward_units(pb, st, b, 0, H);
-      if (pb.projected) std::fill(dhd_p + b * P, dhd_p + (b + 1) * P, T(0));
     });
     Tensor dgh_t = dgh.select(0, t);
     if (split) {
@@ -826,17 +899,36 @@ bool given(const std::optional<Tensor>& t) { return t.has_value() && t->defined(
 
 // Gradient of the (3, H) peephole weights: sums over steps and rows of di * c_{t-1},
 // df * c_{t-1} and do * c_t, from the gate gradients dgh (T, B, 4H) and the cell states in ws
-// (slot 4 holds c_t, and for a masked step the carried c, which is the next step's c_{t-1}).
+// (slot 4 holds the state c_t, and for a masked step the carried c, which is the next step's
+// c_{t-1}; with zoneout the state is the zoned-out c and the cell's own c_t is recomputed).
 Tensor peephole_grad(const Tensor& dgh, const Tensor& ws, const Tensor& c0, int64_t H,
-                     bool reverse) {
+                     bool reverse, bool zoneout) {
   const int64_t T = ws.size(0);
-  const Tensor c = ws.narrow(2, 4 * H, H);
+  const Tensor state = ws.narrow(2, 4 * H, H);
   const Tensor first = c0.unsqueeze(0);
-  const Tensor cprev = reverse ? at::cat({c.narrow(0, 1, T - 1), first})
-                               : at::cat({first, c.narrow(0, 0, T - 1)});
+  const Tensor cprev = reverse ? at::cat({state.narrow(0, 1, T - 1), first})
+                               : at::cat({first, state.narrow(0, 0, T - 1)});
+  const Tensor c = zoneout ? ws.narrow(2, H, H) * cprev + ws.narrow(2, 0, H) * ws.narrow(2, 2 * H, H)
+                           : state;
   const auto sum = [](const Tensor& t) { return t.sum(at::IntArrayRef{0, 1}); };
   return at::stack({sum(dgh.narrow(2, 0, H) * cprev), sum(dgh.narrow(2, H, H) * cprev),
                     sum(dgh.narrow(2, 3 * H, H) * c)});
+}
+
+// Sets the cell options of pb from the op arguments; the tensors in keep must outlive pb.
+template <typename S, typename T>
+void set_options(Problem<S, T>& pb, std::vector<Tensor>& keep, at::ScalarType acc_type,
+                 const std::optional<Tensor>& w_peep, const std::optional<Tensor>& zoneout_mask,
+                 const std::optional<Tensor>& zoneout_mask_c, double zoneout) {
+  auto ptr = [&](const std::optional<Tensor>& t) -> const T* {
+    if (!given(t)) return nullptr;
+    keep.push_back(acc(*t, acc_type));
+    return keep.back().data_ptr<T>();
+  };
+  pb.peep = ptr(w_peep);
+  pb.zmask_h = ptr(zoneout_mask);
+  pb.zmask_c = ptr(zoneout_mask_c);
+  pb.zoneout_p = static_cast<T>(zoneout);
 }
 
 }  // namespace
@@ -845,7 +937,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_fwd_cpu(
     const Tensor& gx_in, const Tensor& h0, const std::optional<Tensor>& c0_opt, const Tensor& w_hh,
     const std::optional<Tensor>& b_hh_opt, const std::optional<Tensor>& w_hr_opt,
     const std::optional<Tensor>& lengths_opt, int64_t cell_id, bool reverse, bool save,
-    const std::optional<Tensor>& w_peep_opt) {
+    const std::optional<Tensor>& w_peep, const std::optional<Tensor>& zoneout_mask,
+    const std::optional<Tensor>& zoneout_mask_c, double zoneout) {
   const Cell cell = static_cast<Cell>(cell_id);
   TORCH_CHECK(cell_id >= 0 && cell_id <= 4, "rnnkernels: unknown cell ", cell_id);
   const Tensor gx = gx_in.contiguous();
@@ -870,8 +963,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_fwd_cpu(
                      lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr};
     const Tensor w = acc(w_hh, acc_type);
     const Tensor bias = b_hh_opt ? acc(*b_hh_opt, acc_type) : Tensor();
-    const Tensor peep = given(w_peep_opt) ? acc(*w_peep_opt, acc_type) : Tensor();
-    if (peep.defined()) pb.peep = peep.data_ptr<T>();
+    std::vector<Tensor> keep;
+    set_options(pb, keep, acc_type, w_peep, zoneout_mask, zoneout_mask_c, zoneout);
     hs.select(0, pb.slot_in(0)).copy_(h0);
     Tensor cbuf;
     if (cell == Cell::LSTM) {
@@ -898,7 +991,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_bw
     const std::optional<Tensor>& grad_cn_opt, const std::optional<Tensor>& c0_opt,
     const Tensor& w_hh, const std::optional<Tensor>& w_hr_opt,
     const std::optional<Tensor>& lengths_opt, const Tensor& hs_in, const Tensor& ws_in,
-    int64_t cell_id, bool reverse, const std::optional<Tensor>& w_peep_opt) {
+    int64_t cell_id, bool reverse, const std::optional<Tensor>& w_peep,
+    const std::optional<Tensor>& zoneout_mask, const std::optional<Tensor>& zoneout_mask_c,
+    double zoneout) {
   TORCH_CHECK(cell_id >= 0 && cell_id <= 4, "rnnkernels: unknown cell ", cell_id);
   const Cell cell = static_cast<Cell>(cell_id);
   const Tensor hs = hs_in.contiguous(), ws = ws_in.contiguous();
@@ -930,8 +1025,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_bw
     Problem<S, T> pb{cell, T_, B, H, P, G, K, reverse, true, projected,
                      lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr};
     const Tensor c0 = cell == Cell::LSTM ? acc(*c0_opt, acc_type) : Tensor();
-    const Tensor peep = given(w_peep_opt) ? acc(*w_peep_opt, acc_type) : Tensor();
-    if (peep.defined()) pb.peep = peep.data_ptr<T>();
+    std::vector<Tensor> keep;
+    set_options(pb, keep, acc_type, w_peep, zoneout_mask, zoneout_mask_c, zoneout);
     if (use_persistent(pb)) {
       backward_persistent<S, T>(pb, grad_y, c0, w, hs, ws, dh, dc, dgx, dgh);
     } else {
@@ -943,8 +1038,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_bw
   auto [dw, db, dw_hr] = recurrence_weight_grads(cell, hs, ws, dgh, projected ? dhp : Tensor(), H,
                                                  reverse, st);
   Tensor dc0 = cell == Cell::LSTM ? dc.to(st) : at::empty({0}, w_hh.options());
-  Tensor dpeep = given(w_peep_opt)
-                     ? peephole_grad(dgh, ws, acc(*c0_opt, acc_type), H, reverse).to(st)
+  const bool zoned = given(zoneout_mask) || given(zoneout_mask_c) || zoneout != 0;
+  Tensor dpeep = given(w_peep)
+                     ? peephole_grad(dgh, ws, acc(*c0_opt, acc_type), H, reverse, zoned).to(st)
                      : at::empty({0}, w_hh.options());
   return {dgx, dh.to(st), dc0, dw, db, dw_hr, dpeep};
 }

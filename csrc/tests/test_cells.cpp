@@ -80,6 +80,21 @@ void test_lstm_peephole(std::mt19937& rng) {
   expect_close("peephole dwo", d[3] * c, numeric(loss, x, 7));
 }
 
+void test_zoneout(std::mt19937& rng) {
+  std::normal_distribution<double> n(0, 1);
+  std::uniform_real_distribution<double> u(0, 1);
+  // x = (prev, next); loss = a * zoneout(d, prev, next), d a draw or a probability
+  std::vector<double> x{n(rng), n(rng)};
+  const double a = n(rng);
+  for (double d : {0.0, 1.0, u(rng)}) {
+    auto loss = [&](const std::vector<double>& v) { return a * zoneout_forward(d, v[0], v[1]); };
+    double dnext, dprev;
+    zoneout_backward(d, a, dnext, dprev);
+    expect_close("zoneout dprev", dprev, numeric(loss, x, 0));
+    expect_close("zoneout dnext", dnext, numeric(loss, x, 1));
+  }
+}
+
 void test_gru(std::mt19937& rng) {
   std::normal_distribution<double> n(0, 1);
   // x = (xr, xz, xn, hr, hz, hn, h_prev); loss = a * h
@@ -148,6 +163,7 @@ int main() {
   for (int trial = 0; trial < 50; ++trial) {
     test_lstm(rng);
     test_lstm_peephole(rng);
+    test_zoneout(rng);
     test_gru(rng);
     test_gru_reset_before(rng);
     test_rnn(rng);

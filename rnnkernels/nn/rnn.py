@@ -4,9 +4,11 @@ Same constructor arguments, parameter names, shapes, initialisation and state_di
 torch.nn, so ``load_state_dict`` works both ways; same inputs (batched or unbatched tensors,
 PackedSequence, optional initial state) and outputs. Extras are keyword-only: ``residual``
 (residual connections between stacked layers of equal width), ``forget_bias`` (LSTM),
-``reset_after`` (GRU variant), the cell options ``peephole`` (LSTM), and ``lengths=`` in forward
-for padded input. A cell option adds its parameters after torch.nn's (``weight_peephole_l0``,
-...); with every option off the parameters and state_dict keys are exactly torch.nn's.
+``reset_after`` (GRU variant), the cell options ``peephole`` (LSTM) and ``zoneout``, and
+``lengths=`` in forward for padded input. Random masks of the cell options are drawn in training
+mode only, with torch's generator (``torch.manual_seed`` fixes them). A cell option adds its
+parameters after torch.nn's (``weight_peephole_l0``, ...); with every option off the parameters
+and state_dict keys are exactly torch.nn's.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class RNNBase(nn.Module):
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
                  bidirectional: bool = False, proj_size: int = 0, device=None, dtype=None, *,
                  residual: bool = False, reset_after: bool = True,
-                 peephole: bool = False) -> None:
+                 peephole: bool = False, zoneout: float = 0.0) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size),
@@ -62,6 +64,7 @@ class RNNBase(nn.Module):
                              f"{proj_size}")
         if not isinstance(peephole, bool):
             raise ValueError(f"peephole must be a bool, got {peephole!r}")
+        zoneout = R.check_probability("zoneout", zoneout)
         self.mode = mode
         self.input_size = input_size
         self.hidden_size = hidden_size
@@ -74,6 +77,7 @@ class RNNBase(nn.Module):
         self.residual = residual
         self.reset_after = reset_after
         self.peephole = peephole
+        self.zoneout = zoneout
         num_directions = 2 if bidirectional else 1
         gate_size = _GATES[mode] * hidden_size
         real_hidden = proj_size if proj_size > 0 else hidden_size
@@ -118,7 +122,8 @@ class RNNBase(nn.Module):
 
     def _cell_options(self, layer: int, direction: int) -> R.CellOptions:
         suffix = "_reverse" if direction == 1 else ""
-        return R.CellOptions(w_peep=getattr(self, f"weight_peephole_l{layer}{suffix}", None))
+        return R.CellOptions(w_peep=getattr(self, f"weight_peephole_l{layer}{suffix}", None),
+                             zoneout=self.zoneout, training=self.training)
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
@@ -140,6 +145,8 @@ class RNNBase(nn.Module):
             s += ", reset_after=False"
         if self.peephole:
             s += ", peephole=True"
+        if self.zoneout:
+            s += f", zoneout={self.zoneout}"
         return s
 
     # ------------------------------------------------------------------ forward
@@ -247,17 +254,19 @@ class LSTM(RNNBase):
     """Drop-in for torch.nn.LSTM. Keyword-only extras: ``forget_bias`` (added to the forget
     gate's input bias at initialisation; +1 or +2 helps long-range gradients), ``residual``,
     ``peephole`` (the i and f gates see c_{t-1} and the o gate c_t through diagonal weights
-    ``weight_peephole_l{k}[_reverse]`` of shape (3, hidden_size), rows i, f, o).
+    ``weight_peephole_l{k}[_reverse]`` of shape (3, hidden_size), rows i, f, o), ``zoneout``
+    (in training each unit of h (after the projection) and of c keeps its previous value with
+    this probability, drawn per step; in evaluation the expectation).
     forward(input, hx=None, *, lengths=None) -> (output, (h_n, c_n))."""
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  proj_size: int = 0, device=None, dtype=None, *, forget_bias: float = 0.0,
-                 residual: bool = False, peephole: bool = False) -> None:
+                 residual: bool = False, peephole: bool = False, zoneout: float = 0.0) -> None:
         self.forget_bias = float(forget_bias)
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, proj_size, device, dtype, residual=residual,
-                         peephole=peephole)
+                         peephole=peephole, zoneout=zoneout)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -275,33 +284,35 @@ class LSTM(RNNBase):
 class GRU(RNNBase):
     """Drop-in for torch.nn.GRU. Keyword-only extras: ``reset_after`` (True: torch's / cuDNN's
     cell; False: Cho et al. 2014, reset applied before the recurrent matmul; same parameters),
-    ``residual``. forward(input, hx=None, *, lengths=None) -> (output, h_n)."""
+    ``residual``, ``zoneout`` (as for the LSTM, on h).
+    forward(input, hx=None, *, lengths=None) -> (output, h_n)."""
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  device=None, dtype=None, *, reset_after: bool = True,
-                 residual: bool = False) -> None:
+                 residual: bool = False, zoneout: float = 0.0) -> None:
         super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, 0, device, dtype, residual=residual,
-                         reset_after=reset_after)
+                         reset_after=reset_after, zoneout=zoneout)
 
     def forward(self, input, hx=None, *, lengths: Tensor | None = None):
         return self._forward(input, hx, lengths)
 
 
 class RNN(RNNBase):
-    """Drop-in for torch.nn.RNN (``nonlinearity`` "tanh" or "relu"). Keyword-only extra:
-    ``residual``. forward(input, hx=None, *, lengths=None) -> (output, h_n)."""
+    """Drop-in for torch.nn.RNN (``nonlinearity`` "tanh" or "relu"). Keyword-only extras:
+    ``residual``, ``zoneout`` (as for the LSTM, on h).
+    forward(input, hx=None, *, lengths=None) -> (output, h_n)."""
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
                  dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None, *,
-                 residual: bool = False) -> None:
+                 residual: bool = False, zoneout: float = 0.0) -> None:
         _validate.choice("nonlinearity", nonlinearity, ("tanh", "relu"))
         self.nonlinearity = nonlinearity
         super().__init__("RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU", input_size,
                          hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0,
-                         device, dtype, residual=residual)
+                         device, dtype, residual=residual, zoneout=zoneout)
 
     def forward(self, input, hx=None, *, lengths: Tensor | None = None):
         return self._forward(input, hx, lengths)

@@ -8,7 +8,7 @@ input projection as usual and through the recurrence by the registered backward 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # ------------------------------------------------------------------ fake kernels and autograd
 
 def _recurrence_fwd_fake(gx, h0, c0, w_hh, b_hh, w_hr, lengths, cell, reverse, save,
-                         w_peep=None):
+                         w_peep=None, zoneout_mask=None, zoneout_mask_c=None, zoneout=0.0):
     T, B, GH = gx.shape
     H = GH // NUM_GATES[cell]
     P = h0.shape[1]
@@ -67,7 +67,8 @@ def _recurrence_bwd_fake(grad_y, grad_h_n, grad_c_n, c0, w_hh, w_hr, lengths, hs
 
 
 def _recurrence_bwd_options_fake(grad_y, grad_h_n, grad_c_n, c0, w_hh, w_hr, lengths, hs, ws,
-                                 cell, reverse, w_peep=None):
+                                 cell, reverse, w_peep=None, zoneout_mask=None,
+                                 zoneout_mask_c=None, zoneout=0.0):
     """The C++ backward op: the outputs of _recurrence_bwd_fake and the cell options' gradients."""
     grads = _recurrence_bwd_fake(grad_y, grad_h_n, grad_c_n, c0, w_hh, w_hr, lengths, hs, ws,
                                  cell, reverse)
@@ -83,6 +84,9 @@ def _setup_context(ctx, inputs, output):
     gx, h0, c0, w_hh, b_hh, w_hr, lengths, cell, reverse, save = inputs[:_BASE_FWD_ARGS]
     options = inputs[_BASE_FWD_ARGS:]
     _, _, _, hs, ws = output
+    # floats cannot be saved as tensors: they stay on ctx, in their argument positions
+    ctx.option_floats = [o if isinstance(o, float) else None for o in options]
+    options = [None if isinstance(o, float) else o for o in options]
     ctx.cell, ctx.reverse, ctx.save = cell, reverse, save
     # Unused outputs (hs, ws, often h_n / c_n) get no gradient instead of materialised zeros:
     # the backward op takes them as optional.
@@ -92,19 +96,24 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(c0, w_hh, w_hr, lengths, hs, ws, *options)
 
 
-def _option_grads(ctx, options: tuple, option_outputs: tuple) -> tuple:
-    """Gradients of the cell-option inputs (w_peep) from the backward op's extra outputs."""
+def _option_args(ctx, saved: list) -> list:
+    """The cell-option arguments of the forward, from the saved tensors and ctx.option_floats."""
+    return [f if f is not None else t for t, f in zip(saved, ctx.option_floats)]
+
+
+def _option_grads(ctx, options: list, option_outputs: tuple) -> tuple:
+    """Gradients of the cell-option inputs (w_peep, zoneout masks and probability) from the
+    backward op's extra outputs: only w_peep has one."""
     if not ctx.num_options:
         return ()
-    (w_peep,) = options
     (dw_peep,) = option_outputs
-    return (dw_peep if w_peep is not None else None,)
+    return (dw_peep if options[0] is not None else None,) + (None,) * (ctx.num_options - 1)
 
 
 def register_recurrence(fwd_name: str, bwd_name: str, cell_options: bool = False) -> None:
     """Fake kernels and autograd of a pair of recurrence ops with the schemas of
     recurrence_fwd / recurrence_bwd (one pair per backend: C++, Triton). cell_options: the ops
-    take the cell options (the C++ ones: w_peep)."""
+    take the cell options (the C++ ones: w_peep, zoneout_mask, zoneout_mask_c, zoneout)."""
     torch.library.register_fake(fwd_name, _recurrence_fwd_fake)
     torch.library.register_fake(bwd_name, _recurrence_bwd_options_fake if cell_options
                                 else _recurrence_bwd_fake)
@@ -117,12 +126,13 @@ def register_recurrence(fwd_name: str, bwd_name: str, cell_options: bool = False
                                "nothing to differentiate; call it with save=True when a "
                                "gradient is needed")
         c0, w_hh, w_hr, lengths, hs, ws, *options = ctx.saved_tensors
+        options = _option_args(ctx, options)
         dgx, dh0, dc0, dw_hh, db_hh, dw_hr, *option_outputs = bwd_op(
             grad_y, grad_h_n, grad_c_n if ctx.cell == LSTM else None, c0, w_hh, w_hr, lengths,
             hs, ws, ctx.cell, ctx.reverse, *options)
         return (dgx, dh0, dc0 if ctx.cell == LSTM else None, dw_hh,
                 db_hh if ctx.has_bias else None, dw_hr if ctx.has_proj else None, None, None,
-                None, None) + _option_grads(ctx, tuple(options), tuple(option_outputs))
+                None, None) + _option_grads(ctx, options, tuple(option_outputs))
 
     torch.library.register_autograd(fwd_name, backward, setup_context=_setup_context)
 
@@ -152,13 +162,46 @@ class CellOptions:
     """The cell options of one layer and direction (all off by default).
 
     w_peep: (3, H) peephole weights of the LSTM's i, f, o gates.
+    zoneout: probability that a state unit keeps its previous value; in training (and when
+    :meth:`drawn` has drawn them) zoneout_mask (T, B, P) and, for the LSTM, zoneout_mask_c
+    (T, B, H) hold the 0/1 draws, else the state is the expectation.
+    training: draw the random masks (zoneout) with torch's generator.
     """
 
     w_peep: Tensor | None = None
+    zoneout: float = 0.0
+    training: bool = False
+    zoneout_mask: Tensor | None = None
+    zoneout_mask_c: Tensor | None = None
 
     def names(self) -> list[str]:
         """The options that are on, by their module argument names."""
-        return ["peephole"] if self.w_peep is not None else []
+        return (["peephole"] if self.w_peep is not None else []) + (
+            ["zoneout"] if self.zoneout else [])
+
+    def drawn(self, x: Tensor, P: int, H: int, cell: int) -> CellOptions:
+        """These options with the random masks of a layer over x (T, B, I) drawn (training)."""
+        if not self.training or not self.zoneout or self.zoneout_mask is not None:
+            return self
+        T, B = x.shape[0], x.shape[1]
+        dtype = compute_dtype(x)
+
+        def draw(*shape: int) -> Tensor:  # fp32 uniforms: the same draws for every dtype
+            return (torch.rand(shape, device=x.device) < self.zoneout).to(dtype)
+
+        return replace(self, zoneout_mask=draw(T, B, P),
+                       zoneout_mask_c=draw(T, B, H) if cell == LSTM else None)
+
+    def op_args(self) -> tuple:
+        """The trailing arguments of recurrence_fwd / recurrence_bwd."""
+        return (self.w_peep, self.zoneout_mask, self.zoneout_mask_c, float(self.zoneout))
+
+    def reference_args(self, cell: int) -> dict:
+        """The keyword arguments of the reference of ``cell``."""
+        zoneout = {"zoneout": self.zoneout, "zoneout_mask": self.zoneout_mask}
+        if cell == LSTM:
+            return {"w_peep": self.w_peep, "zoneout_mask_c": self.zoneout_mask_c, **zoneout}
+        return zoneout
 
 
 NO_OPTIONS = CellOptions()
@@ -176,12 +219,13 @@ def recurrence(gx: Tensor, h0: Tensor, c0: Tensor | None, w_hh: Tensor, b_hh: Te
     if options.names() and backend != "cpu":
         raise ValueError(f"the {backend} recurrence kernel has no cell options "
                          f"({', '.join(options.names())}); use backend 'cpu' or the reference")
-    w_peep = options.w_peep
+    extra = options.op_args() if options.names() else ()
     dtype = compute_dtype(gx)
     if dtype != gx.dtype or h0.dtype != dtype:
-        gx, h0, c0, w_hh, b_hh, w_hr, w_peep = (t if t is None else t.to(dtype)
-                                                for t in (gx, h0, c0, w_hh, b_hh, w_hr, w_peep))
-    save = _needs_grad(gx, h0, c0, w_hh, b_hh, w_hr, w_peep)
+        gx, h0, c0, w_hh, b_hh, w_hr = (t if t is None else t.to(dtype)
+                                        for t in (gx, h0, c0, w_hh, b_hh, w_hr))
+        extra = tuple(t.to(dtype) if isinstance(t, Tensor) else t for t in extra)
+    save = _needs_grad(gx, h0, c0, w_hh, b_hh, w_hr, *extra)
     if lengths is not None:
         lengths = lengths.to(device=gx.device, dtype=torch.int64)
     if backend == "triton":
@@ -190,7 +234,6 @@ def recurrence(gx: Tensor, h0: Tensor, c0: Tensor | None, w_hh: Tensor, b_hh: Te
         fwd = recurrence_fwd_triton
     else:
         fwd = torch.ops.rnnkernels.recurrence_fwd
-    extra = (w_peep,) if options.names() else ()
     y, h_n, c_n, _, _ = fwd(gx, h0, c0, w_hh, b_hh, w_hr, lengths, cell, reverse, save, *extra)
     return y, h_n, c_n
 
@@ -221,20 +264,28 @@ def _check_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell,
     if lengths is not None:
         _validate.lengths("lengths", lengths, B, T)
     _validate.optional("w_peep", options.w_peep, shape=(3, H), like=x)
+    check_probability("zoneout", options.zoneout)
     return H, P
+
+
+def check_probability(name: str, p: object) -> float:
+    """A dropout-like probability: a number in [0, 1)."""
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 <= p < 1:
+        raise ValueError(f"{name} must be a number in [0, 1), got {p!r}")
+    return float(p)
 
 
 def reference_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reverse,
                     options: CellOptions = NO_OPTIONS):
     """The reference of one layer for any cell; returns (y, h_n, c_n or None)."""
+    kw = options.reference_args(cell)
     if cell == LSTM:
-        return lstm_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
-                              w_peep=options.w_peep)
+        return lstm_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, **kw)
     if cell in (GRU, GRU_RESET_BEFORE):
-        y, h = gru_reference(x, h0, w_ih, w_hh, b_ih, b_hh, cell == GRU, lengths, reverse)
+        y, h = gru_reference(x, h0, w_ih, w_hh, b_ih, b_hh, cell == GRU, lengths, reverse, **kw)
     else:
         y, h = rnn_reference(x, h0, w_ih, w_hh, b_ih, b_hh, "tanh" if cell == RNN_TANH else "relu",
-                             lengths, reverse)
+                             lengths, reverse, **kw)
     return y, h, None
 
 
@@ -244,7 +295,10 @@ def run_layer(x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, w_hh: Tens
               options: CellOptions = NO_OPTIONS) -> tuple[Tensor, Tensor, Tensor | None]:
     """One layer and direction on ``backend`` (from :func:`rnnkernels._backend.choose`), inputs
     already checked. The Triton and CUDA kernels have no cell options: with one, the layer runs
-    on the reference on the same device, with a warning. Returns (y, h_n, c_n or None)."""
+    on the reference on the same device, with a warning. Random masks (training) are drawn
+    here, before the backend runs, so every backend sees the same draws for a seed. Returns
+    (y, h_n, c_n or None)."""
+    options = options.drawn(x, h0.shape[1], w_hh.shape[0] // NUM_GATES[cell], cell)
     if options.names() and backend in ("triton", "cuda"):
         _backend.warn_once(f"rnnkernels: the {backend} recurrence kernel has no "
                            f"{', '.join(options.names())}; using the PyTorch reference")
@@ -268,18 +322,20 @@ def _layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reverse,
 
 def lstm(x: Tensor, hx: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tensor,
          b_ih: Tensor | None = None, b_hh: Tensor | None = None, w_hr: Tensor | None = None, *,
-         lengths: Tensor | None = None, reverse: bool = False, w_peep: Tensor | None = None
-         ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+         lengths: Tensor | None = None, reverse: bool = False, w_peep: Tensor | None = None,
+         zoneout: float = 0.0, training: bool = True) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """One LSTM layer, one direction.
 
     x: (T, B, I); hx = (h0 (B, P), c0 (B, H)); w_ih: (4H, I); w_hh: (4H, P); b_ih, b_hh: (4H,);
     w_hr: (P, H) projection (P = H without it); lengths: (B,) valid steps per row (rows past
     their length keep their state and output zeros). w_peep: (3, H) peephole weights (the i
-    and f gates see c_{t-1}, the o gate c_t). Returns y (T, B, P) and (h_n, c_n).
+    and f gates see c_{t-1}, the o gate c_t). zoneout: probability that a unit of h (after the
+    projection) and of c keeps its previous value, drawn per step with torch's generator when
+    training, else the expectation. Returns y (T, B, P) and (h_n, c_n).
     """
     if not isinstance(hx, (tuple, list)) or len(hx) != 2:
         raise TypeError("hx must be a tuple (h0, c0) for the LSTM")
-    options = CellOptions(w_peep=w_peep)
+    options = CellOptions(w_peep=w_peep, zoneout=zoneout, training=training)
     y, h, c = _layer(x, hx[0], hx[1], w_ih, w_hh, b_ih, b_hh, w_hr, lengths, LSTM, reverse,
                      options)
     return y, (h, c)
@@ -287,31 +343,35 @@ def lstm(x: Tensor, hx: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tensor,
 
 def gru(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
         b_hh: Tensor | None = None, *, reset_after: bool = True, lengths: Tensor | None = None,
-        reverse: bool = False) -> tuple[Tensor, Tensor]:
+        reverse: bool = False, zoneout: float = 0.0, training: bool = True
+        ) -> tuple[Tensor, Tensor]:
     """One GRU layer, one direction.
 
     x: (T, B, I); h0: (B, H); w_ih: (3H, I); w_hh: (3H, H); b_ih, b_hh: (3H,).
     reset_after=True is torch.nn.GRU's cell; False is Cho et al. 2014 (reset applied to h before
-    the recurrent matmul of the candidate). Returns y (T, B, H) and h_n (B, H).
+    the recurrent matmul of the candidate). zoneout: as in :func:`lstm`. Returns y (T, B, H) and
+    h_n (B, H).
     """
     cell = GRU if reset_after else GRU_RESET_BEFORE
-    y, h, _ = _layer(x, h0, None, w_ih, w_hh, b_ih, b_hh, None, lengths, cell, reverse,
-                     NO_OPTIONS)
+    options = CellOptions(zoneout=zoneout, training=training)
+    y, h, _ = _layer(x, h0, None, w_ih, w_hh, b_ih, b_hh, None, lengths, cell, reverse, options)
     return y, h
 
 
 def rnn(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
         b_hh: Tensor | None = None, *, nonlinearity: str = "tanh", lengths: Tensor | None = None,
-        reverse: bool = False) -> tuple[Tensor, Tensor]:
+        reverse: bool = False, zoneout: float = 0.0, training: bool = True
+        ) -> tuple[Tensor, Tensor]:
     """One Elman RNN layer, one direction: h = act(W_ih x + b_ih + W_hh h + b_hh).
 
     x: (T, B, I); h0: (B, H); w_ih: (H, I); w_hh: (H, H); b_ih, b_hh: (H,);
-    nonlinearity: "tanh" or "relu". Returns y (T, B, H) and h_n (B, H).
+    nonlinearity: "tanh" or "relu"; zoneout: as in :func:`lstm`. Returns y (T, B, H) and
+    h_n (B, H).
     """
     _validate.choice("nonlinearity", nonlinearity, ("tanh", "relu"))
     cell = RNN_TANH if nonlinearity == "tanh" else RNN_RELU
-    y, h, _ = _layer(x, h0, None, w_ih, w_hh, b_ih, b_hh, None, lengths, cell, reverse,
-                     NO_OPTIONS)
+    options = CellOptions(zoneout=zoneout, training=training)
+    y, h, _ = _layer(x, h0, None, w_ih, w_hh, b_ih, b_hh, None, lengths, cell, reverse, options)
     return y, h
 
 

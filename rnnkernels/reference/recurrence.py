@@ -8,6 +8,11 @@ last valid step down to step 0. Returns y (T, B, P) and the final states.
 Cell options (keyword-only, off by default, and then the cells are exactly torch.nn's):
 w_peep (3, H) peephole weights of the LSTM (Gers and Schmidhuber 2000: the i and f gates see
 c_{t-1}, the o gate sees c_t, each through a diagonal weight).
+zoneout (Krueger et al. 2016): every state unit keeps its previous value with weight d,
+h_t = d * h_{t-1} + (1 - d) * h_new (and c alike for the LSTM); d is zoneout_mask[t] (T, B, P)
+(zoneout_mask_c[t] (T, B, H) for c), 0/1 draws in training, or the float zoneout where no mask
+is given (evaluation: the expectation). The output y is the zoned-out h; with a projection, h is
+zoned out after it.
 """
 
 from __future__ import annotations
@@ -32,11 +37,20 @@ def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     return out if b is None else out + b
 
 
+def _zoneout(prev: Tensor, new: Tensor, t: int, p: float, mask: Tensor | None) -> Tensor:
+    """The zoned-out state of step t: d * prev + (1 - d) * new, d = mask[t] or p."""
+    if mask is None and p == 0:
+        return new
+    d = mask[t] if mask is not None else p
+    return d * prev + (1 - d) * new
+
+
 def lstm_reference(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
                    b_ih: Tensor | None = None, b_hh: Tensor | None = None,
                    w_hr: Tensor | None = None, lengths: Tensor | None = None,
-                   reverse: bool = False, *, w_peep: Tensor | None = None
-                   ) -> tuple[Tensor, Tensor, Tensor]:
+                   reverse: bool = False, *, w_peep: Tensor | None = None,
+                   zoneout: float = 0.0, zoneout_mask: Tensor | None = None,
+                   zoneout_mask_c: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """LSTM as torch.nn.LSTM computes it: gates (i, f, g, o), optional projection of h; with
     w_peep, the peephole LSTM."""
     h, c = h0, c0
@@ -53,6 +67,8 @@ def lstm_reference(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor
         h_new = torch.sigmoid(o) * torch.tanh(c_new)
         if w_hr is not None:
             h_new = h_new @ w_hr.t()
+        h_new = _zoneout(h, h_new, t, zoneout, zoneout_mask)
+        c_new = _zoneout(c, c_new, t, zoneout, zoneout_mask_c)
         valid = _valid(lengths, t, x[t])
         h = torch.where(valid, h_new, h)
         c = torch.where(valid, c_new, c)
@@ -63,7 +79,8 @@ def lstm_reference(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor
 def gru_reference(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor,
                   b_ih: Tensor | None = None, b_hh: Tensor | None = None,
                   reset_after: bool = True, lengths: Tensor | None = None,
-                  reverse: bool = False) -> tuple[Tensor, Tensor]:
+                  reverse: bool = False, *, zoneout: float = 0.0,
+                  zoneout_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """GRU, gates (r, z, n), h = (1 - z) * n + z * h_prev.
 
     reset_after=True is torch.nn.GRU / cuDNN: n = tanh(W_in x + b_in + r * (W_hn h + b_hn)).
@@ -85,7 +102,7 @@ def gru_reference(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor,
             n = torch.tanh(xn + r * _linear(h, w_n, b_n))
         else:
             n = torch.tanh(xn + _linear(r * h, w_n, b_n))
-        h_new = (1 - z) * n + z * h
+        h_new = _zoneout(h, (1 - z) * n + z * h, t, zoneout, zoneout_mask)
         valid = _valid(lengths, t, x[t])
         h = torch.where(valid, h_new, h)
         ys[t] = torch.where(valid, h_new, torch.zeros_like(h_new))
@@ -95,13 +112,15 @@ def gru_reference(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor,
 def rnn_reference(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor,
                   b_ih: Tensor | None = None, b_hh: Tensor | None = None,
                   nonlinearity: str = "tanh", lengths: Tensor | None = None,
-                  reverse: bool = False) -> tuple[Tensor, Tensor]:
+                  reverse: bool = False, *, zoneout: float = 0.0,
+                  zoneout_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Elman RNN: h = act(W_ih x + b_ih + W_hh h + b_hh), act = tanh or relu."""
     act = torch.tanh if nonlinearity == "tanh" else torch.relu
     h = h0
     ys = [None] * x.shape[0]
     for t in _steps(x.shape[0], reverse):
-        h_new = act(_linear(x[t], w_ih, b_ih) + _linear(h, w_hh, b_hh))
+        h_new = _zoneout(h, act(_linear(x[t], w_ih, b_ih) + _linear(h, w_hh, b_hh)), t,
+                         zoneout, zoneout_mask)
         valid = _valid(lengths, t, x[t])
         h = torch.where(valid, h_new, h)
         ys[t] = torch.where(valid, h_new, torch.zeros_like(h_new))

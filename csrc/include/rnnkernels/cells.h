@@ -176,6 +176,22 @@ RK_HOST_DEVICE inline void gru_rb_backward_gates(V dv, V r, V h_prev, V& dr, V& 
   dh_prev_direct = dh_prev_direct + dv * r;
 }
 
+// ---------------------------------------------------------------- zoneout (any cell)
+// Zoneout (Krueger et al. 2016) of a state unit: it keeps its previous value with weight d, a
+// 0/1 draw per step and unit in training and the zoneout probability at evaluation.
+template <typename V>
+RK_HOST_DEVICE inline V zoneout_forward(V d, V prev, V next) {
+  return next + d * (prev - next);
+}
+
+// dout: gradient of the zoned-out state; dnext goes to the cell's new value, dprev straight to
+// the previous state.
+template <typename V>
+RK_HOST_DEVICE inline void zoneout_backward(V d, V dout, V& dnext, V& dprev) {
+  dprev = d * dout;
+  dnext = dout - dprev;
+}
+
 // ---------------------------------------------------------------- Elman RNN
 template <typename V, typename M>
 RK_HOST_DEVICE inline V rnn_forward(V pre, bool relu) {
