@@ -53,14 +53,17 @@ cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream().stream()
 
 bool given(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
 
-// The CUDA recurrence kernels implement no cell option (peephole, zoneout, ...):
+// The CUDA recurrence kernels implement no cell option (peephole, zoneout, recurrent dropout):
 // rnnkernels.ops runs the reference on the GPU instead, so only a direct call of the op gets
 // here with one.
 void check_no_cell_options(const std::optional<Tensor>& w_peep,
                            const std::optional<Tensor>& zoneout_mask,
-                           const std::optional<Tensor>& zoneout_mask_c, double zoneout) {
-  TORCH_CHECK(!given(w_peep) && !given(zoneout_mask) && !given(zoneout_mask_c) && zoneout == 0,
-              "rnnkernels: the CUDA recurrence kernel has no cell options (peephole, zoneout); "
+                           const std::optional<Tensor>& zoneout_mask_c, double zoneout,
+                           const std::optional<Tensor>& recurrent_dropout_mask) {
+  TORCH_CHECK(!given(w_peep) && !given(zoneout_mask) && !given(zoneout_mask_c) && zoneout == 0 &&
+                  !given(recurrent_dropout_mask),
+              "rnnkernels: the CUDA recurrence kernel has no cell options (peephole, zoneout, "
+              "recurrent dropout); "
               "rnnkernels.ops and rnnkernels.nn fall back to the reference for them");
 }
 
@@ -141,9 +144,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_fwd_cuda(
     const std::optional<Tensor>& b_hh, const std::optional<Tensor>& w_hr,
     const std::optional<Tensor>& lengths_opt, int64_t cell_id, bool reverse, bool save,
     const std::optional<Tensor>& w_peep, const std::optional<Tensor>& zoneout_mask,
-    const std::optional<Tensor>& zoneout_mask_c, double zoneout) {
+    const std::optional<Tensor>& zoneout_mask_c, double zoneout,
+    const std::optional<Tensor>& recurrent_dropout_mask) {
   TORCH_CHECK(cell_id >= 0 && cell_id <= 4, "rnnkernels: unknown cell ", cell_id);
-  check_no_cell_options(w_peep, zoneout_mask, zoneout_mask_c, zoneout);
+  check_no_cell_options(w_peep, zoneout_mask, zoneout_mask_c, zoneout, recurrent_dropout_mask);
   const c10::cuda::CUDAGuard guard(gx_in.device());
   const Cell cell = static_cast<Cell>(cell_id);
   const Tensor gx = gx_in.contiguous();
@@ -254,9 +258,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_bw
     const std::optional<Tensor>& w_hr, const std::optional<Tensor>& lengths_opt,
     const Tensor& hs_in, const Tensor& ws_in, int64_t cell_id, bool reverse,
     const std::optional<Tensor>& w_peep, const std::optional<Tensor>& zoneout_mask,
-    const std::optional<Tensor>& zoneout_mask_c, double zoneout) {
+    const std::optional<Tensor>& zoneout_mask_c, double zoneout,
+    const std::optional<Tensor>& recurrent_dropout_mask) {
   TORCH_CHECK(cell_id >= 0 && cell_id <= 4, "rnnkernels: unknown cell ", cell_id);
-  check_no_cell_options(w_peep, zoneout_mask, zoneout_mask_c, zoneout);
+  check_no_cell_options(w_peep, zoneout_mask, zoneout_mask_c, zoneout, recurrent_dropout_mask);
   const c10::cuda::CUDAGuard guard(w_hh.device());
   const Cell cell = static_cast<Cell>(cell_id);
   const Tensor hs = hs_in.contiguous(), ws = ws_in.contiguous();

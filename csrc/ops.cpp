@@ -20,17 +20,20 @@ TORCH_LIBRARY(rnnkernels, m) {
   //   w_peep: (3, H) peephole weights of the LSTM's i, f, o gates (grad_w_peep is (0,) without);
   //   zoneout_mask: (T, B, P), zoneout_mask_c: (T, B, H) (LSTM): per step and unit, the weight
   //   with which the state keeps its previous value (training: 0/1 draws); a state without
-  //   draws uses the float zoneout (evaluation: the zoneout probability). y is the zoned-out h.
+  //   draws uses the float zoneout (evaluation: the zoneout probability). y is the zoned-out h;
+  //   recurrent_dropout_mask: (B, P) variational dropout of the state that W_hh multiplies
+  //   (0 or 1 / (1 - p) per row and unit, the same at every step; Gal and Ghahramani 2016).
   m.def(
       "recurrence_fwd(Tensor gx, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? b_hh, Tensor? w_hr, "
       "Tensor? lengths, int cell, bool reverse, bool save, Tensor? w_peep=None, "
-      "Tensor? zoneout_mask=None, Tensor? zoneout_mask_c=None, float zoneout=0.0) "
+      "Tensor? zoneout_mask=None, Tensor? zoneout_mask_c=None, float zoneout=0.0, "
+      "Tensor? recurrent_dropout_mask=None) "
       "-> (Tensor y, Tensor h_n, Tensor c_n, Tensor hs, Tensor ws)");
   m.def(
       "recurrence_bwd(Tensor? grad_y, Tensor? grad_h_n, Tensor? grad_c_n, Tensor? c0, Tensor w_hh, "
       "Tensor? w_hr, Tensor? lengths, Tensor hs, Tensor ws, int cell, bool reverse, "
       "Tensor? w_peep=None, Tensor? zoneout_mask=None, Tensor? zoneout_mask_c=None, "
-      "float zoneout=0.0) "
+      "float zoneout=0.0, Tensor? recurrent_dropout_mask=None) "
       "-> (Tensor grad_gx, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_hh, Tensor grad_b_hh, "
       "Tensor grad_w_hr, Tensor grad_w_peep)");
 

@@ -1,6 +1,7 @@
-"""The cell options of the generic recurrence (peephole, zoneout): the C++ CPU kernels against the
-float64 references (forward and every gradient), the references against the formulas, the ops
-(gradcheck, opcheck), the modules end to end, the Triton fallback and bad values."""
+"""The cell options of the generic recurrence (peephole, zoneout, recurrent dropout): the C++ CPU
+kernels against the float64 references (forward and every gradient), the references against the
+formulas, the ops (gradcheck, opcheck), the modules end to end, the Triton fallback and bad
+values."""
 
 import pytest
 import torch
@@ -30,8 +31,10 @@ def make(cell, T, B, I, H, dtype, proj=0, peephole=False):
                 w_peep=t(3, H, scale=0.5) if peephole else None)
 
 
-def run(a, cell, backend, lengths=None, reverse=False, zoneout=0.0, training=False, seed=0):
-    options = R.CellOptions(w_peep=a["w_peep"], zoneout=zoneout, training=training)
+def run(a, cell, backend, lengths=None, reverse=False, zoneout=0.0, recurrent_dropout=0.0,
+        training=False, seed=0):
+    options = R.CellOptions(w_peep=a["w_peep"], zoneout=zoneout,
+                            recurrent_dropout=recurrent_dropout, training=training)
     torch.manual_seed(seed)  # the same random masks on both backends
     return R.run_layer(a["x"], a["h0"], a["c0"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"],
                        a["w_hr"], lengths, cell, reverse, backend, options)
@@ -39,7 +42,7 @@ def run(a, cell, backend, lengths=None, reverse=False, zoneout=0.0, training=Fal
 
 def check(cell, shape, dtype, lengths=None, reverse=False, proj=0, peephole=False, **opts):
     """Kernel (backend cpu, in dtype) against the float64 reference: outputs and the gradients
-    of every input, with random output gradients. opts: zoneout, training."""
+    of every input, with random output gradients. opts: zoneout, recurrent_dropout, training."""
     a = make(cell, *shape, dtype, proj, peephole)
     ref_a = {k: v.detach().double().requires_grad_() if v is not None else None
              for k, v in a.items()}
@@ -191,6 +194,7 @@ def test_zoneout_bfloat16():
 
 
 def _zoneout_args(cell, T, B, P, H, draws):
+    """zoneout_mask, zoneout_mask_c, zoneout of the op: draws, or the evaluation probability."""
     if not draws:
         return (None, None, 0.3)
     mask = (torch.rand(T, B, P) < 0.3).double()
@@ -247,6 +251,89 @@ def test_zoneout_functional_seed():
         rnnkernels.ops.gru(*args, zoneout=1.0)
 
 
+# ------------------------------------------------------------------ recurrent dropout
+
+def test_recurrent_dropout_reference_formula():
+    """One step: every recurrent matmul sees h0 * mask; the GRU's z * h0 sees h0 itself."""
+    a = make(R.GRU, 1, 3, 4, 6, torch.float64)
+    m = (torch.rand(3, 6) > 0.4).double() / 0.6
+    for reset_after in (True, False):
+        _, h = gru_reference(a["x"], a["h0"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"],
+                             reset_after, recurrent_dropout_mask=m)
+        xr, xz, xn = F.linear(a["x"][0], a["w_ih"], a["b_ih"]).chunk(3, 1)
+        hd = a["h0"] * m
+        hr, hz, hn = F.linear(hd, a["w_hh"], a["b_hh"]).chunk(3, 1)
+        r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+        w_n, b_n = a["w_hh"][12:], a["b_hh"][12:]
+        n = torch.tanh(xn + (r * hn if reset_after else F.linear(r * hd, w_n, b_n)))
+        assert_close(h, (1 - z) * n + z * a["h0"], torch.float64)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_recurrent_dropout(cell):
+    check(cell, SHAPES[0], torch.float64, recurrent_dropout=0.3, training=True)
+    check(cell, SHAPES[1], torch.float32, recurrent_dropout=0.3, training=True)
+    check(cell, (6, 4, 3, 9), torch.float64, lengths=torch.tensor([3, 6, 1, 5]), reverse=True,
+          recurrent_dropout=0.5, training=True)
+
+
+def test_all_options_together():
+    """Peephole, zoneout and recurrent dropout at once, with a projection and lengths."""
+    for reverse in (False, True):
+        check(R.LSTM, (5, 3, 4, 11), torch.float64, lengths=torch.tensor([2, 5, 4]),
+              reverse=reverse, proj=6, peephole=True, zoneout=0.2, recurrent_dropout=0.3,
+              training=True)
+    check(R.GRU_RESET_BEFORE, (5, 3, 4, 7), torch.float32, zoneout=0.2, recurrent_dropout=0.3,
+          training=True)
+
+
+@pytest.mark.parametrize("cell", [R.LSTM, R.GRU, R.GRU_RESET_BEFORE, R.RNN_TANH])
+def test_recurrent_dropout_gradcheck(cell):
+    proj = 3 if cell == R.LSTM else 0
+    a = make(cell, 3, 2, 3, 4, torch.float64, proj=proj)
+    mask = (torch.rand(2, proj or 4) > 0.3).double() / 0.7
+    for lengths, reverse in ((None, False), (torch.tensor([3, 2]), True)):
+        base = _op_args(a, cell, lengths, reverse)
+
+        def f(gx, h0, c0, w_hh, b_hh, w_hr, base=base):
+            out = torch.ops.rnnkernels.recurrence_fwd(gx, h0, c0, w_hh, b_hh, w_hr, *base[6:],
+                                                      None, None, None, 0.0, mask)
+            return out[:3] if cell == R.LSTM else out[:2]
+
+        torch.autograd.gradcheck(f, base[:6])
+
+
+def test_recurrent_dropout_opcheck():
+    a = make(R.GRU_RESET_BEFORE, 3, 2, 3, 5, torch.float32)
+    lengths = torch.tensor([3, 1])
+    mask = (torch.rand(2, 5) > 0.3).float() / 0.7
+    fwd = _op_args(a, R.GRU_RESET_BEFORE, lengths, True) + (None, None, None, 0.0, mask)
+    torch.library.opcheck(torch.ops.rnnkernels.recurrence_fwd.default, fwd)
+    y, h, c, hs, ws = torch.ops.rnnkernels.recurrence_fwd(*fwd)
+    bwd = (torch.randn_like(y), torch.randn_like(h), None, None, a["w_hh"], None, lengths, hs,
+           ws, R.GRU_RESET_BEFORE, True, None, None, None, 0.0, mask)
+    bwd = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in bwd)
+    torch.library.opcheck(torch.ops.rnnkernels.recurrence_bwd.default, bwd)
+
+
+def test_recurrent_dropout_functional_seed_and_eval():
+    """Training draws follow torch.manual_seed; outside training the layer is the plain one."""
+    a = make(R.LSTM, 5, 3, 4, 6, torch.float32)
+    args = (a["x"], (a["h0"], a["c0"]), a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"])
+    torch.manual_seed(1)
+    y1, _ = rnnkernels.ops.lstm(*args, recurrent_dropout=0.5)
+    torch.manual_seed(1)
+    y2, _ = rnnkernels.ops.lstm(*args, recurrent_dropout=0.5)
+    y3, _ = rnnkernels.ops.lstm(*args, recurrent_dropout=0.5)
+    torch.testing.assert_close(y1, y2, atol=0, rtol=0)
+    assert not torch.equal(y1, y3)
+    e, _ = rnnkernels.ops.lstm(*args, recurrent_dropout=0.5, training=False)
+    plain, _ = rnnkernels.ops.lstm(*args)
+    torch.testing.assert_close(e, plain, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="recurrent_dropout"):
+        rnnkernels.ops.lstm(*args, recurrent_dropout=-0.5)
+
+
 # ------------------------------------------------------------------ modules
 
 def _module_vs_reference(module, x, seed=0):
@@ -284,11 +371,11 @@ def test_lstm_module_peephole():
 
 
 @pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN"])
-def test_module_zoneout(mode):
+def test_module_zoneout_recurrent_dropout(mode):
     kw = {"proj_size": 3} if mode == "LSTM" else {}
     m = getattr(rnnkernels.nn, mode)(4, 5, num_layers=2, bidirectional=True, zoneout=0.25,
-                                     dtype=torch.float64, **kw)
-    assert "zoneout=0.25" in repr(m)
+                                     recurrent_dropout=0.4, dtype=torch.float64, **kw)
+    assert "zoneout=0.25" in repr(m) and "recurrent_dropout=0.4" in repr(m)
     assert set(m.state_dict()) == set(getattr(torch.nn, mode)(4, 5, 2, bidirectional=True,
                                                               **kw).state_dict())
     x = torch.randn(6, 3, 4, dtype=torch.float64)
@@ -307,7 +394,7 @@ def test_module_zoneout(mode):
 def test_module_options_off_are_torch():
     for m in (rnnkernels.nn.LSTM(3, 4, peephole=False), rnnkernels.nn.GRU(3, 4),
               rnnkernels.nn.RNN(3, 4)):
-        assert "peephole" not in repr(m) and "zoneout" not in repr(m)
+        assert all(k not in repr(m) for k in ("peephole", "zoneout", "recurrent_dropout"))
     assert (list(rnnkernels.nn.LSTM(3, 4, num_layers=2).state_dict())
             == list(torch.nn.LSTM(3, 4, num_layers=2).state_dict()))
 
@@ -318,22 +405,31 @@ def test_bad_option_values():
     for bad in (-0.1, 1.0, "0.5", True):
         with pytest.raises(ValueError, match="zoneout"):
             rnnkernels.nn.GRU(3, 4, zoneout=bad)
+        with pytest.raises(ValueError, match="recurrent_dropout"):
+            rnnkernels.nn.RNN(3, 4, recurrent_dropout=bad)
 
 
 # ------------------------------------------------------------------ Triton / CUDA fallback
 
-def test_triton_falls_back_to_reference(monkeypatch):
+@pytest.mark.parametrize("module,option", [
+    (lambda: rnnkernels.nn.LSTM(3, 5, peephole=True), "peephole"),
+    (lambda: rnnkernels.nn.GRU(3, 5, zoneout=0.3).eval(), "zoneout"),
+    (lambda: rnnkernels.nn.RNN(3, 5, recurrent_dropout=0.3), "recurrent_dropout"),
+])
+def test_triton_falls_back_to_reference(monkeypatch, module, option):
     """The Triton kernel has no cell options: with one, the layer runs the reference (same
-    device) and warns once, naming the option."""
+    device, same draws) and warns once, naming the option."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     if rnnkernels._backend._available("recurrence", torch.device("cpu"),
                                       torch.float32)["triton"] is not None:
         pytest.skip("the Triton interpreter cannot run here")
-    m = rnnkernels.nn.LSTM(3, 5, peephole=True)
+    m = module()
     x = torch.randn(4, 2, 3)
-    with pytest.warns(UserWarning, match="peephole"), rnnkernels.use_backend("triton"):
-        rnnkernels._backend._warned.clear()
+    rnnkernels._backend._warned.clear()
+    torch.manual_seed(2)
+    with pytest.warns(UserWarning, match=option), rnnkernels.use_backend("triton"):
         y, _ = m(x)
+    torch.manual_seed(2)
     with rnnkernels.use_backend("reference"):
         ry, _ = m(x)
     torch.testing.assert_close(y, ry, atol=0, rtol=0)

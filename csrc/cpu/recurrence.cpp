@@ -106,9 +106,10 @@ struct Problem {
   const T* zmask_h = nullptr;  // (T, B, P) zoneout draws of h (1: keep the previous value)
   const T* zmask_c = nullptr;  // (T, B, H) zoneout draws of the LSTM's c
   T zoneout_p = T(0);          // the zoneout weight of a state without draws (evaluation)
+  bool dropout = false;        // recurrent dropout: W_hh sees h_{t-1} * mask (B, P)
 
   bool zoneout() const { return zmask_h != nullptr || zmask_c != nullptr || zoneout_p != T(0); }
-  bool has_options() const { return peep != nullptr || zoneout(); }
+  bool has_options() const { return peep != nullptr || zoneout() || dropout; }
   // Step t's zoneout draws, or null (then zoneout_p applies).
   const T* zoneout_h(int64_t t) const { return zmask_h ? zmask_h + t * batch * out : nullptr; }
   const T* zoneout_c(int64_t t) const { return zmask_c ? zmask_c + t * batch * hidden : nullptr; }
@@ -142,8 +143,9 @@ struct FwdStep {
   T* ws;           // (B, K*H) or null
   S* y;            // (B, P) or null when y is written after a projection / phase 2
   T* v;            // (B, H): r * h_prev of the reset-before GRU
-  const T* zh = nullptr;  // (B, P) zoneout draws of h, or null (Problem::zoneout_h)
-  const T* zc = nullptr;  // (B, H) zoneout draws of c
+  const T* zh = nullptr;    // (B, P) zoneout draws of h, or null (Problem::zoneout_h)
+  const T* zc = nullptr;    // (B, H) zoneout draws of c
+  const T* hrec = nullptr;  // (B, P) the state W_hh multiplies, when not hin (recurrent dropout)
 };
 
 // The zoneout weights of n units at offset k of a step's draws, or the evaluation weight.
@@ -225,8 +227,9 @@ void forward_units(const Problem<S, T>& pb, const FwdStep<S, T>& st, int64_t b, 
       }
       case Cell::GRU_RESET_BEFORE: {  // phase 1; phase 2 in forward_batched
         V r, z, v;
+        const T* hrec = (st.hrec ? st.hrec : st.hin) + b * P;
         gru_rb_forward_gates<V, M>(load<T>(gxr + j, n), load<T>(gxr + H + j, n), load<T>(g, n),
-                                   load<T>(g + gstride, n), load<T>(hprev + j, n), r, z, v);
+                                   load<T>(g + gstride, n), load<T>(hrec + j, n), r, z, v);
         store<T>(st.v + b * H + j, v, n);
         if (wsr) {
           store<T>(wsr + j, r, n);
@@ -415,9 +418,11 @@ BwdStep<S, T> make_bwd_step(const Problem<S, T>& pb, int64_t s, const S* gy, con
 // Per step: one ATen GEMM on all threads, then the pointwise pass split over batch rows. Takes
 // every cell and the projection.
 
+// rdrop: (B, P) recurrent dropout mask (scaled), or undefined.
 template <typename S, typename T>
 void forward_batched(const Problem<S, T>& pb, const Tensor& gx, const Tensor& w, const Tensor& bias,
-                     const Tensor& w_hr, Tensor& y, Tensor& hs, Tensor& ws, Tensor& cbuf) {
+                     const Tensor& w_hr, const Tensor& rdrop, Tensor& y, Tensor& hs, Tensor& ws,
+                     Tensor& cbuf) {
   using V = Vectorized<T>;
   using M = VecMath<T>;
   constexpr int64_t VS = V::size();
@@ -435,15 +440,18 @@ void forward_batched(const Problem<S, T>& pb, const Tensor& gx, const Tensor& w,
   }
   Tensor gh = at::empty({B, w1.size(0)}, hs.options());
   const int64_t ghs = gh.size(1);
+  Tensor hdrop = pb.dropout ? at::empty({B, P}, hs.options()) : Tensor();
 
   for (int64_t s = 0; s < pb.steps; ++s) {
     const int64_t t = pb.time(s);
     Tensor hin = hs.select(0, pb.slot_in(s));
     Tensor hout = hs.select(0, pb.slot_out(s));
+    if (pb.dropout) at::mul_out(hdrop, hin, rdrop);
+    const Tensor& hrec = pb.dropout ? hdrop : hin;
     if (b1.defined()) {
-      at::addmm_out(gh, b1, hin, w1.t());
+      at::addmm_out(gh, b1, hrec, w1.t());
     } else {
-      at::mm_out(gh, hin, w1.t());
+      at::mm_out(gh, hrec, w1.t());
     }
     T* hout_p = hout.data_ptr<T>();
     FwdStep<S, T> st{
@@ -456,6 +464,7 @@ void forward_batched(const Problem<S, T>& pb, const Tensor& gx, const Tensor& w,
         split ? vbuf.data_ptr<T>() : nullptr};
     st.zh = pb.zoneout_h(t);
     st.zc = pb.zoneout_c(t);
+    if (pb.dropout) st.hrec = hdrop.data_ptr<T>();
     const T* gh_p = gh.data_ptr<T>();
     parallel_rows(B, GH, [&](int64_t b) {
       if (pb.masked(t, b)) {
@@ -523,8 +532,9 @@ void forward_batched(const Problem<S, T>& pb, const Tensor& gx, const Tensor& w,
 
 template <typename S, typename T>
 void backward_batched(const Problem<S, T>& pb, const Tensor& grad_y, const Tensor& c0,
-                      const Tensor& w, const Tensor& w_hr, const Tensor& hs, const Tensor& ws,
-                      Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh, Tensor& dhp) {
+                      const Tensor& w, const Tensor& w_hr, const Tensor& rdrop, const Tensor& hs,
+                      const Tensor& ws, Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh,
+                      Tensor& dhp) {
   using V = Vectorized<T>;
   constexpr int64_t VS = V::size();
   const int64_t B = pb.batch, H = pb.hidden, P = pb.out, GH = pb.gates * H, KH = pb.wsu * H;
@@ -532,6 +542,7 @@ void backward_batched(const Problem<S, T>& pb, const Tensor& grad_y, const Tenso
   Tensor dhd = at::empty({B, P}, dh.options());
   Tensor dhfull = pb.projected ? at::empty({B, H}, dh.options()) : Tensor();
   Tensor dv = split ? at::empty({B, H}, dh.options()) : Tensor();
+  Tensor dhrec = pb.dropout ? at::empty({B, P}, dh.options()) : Tensor();
   Tensor w_rec = split ? w.narrow(0, 0, 2 * H) : w;
   Tensor w_n = split ? w.narrow(0, 2 * H, H) : Tensor();
   const S* gy_p = grad_y.defined() ? grad_y.data_ptr<S>() : nullptr;
@@ -593,13 +604,17 @@ void backward_batched(const Problem<S, T>& pb, const Tensor& grad_y, const Tenso
         if (pb.masked(t, b)) return;
         const T* wsr = st.ws + b * KH;
         const T* hprev = st.hprev + b * P;
+        const T* mask = pb.dropout ? rdrop.data_ptr<T>() + b * P : nullptr;
         T* dghr = st.dgh + b * GH;
         for (int64_t j = 0; j < H; j += VS) {
           const int64_t n = std::min(VS, H - j);
           V dr;
           V direct = load<T>(dhd_p + b * P + j, n);
-          gru_rb_backward_gates<V, VecMath<T>>(load<T>(dv_p + b * H + j, n), load<T>(wsr + j, n),
-                                               load<T>(hprev + j, n), dr, direct);
+          // v = r * (h * mask): the mask scales both of v's factors' gradients alike
+          V dvr = load<T>(dv_p + b * H + j, n);
+          if (mask) dvr = dvr * load<T>(mask + j, n);
+          gru_rb_backward_gates<V, VecMath<T>>(dvr, load<T>(wsr + j, n), load<T>(hprev + j, n),
+                                               dr, direct);
           store<T>(dghr + j, dr, n);
           store<T>(dhd_p + b * P + j, direct, n);
         }
@@ -610,7 +625,13 @@ void backward_batched(const Problem<S, T>& pb, const Tensor& grad_y, const Tenso
         store_scalar_row(dgx.data_ptr<S>() + (t * B + b) * GH, st.dgh + b * GH, GH);
       });
     }
-    at::addmm_out(dh, dhd, split ? dgh_t.narrow(1, 0, 2 * H) : dgh_t, w_rec);
+    const Tensor dgh_rec = split ? dgh_t.narrow(1, 0, 2 * H) : dgh_t;
+    if (pb.dropout) {
+      at::mm_out(dhrec, dgh_rec, w_rec);
+      at::addcmul_out(dh, dhd, dhrec, rdrop);
+    } else {
+      at::addmm_out(dh, dhd, dgh_rec, w_rec);
+    }
   }
 }
 
@@ -919,7 +940,8 @@ Tensor peephole_grad(const Tensor& dgh, const Tensor& ws, const Tensor& c0, int6
 template <typename S, typename T>
 void set_options(Problem<S, T>& pb, std::vector<Tensor>& keep, at::ScalarType acc_type,
                  const std::optional<Tensor>& w_peep, const std::optional<Tensor>& zoneout_mask,
-                 const std::optional<Tensor>& zoneout_mask_c, double zoneout) {
+                 const std::optional<Tensor>& zoneout_mask_c, double zoneout,
+                 const Tensor& rdrop) {
   auto ptr = [&](const std::optional<Tensor>& t) -> const T* {
     if (!given(t)) return nullptr;
     keep.push_back(acc(*t, acc_type));
@@ -929,6 +951,7 @@ void set_options(Problem<S, T>& pb, std::vector<Tensor>& keep, at::ScalarType ac
   pb.zmask_h = ptr(zoneout_mask);
   pb.zmask_c = ptr(zoneout_mask_c);
   pb.zoneout_p = static_cast<T>(zoneout);
+  pb.dropout = rdrop.defined();
 }
 
 }  // namespace
@@ -938,7 +961,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_fwd_cpu(
     const std::optional<Tensor>& b_hh_opt, const std::optional<Tensor>& w_hr_opt,
     const std::optional<Tensor>& lengths_opt, int64_t cell_id, bool reverse, bool save,
     const std::optional<Tensor>& w_peep, const std::optional<Tensor>& zoneout_mask,
-    const std::optional<Tensor>& zoneout_mask_c, double zoneout) {
+    const std::optional<Tensor>& zoneout_mask_c, double zoneout,
+    const std::optional<Tensor>& recurrent_dropout_mask) {
   const Cell cell = static_cast<Cell>(cell_id);
   TORCH_CHECK(cell_id >= 0 && cell_id <= 4, "rnnkernels: unknown cell ", cell_id);
   const Tensor gx = gx_in.contiguous();
@@ -954,6 +978,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_fwd_cpu(
   const int64_t K = workspace_units(cell, projected);
   Tensor ws = save ? at::empty({T_, B, K * H}, acc_opts) : at::empty({0}, acc_opts);
   Tensor c_n = cell == Cell::LSTM ? at::empty({B, H}, gx.options()) : at::empty({0}, gx.options());
+  const Tensor rdrop = given(recurrent_dropout_mask) ? acc(*recurrent_dropout_mask, acc_type)
+                                                     : Tensor();
   int64_t last_slot = 0;
 
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, gx.scalar_type(), "recurrence_fwd_cpu", [&] {
@@ -964,7 +990,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_fwd_cpu(
     const Tensor w = acc(w_hh, acc_type);
     const Tensor bias = b_hh_opt ? acc(*b_hh_opt, acc_type) : Tensor();
     std::vector<Tensor> keep;
-    set_options(pb, keep, acc_type, w_peep, zoneout_mask, zoneout_mask_c, zoneout);
+    set_options(pb, keep, acc_type, w_peep, zoneout_mask, zoneout_mask_c, zoneout, rdrop);
     hs.select(0, pb.slot_in(0)).copy_(h0);
     Tensor cbuf;
     if (cell == Cell::LSTM) {
@@ -974,8 +1000,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_fwd_cpu(
     if (use_persistent(pb)) {
       forward_persistent<S, T>(pb, gx, w, bias, y, hs, ws, cbuf);
     } else {
-      forward_batched<S, T>(pb, gx, w, bias, projected ? acc(*w_hr_opt, acc_type) : Tensor(), y,
-                            hs, ws, cbuf);
+      forward_batched<S, T>(pb, gx, w, bias, projected ? acc(*w_hr_opt, acc_type) : Tensor(),
+                            rdrop, y, hs, ws, cbuf);
     }
     if (cell == Cell::LSTM) c_n.copy_(cbuf.select(0, T_ & 1));
     last_slot = pb.slot_out(T_ - 1);
@@ -993,7 +1019,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_bw
     const std::optional<Tensor>& lengths_opt, const Tensor& hs_in, const Tensor& ws_in,
     int64_t cell_id, bool reverse, const std::optional<Tensor>& w_peep,
     const std::optional<Tensor>& zoneout_mask, const std::optional<Tensor>& zoneout_mask_c,
-    double zoneout) {
+    double zoneout, const std::optional<Tensor>& recurrent_dropout_mask) {
   TORCH_CHECK(cell_id >= 0 && cell_id <= 4, "rnnkernels: unknown cell ", cell_id);
   const Cell cell = static_cast<Cell>(cell_id);
   const Tensor hs = hs_in.contiguous(), ws = ws_in.contiguous();
@@ -1017,6 +1043,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_bw
   Tensor dgh = (st == acc_type && cell != Cell::GRU) ? dgx : at::empty({T_, B, GH}, acc_opts);
   Tensor dhp = projected ? at::empty({T_, B, P}, acc_opts) : Tensor();
   const Tensor w = acc(w_hh, acc_type);
+  const Tensor rdrop = given(recurrent_dropout_mask) ? acc(*recurrent_dropout_mask, acc_type)
+                                                     : Tensor();
 
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, st, "recurrence_bwd_cpu", [&] {
     using S = scalar_t;
@@ -1026,17 +1054,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_bw
                      lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr};
     const Tensor c0 = cell == Cell::LSTM ? acc(*c0_opt, acc_type) : Tensor();
     std::vector<Tensor> keep;
-    set_options(pb, keep, acc_type, w_peep, zoneout_mask, zoneout_mask_c, zoneout);
+    set_options(pb, keep, acc_type, w_peep, zoneout_mask, zoneout_mask_c, zoneout, rdrop);
     if (use_persistent(pb)) {
       backward_persistent<S, T>(pb, grad_y, c0, w, hs, ws, dh, dc, dgx, dgh);
     } else {
       backward_batched<S, T>(pb, grad_y, c0, w, projected ? acc(*w_hr_opt, acc_type) : Tensor(),
-                             hs, ws, dh, dc, dgx, dgh, dhp);
+                             rdrop, hs, ws, dh, dc, dgx, dgh, dhp);
     }
   });
 
-  auto [dw, db, dw_hr] = recurrence_weight_grads(cell, hs, ws, dgh, projected ? dhp : Tensor(), H,
-                                                 reverse, st);
+  // W_hh multiplied the dropped-out states
+  auto [dw, db, dw_hr] = recurrence_weight_grads(cell, rdrop.defined() ? hs * rdrop : hs, ws, dgh,
+                                                 projected ? dhp : Tensor(), H, reverse, st);
   Tensor dc0 = cell == Cell::LSTM ? dc.to(st) : at::empty({0}, w_hh.options());
   const bool zoned = given(zoneout_mask) || given(zoneout_mask_c) || zoneout != 0;
   Tensor dpeep = given(w_peep)

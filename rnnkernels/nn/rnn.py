@@ -4,7 +4,8 @@ Same constructor arguments, parameter names, shapes, initialisation and state_di
 torch.nn, so ``load_state_dict`` works both ways; same inputs (batched or unbatched tensors,
 PackedSequence, optional initial state) and outputs. Extras are keyword-only: ``residual``
 (residual connections between stacked layers of equal width), ``forget_bias`` (LSTM),
-``reset_after`` (GRU variant), the cell options ``peephole`` (LSTM) and ``zoneout``, and
+``reset_after`` (GRU variant), the cell options ``peephole`` (LSTM), ``zoneout`` and
+``recurrent_dropout``, and
 ``lengths=`` in forward for padded input. Random masks of the cell options are drawn in training
 mode only, with torch's generator (``torch.manual_seed`` fixes them). A cell option adds its
 parameters after torch.nn's (``weight_peephole_l0``, ...); with every option off the parameters
@@ -45,7 +46,8 @@ class RNNBase(nn.Module):
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
                  bidirectional: bool = False, proj_size: int = 0, device=None, dtype=None, *,
                  residual: bool = False, reset_after: bool = True,
-                 peephole: bool = False, zoneout: float = 0.0) -> None:
+                 peephole: bool = False, zoneout: float = 0.0,
+                 recurrent_dropout: float = 0.0) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size),
@@ -65,6 +67,7 @@ class RNNBase(nn.Module):
         if not isinstance(peephole, bool):
             raise ValueError(f"peephole must be a bool, got {peephole!r}")
         zoneout = R.check_probability("zoneout", zoneout)
+        recurrent_dropout = R.check_probability("recurrent_dropout", recurrent_dropout)
         self.mode = mode
         self.input_size = input_size
         self.hidden_size = hidden_size
@@ -78,6 +81,7 @@ class RNNBase(nn.Module):
         self.reset_after = reset_after
         self.peephole = peephole
         self.zoneout = zoneout
+        self.recurrent_dropout = recurrent_dropout
         num_directions = 2 if bidirectional else 1
         gate_size = _GATES[mode] * hidden_size
         real_hidden = proj_size if proj_size > 0 else hidden_size
@@ -123,7 +127,8 @@ class RNNBase(nn.Module):
     def _cell_options(self, layer: int, direction: int) -> R.CellOptions:
         suffix = "_reverse" if direction == 1 else ""
         return R.CellOptions(w_peep=getattr(self, f"weight_peephole_l{layer}{suffix}", None),
-                             zoneout=self.zoneout, training=self.training)
+                             zoneout=self.zoneout, recurrent_dropout=self.recurrent_dropout,
+                             training=self.training)
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
@@ -147,6 +152,8 @@ class RNNBase(nn.Module):
             s += ", peephole=True"
         if self.zoneout:
             s += f", zoneout={self.zoneout}"
+        if self.recurrent_dropout:
+            s += f", recurrent_dropout={self.recurrent_dropout}"
         return s
 
     # ------------------------------------------------------------------ forward
@@ -256,17 +263,21 @@ class LSTM(RNNBase):
     ``peephole`` (the i and f gates see c_{t-1} and the o gate c_t through diagonal weights
     ``weight_peephole_l{k}[_reverse]`` of shape (3, hidden_size), rows i, f, o), ``zoneout``
     (in training each unit of h (after the projection) and of c keeps its previous value with
-    this probability, drawn per step; in evaluation the expectation).
+    this probability, drawn per step; in evaluation the expectation), ``recurrent_dropout``
+    (in training, variational dropout of the state that W_hh multiplies: one mask per sequence,
+    layer and direction, scaled by 1 / (1 - p); the output is not dropped).
     forward(input, hx=None, *, lengths=None) -> (output, (h_n, c_n))."""
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  proj_size: int = 0, device=None, dtype=None, *, forget_bias: float = 0.0,
-                 residual: bool = False, peephole: bool = False, zoneout: float = 0.0) -> None:
+                 residual: bool = False, peephole: bool = False, zoneout: float = 0.0,
+                 recurrent_dropout: float = 0.0) -> None:
         self.forget_bias = float(forget_bias)
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, proj_size, device, dtype, residual=residual,
-                         peephole=peephole, zoneout=zoneout)
+                         peephole=peephole, zoneout=zoneout,
+                         recurrent_dropout=recurrent_dropout)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -284,16 +295,18 @@ class LSTM(RNNBase):
 class GRU(RNNBase):
     """Drop-in for torch.nn.GRU. Keyword-only extras: ``reset_after`` (True: torch's / cuDNN's
     cell; False: Cho et al. 2014, reset applied before the recurrent matmul; same parameters),
-    ``residual``, ``zoneout`` (as for the LSTM, on h).
+    ``residual``, ``zoneout`` (as for the LSTM, on h), ``recurrent_dropout`` (as for the LSTM).
     forward(input, hx=None, *, lengths=None) -> (output, h_n)."""
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  device=None, dtype=None, *, reset_after: bool = True,
-                 residual: bool = False, zoneout: float = 0.0) -> None:
+                 residual: bool = False, zoneout: float = 0.0,
+                 recurrent_dropout: float = 0.0) -> None:
         super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, 0, device, dtype, residual=residual,
-                         reset_after=reset_after, zoneout=zoneout)
+                         reset_after=reset_after, zoneout=zoneout,
+                         recurrent_dropout=recurrent_dropout)
 
     def forward(self, input, hx=None, *, lengths: Tensor | None = None):
         return self._forward(input, hx, lengths)
@@ -301,18 +314,20 @@ class GRU(RNNBase):
 
 class RNN(RNNBase):
     """Drop-in for torch.nn.RNN (``nonlinearity`` "tanh" or "relu"). Keyword-only extras:
-    ``residual``, ``zoneout`` (as for the LSTM, on h).
+    ``residual``, ``zoneout`` (as for the LSTM, on h), ``recurrent_dropout`` (as for the LSTM).
     forward(input, hx=None, *, lengths=None) -> (output, h_n)."""
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
                  dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None, *,
-                 residual: bool = False, zoneout: float = 0.0) -> None:
+                 residual: bool = False, zoneout: float = 0.0,
+                 recurrent_dropout: float = 0.0) -> None:
         _validate.choice("nonlinearity", nonlinearity, ("tanh", "relu"))
         self.nonlinearity = nonlinearity
         super().__init__("RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU", input_size,
                          hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0,
-                         device, dtype, residual=residual, zoneout=zoneout)
+                         device, dtype, residual=residual, zoneout=zoneout,
+                         recurrent_dropout=recurrent_dropout)
 
     def forward(self, input, hx=None, *, lengths: Tensor | None = None):
         return self._forward(input, hx, lengths)

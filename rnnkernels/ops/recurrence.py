@@ -41,7 +41,8 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # ------------------------------------------------------------------ fake kernels and autograd
 
 def _recurrence_fwd_fake(gx, h0, c0, w_hh, b_hh, w_hr, lengths, cell, reverse, save,
-                         w_peep=None, zoneout_mask=None, zoneout_mask_c=None, zoneout=0.0):
+                         w_peep=None, zoneout_mask=None, zoneout_mask_c=None, zoneout=0.0,
+                         recurrent_dropout_mask=None):
     T, B, GH = gx.shape
     H = GH // NUM_GATES[cell]
     P = h0.shape[1]
@@ -68,7 +69,7 @@ def _recurrence_bwd_fake(grad_y, grad_h_n, grad_c_n, c0, w_hh, w_hr, lengths, hs
 
 def _recurrence_bwd_options_fake(grad_y, grad_h_n, grad_c_n, c0, w_hh, w_hr, lengths, hs, ws,
                                  cell, reverse, w_peep=None, zoneout_mask=None,
-                                 zoneout_mask_c=None, zoneout=0.0):
+                                 zoneout_mask_c=None, zoneout=0.0, recurrent_dropout_mask=None):
     """The C++ backward op: the outputs of _recurrence_bwd_fake and the cell options' gradients."""
     grads = _recurrence_bwd_fake(grad_y, grad_h_n, grad_c_n, c0, w_hh, w_hr, lengths, hs, ws,
                                  cell, reverse)
@@ -102,8 +103,8 @@ def _option_args(ctx, saved: list) -> list:
 
 
 def _option_grads(ctx, options: list, option_outputs: tuple) -> tuple:
-    """Gradients of the cell-option inputs (w_peep, zoneout masks and probability) from the
-    backward op's extra outputs: only w_peep has one."""
+    """Gradients of the cell-option inputs (w_peep, zoneout masks and probability, recurrent
+    dropout mask) from the backward op's extra outputs: only w_peep has one."""
     if not ctx.num_options:
         return ()
     (dw_peep,) = option_outputs
@@ -113,7 +114,8 @@ def _option_grads(ctx, options: list, option_outputs: tuple) -> tuple:
 def register_recurrence(fwd_name: str, bwd_name: str, cell_options: bool = False) -> None:
     """Fake kernels and autograd of a pair of recurrence ops with the schemas of
     recurrence_fwd / recurrence_bwd (one pair per backend: C++, Triton). cell_options: the ops
-    take the cell options (the C++ ones: w_peep, zoneout_mask, zoneout_mask_c, zoneout)."""
+    take the cell options (the C++ ones: w_peep, zoneout_mask, zoneout_mask_c, zoneout,
+    recurrent_dropout_mask)."""
     torch.library.register_fake(fwd_name, _recurrence_fwd_fake)
     torch.library.register_fake(bwd_name, _recurrence_bwd_options_fake if cell_options
                                 else _recurrence_bwd_fake)
@@ -165,43 +167,61 @@ class CellOptions:
     zoneout: probability that a state unit keeps its previous value; in training (and when
     :meth:`drawn` has drawn them) zoneout_mask (T, B, P) and, for the LSTM, zoneout_mask_c
     (T, B, H) hold the 0/1 draws, else the state is the expectation.
-    training: draw the random masks (zoneout) with torch's generator.
+    recurrent_dropout: probability of dropping a unit of the state that W_hh multiplies, one
+    mask per sequence (training only); recurrent_dropout_mask (B, P) holds it, scaled by
+    1 / (1 - p), once drawn.
+    training: draw the random masks with torch's generator.
     """
 
     w_peep: Tensor | None = None
     zoneout: float = 0.0
+    recurrent_dropout: float = 0.0
     training: bool = False
     zoneout_mask: Tensor | None = None
     zoneout_mask_c: Tensor | None = None
+    recurrent_dropout_mask: Tensor | None = None
 
     def names(self) -> list[str]:
-        """The options that are on, by their module argument names."""
-        return (["peephole"] if self.w_peep is not None else []) + (
-            ["zoneout"] if self.zoneout else [])
+        """The options that change the layer, by their module argument names (recurrent
+        dropout is the identity outside training)."""
+        on = {"peephole": self.w_peep is not None, "zoneout": bool(self.zoneout),
+              "recurrent_dropout": self.recurrent_dropout_mask is not None
+              or bool(self.recurrent_dropout and self.training)}
+        return [name for name, value in on.items() if value]
 
     def drawn(self, x: Tensor, P: int, H: int, cell: int) -> CellOptions:
-        """These options with the random masks of a layer over x (T, B, I) drawn (training)."""
-        if not self.training or not self.zoneout or self.zoneout_mask is not None:
+        """These options with the random masks of a layer over x (T, B, I) drawn (training),
+        in the order zoneout of h, of c, recurrent dropout."""
+        if not self.training:
             return self
         T, B = x.shape[0], x.shape[1]
         dtype = compute_dtype(x)
 
-        def draw(*shape: int) -> Tensor:  # fp32 uniforms: the same draws for every dtype
-            return (torch.rand(shape, device=x.device) < self.zoneout).to(dtype)
+        def draw(p: float, *shape: int) -> Tensor:  # fp32 uniforms: the same draws for any dtype
+            return (torch.rand(shape, device=x.device) < p).to(dtype)
 
-        return replace(self, zoneout_mask=draw(T, B, P),
-                       zoneout_mask_c=draw(T, B, H) if cell == LSTM else None)
+        options = self
+        if self.zoneout and self.zoneout_mask is None:
+            options = replace(options, zoneout_mask=draw(self.zoneout, T, B, P),
+                              zoneout_mask_c=draw(self.zoneout, T, B, H) if cell == LSTM else None)
+        p = self.recurrent_dropout
+        if p and self.recurrent_dropout_mask is None:
+            keep = 1 - draw(p, B, P)
+            options = replace(options, recurrent_dropout_mask=keep / (1 - p))
+        return options
 
     def op_args(self) -> tuple:
         """The trailing arguments of recurrence_fwd / recurrence_bwd."""
-        return (self.w_peep, self.zoneout_mask, self.zoneout_mask_c, float(self.zoneout))
+        return (self.w_peep, self.zoneout_mask, self.zoneout_mask_c, float(self.zoneout),
+                self.recurrent_dropout_mask)
 
     def reference_args(self, cell: int) -> dict:
         """The keyword arguments of the reference of ``cell``."""
-        zoneout = {"zoneout": self.zoneout, "zoneout_mask": self.zoneout_mask}
+        common = {"zoneout": self.zoneout, "zoneout_mask": self.zoneout_mask,
+                  "recurrent_dropout_mask": self.recurrent_dropout_mask}
         if cell == LSTM:
-            return {"w_peep": self.w_peep, "zoneout_mask_c": self.zoneout_mask_c, **zoneout}
-        return zoneout
+            return {"w_peep": self.w_peep, "zoneout_mask_c": self.zoneout_mask_c, **common}
+        return common
 
 
 NO_OPTIONS = CellOptions()
@@ -265,6 +285,7 @@ def _check_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell,
         _validate.lengths("lengths", lengths, B, T)
     _validate.optional("w_peep", options.w_peep, shape=(3, H), like=x)
     check_probability("zoneout", options.zoneout)
+    check_probability("recurrent_dropout", options.recurrent_dropout)
     return H, P
 
 
@@ -323,7 +344,8 @@ def _layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reverse,
 def lstm(x: Tensor, hx: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tensor,
          b_ih: Tensor | None = None, b_hh: Tensor | None = None, w_hr: Tensor | None = None, *,
          lengths: Tensor | None = None, reverse: bool = False, w_peep: Tensor | None = None,
-         zoneout: float = 0.0, training: bool = True) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+         zoneout: float = 0.0, recurrent_dropout: float = 0.0, training: bool = True
+         ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """One LSTM layer, one direction.
 
     x: (T, B, I); hx = (h0 (B, P), c0 (B, H)); w_ih: (4H, I); w_hh: (4H, P); b_ih, b_hh: (4H,);
@@ -331,11 +353,14 @@ def lstm(x: Tensor, hx: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tensor,
     their length keep their state and output zeros). w_peep: (3, H) peephole weights (the i
     and f gates see c_{t-1}, the o gate c_t). zoneout: probability that a unit of h (after the
     projection) and of c keeps its previous value, drawn per step with torch's generator when
-    training, else the expectation. Returns y (T, B, P) and (h_n, c_n).
+    training, else the expectation. recurrent_dropout: variational dropout of the state that
+    W_hh multiplies, one mask per sequence drawn with torch's generator, training only. Returns
+    y (T, B, P) and (h_n, c_n).
     """
     if not isinstance(hx, (tuple, list)) or len(hx) != 2:
         raise TypeError("hx must be a tuple (h0, c0) for the LSTM")
-    options = CellOptions(w_peep=w_peep, zoneout=zoneout, training=training)
+    options = CellOptions(w_peep=w_peep, zoneout=zoneout, recurrent_dropout=recurrent_dropout,
+                          training=training)
     y, h, c = _layer(x, hx[0], hx[1], w_ih, w_hh, b_ih, b_hh, w_hr, lengths, LSTM, reverse,
                      options)
     return y, (h, c)
@@ -343,34 +368,37 @@ def lstm(x: Tensor, hx: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tensor,
 
 def gru(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
         b_hh: Tensor | None = None, *, reset_after: bool = True, lengths: Tensor | None = None,
-        reverse: bool = False, zoneout: float = 0.0, training: bool = True
-        ) -> tuple[Tensor, Tensor]:
+        reverse: bool = False, zoneout: float = 0.0, recurrent_dropout: float = 0.0,
+        training: bool = True) -> tuple[Tensor, Tensor]:
     """One GRU layer, one direction.
 
     x: (T, B, I); h0: (B, H); w_ih: (3H, I); w_hh: (3H, H); b_ih, b_hh: (3H,).
     reset_after=True is torch.nn.GRU's cell; False is Cho et al. 2014 (reset applied to h before
-    the recurrent matmul of the candidate). zoneout: as in :func:`lstm`. Returns y (T, B, H) and
+    the recurrent matmul of the candidate). zoneout, recurrent_dropout: as in :func:`lstm` (with
+    reset_after=False the candidate's matmul sees r * (h * mask)). Returns y (T, B, H) and
     h_n (B, H).
     """
     cell = GRU if reset_after else GRU_RESET_BEFORE
-    options = CellOptions(zoneout=zoneout, training=training)
+    options = CellOptions(zoneout=zoneout, recurrent_dropout=recurrent_dropout,
+                          training=training)
     y, h, _ = _layer(x, h0, None, w_ih, w_hh, b_ih, b_hh, None, lengths, cell, reverse, options)
     return y, h
 
 
 def rnn(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
         b_hh: Tensor | None = None, *, nonlinearity: str = "tanh", lengths: Tensor | None = None,
-        reverse: bool = False, zoneout: float = 0.0, training: bool = True
-        ) -> tuple[Tensor, Tensor]:
+        reverse: bool = False, zoneout: float = 0.0, recurrent_dropout: float = 0.0,
+        training: bool = True) -> tuple[Tensor, Tensor]:
     """One Elman RNN layer, one direction: h = act(W_ih x + b_ih + W_hh h + b_hh).
 
     x: (T, B, I); h0: (B, H); w_ih: (H, I); w_hh: (H, H); b_ih, b_hh: (H,);
-    nonlinearity: "tanh" or "relu"; zoneout: as in :func:`lstm`. Returns y (T, B, H) and
-    h_n (B, H).
+    nonlinearity: "tanh" or "relu"; zoneout, recurrent_dropout: as in :func:`lstm`. Returns
+    y (T, B, H) and h_n (B, H).
     """
     _validate.choice("nonlinearity", nonlinearity, ("tanh", "relu"))
     cell = RNN_TANH if nonlinearity == "tanh" else RNN_RELU
-    options = CellOptions(zoneout=zoneout, training=training)
+    options = CellOptions(zoneout=zoneout, recurrent_dropout=recurrent_dropout,
+                          training=training)
     y, h, _ = _layer(x, h0, None, w_ih, w_hh, b_ih, b_hh, None, lengths, cell, reverse, options)
     return y, h
 

@@ -13,6 +13,9 @@ h_t = d * h_{t-1} + (1 - d) * h_new (and c alike for the LSTM); d is zoneout_mas
 (zoneout_mask_c[t] (T, B, H) for c), 0/1 draws in training, or the float zoneout where no mask
 is given (evaluation: the expectation). The output y is the zoned-out h; with a projection, h is
 zoned out after it.
+recurrent_dropout_mask (B, P): variational dropout (Gal and Ghahramani 2016): every recurrent
+matmul sees h_{t-1} * mask, the same mask at every step; the cell's other uses of h_{t-1} (the
+GRU's z * h_{t-1}) and the output see h itself.
 """
 
 from __future__ import annotations
@@ -50,13 +53,15 @@ def lstm_reference(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor
                    w_hr: Tensor | None = None, lengths: Tensor | None = None,
                    reverse: bool = False, *, w_peep: Tensor | None = None,
                    zoneout: float = 0.0, zoneout_mask: Tensor | None = None,
-                   zoneout_mask_c: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                   zoneout_mask_c: Tensor | None = None,
+                   recurrent_dropout_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """LSTM as torch.nn.LSTM computes it: gates (i, f, g, o), optional projection of h; with
     w_peep, the peephole LSTM."""
     h, c = h0, c0
     ys = [None] * x.shape[0]
     for t in _steps(x.shape[0], reverse):
-        gates = _linear(x[t], w_ih, b_ih) + _linear(h, w_hh, b_hh)
+        h_rec = h if recurrent_dropout_mask is None else h * recurrent_dropout_mask
+        gates = _linear(x[t], w_ih, b_ih) + _linear(h_rec, w_hh, b_hh)
         i, f, g, o = gates.chunk(4, dim=1)
         if w_peep is not None:
             i = i + w_peep[0] * c
@@ -80,7 +85,8 @@ def gru_reference(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor,
                   b_ih: Tensor | None = None, b_hh: Tensor | None = None,
                   reset_after: bool = True, lengths: Tensor | None = None,
                   reverse: bool = False, *, zoneout: float = 0.0,
-                  zoneout_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                  zoneout_mask: Tensor | None = None,
+                  recurrent_dropout_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """GRU, gates (r, z, n), h = (1 - z) * n + z * h_prev.
 
     reset_after=True is torch.nn.GRU / cuDNN: n = tanh(W_in x + b_in + r * (W_hn h + b_hn)).
@@ -95,13 +101,14 @@ def gru_reference(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor,
         w_rz, w_n = w_hh[: 2 * H], w_hh[2 * H:]
         b_rz = None if b_hh is None else b_hh[: 2 * H]
         b_n = None if b_hh is None else b_hh[2 * H:]
-        hr, hz = _linear(h, w_rz, b_rz).chunk(2, dim=1)
+        h_rec = h if recurrent_dropout_mask is None else h * recurrent_dropout_mask
+        hr, hz = _linear(h_rec, w_rz, b_rz).chunk(2, dim=1)
         r = torch.sigmoid(xr + hr)
         z = torch.sigmoid(xz + hz)
         if reset_after:
-            n = torch.tanh(xn + r * _linear(h, w_n, b_n))
+            n = torch.tanh(xn + r * _linear(h_rec, w_n, b_n))
         else:
-            n = torch.tanh(xn + _linear(r * h, w_n, b_n))
+            n = torch.tanh(xn + _linear(r * h_rec, w_n, b_n))
         h_new = _zoneout(h, (1 - z) * n + z * h, t, zoneout, zoneout_mask)
         valid = _valid(lengths, t, x[t])
         h = torch.where(valid, h_new, h)
@@ -113,13 +120,15 @@ def rnn_reference(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor,
                   b_ih: Tensor | None = None, b_hh: Tensor | None = None,
                   nonlinearity: str = "tanh", lengths: Tensor | None = None,
                   reverse: bool = False, *, zoneout: float = 0.0,
-                  zoneout_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                  zoneout_mask: Tensor | None = None,
+                  recurrent_dropout_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Elman RNN: h = act(W_ih x + b_ih + W_hh h + b_hh), act = tanh or relu."""
     act = torch.tanh if nonlinearity == "tanh" else torch.relu
     h = h0
     ys = [None] * x.shape[0]
     for t in _steps(x.shape[0], reverse):
-        h_new = _zoneout(h, act(_linear(x[t], w_ih, b_ih) + _linear(h, w_hh, b_hh)), t,
+        h_rec = h if recurrent_dropout_mask is None else h * recurrent_dropout_mask
+        h_new = _zoneout(h, act(_linear(x[t], w_ih, b_ih) + _linear(h_rec, w_hh, b_hh)), t,
                          zoneout, zoneout_mask)
         valid = _valid(lengths, t, x[t])
         h = torch.where(valid, h_new, h)
