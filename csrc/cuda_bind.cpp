@@ -53,18 +53,18 @@ cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream().stream()
 
 bool given(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
 
-// The CUDA recurrence kernels implement no cell option (peephole, zoneout, recurrent dropout):
+// The CUDA recurrence kernels implement no cell option (peephole, zoneout, recurrent dropout,
+// layer norm):
 // rnnkernels.ops runs the reference on the GPU instead, so only a direct call of the op gets
 // here with one.
-void check_no_cell_options(const std::optional<Tensor>& w_peep,
-                           const std::optional<Tensor>& zoneout_mask,
-                           const std::optional<Tensor>& zoneout_mask_c, double zoneout,
-                           const std::optional<Tensor>& recurrent_dropout_mask) {
-  TORCH_CHECK(!given(w_peep) && !given(zoneout_mask) && !given(zoneout_mask_c) && zoneout == 0 &&
-                  !given(recurrent_dropout_mask),
+void check_no_cell_options(std::initializer_list<const std::optional<Tensor>*> tensors,
+                           double zoneout) {
+  bool any = zoneout != 0;
+  for (const auto* t : tensors) any = any || given(*t);
+  TORCH_CHECK(!any,
               "rnnkernels: the CUDA recurrence kernel has no cell options (peephole, zoneout, "
-              "recurrent dropout); "
-              "rnnkernels.ops and rnnkernels.nn fall back to the reference for them");
+              "recurrent dropout, layer norm); rnnkernels.ops and rnnkernels.nn fall back to the "
+              "reference for them");
 }
 
 Tensor f32(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
@@ -145,9 +145,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_fwd_cuda(
     const std::optional<Tensor>& lengths_opt, int64_t cell_id, bool reverse, bool save,
     const std::optional<Tensor>& w_peep, const std::optional<Tensor>& zoneout_mask,
     const std::optional<Tensor>& zoneout_mask_c, double zoneout,
-    const std::optional<Tensor>& recurrent_dropout_mask) {
+    const std::optional<Tensor>& recurrent_dropout_mask,
+    const std::optional<Tensor>& ln_weight_hh, const std::optional<Tensor>& ln_weight_c,
+    const std::optional<Tensor>& ln_bias_c) {
   TORCH_CHECK(cell_id >= 0 && cell_id <= 4, "rnnkernels: unknown cell ", cell_id);
-  check_no_cell_options(w_peep, zoneout_mask, zoneout_mask_c, zoneout, recurrent_dropout_mask);
+  check_no_cell_options(
+      {&w_peep, &zoneout_mask, &zoneout_mask_c, &recurrent_dropout_mask, &ln_weight_hh,
+       &ln_weight_c, &ln_bias_c},
+      zoneout);
   const c10::cuda::CUDAGuard guard(gx_in.device());
   const Cell cell = static_cast<Cell>(cell_id);
   const Tensor gx = gx_in.contiguous();
@@ -252,16 +257,22 @@ void batched_backward(cuda::RecurrenceStepBwdParams sp, const cuda::StepOrder& o
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_bwd_cuda(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
+recurrence_bwd_cuda(
     const std::optional<Tensor>& grad_y_opt, const std::optional<Tensor>& grad_hn,
     const std::optional<Tensor>& grad_cn, const std::optional<Tensor>& c0, const Tensor& w_hh,
     const std::optional<Tensor>& w_hr, const std::optional<Tensor>& lengths_opt,
     const Tensor& hs_in, const Tensor& ws_in, int64_t cell_id, bool reverse,
     const std::optional<Tensor>& w_peep, const std::optional<Tensor>& zoneout_mask,
     const std::optional<Tensor>& zoneout_mask_c, double zoneout,
-    const std::optional<Tensor>& recurrent_dropout_mask) {
+    const std::optional<Tensor>& recurrent_dropout_mask,
+    const std::optional<Tensor>& ln_weight_hh, const std::optional<Tensor>& ln_weight_c,
+    const std::optional<Tensor>& ln_bias_c) {
   TORCH_CHECK(cell_id >= 0 && cell_id <= 4, "rnnkernels: unknown cell ", cell_id);
-  check_no_cell_options(w_peep, zoneout_mask, zoneout_mask_c, zoneout, recurrent_dropout_mask);
+  check_no_cell_options(
+      {&w_peep, &zoneout_mask, &zoneout_mask_c, &recurrent_dropout_mask, &ln_weight_hh,
+       &ln_weight_c, &ln_bias_c},
+      zoneout);
   const c10::cuda::CUDAGuard guard(w_hh.device());
   const Cell cell = static_cast<Cell>(cell_id);
   const Tensor hs = hs_in.contiguous(), ws = ws_in.contiguous();
@@ -331,7 +342,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_bw
   auto [dw, db, dw_hr] = recurrence_weight_grads(cell, hs, ws, dgh, projected ? dhp : Tensor(), H,
                                                  reverse, st);
   Tensor dc0 = cell == Cell::LSTM ? dc.to(st) : at::empty({0}, w_hh.options());
-  return {dgx, dh.to(st), dc0, dw, db, dw_hr, at::empty({0}, w_hh.options())};
+  const Tensor none = at::empty({0}, w_hh.options());
+  return {dgx, dh.to(st), dc0, dw, db, dw_hr, none, none, none, none};
 }
 
 // ================================================================== selective scan

@@ -27,11 +27,13 @@ CELL_NAMES = {LSTM: "LSTM", GRU: "GRU", GRU_RESET_BEFORE: "GRU (reset before)",
               RNN_TANH: "RNN (tanh)", RNN_RELU: "RNN (relu)"}
 
 
-def workspace_units(cell: int, projected: bool) -> int:
+def workspace_units(cell: int, projected: bool, layer_norm: bool = False) -> int:
     """Per-step values the forward keeps for the backward, in units of H (cells.h)."""
     if cell == LSTM:
-        return 6 if projected else 5
-    return 1 if cell in (RNN_TANH, RNN_RELU) else 4
+        base = 6 if projected else 5
+    else:
+        base = 1 if cell in (RNN_TANH, RNN_RELU) else 4
+    return base + (NUM_GATES[cell] if layer_norm else 0)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -42,7 +44,8 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _recurrence_fwd_fake(gx, h0, c0, w_hh, b_hh, w_hr, lengths, cell, reverse, save,
                          w_peep=None, zoneout_mask=None, zoneout_mask_c=None, zoneout=0.0,
-                         recurrent_dropout_mask=None):
+                         recurrent_dropout_mask=None, ln_weight_hh=None, ln_weight_c=None,
+                         ln_bias_c=None):
     T, B, GH = gx.shape
     H = GH // NUM_GATES[cell]
     P = h0.shape[1]
@@ -50,7 +53,7 @@ def _recurrence_fwd_fake(gx, h0, c0, w_hh, b_hh, w_hr, lengths, cell, reverse, s
     y = gx.new_empty((T, B, P))
     h_n = gx.new_empty((B, P))
     c_n = gx.new_empty((B, H)) if cell == LSTM else gx.new_empty((0,))
-    K = workspace_units(cell, w_hr is not None)
+    K = workspace_units(cell, w_hr is not None, ln_weight_hh is not None)
     hs = gx.new_empty((T + 1, B, P) if save else (0,), dtype=acc)
     ws = gx.new_empty((T, B, K * H) if save else (0,), dtype=acc)
     return y, h_n, c_n, hs, ws
@@ -69,11 +72,14 @@ def _recurrence_bwd_fake(grad_y, grad_h_n, grad_c_n, c0, w_hh, w_hr, lengths, hs
 
 def _recurrence_bwd_options_fake(grad_y, grad_h_n, grad_c_n, c0, w_hh, w_hr, lengths, hs, ws,
                                  cell, reverse, w_peep=None, zoneout_mask=None,
-                                 zoneout_mask_c=None, zoneout=0.0, recurrent_dropout_mask=None):
-    """The C++ backward op: the outputs of _recurrence_bwd_fake and the cell options' gradients."""
+                                 zoneout_mask_c=None, zoneout=0.0, recurrent_dropout_mask=None,
+                                 ln_weight_hh=None, ln_weight_c=None, ln_bias_c=None):
+    """The C++ backward op: the outputs of _recurrence_bwd_fake and the gradients of the cell
+    options' parameters (w_peep, ln_weight_hh, ln_weight_c, ln_bias_c; (0,) when absent)."""
     grads = _recurrence_bwd_fake(grad_y, grad_h_n, grad_c_n, c0, w_hh, w_hr, lengths, hs, ws,
                                  cell, reverse)
-    return grads + (w_hh.new_empty(w_peep.shape if w_peep is not None else (0,)),)
+    params = (w_peep, ln_weight_hh, ln_weight_c, ln_bias_c)
+    return grads + tuple(w_hh.new_empty(p.shape if p is not None else (0,)) for p in params)
 
 
 # The trailing arguments of recurrence_fwd / recurrence_bwd after the base schema (the Triton
@@ -102,20 +108,26 @@ def _option_args(ctx, saved: list) -> list:
     return [f if f is not None else t for t, f in zip(saved, ctx.option_floats)]
 
 
+# Positions, among the cell-option arguments, of those with a gradient (the parameters w_peep,
+# ln_weight_hh, ln_weight_c, ln_bias_c), in the order of the backward op's extra outputs.
+_OPTION_PARAMS = (0, 5, 6, 7)
+
+
 def _option_grads(ctx, options: list, option_outputs: tuple) -> tuple:
-    """Gradients of the cell-option inputs (w_peep, zoneout masks and probability, recurrent
-    dropout mask) from the backward op's extra outputs: only w_peep has one."""
-    if not ctx.num_options:
-        return ()
-    (dw_peep,) = option_outputs
-    return (dw_peep if options[0] is not None else None,) + (None,) * (ctx.num_options - 1)
+    """Gradients of the cell-option arguments from the backward op's extra outputs (None for
+    the masks, the zoneout probability and absent parameters)."""
+    grads = [None] * ctx.num_options
+    for k, grad in zip(_OPTION_PARAMS, option_outputs):
+        if k < ctx.num_options and options[k] is not None:
+            grads[k] = grad
+    return tuple(grads)
 
 
 def register_recurrence(fwd_name: str, bwd_name: str, cell_options: bool = False) -> None:
     """Fake kernels and autograd of a pair of recurrence ops with the schemas of
     recurrence_fwd / recurrence_bwd (one pair per backend: C++, Triton). cell_options: the ops
     take the cell options (the C++ ones: w_peep, zoneout_mask, zoneout_mask_c, zoneout,
-    recurrent_dropout_mask)."""
+    recurrent_dropout_mask, ln_weight_hh, ln_weight_c, ln_bias_c)."""
     torch.library.register_fake(fwd_name, _recurrence_fwd_fake)
     torch.library.register_fake(bwd_name, _recurrence_bwd_options_fake if cell_options
                                 else _recurrence_bwd_fake)
@@ -170,6 +182,8 @@ class CellOptions:
     recurrent_dropout: probability of dropping a unit of the state that W_hh multiplies, one
     mask per sequence (training only); recurrent_dropout_mask (B, P) holds it, scaled by
     1 / (1 - p), once drawn.
+    ln_weight_ih, ln_weight_hh: (G*H,) gains of the layer normalisations of x W_ih^T and
+    h W_hh^T (LSTM, GRU); ln_weight_c, ln_bias_c: (H,) of the LSTM's c_t in h = o * tanh(.).
     training: draw the random masks with torch's generator.
     """
 
@@ -180,13 +194,18 @@ class CellOptions:
     zoneout_mask: Tensor | None = None
     zoneout_mask_c: Tensor | None = None
     recurrent_dropout_mask: Tensor | None = None
+    ln_weight_ih: Tensor | None = None
+    ln_weight_hh: Tensor | None = None
+    ln_weight_c: Tensor | None = None
+    ln_bias_c: Tensor | None = None
 
     def names(self) -> list[str]:
         """The options that change the layer, by their module argument names (recurrent
         dropout is the identity outside training)."""
         on = {"peephole": self.w_peep is not None, "zoneout": bool(self.zoneout),
               "recurrent_dropout": self.recurrent_dropout_mask is not None
-              or bool(self.recurrent_dropout and self.training)}
+              or bool(self.recurrent_dropout and self.training),
+              "layer_norm": self.ln_weight_hh is not None}
         return [name for name, value in on.items() if value]
 
     def drawn(self, x: Tensor, P: int, H: int, cell: int) -> CellOptions:
@@ -213,15 +232,25 @@ class CellOptions:
     def op_args(self) -> tuple:
         """The trailing arguments of recurrence_fwd / recurrence_bwd."""
         return (self.w_peep, self.zoneout_mask, self.zoneout_mask_c, float(self.zoneout),
-                self.recurrent_dropout_mask)
+                self.recurrent_dropout_mask, self.ln_weight_hh, self.ln_weight_c, self.ln_bias_c)
 
     def reference_args(self, cell: int) -> dict:
         """The keyword arguments of the reference of ``cell``."""
         common = {"zoneout": self.zoneout, "zoneout_mask": self.zoneout_mask,
                   "recurrent_dropout_mask": self.recurrent_dropout_mask}
+        if self.ln_weight_hh is not None:
+            common |= {"ln_weight_ih": self.ln_weight_ih, "ln_weight_hh": self.ln_weight_hh}
         if cell == LSTM:
-            return {"w_peep": self.w_peep, "zoneout_mask_c": self.zoneout_mask_c, **common}
+            return {"w_peep": self.w_peep, "zoneout_mask_c": self.zoneout_mask_c,
+                    "ln_weight_c": self.ln_weight_c, "ln_bias_c": self.ln_bias_c, **common}
         return common
+
+    def input_projection(self, x: Tensor, w_ih: Tensor, b_ih: Tensor | None) -> Tensor:
+        """gx = x W_ih^T + b_ih for all steps, layer-normalised before b_ih with layer_norm."""
+        if self.ln_weight_ih is None:
+            return F.linear(x, w_ih, b_ih)
+        gx = F.layer_norm(F.linear(x, w_ih), (w_ih.shape[0],), self.ln_weight_ih)
+        return gx if b_ih is None else gx + b_ih
 
 
 NO_OPTIONS = CellOptions()
@@ -286,6 +315,20 @@ def _check_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell,
     _validate.optional("w_peep", options.w_peep, shape=(3, H), like=x)
     check_probability("zoneout", options.zoneout)
     check_probability("recurrent_dropout", options.recurrent_dropout)
+    ln = {"ln_weight_ih": (options.ln_weight_ih, G * H),
+          "ln_weight_hh": (options.ln_weight_hh, G * H)}
+    if cell == LSTM:
+        ln |= {"ln_weight_c": (options.ln_weight_c, H), "ln_bias_c": (options.ln_bias_c, H)}
+    given = [name for name, (t, _) in ln.items() if t is not None]
+    if given:
+        if cell not in (LSTM, GRU):
+            raise ValueError("layer normalisation is supported for the LSTM and the GRU with "
+                             f"reset_after=True only, not {CELL_NAMES[cell]}")
+        if len(given) != len(ln):
+            raise ValueError(f"the layer-norm parameters {', '.join(ln)} must be given "
+                             f"together, got only {', '.join(given)}")
+        for name, (t, size) in ln.items():
+            _validate.tensor(name, t, shape=(size,), like=x)
     return H, P
 
 
@@ -327,7 +370,7 @@ def run_layer(x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, w_hh: Tens
     if backend == "reference":
         return reference_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reverse,
                                options)
-    gx = F.linear(x, w_ih, b_ih)
+    gx = options.input_projection(x, w_ih, b_ih)
     y, h_n, c_n = recurrence(gx, h0, c0 if cell == LSTM else None, w_hh, b_hh, w_hr, lengths,
                              cell, reverse, backend, options)
     return y, h_n, (c_n if cell == LSTM else None)
@@ -344,7 +387,9 @@ def _layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reverse,
 def lstm(x: Tensor, hx: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tensor,
          b_ih: Tensor | None = None, b_hh: Tensor | None = None, w_hr: Tensor | None = None, *,
          lengths: Tensor | None = None, reverse: bool = False, w_peep: Tensor | None = None,
-         zoneout: float = 0.0, recurrent_dropout: float = 0.0, training: bool = True
+         zoneout: float = 0.0, recurrent_dropout: float = 0.0, training: bool = True,
+         ln_weight_ih: Tensor | None = None, ln_weight_hh: Tensor | None = None,
+         ln_weight_c: Tensor | None = None, ln_bias_c: Tensor | None = None
          ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """One LSTM layer, one direction.
 
@@ -354,13 +399,18 @@ def lstm(x: Tensor, hx: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tensor,
     and f gates see c_{t-1}, the o gate c_t). zoneout: probability that a unit of h (after the
     projection) and of c keeps its previous value, drawn per step with torch's generator when
     training, else the expectation. recurrent_dropout: variational dropout of the state that
-    W_hh multiplies, one mask per sequence drawn with torch's generator, training only. Returns
-    y (T, B, P) and (h_n, c_n).
+    W_hh multiplies, one mask per sequence drawn with torch's generator, training only.
+    ln_weight_ih, ln_weight_hh (4H,), ln_weight_c, ln_bias_c (H,), all or none: layer
+    normalisation (haste's LayerNormLSTM): gates = LN(x W_ih^T) * ln_weight_ih + b_ih +
+    LN(h W_hh^T) * ln_weight_hh + b_hh, h = o * tanh(LN(c_t) * ln_weight_c + ln_bias_c).
+    Returns y (T, B, P) and (h_n, c_n).
     """
     if not isinstance(hx, (tuple, list)) or len(hx) != 2:
         raise TypeError("hx must be a tuple (h0, c0) for the LSTM")
     options = CellOptions(w_peep=w_peep, zoneout=zoneout, recurrent_dropout=recurrent_dropout,
-                          training=training)
+                          training=training, ln_weight_ih=ln_weight_ih,
+                          ln_weight_hh=ln_weight_hh, ln_weight_c=ln_weight_c,
+                          ln_bias_c=ln_bias_c)
     y, h, c = _layer(x, hx[0], hx[1], w_ih, w_hh, b_ih, b_hh, w_hr, lengths, LSTM, reverse,
                      options)
     return y, (h, c)
@@ -369,18 +419,21 @@ def lstm(x: Tensor, hx: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tensor,
 def gru(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
         b_hh: Tensor | None = None, *, reset_after: bool = True, lengths: Tensor | None = None,
         reverse: bool = False, zoneout: float = 0.0, recurrent_dropout: float = 0.0,
-        training: bool = True) -> tuple[Tensor, Tensor]:
+        training: bool = True, ln_weight_ih: Tensor | None = None,
+        ln_weight_hh: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One GRU layer, one direction.
 
     x: (T, B, I); h0: (B, H); w_ih: (3H, I); w_hh: (3H, H); b_ih, b_hh: (3H,).
     reset_after=True is torch.nn.GRU's cell; False is Cho et al. 2014 (reset applied to h before
     the recurrent matmul of the candidate). zoneout, recurrent_dropout: as in :func:`lstm` (with
-    reset_after=False the candidate's matmul sees r * (h * mask)). Returns y (T, B, H) and
-    h_n (B, H).
+    reset_after=False the candidate's matmul sees r * (h * mask)). ln_weight_ih, ln_weight_hh
+    (3H,), both or none: layer normalisation (haste's LayerNormGRU, reset_after=True only):
+    LN(x W_ih^T) * ln_weight_ih + b_ih and LN(h W_hh^T) * ln_weight_hh + b_hh replace the two
+    projections. Returns y (T, B, H) and h_n (B, H).
     """
     cell = GRU if reset_after else GRU_RESET_BEFORE
     options = CellOptions(zoneout=zoneout, recurrent_dropout=recurrent_dropout,
-                          training=training)
+                          training=training, ln_weight_ih=ln_weight_ih, ln_weight_hh=ln_weight_hh)
     y, h, _ = _layer(x, h0, None, w_ih, w_hh, b_ih, b_hh, None, lengths, cell, reverse, options)
     return y, h
 

@@ -16,11 +16,18 @@ zoned out after it.
 recurrent_dropout_mask (B, P): variational dropout (Gal and Ghahramani 2016): every recurrent
 matmul sees h_{t-1} * mask, the same mask at every step; the cell's other uses of h_{t-1} (the
 GRU's z * h_{t-1}) and the output see h itself.
+Layer normalisation (LSTM and GRU with reset after, as haste's LayerNormLSTM / LayerNormGRU):
+the input and the recurrent pre-activations are normalised separately over their G*H values with
+their own gains ln_weight_ih, ln_weight_hh (G*H,), no shift, the biases added after:
+gates = LN(x W_ih^T) * ln_weight_ih + b_ih + LN(h W_hh^T) * ln_weight_hh + b_hh; the LSTM's
+output is h = o * tanh(LN(c_t) * ln_weight_c + ln_bias_c) (the state c_t itself is not
+normalised). LN's epsilon is 1e-5.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -35,8 +42,11 @@ def _valid(lengths: Tensor | None, t: int, like: Tensor) -> Tensor:
     return (t < lengths.to(like.device)).unsqueeze(1)
 
 
-def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+def _linear(x: Tensor, w: Tensor, b: Tensor | None, ln_weight: Tensor | None = None) -> Tensor:
+    """x W^T + b, with the product layer-normalised (gain ln_weight) before b when given."""
     out = x @ w.t()
+    if ln_weight is not None:
+        out = F.layer_norm(out, (out.shape[-1],), ln_weight)
     return out if b is None else out + b
 
 
@@ -54,14 +64,18 @@ def lstm_reference(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor
                    reverse: bool = False, *, w_peep: Tensor | None = None,
                    zoneout: float = 0.0, zoneout_mask: Tensor | None = None,
                    zoneout_mask_c: Tensor | None = None,
-                   recurrent_dropout_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                   recurrent_dropout_mask: Tensor | None = None,
+                   ln_weight_ih: Tensor | None = None, ln_weight_hh: Tensor | None = None,
+                   ln_weight_c: Tensor | None = None, ln_bias_c: Tensor | None = None
+                   ) -> tuple[Tensor, Tensor, Tensor]:
     """LSTM as torch.nn.LSTM computes it: gates (i, f, g, o), optional projection of h; with
     w_peep, the peephole LSTM."""
     h, c = h0, c0
     ys = [None] * x.shape[0]
     for t in _steps(x.shape[0], reverse):
         h_rec = h if recurrent_dropout_mask is None else h * recurrent_dropout_mask
-        gates = _linear(x[t], w_ih, b_ih) + _linear(h_rec, w_hh, b_hh)
+        gates = (_linear(x[t], w_ih, b_ih, ln_weight_ih)
+                 + _linear(h_rec, w_hh, b_hh, ln_weight_hh))
         i, f, g, o = gates.chunk(4, dim=1)
         if w_peep is not None:
             i = i + w_peep[0] * c
@@ -69,7 +83,10 @@ def lstm_reference(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor
         c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         if w_peep is not None:
             o = o + w_peep[2] * c_new
-        h_new = torch.sigmoid(o) * torch.tanh(c_new)
+        c_out = c_new
+        if ln_weight_c is not None:
+            c_out = F.layer_norm(c_new, (c_new.shape[-1],), ln_weight_c, ln_bias_c)
+        h_new = torch.sigmoid(o) * torch.tanh(c_out)
         if w_hr is not None:
             h_new = h_new @ w_hr.t()
         h_new = _zoneout(h, h_new, t, zoneout, zoneout_mask)
@@ -86,29 +103,36 @@ def gru_reference(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor,
                   reset_after: bool = True, lengths: Tensor | None = None,
                   reverse: bool = False, *, zoneout: float = 0.0,
                   zoneout_mask: Tensor | None = None,
-                  recurrent_dropout_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                  recurrent_dropout_mask: Tensor | None = None,
+                  ln_weight_ih: Tensor | None = None, ln_weight_hh: Tensor | None = None
+                  ) -> tuple[Tensor, Tensor]:
     """GRU, gates (r, z, n), h = (1 - z) * n + z * h_prev.
 
     reset_after=True is torch.nn.GRU / cuDNN: n = tanh(W_in x + b_in + r * (W_hn h + b_hn)).
     reset_after=False is Cho et al. 2014: n = tanh(W_in x + b_in + W_hn (r * h) + b_hn).
+    Layer normalisation needs reset_after=True (W_hh h is normalised as a whole).
     """
+    if ln_weight_hh is not None and not reset_after:
+        raise ValueError("layer normalisation of the GRU needs reset_after=True")
     h = h0
     H = h0.shape[1]
     ys = [None] * x.shape[0]
     for t in _steps(x.shape[0], reverse):
-        gx = _linear(x[t], w_ih, b_ih)
+        gx = _linear(x[t], w_ih, b_ih, ln_weight_ih)
         xr, xz, xn = gx.chunk(3, dim=1)
-        w_rz, w_n = w_hh[: 2 * H], w_hh[2 * H:]
-        b_rz = None if b_hh is None else b_hh[: 2 * H]
-        b_n = None if b_hh is None else b_hh[2 * H:]
         h_rec = h if recurrent_dropout_mask is None else h * recurrent_dropout_mask
-        hr, hz = _linear(h_rec, w_rz, b_rz).chunk(2, dim=1)
-        r = torch.sigmoid(xr + hr)
-        z = torch.sigmoid(xz + hz)
         if reset_after:
-            n = torch.tanh(xn + r * _linear(h_rec, w_n, b_n))
+            hr, hz, hn = _linear(h_rec, w_hh, b_hh, ln_weight_hh).chunk(3, dim=1)
+            r = torch.sigmoid(xr + hr)
+            z = torch.sigmoid(xz + hz)
+            n = torch.tanh(xn + r * hn)
         else:
-            n = torch.tanh(xn + _linear(r * h_rec, w_n, b_n))
+            b_rz = None if b_hh is None else b_hh[: 2 * H]
+            b_n = None if b_hh is None else b_hh[2 * H:]
+            hr, hz = _linear(h_rec, w_hh[: 2 * H], b_rz).chunk(2, dim=1)
+            r = torch.sigmoid(xr + hr)
+            z = torch.sigmoid(xz + hz)
+            n = torch.tanh(xn + _linear(r * h_rec, w_hh[2 * H:], b_n))
         h_new = _zoneout(h, (1 - z) * n + z * h, t, zoneout, zoneout_mask)
         valid = _valid(lengths, t, x[t])
         h = torch.where(valid, h_new, h)

@@ -40,8 +40,11 @@ RK_HOST_DEVICE constexpr int num_gates(Cell cell) {
 // Per-unit values the forward saves for the backward, in units of H per batch row.
 // LSTM: i, f, g, o (activated), c_t [, h_full_t when projected]
 // GRU: r, z, n, W_hn h + b_hn.   GRU_RESET_BEFORE: r, z, n, r * h_{t-1}.   RNN: h_t.
-RK_HOST_DEVICE constexpr int workspace_units(Cell cell, bool projected) {
-  return cell == Cell::LSTM ? (projected ? 6 : 5) : (cell == Cell::RNN_TANH || cell == Cell::RNN_RELU) ? 1 : 4;
+// With layer normalisation (LSTM, GRU) then the G units of h W_hh^T before it.
+RK_HOST_DEVICE constexpr int workspace_units(Cell cell, bool projected, bool layer_norm = false) {
+  return (cell == Cell::LSTM ? (projected ? 6 : 5)
+          : (cell == Cell::RNN_TANH || cell == Cell::RNN_RELU) ? 1 : 4) +
+         (layer_norm ? num_gates(cell) : 0);
 }
 
 template <typename T>
@@ -115,6 +118,27 @@ RK_HOST_DEVICE inline void lstm_peephole_backward(V dh, V dc, V i, V f, V g, V o
   df = dct * c_prev * f * (one - f);
   dg = dct * i * (one - g * g);
   dc_prev = dct * f + di * wi + df * wf;
+}
+
+// The gate gradients of an LSTM from the total gradient dct of c_t (the layer-normalised cell
+// reaches c_t from h through the normalisation, so its caller forms dct).
+template <typename V, typename M>
+RK_HOST_DEVICE inline void lstm_gates_backward(V dct, V i, V f, V g, V c_prev, V& di, V& df,
+                                               V& dg, V& dc_prev) {
+  const V one = M::one();
+  di = dct * g * i * (one - i);
+  df = dct * c_prev * f * (one - f);
+  dg = dct * i * (one - g * g);
+  dc_prev = dct * f;
+}
+
+// ---------------------------------------------------------------- layer normalisation
+// Layer normalisation (Ba et al. 2016) of a row x: xhat = (x - mean) * rstd, y = gamma * xhat +
+// beta. The gradient of one element from dxhat = gamma * dy and the row means m1 = mean(dxhat),
+// m2 = mean(dxhat * xhat) (the caller reduces over the row).
+template <typename V>
+RK_HOST_DEVICE inline V layer_norm_backward(V dxhat, V xhat, V rstd, V m1, V m2) {
+  return rstd * (dxhat - m1 - xhat * m2);
 }
 
 // ---------------------------------------------------------------- GRU (reset after)
