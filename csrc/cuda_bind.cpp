@@ -342,8 +342,9 @@ recurrence_bwd_cuda(
   auto [dw, db, dw_hr] = recurrence_weight_grads(cell, hs, ws, dgh, projected ? dhp : Tensor(), H,
                                                  reverse, st);
   Tensor dc0 = cell == Cell::LSTM ? dc.to(st) : at::empty({0}, w_hh.options());
-  const Tensor none = at::empty({0}, w_hh.options());
-  return {dgx, dh.to(st), dc0, dw, db, dw_hr, none, none, none, none};
+  // the options' gradients: distinct empty tensors (outputs of an op must not alias)
+  const auto none = [&] { return at::empty({0}, w_hh.options()); };
+  return {dgx, dh.to(st), dc0, dw, db, dw_hr, none(), none(), none(), none()};
 }
 
 // ================================================================== selective scan

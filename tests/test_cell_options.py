@@ -1,7 +1,7 @@
-"""The cell options of the generic recurrence (peephole, zoneout, recurrent dropout): the C++ CPU
-kernels against the float64 references (forward and every gradient), the references against the
-formulas, the ops (gradcheck, opcheck), the modules end to end, the Triton fallback and bad
-values."""
+"""The cell options of the generic recurrence (peephole, zoneout, recurrent dropout, layer norm):
+the C++ CPU kernels against the float64 references (forward and every gradient), the references
+against the formulas, the ops (gradcheck, opcheck), the modules end to end, the Triton fallback
+and bad values."""
 
 import pytest
 import torch
@@ -15,7 +15,7 @@ from rnnkernels.reference import gru_reference, lstm_reference, rnn_reference
 CELLS = [R.LSTM, R.GRU, R.GRU_RESET_BEFORE, R.RNN_TANH, R.RNN_RELU]
 
 
-def make(cell, T, B, I, H, dtype, proj=0, peephole=False):
+def make(cell, T, B, I, H, dtype, proj=0, peephole=False, layer_norm=False):
     """Random layer inputs (leaves requiring grad) for one layer and direction."""
     G = R.NUM_GATES[cell]
     P = proj or H
@@ -24,26 +24,39 @@ def make(cell, T, B, I, H, dtype, proj=0, peephole=False):
     def t(*shape, scale=1.0):
         return (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype).requires_grad_()
 
+    def gain(n):  # layer-norm gains around 1
+        return (1 + 0.3 * torch.randn(n, dtype=torch.float64)).to(dtype).requires_grad_()
+
+    lstm_ln = layer_norm and cell == R.LSTM
     return dict(x=t(T, B, I), h0=t(B, P, scale=0.5),
                 c0=t(B, H, scale=0.5) if cell == R.LSTM else None,
                 w_ih=t(G * H, I, scale=s), w_hh=t(G * H, P, scale=s), b_ih=t(G * H, scale=s),
                 b_hh=t(G * H, scale=s), w_hr=t(P, H, scale=s) if proj else None,
-                w_peep=t(3, H, scale=0.5) if peephole else None)
+                w_peep=t(3, H, scale=0.5) if peephole else None,
+                ln_weight_ih=gain(G * H) if layer_norm else None,
+                ln_weight_hh=gain(G * H) if layer_norm else None,
+                ln_weight_c=gain(H) if lstm_ln else None,
+                ln_bias_c=t(H, scale=0.3) if lstm_ln else None)
+
+
+LN_KEYS = ("ln_weight_ih", "ln_weight_hh", "ln_weight_c", "ln_bias_c")
 
 
 def run(a, cell, backend, lengths=None, reverse=False, zoneout=0.0, recurrent_dropout=0.0,
         training=False, seed=0):
     options = R.CellOptions(w_peep=a["w_peep"], zoneout=zoneout,
-                            recurrent_dropout=recurrent_dropout, training=training)
+                            recurrent_dropout=recurrent_dropout, training=training,
+                            **{k: a[k] for k in LN_KEYS})
     torch.manual_seed(seed)  # the same random masks on both backends
     return R.run_layer(a["x"], a["h0"], a["c0"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"],
                        a["w_hr"], lengths, cell, reverse, backend, options)
 
 
-def check(cell, shape, dtype, lengths=None, reverse=False, proj=0, peephole=False, **opts):
+def check(cell, shape, dtype, lengths=None, reverse=False, proj=0, peephole=False,
+          layer_norm=False, **opts):
     """Kernel (backend cpu, in dtype) against the float64 reference: outputs and the gradients
     of every input, with random output gradients. opts: zoneout, recurrent_dropout, training."""
-    a = make(cell, *shape, dtype, proj, peephole)
+    a = make(cell, *shape, dtype, proj, peephole, layer_norm)
     ref_a = {k: v.detach().double().requires_grad_() if v is not None else None
              for k, v in a.items()}
     outs = [o for o in run(a, cell, "cpu", lengths, reverse, **opts) if o is not None]
@@ -99,6 +112,7 @@ def test_peephole_bfloat16():
 
 
 def _op_args(a, cell, lengths, reverse, save=True):
+    """The first ten arguments of recurrence_fwd (gx a leaf)."""
     gx = F.linear(a["x"], a["w_ih"], a["b_ih"]).detach().requires_grad_()
     return (gx, a["h0"], a["c0"], a["w_hh"], a["b_hh"], a["w_hr"], lengths, cell, reverse, save)
 
@@ -334,6 +348,141 @@ def test_recurrent_dropout_functional_seed_and_eval():
         rnnkernels.ops.lstm(*args, recurrent_dropout=-0.5)
 
 
+# ------------------------------------------------------------------ layer norm
+
+def _ln(v, gain, bias=None):
+    mean = v.mean(-1, keepdim=True)
+    var = v.var(-1, unbiased=False, keepdim=True)
+    out = (v - mean) / torch.sqrt(var + 1e-5) * gain
+    return out if bias is None else out + bias
+
+
+def test_layer_norm_reference_formula():
+    """One step of both layer-normalised cells written out with explicit means and variances."""
+    a = make(R.LSTM, 1, 3, 4, 5, torch.float64, layer_norm=True)
+    _, h, c = lstm_reference(a["x"], a["h0"], a["c0"], a["w_ih"], a["w_hh"], a["b_ih"],
+                             a["b_hh"], **{k: a[k] for k in LN_KEYS})
+    pre = (_ln(a["x"][0] @ a["w_ih"].t(), a["ln_weight_ih"]) + a["b_ih"]
+           + _ln(a["h0"] @ a["w_hh"].t(), a["ln_weight_hh"]) + a["b_hh"])
+    i, f, g, o = pre.chunk(4, 1)
+    c1 = torch.sigmoid(f) * a["c0"] + torch.sigmoid(i) * torch.tanh(g)
+    h1 = torch.sigmoid(o) * torch.tanh(_ln(c1, a["ln_weight_c"], a["ln_bias_c"]))
+    assert_close(c, c1, torch.float64)
+    assert_close(h, h1, torch.float64)
+
+    a = make(R.GRU, 1, 3, 4, 5, torch.float64, layer_norm=True)
+    _, h = gru_reference(a["x"], a["h0"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"],
+                         ln_weight_ih=a["ln_weight_ih"], ln_weight_hh=a["ln_weight_hh"])
+    xr, xz, xn = (_ln(a["x"][0] @ a["w_ih"].t(), a["ln_weight_ih"]) + a["b_ih"]).chunk(3, 1)
+    hr, hz, hn = (_ln(a["h0"] @ a["w_hh"].t(), a["ln_weight_hh"]) + a["b_hh"]).chunk(3, 1)
+    r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+    n = torch.tanh(xn + r * hn)
+    assert_close(h, (1 - z) * n + z * a["h0"], torch.float64)
+
+
+@pytest.mark.parametrize("cell", [R.LSTM, R.GRU])
+def test_layer_norm(cell):
+    check(cell, SHAPES[0], torch.float64, layer_norm=True)
+    check(cell, SHAPES[1], torch.float32, layer_norm=True)
+    check(cell, (6, 4, 3, 9), torch.float64, lengths=torch.tensor([3, 6, 1, 5]), reverse=True,
+          layer_norm=True)
+    check(cell, (6, 3, 5, 16), torch.bfloat16, layer_norm=True)
+
+
+def test_layer_norm_with_every_option():
+    for reverse in (False, True):
+        check(R.LSTM, (5, 3, 4, 11), torch.float64, lengths=torch.tensor([2, 5, 4]),
+              reverse=reverse, proj=6, peephole=True, layer_norm=True, zoneout=0.2,
+              recurrent_dropout=0.3, training=True)
+    check(R.GRU, (5, 3, 4, 7), torch.float32, layer_norm=True, zoneout=0.2,
+          recurrent_dropout=0.3, training=True)
+
+
+def _ln_args(a):
+    return tuple(a[k] for k in ("ln_weight_hh", "ln_weight_c", "ln_bias_c"))
+
+
+@pytest.mark.parametrize("cell", [R.LSTM, R.GRU])
+def test_layer_norm_gradcheck(cell):
+    proj = 3 if cell == R.LSTM else 0
+    a = make(cell, 3, 2, 3, 4, torch.float64, proj=proj, peephole=cell == R.LSTM,
+             layer_norm=True)
+    for lengths, reverse in ((None, False), (torch.tensor([3, 2]), True)):
+        base = _op_args(a, cell, lengths, reverse)
+        params = [t for t in (a["w_peep"], *_ln_args(a)) if t is not None]
+
+        def f(gx, h0, c0, w_hh, b_hh, w_hr, *p, base=base):
+            peep, ln = (p[0], p[1:]) if cell == R.LSTM else (None, (p[0], None, None))
+            out = torch.ops.rnnkernels.recurrence_fwd(gx, h0, c0, w_hh, b_hh, w_hr, *base[6:],
+                                                      peep, None, None, 0.3, None, *ln)
+            return out[:3] if cell == R.LSTM else out[:2]
+
+        torch.autograd.gradcheck(f, (*base[:6], *params))
+
+
+@pytest.mark.parametrize("cell", [R.LSTM, R.GRU])
+def test_layer_norm_opcheck(cell):
+    a = make(cell, 3, 2, 3, 5, torch.float32, layer_norm=True)
+    lengths = torch.tensor([3, 1])
+    options = (None, None, None, 0.0, None) + _ln_args(a)
+    fwd = _op_args(a, cell, lengths, False) + options
+    torch.library.opcheck(torch.ops.rnnkernels.recurrence_fwd.default, fwd)
+    y, h, c, hs, ws = torch.ops.rnnkernels.recurrence_fwd(*fwd)
+    bwd = (torch.randn_like(y), torch.randn_like(h),
+           torch.randn_like(c) if cell == R.LSTM else None, a["c0"], a["w_hh"], None, lengths,
+           hs, ws, cell, False) + options
+    bwd = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in bwd)
+    torch.library.opcheck(torch.ops.rnnkernels.recurrence_bwd.default, bwd)
+
+
+def test_layer_norm_functional_checks():
+    a = make(R.GRU, 4, 2, 3, 5, torch.float64, layer_norm=True)
+    args = (a["x"], a["h0"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"])
+    y, _ = rnnkernels.ops.gru(*args, ln_weight_ih=a["ln_weight_ih"],
+                              ln_weight_hh=a["ln_weight_hh"])
+    ry, _ = gru_reference(*args, ln_weight_ih=a["ln_weight_ih"], ln_weight_hh=a["ln_weight_hh"])
+    assert_close(y, ry, torch.float64)
+    with pytest.raises(ValueError, match="together"):
+        rnnkernels.ops.gru(*args, ln_weight_hh=a["ln_weight_hh"])
+    with pytest.raises(ValueError, match="reset_after"):
+        rnnkernels.ops.gru(*args, reset_after=False, ln_weight_ih=a["ln_weight_ih"],
+                           ln_weight_hh=a["ln_weight_hh"])
+    with pytest.raises(ValueError, match="ln_weight_hh"):
+        rnnkernels.ops.gru(*args, ln_weight_ih=a["ln_weight_ih"],
+                           ln_weight_hh=a["ln_weight_hh"][:-1])
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_module_layer_norm(mode):
+    kw = {"proj_size": 2, "peephole": True} if mode == "LSTM" else {}
+    m = getattr(rnnkernels.nn, mode)(4, 5, num_layers=2, bidirectional=True, layer_norm=True,
+                                     zoneout=0.1, dtype=torch.float64, **kw)
+    assert "layer_norm=True" in repr(m)
+    G = 4 if mode == "LSTM" else 3
+    assert torch.equal(m.layer_norm_weight_hh_l1_reverse, torch.ones(G * 5, dtype=torch.float64))
+    extra = {f"layer_norm_weight_{k}_l{layer}{suffix}" for k in ("ih", "hh")
+             for layer in (0, 1) for suffix in ("", "_reverse")}
+    if mode == "LSTM":
+        assert torch.equal(m.layer_norm_bias_c_l0, torch.zeros(5, dtype=torch.float64))
+        extra |= {f"layer_norm_{k}_c_l{layer}{suffix}" for k in ("weight", "bias")
+                  for layer in (0, 1) for suffix in ("", "_reverse")}
+        extra |= {f"weight_peephole_l{layer}{suffix}" for layer in (0, 1)
+                  for suffix in ("", "_reverse")}
+    plain = set(getattr(torch.nn, mode)(4, 5, 2, bidirectional=True,
+                                        proj_size=kw.get("proj_size", 0)).state_dict()
+                ) if mode == "LSTM" else set(torch.nn.GRU(4, 5, 2, bidirectional=True).state_dict())
+    assert set(m.state_dict()) - plain == extra
+    with torch.no_grad():  # away from the initial values, so that every gradient is exercised
+        for p in m.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    x = torch.randn(6, 3, 4, dtype=torch.float64)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor([6, 2, 4]),
+                                                     enforce_sorted=False)
+    for training in (True, False):
+        m.train(training)
+        _module_vs_reference(m, packed)
+
+
 # ------------------------------------------------------------------ modules
 
 def _module_vs_reference(module, x, seed=0):
@@ -394,7 +543,8 @@ def test_module_zoneout_recurrent_dropout(mode):
 def test_module_options_off_are_torch():
     for m in (rnnkernels.nn.LSTM(3, 4, peephole=False), rnnkernels.nn.GRU(3, 4),
               rnnkernels.nn.RNN(3, 4)):
-        assert all(k not in repr(m) for k in ("peephole", "zoneout", "recurrent_dropout"))
+        assert all(k not in repr(m) for k in ("peephole", "zoneout", "recurrent_dropout",
+                                              "layer_norm"))
     assert (list(rnnkernels.nn.LSTM(3, 4, num_layers=2).state_dict())
             == list(torch.nn.LSTM(3, 4, num_layers=2).state_dict()))
 
@@ -407,6 +557,10 @@ def test_bad_option_values():
             rnnkernels.nn.GRU(3, 4, zoneout=bad)
         with pytest.raises(ValueError, match="recurrent_dropout"):
             rnnkernels.nn.RNN(3, 4, recurrent_dropout=bad)
+    with pytest.raises(ValueError, match="layer_norm"):
+        rnnkernels.nn.GRU(3, 4, reset_after=False, layer_norm=True)
+    with pytest.raises(ValueError, match="layer_norm"):
+        rnnkernels.nn.LSTM(3, 4, layer_norm="yes")
 
 
 # ------------------------------------------------------------------ Triton / CUDA fallback
@@ -415,6 +569,7 @@ def test_bad_option_values():
     (lambda: rnnkernels.nn.LSTM(3, 5, peephole=True), "peephole"),
     (lambda: rnnkernels.nn.GRU(3, 5, zoneout=0.3).eval(), "zoneout"),
     (lambda: rnnkernels.nn.RNN(3, 5, recurrent_dropout=0.3), "recurrent_dropout"),
+    (lambda: rnnkernels.nn.LSTM(3, 5, layer_norm=True), "layer_norm"),
 ])
 def test_triton_falls_back_to_reference(monkeypatch, module, option):
     """The Triton kernel has no cell options: with one, the layer runs the reference (same

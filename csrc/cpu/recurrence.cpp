@@ -1341,8 +1341,9 @@ recurrence_bwd_cpu(
                                                  ln ? dgraw : dgh, projected ? dhp : Tensor(), H,
                                                  reverse, st);
   const auto sum_tb = [&](const Tensor& t) { return t.sum(at::IntArrayRef{0, 1}).to(st); };
-  const Tensor none = at::empty({0}, w_hh.options());
-  Tensor dln_hh = none, dln_c = none, dln_bias_c = none;
+  // absent options' gradients: distinct empty tensors (outputs of an op must not alias)
+  const auto none = [&] { return at::empty({0}, w_hh.options()); };
+  Tensor dln_hh = none(), dln_c = none(), dln_bias_c = none();
   if (ln) {
     db = sum_tb(dgh);
     dln_hh = sum_tb(dgh * xhat);

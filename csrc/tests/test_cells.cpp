@@ -95,6 +95,64 @@ void test_zoneout(std::mt19937& rng) {
   }
 }
 
+// A layer-normalised LSTM row of kUnits units, h = o * tanh(gamma * LN(c) + beta), composed of
+// lstm_forward, lstm_gates_backward and layer_norm_backward as the CPU kernel composes them.
+constexpr int kUnits = 4;
+
+void test_lstm_layer_norm(std::mt19937& rng) {
+  std::normal_distribution<double> n(0, 1);
+  // x = per unit (pi, pf, pg, po, c_prev); loss = sum a_j h_j + b_j c_j
+  std::vector<double> x(5 * kUnits), a(kUnits), b(kUnits), gamma(kUnits), beta(kUnits);
+  for (auto& v : x) v = n(rng);
+  for (int j = 0; j < kUnits; ++j) {
+    a[j] = n(rng), b[j] = n(rng), gamma[j] = 1 + 0.3 * n(rng), beta[j] = 0.3 * n(rng);
+  }
+  struct Row {
+    double i[kUnits], f[kUnits], g[kUnits], o[kUnits], c[kUnits], xh[kUnits], tu[kUnits];
+    double rstd;
+  };
+  auto forward = [&](const std::vector<double>& v, Row& r) {
+    double mean = 0, var = 0, h;
+    for (int j = 0; j < kUnits; ++j) {
+      const double* u = &v[5 * j];
+      lstm_forward<double, M>(u[0], u[1], u[2], u[3], u[4], r.i[j], r.f[j], r.g[j], r.o[j],
+                              r.c[j], h);
+      mean += r.c[j] / kUnits;
+    }
+    for (int j = 0; j < kUnits; ++j) var += (r.c[j] - mean) * (r.c[j] - mean) / kUnits;
+    r.rstd = 1 / std::sqrt(var + 1e-5);
+    double loss = 0;
+    for (int j = 0; j < kUnits; ++j) {
+      r.xh[j] = (r.c[j] - mean) * r.rstd;
+      r.tu[j] = std::tanh(gamma[j] * r.xh[j] + beta[j]);
+      loss += a[j] * r.o[j] * r.tu[j] + b[j] * r.c[j];
+    }
+    return loss;
+  };
+  auto loss = [&](const std::vector<double>& v) {
+    Row r;
+    return forward(v, r);
+  };
+  Row r;
+  forward(x, r);
+  double du[kUnits], m1 = 0, m2 = 0;
+  for (int j = 0; j < kUnits; ++j) {
+    du[j] = a[j] * r.o[j] * (1 - r.tu[j] * r.tu[j]);
+    m1 += du[j] * gamma[j] / kUnits;
+    m2 += du[j] * gamma[j] * r.xh[j] / kUnits;
+  }
+  for (int j = 0; j < kUnits; ++j) {
+    const double dct = b[j] + layer_norm_backward(du[j] * gamma[j], r.xh[j], r.rstd, m1, m2);
+    double d[5];
+    lstm_gates_backward<double, M>(dct, r.i[j], r.f[j], r.g[j], x[5 * j + 4], d[0], d[1], d[2],
+                                   d[4]);
+    d[3] = a[j] * r.tu[j] * r.o[j] * (1 - r.o[j]);
+    const char* names[] = {"ln lstm di", "ln lstm df", "ln lstm dg", "ln lstm do",
+                           "ln lstm dc_prev"};
+    for (int k = 0; k < 5; ++k) expect_close(names[k], d[k], numeric(loss, x, 5 * j + k));
+  }
+}
+
 void test_gru(std::mt19937& rng) {
   std::normal_distribution<double> n(0, 1);
   // x = (xr, xz, xn, hr, hz, hn, h_prev); loss = a * h
@@ -164,6 +222,7 @@ int main() {
     test_lstm(rng);
     test_lstm_peephole(rng);
     test_zoneout(rng);
+    test_lstm_layer_norm(rng);
     test_gru(rng);
     test_gru_reset_before(rng);
     test_rnn(rng);
