@@ -563,6 +563,24 @@ def test_bad_option_values():
         rnnkernels.nn.LSTM(3, 4, layer_norm="yes")
 
 
+def test_torch_compile_fullgraph_with_options():
+    """Every option traces with fullgraph (fake kernels of the extended ops); in training the
+    aot_eager graph draws the same masks as eager for a seed."""
+    m = rnnkernels.nn.LSTM(4, 6, batch_first=True, peephole=True, zoneout=0.2,
+                           recurrent_dropout=0.3, layer_norm=True)
+    x = torch.randn(3, 5, 4, requires_grad=True)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(1)
+    y, _ = compiled(x)
+    torch.manual_seed(1)
+    y_eager, _ = m(x)
+    torch.testing.assert_close(y, y_eager)
+    g = torch.autograd.grad(y.square().sum(), [x, m.layer_norm_weight_c_l0])
+    g_eager = torch.autograd.grad(y_eager.square().sum(), [x, m.layer_norm_weight_c_l0])
+    for a, b in zip(g, g_eager):
+        torch.testing.assert_close(a, b)
+
+
 # ------------------------------------------------------------------ Triton / CUDA fallback
 
 @pytest.mark.parametrize("module,option", [

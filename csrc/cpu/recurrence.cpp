@@ -2,11 +2,17 @@
 //
 // Two decompositions of the sequential part, one cell code (forward_units / backward_units,
 // vectorised over hidden units with at::vec, math from cells.h):
-// - persistent (default for T > 1 without projection or reset-before GRU): one thread team for
-//   the whole sequence, each thread owning a slice of hidden units and of W_hh, one spin barrier
-//   per step (see "persistent path" below);
+// - persistent (default for T > 1 without projection, reset-before GRU or cell option): one
+//   thread team for the whole sequence, each thread owning a slice of hidden units and of W_hh,
+//   one spin barrier per step (see "persistent path" below);
 // - batched (everything else): per step one ATen GEMM on all threads, then the pointwise pass
 //   split over batch rows.
+// Cell options (Problem: peephole, zoneout, recurrent dropout, layer normalisation) are fused
+// into the batched path's pointwise pass; layer normalisation needs whole rows (its statistics
+// span all gates, or all units of c), which the batched path's rows give. ws then also holds
+// the raw h W_hh^T (G*H per row), and the backward keeps the gradient of it and its normalised
+// value ((T, B, G*H) each) and, for the LSTM, the cell-normalisation terms ((T, B, 2H)) for the
+// parameter-gradient reductions after the loop.
 // The input projection and the weight gradients are single GEMMs over all steps, outside the
 // loop (the input projection in Python, the weight gradients at the end of the backward).
 //
