@@ -53,6 +53,20 @@ cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream().stream()
 
 bool given(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
 
+// The CUDA recurrence kernels implement no cell option (peephole, zoneout, recurrent dropout,
+// layer norm):
+// rnnkernels.ops runs the reference on the GPU instead, so only a direct call of the op gets
+// here with one.
+void check_no_cell_options(std::initializer_list<const std::optional<Tensor>*> tensors,
+                           double zoneout) {
+  bool any = zoneout != 0;
+  for (const auto* t : tensors) any = any || given(*t);
+  TORCH_CHECK(!any,
+              "rnnkernels: the CUDA recurrence kernel has no cell options (peephole, zoneout, "
+              "recurrent dropout, layer norm); rnnkernels.ops and rnnkernels.nn fall back to the "
+              "reference for them");
+}
+
 Tensor f32(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
 // A fresh fp32 copy, for buffers the kernels update in place.
@@ -128,8 +142,17 @@ void batched_forward(cuda::RecurrenceStepFwdParams sp, const cuda::StepOrder& or
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_fwd_cuda(
     const Tensor& gx_in, const Tensor& h0, const std::optional<Tensor>& c0, const Tensor& w_hh,
     const std::optional<Tensor>& b_hh, const std::optional<Tensor>& w_hr,
-    const std::optional<Tensor>& lengths_opt, int64_t cell_id, bool reverse, bool save) {
+    const std::optional<Tensor>& lengths_opt, int64_t cell_id, bool reverse, bool save,
+    const std::optional<Tensor>& w_peep, const std::optional<Tensor>& zoneout_mask,
+    const std::optional<Tensor>& zoneout_mask_c, double zoneout,
+    const std::optional<Tensor>& recurrent_dropout_mask,
+    const std::optional<Tensor>& ln_weight_hh, const std::optional<Tensor>& ln_weight_c,
+    const std::optional<Tensor>& ln_bias_c) {
   TORCH_CHECK(cell_id >= 0 && cell_id <= 4, "rnnkernels: unknown cell ", cell_id);
+  check_no_cell_options(
+      {&w_peep, &zoneout_mask, &zoneout_mask_c, &recurrent_dropout_mask, &ln_weight_hh,
+       &ln_weight_c, &ln_bias_c},
+      zoneout);
   const c10::cuda::CUDAGuard guard(gx_in.device());
   const Cell cell = static_cast<Cell>(cell_id);
   const Tensor gx = gx_in.contiguous();
@@ -234,12 +257,22 @@ void batched_backward(cuda::RecurrenceStepBwdParams sp, const cuda::StepOrder& o
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_bwd_cuda(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
+recurrence_bwd_cuda(
     const std::optional<Tensor>& grad_y_opt, const std::optional<Tensor>& grad_hn,
     const std::optional<Tensor>& grad_cn, const std::optional<Tensor>& c0, const Tensor& w_hh,
     const std::optional<Tensor>& w_hr, const std::optional<Tensor>& lengths_opt,
-    const Tensor& hs_in, const Tensor& ws_in, int64_t cell_id, bool reverse) {
+    const Tensor& hs_in, const Tensor& ws_in, int64_t cell_id, bool reverse,
+    const std::optional<Tensor>& w_peep, const std::optional<Tensor>& zoneout_mask,
+    const std::optional<Tensor>& zoneout_mask_c, double zoneout,
+    const std::optional<Tensor>& recurrent_dropout_mask,
+    const std::optional<Tensor>& ln_weight_hh, const std::optional<Tensor>& ln_weight_c,
+    const std::optional<Tensor>& ln_bias_c) {
   TORCH_CHECK(cell_id >= 0 && cell_id <= 4, "rnnkernels: unknown cell ", cell_id);
+  check_no_cell_options(
+      {&w_peep, &zoneout_mask, &zoneout_mask_c, &recurrent_dropout_mask, &ln_weight_hh,
+       &ln_weight_c, &ln_bias_c},
+      zoneout);
   const c10::cuda::CUDAGuard guard(w_hh.device());
   const Cell cell = static_cast<Cell>(cell_id);
   const Tensor hs = hs_in.contiguous(), ws = ws_in.contiguous();
@@ -309,7 +342,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_bwd_cuda(
   auto [dw, db, dw_hr] = recurrence_weight_grads(cell, hs, ws, dgh, projected ? dhp : Tensor(), H,
                                                  reverse, st);
   Tensor dc0 = cell == Cell::LSTM ? dc.to(st) : at::empty({0}, w_hh.options());
-  return {dgx, dh.to(st), dc0, dw, db, dw_hr};
+  // the options' gradients: distinct empty tensors (outputs of an op must not alias)
+  const auto none = [&] { return at::empty({0}, w_hh.options()); };
+  return {dgx, dh.to(st), dc0, dw, db, dw_hr, none(), none(), none(), none()};
 }
 
 // ================================================================== selective scan

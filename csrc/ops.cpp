@@ -16,15 +16,32 @@ TORCH_LIBRARY(rnnkernels, m) {
   // w_hh: (G*H, P); b_hh: (G*H,); w_hr: (P, H) projection (LSTM only); lengths: (B,) int64.
   // y: (T, B, P); h_n: (B, P); c_n: (B, H) or (0,); hs: (T+1, B, P) states; ws: (T, B, K*H).
   // hs and ws are what the backward needs, empty (0,) when save is false.
+  // Cell options, absent by default (the Triton ops keep the schemas without them):
+  //   w_peep: (3, H) peephole weights of the LSTM's i, f, o gates (grad_w_peep is (0,) without);
+  //   zoneout_mask: (T, B, P), zoneout_mask_c: (T, B, H) (LSTM): per step and unit, the weight
+  //   with which the state keeps its previous value (training: 0/1 draws); a state without
+  //   draws uses the float zoneout (evaluation: the zoneout probability). y is the zoned-out h;
+  //   recurrent_dropout_mask: (B, P) variational dropout of the state that W_hh multiplies
+  //   (0 or 1 / (1 - p) per row and unit, the same at every step; Gal and Ghahramani 2016);
+  //   ln_weight_hh: (G*H) layer normalisation of h W_hh^T (b_hh added after it; LSTM and GRU),
+  //   ln_weight_c, ln_bias_c: (H) of the LSTM's c_t inside h = o * tanh(.); ws then also holds
+  //   the raw h W_hh^T (workspace_units). The gradients of absent options are empty (0,).
   m.def(
       "recurrence_fwd(Tensor gx, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? b_hh, Tensor? w_hr, "
-      "Tensor? lengths, int cell, bool reverse, bool save) "
+      "Tensor? lengths, int cell, bool reverse, bool save, Tensor? w_peep=None, "
+      "Tensor? zoneout_mask=None, Tensor? zoneout_mask_c=None, float zoneout=0.0, "
+      "Tensor? recurrent_dropout_mask=None, Tensor? ln_weight_hh=None, Tensor? ln_weight_c=None, "
+      "Tensor? ln_bias_c=None) "
       "-> (Tensor y, Tensor h_n, Tensor c_n, Tensor hs, Tensor ws)");
   m.def(
       "recurrence_bwd(Tensor? grad_y, Tensor? grad_h_n, Tensor? grad_c_n, Tensor? c0, Tensor w_hh, "
-      "Tensor? w_hr, Tensor? lengths, Tensor hs, Tensor ws, int cell, bool reverse) "
+      "Tensor? w_hr, Tensor? lengths, Tensor hs, Tensor ws, int cell, bool reverse, "
+      "Tensor? w_peep=None, Tensor? zoneout_mask=None, Tensor? zoneout_mask_c=None, "
+      "float zoneout=0.0, Tensor? recurrent_dropout_mask=None, Tensor? ln_weight_hh=None, "
+      "Tensor? ln_weight_c=None, Tensor? ln_bias_c=None) "
       "-> (Tensor grad_gx, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_hh, Tensor grad_b_hh, "
-      "Tensor grad_w_hr)");
+      "Tensor grad_w_hr, Tensor grad_w_peep, Tensor grad_ln_weight_hh, Tensor grad_ln_weight_c, "
+      "Tensor grad_ln_bias_c)");
 
   // ---- selective scan (Mamba semantics), per (batch, channel) with state size N:
   //   x_t = exp(delta_t * A) * x_{t-1} + delta_t * B_t * u_t,  y_t = C_t . x_t + D * u_t,

@@ -123,6 +123,38 @@ def test_gradgradcheck_lstm_without_projection():
     assert torch.autograd.gradgradcheck(recurrence_fn(R.LSTM, None, False), inputs)
 
 
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_gradgradcheck_with_cell_options(mode):
+    """Second order through the cell options: peephole (LSTM), zoneout (eval: the expectation),
+    drawn zoneout and recurrent-dropout masks, layer normalisation; every parameter, the
+    options' gains included."""
+    T, B, I, H = 3, 2, 3, 4
+    G = 4 if mode == "LSTM" else 3
+    torch.manual_seed(0)
+    x, h0, c0 = _leaf(T, B, I), _leaf(B, H, scale=0.5), _leaf(B, H, scale=0.5)
+    w_ih, w_hh, b_ih, b_hh = _leaf(G * H, I), _leaf(G * H, H), _leaf(G * H), _leaf(G * H)
+    ln_ih, ln_hh = (1 + _leaf(G * H, scale=0.1)).detach().requires_grad_(), _leaf(G * H)
+    ln_c, lnb_c, w_peep = _leaf(H), _leaf(H, scale=0.1), _leaf(3, H, scale=0.3)
+
+    def f(*args):
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih, ln_hh, ln_c, lnb_c, w_peep = args
+        torch.manual_seed(3)  # the same masks at every evaluation
+        if mode == "LSTM":
+            y, (h, c) = rnnkernels.ops.lstm(
+                x, (h0, c0), w_ih, w_hh, b_ih, b_hh, w_peep=w_peep, zoneout=0.3,
+                recurrent_dropout=0.25, ln_weight_ih=ln_ih, ln_weight_hh=ln_hh,
+                ln_weight_c=ln_c, ln_bias_c=lnb_c)
+            return y, h, c
+        return rnnkernels.ops.gru(x, h0, w_ih, w_hh, b_ih, b_hh, zoneout=0.3,
+                                  recurrent_dropout=0.25, ln_weight_ih=ln_ih, ln_weight_hh=ln_hh)
+
+    inputs = [x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih, ln_hh, ln_c, lnb_c, w_peep]
+    if mode == "GRU":
+        for k in (2, 9, 10, 11):
+            inputs[k] = inputs[k].detach()
+    assert torch.autograd.gradgradcheck(f, inputs)
+
+
 @pytest.mark.parametrize("fixed_b", [False, True])
 def test_gradgradcheck_selective_scan(fixed_b):
     inputs = scan_inputs(L=4, fixed_b=fixed_b)

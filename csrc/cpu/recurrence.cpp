@@ -2,11 +2,17 @@
 //
 // Two decompositions of the sequential part, one cell code (forward_units / backward_units,
 // vectorised over hidden units with at::vec, math from cells.h):
-// - persistent (default for T > 1 without projection or reset-before GRU): one thread team for
-//   the whole sequence, each thread owning a slice of hidden units and of W_hh, one spin barrier
-//   per step (see "persistent path" below);
+// - persistent (default for T > 1 without projection, reset-before GRU or cell option): one
+//   thread team for the whole sequence, each thread owning a slice of hidden units and of W_hh,
+//   one spin barrier per step (see "persistent path" below);
 // - batched (everything else): per step one ATen GEMM on all threads, then the pointwise pass
 //   split over batch rows.
+// Cell options (Problem: peephole, zoneout, recurrent dropout, layer normalisation) are fused
+// into the batched path's pointwise pass; layer normalisation needs whole rows (its statistics
+// span all gates, or all units of c), which the batched path's rows give. ws then also holds
+// the raw h W_hh^T (G*H per row), and the backward keeps the gradient of it and its normalised
+// value ((T, B, G*H) each) and, for the LSTM, the cell-normalisation terms ((T, B, 2H)) for the
+// parameter-gradient reductions after the loop.
 // The input projection and the weight gradients are single GEMMs over all steps, outside the
 // loop (the input projection in Python, the weight gradients at the end of the backward).
 //
@@ -48,6 +54,8 @@ namespace {
 
 // Work per task below which a step's pointwise pass stays on one thread.
 constexpr int64_t kMinUnitsPerTask = 16384;
+// Epsilon of the layer normalisations (torch.nn.functional.layer_norm's default).
+constexpr double kLayerNormEps = 1e-5;
 
 // exp for the gates, inlined: a call to Sleef's exp forces every live vector register of the
 // pointwise pass to the stack around it (five calls per LSTM unit vector). Cody-Waite reduction
@@ -151,7 +159,26 @@ struct Problem {
   int64_t wsu;                        // workspace units K (ws row = K * H)
   bool reverse, save, projected;
   const int64_t* lengths;
+  // Cell options (null / zero when off; any of them selects the batched path).
+  const T* peep = nullptr;     // (3, H) peephole weights of the LSTM's i, f, o gates
+  const T* zmask_h = nullptr;  // (T, B, P) zoneout draws of h (1: keep the previous value)
+  const T* zmask_c = nullptr;  // (T, B, H) zoneout draws of the LSTM's c
+  T zoneout_p = T(0);          // the zoneout weight of a state without draws (evaluation)
+  bool dropout = false;        // recurrent dropout: W_hh sees h_{t-1} * mask (B, P)
+  // Layer normalisation: gh = ln_hh * LN(h W_hh^T) + b_hh (b_hh after it), LSTM h = o *
+  // tanh(ln_c * LN(c_t) + ln_bias_c); the raw h W_hh^T of a step is saved in ws from unit ln_at.
+  const T* ln_hh = nullptr;      // (G*H)
+  const T* ln_bias_hh = nullptr; // b_hh (G*H) or null
+  const T* ln_c = nullptr;       // (H) LSTM
+  const T* ln_bias_c = nullptr;  // (H) LSTM
+  int64_t ln_at = 0;
 
+  bool zoneout() const { return zmask_h != nullptr || zmask_c != nullptr || zoneout_p != T(0); }
+  bool layer_norm() const { return ln_hh != nullptr; }
+  bool has_options() const { return peep != nullptr || zoneout() || dropout || layer_norm(); }
+  // Step t's zoneout draws, or null (then zoneout_p applies).
+  const T* zoneout_h(int64_t t) const { return zmask_h ? zmask_h + t * batch * out : nullptr; }
+  const T* zoneout_c(int64_t t) const { return zmask_c ? zmask_c + t * batch * hidden : nullptr; }
   int64_t time(int64_t s) const { return reverse ? steps - 1 - s : s; }
   bool masked(int64_t t, int64_t b) const { return lengths != nullptr && t >= lengths[b]; }
   // State slots (see header comment).
@@ -182,7 +209,38 @@ struct FwdStep {
   T* ws;           // (B, K*H) or null
   S* y;            // (B, P) or null when y is written after a projection / phase 2
   T* v;            // (B, H): r * h_prev of the reset-before GRU
+  const T* zh = nullptr;    // (B, P) zoneout draws of h, or null (Problem::zoneout_h)
+  const T* zc = nullptr;    // (B, H) zoneout draws of c
+  const T* hrec = nullptr;  // (B, P) the state W_hh multiplies, when not hin (recurrent dropout)
 };
+
+// The zoneout weights of n units at offset k of a step's draws, or the evaluation weight.
+template <typename T>
+inline Vectorized<T> zoneout_weight(const T* draws, T p, int64_t k, int64_t n) {
+  return draws ? load<T>(draws + k, n) : Vectorized<T>(p);
+}
+
+// The LSTM's gates and c_t (h from c_t unnormalised) of units [j, j + n) of one row.
+template <typename S, typename T>
+inline void lstm_units(const Problem<S, T>& pb, const S* gxr, const T* g, int64_t gstride,
+                       int64_t j, int64_t n, Vectorized<T> cp, Vectorized<T>& i,
+                       Vectorized<T>& f, Vectorized<T>& gg, Vectorized<T>& o, Vectorized<T>& c,
+                       Vectorized<T>& h) {
+  using V = Vectorized<T>;
+  using M = VecMath<T>;
+  const int64_t H = pb.hidden;
+  const V pi = load<T>(gxr + j, n) + load<T>(g, n);
+  const V pf = load<T>(gxr + H + j, n) + load<T>(g + gstride, n);
+  const V pg = load<T>(gxr + 2 * H + j, n) + load<T>(g + 2 * gstride, n);
+  const V po = load<T>(gxr + 3 * H + j, n) + load<T>(g + 3 * gstride, n);
+  if (pb.peep) {
+    lstm_peephole_forward<V, M>(pi, pf, pg, po, cp, load<T>(pb.peep + j, n),
+                                load<T>(pb.peep + H + j, n), load<T>(pb.peep + 2 * H + j, n), i,
+                                f, gg, o, c, h);
+  } else {
+    lstm_forward<V, M>(pi, pf, pg, po, cp, i, f, gg, o, c, h);
+  }
+}
 
 // The cell's forward pointwise work for units [u0, u1) of batch row b. gh points at this row's
 // unit u0 of gate 0; gate g of unit j is gh[g * gstride + j - u0].
@@ -198,26 +256,31 @@ void forward_units(const Problem<S, T>& pb, const FwdStep<S, T>& st, int64_t b, 
   T* wsr = st.ws ? st.ws + b * KH : nullptr;
   S* yr = st.y ? st.y + b * P : nullptr;
   const bool relu = pb.cell == Cell::RNN_RELU;
+  const bool zoneout = pb.zoneout();
   for (int64_t j = u0; j < u1; j += VS) {
     const int64_t n = std::min(VS, u1 - j);
     const T* g = gh + (j - u0);
     switch (pb.cell) {
       case Cell::LSTM: {
         V i, f, gg, o, c, h;
-        lstm_forward<V, M>(load<T>(gxr + j, n) + load<T>(g, n),
-                           load<T>(gxr + H + j, n) + load<T>(g + gstride, n),
-                           load<T>(gxr + 2 * H + j, n) + load<T>(g + 2 * gstride, n),
-                           load<T>(gxr + 3 * H + j, n) + load<T>(g + 3 * gstride, n),
-                           load<T>(st.cin + b * H + j, n), i, f, gg, o, c, h);
+        const V cp = load<T>(st.cin + b * H + j, n);
+        lstm_units(pb, gxr, g, gstride, j, n, cp, i, f, gg, o, c, h);
+        if (pb.projected && wsr) store<T>(wsr + 5 * H + j, h, n);
+        if (zoneout) {  // h of a projected LSTM is zoned out after the projection
+          c = zoneout_forward(zoneout_weight(st.zc, pb.zoneout_p, b * H + j, n), cp, c);
+          if (!pb.projected) {
+            h = zoneout_forward(zoneout_weight(st.zh, pb.zoneout_p, b * P + j, n),
+                                load<T>(hprev + j, n), h);
+          }
+        }
         store<T>(st.cout + b * H + j, c, n);
         store<T>(st.hfull + b * H + j, h, n);
-        if (wsr) {
+        if (wsr) {  // with zoneout, slot 4 holds the state c, from which the backward recomputes
           store<T>(wsr + j, i, n);
           store<T>(wsr + H + j, f, n);
           store<T>(wsr + 2 * H + j, gg, n);
           store<T>(wsr + 3 * H + j, o, n);
           store<T>(wsr + 4 * H + j, c, n);
-          if (pb.projected) store<T>(wsr + 5 * H + j, h, n);
         }
         if (yr) store<T>(yr + j, h, n);
         break;
@@ -225,9 +288,11 @@ void forward_units(const Problem<S, T>& pb, const FwdStep<S, T>& st, int64_t b, 
       case Cell::GRU: {
         V r, z, nn, h;
         const V hn = load<T>(g + 2 * gstride, n);
+        const V hp = load<T>(hprev + j, n);
         gru_forward<V, M>(load<T>(gxr + j, n), load<T>(gxr + H + j, n),
                           load<T>(gxr + 2 * H + j, n), load<T>(g, n), load<T>(g + gstride, n), hn,
-                          load<T>(hprev + j, n), r, z, nn, h);
+                          hp, r, z, nn, h);
+        if (zoneout) h = zoneout_forward(zoneout_weight(st.zh, pb.zoneout_p, b * P + j, n), hp, h);
         store<T>(st.hout + b * H + j, h, n);
         if (wsr) {
           store<T>(wsr + j, r, n);
@@ -240,8 +305,9 @@ void forward_units(const Problem<S, T>& pb, const FwdStep<S, T>& st, int64_t b, 
       }
       case Cell::GRU_RESET_BEFORE: {  // phase 1; phase 2 in forward_batched
         V r, z, v;
+        const T* hrec = (st.hrec ? st.hrec : st.hin) + b * P;
         gru_rb_forward_gates<V, M>(load<T>(gxr + j, n), load<T>(gxr + H + j, n), load<T>(g, n),
-                                   load<T>(g + gstride, n), load<T>(hprev + j, n), r, z, v);
+                                   load<T>(g + gstride, n), load<T>(hrec + j, n), r, z, v);
         store<T>(st.v + b * H + j, v, n);
         if (wsr) {
           store<T>(wsr + j, r, n);
@@ -252,13 +318,137 @@ void forward_units(const Problem<S, T>& pb, const FwdStep<S, T>& st, int64_t b, 
       }
       case Cell::RNN_TANH:
       case Cell::RNN_RELU: {
-        const V h = rnn_forward<V, M>(load<T>(gxr + j, n) + load<T>(g, n), relu);
+        const V hc = rnn_forward<V, M>(load<T>(gxr + j, n) + load<T>(g, n), relu);
+        const V h = zoneout ? zoneout_forward(zoneout_weight(st.zh, pb.zoneout_p, b * P + j, n),
+                                              load<T>(hprev + j, n), hc)
+                            : hc;
         store<T>(st.hout + b * H + j, h, n);
-        if (wsr) store<T>(wsr + j, h, n);
+        if (wsr) store<T>(wsr + j, hc, n);
         if (yr) store<T>(yr + j, h, n);
         break;
       }
     }
+  }
+}
+
+// ------------------------------------------------------------ layer normalisation (batched path)
+
+// Mean and 1 / sqrt(var + eps) of a row of n values.
+template <typename T>
+std::pair<T, T> row_mean_rstd(const T* x, int64_t n) {
+  using V = Vectorized<T>;
+  constexpr int64_t VS = V::size();
+  auto sum = [](const V& a, const V& b) { return a + b; };
+  V s(T(0));
+  for (int64_t j = 0; j < n; j += VS) s = s + load<T>(x + j, std::min(VS, n - j));
+  const T mean = at::vec::vec_reduce_all<T>(sum, s) / T(n);
+  const V m(mean);
+  V q(T(0));
+  for (int64_t j = 0; j < n; j += VS) {
+    const V d = load<T>(x + j, std::min(VS, n - j)) - m;
+    q = q + d * d;
+  }
+  // the zero-filled lanes of a partial last vector each added mean^2
+  const T pad = T((VS - n % VS) % VS);
+  const T var = (at::vec::vec_reduce_all<T>(sum, q) - pad * mean * mean) / T(n);
+  return {mean, T(1) / std::sqrt(var + T(kLayerNormEps))};
+}
+
+// A row of recurrent pre-activations gh (G*H, in place, from the GEMM without bias) becomes
+// ln_hh * LN(gh) + b_hh; the raw row is kept in raw (the step's ws row) when saving.
+template <typename S, typename T>
+void layer_norm_gates(const Problem<S, T>& pb, T* gh, T* raw) {
+  using V = Vectorized<T>;
+  constexpr int64_t VS = V::size();
+  const int64_t GH = pb.gates * pb.hidden;
+  const auto [mean, rstd] = row_mean_rstd(gh, GH);
+  if (raw) std::copy(gh, gh + GH, raw);
+  for (int64_t j = 0; j < GH; j += VS) {
+    const int64_t n = std::min(VS, GH - j);
+    V y = (load<T>(gh + j, n) - V(mean)) * V(rstd) * load<T>(pb.ln_hh + j, n);
+    if (pb.ln_bias_hh) y = y + load<T>(pb.ln_bias_hh + j, n);
+    store<T>(gh + j, y, n);
+  }
+}
+
+// Gradient of the raw pre-activations of one row from dy, the gradient of the normalised ones
+// (G*H each); xhat receives the normalised row (for the gain's gradient).
+template <typename S, typename T>
+void layer_norm_gates_backward(const Problem<S, T>& pb, const T* raw, const T* dy, T* dx,
+                               T* xhat) {
+  using V = Vectorized<T>;
+  constexpr int64_t VS = V::size();
+  const int64_t GH = pb.gates * pb.hidden;
+  const auto [mean, rstd] = row_mean_rstd(raw, GH);
+  auto sum = [](const V& a, const V& b) { return a + b; };
+  V s1(T(0)), s2(T(0));
+  for (int64_t j = 0; j < GH; j += VS) {
+    const int64_t n = std::min(VS, GH - j);
+    const V xh = (load<T>(raw + j, n) - V(mean)) * V(rstd);
+    const V dxh = load<T>(dy + j, n) * load<T>(pb.ln_hh + j, n);  // zero past n
+    store<T>(xhat + j, xh, n);
+    s1 = s1 + dxh;
+    s2 = s2 + dxh * xh;
+  }
+  const V m1(at::vec::vec_reduce_all<T>(sum, s1) / T(GH));
+  const V m2(at::vec::vec_reduce_all<T>(sum, s2) / T(GH));
+  for (int64_t j = 0; j < GH; j += VS) {
+    const int64_t n = std::min(VS, GH - j);
+    store<T>(dx + j,
+             layer_norm_backward(load<T>(dy + j, n) * load<T>(pb.ln_hh + j, n),
+                                 load<T>(xhat + j, n), V(rstd), m1, m2),
+             n);
+  }
+}
+
+// The layer-normalised LSTM's forward for one unmasked row (all H units): the gates and c_t in a
+// first pass, the statistics of c_t, then h = o * tanh(ln_c * LN(c_t) + ln_bias_c). scratch:
+// 2H values per row (c_t and o).
+template <typename S, typename T>
+void forward_lstm_ln_row(const Problem<S, T>& pb, const FwdStep<S, T>& st, int64_t b,
+                         const T* gh, T* scratch) {
+  using V = Vectorized<T>;
+  using M = VecMath<T>;
+  constexpr int64_t VS = V::size();
+  const int64_t H = pb.hidden, P = pb.out, GH = pb.gates * H, KH = pb.wsu * H;
+  const S* gxr = st.gx + b * GH;
+  T* wsr = st.ws ? st.ws + b * KH : nullptr;
+  S* yr = st.y ? st.y + b * P : nullptr;
+  T* cn = scratch + b * 2 * H;
+  T* on = cn + H;
+  for (int64_t j = 0; j < H; j += VS) {
+    const int64_t n = std::min(VS, H - j);
+    V i, f, gg, o, c, h;
+    lstm_units(pb, gxr, gh + j, H, j, n, load<T>(st.cin + b * H + j, n), i, f, gg, o, c, h);
+    store<T>(cn + j, c, n);
+    store<T>(on + j, o, n);
+    if (wsr) {
+      store<T>(wsr + j, i, n);
+      store<T>(wsr + H + j, f, n);
+      store<T>(wsr + 2 * H + j, gg, n);
+      store<T>(wsr + 3 * H + j, o, n);
+    }
+  }
+  const auto [mean, rstd] = row_mean_rstd(cn, H);
+  for (int64_t j = 0; j < H; j += VS) {
+    const int64_t n = std::min(VS, H - j);
+    const V c = load<T>(cn + j, n);
+    const V u = (c - V(mean)) * V(rstd) * load<T>(pb.ln_c + j, n) + load<T>(pb.ln_bias_c + j, n);
+    V h = load<T>(on + j, n) * M::tanh_(u);
+    V cs = c;
+    if (pb.projected && wsr) store<T>(wsr + 5 * H + j, h, n);
+    if (pb.zoneout()) {
+      cs = zoneout_forward(zoneout_weight(st.zc, pb.zoneout_p, b * H + j, n),
+                           load<T>(st.cin + b * H + j, n), c);
+      if (!pb.projected) {
+        h = zoneout_forward(zoneout_weight(st.zh, pb.zoneout_p, b * P + j, n),
+                            load<T>(st.hin + b * P + j, n), h);
+      }
+    }
+    store<T>(st.cout + b * H + j, cs, n);
+    store<T>(st.hfull + b * H + j, h, n);
+    if (wsr) store<T>(wsr + 4 * H + j, cs, n);
+    if (yr) store<T>(yr + j, h, n);
   }
 }
 
@@ -294,10 +484,12 @@ struct BwdStep {
   T* dgh;          // (B, G*H) gradient of the recurrent pre-activations
   S* dgx;          // (B, G*H) gradient of gx, or null when it is dgh itself
   T* dhd;          // (B, P) the part of dh_{t-1} that does not pass through W_hh
+  const T* zh;     // (B, P) zoneout draws of h, or null (Problem::zoneout_h)
+  const T* zc;     // (B, H) zoneout draws of c
 };
 
 // The cell's backward pointwise work for units [u0, u1) of an unmasked batch row b (P == H
-// unless projected; the direct term is then zero and written by the caller).
+// unless projected; the direct term is then written by the caller).
 template <typename S, typename T>
 void backward_units(const Problem<S, T>& pb, const BwdStep<S, T>& st, int64_t b, int64_t u0,
                     int64_t u1) {
@@ -313,23 +505,42 @@ void backward_units(const Problem<S, T>& pb, const BwdStep<S, T>& st, int64_t b,
   const S* gyr = st.gy ? st.gy + b * P : nullptr;
   T* dhdr = st.dhd + b * P;
   const bool relu = pb.cell == Cell::RNN_RELU;
+  const bool zoneout = pb.zoneout();
   for (int64_t j = u0; j < u1; j += VS) {
     const int64_t n = std::min(VS, u1 - j);
     V dH = load<T>(dhr + j, n);
     if (gyr) dH = dH + load<T>(gyr + j, n);
+    V dzo = M::zero();  // the part of dH that zoneout passes straight to h_{t-1}
+    if (zoneout && !pb.projected) {  // projected: done on the projected state by the caller
+      zoneout_backward(zoneout_weight(st.zh, pb.zoneout_p, b * P + j, n), dH, dH, dzo);
+    }
     switch (pb.cell) {
       case Cell::LSTM: {
         V di, df, dg, do_, dcp;
-        lstm_backward<V, M>(dH, load<T>(st.dc + b * H + j, n), load<T>(wsr + j, n),
-                            load<T>(wsr + H + j, n), load<T>(wsr + 2 * H + j, n),
-                            load<T>(wsr + 3 * H + j, n), load<T>(wsr + 4 * H + j, n),
-                            load<T>(st.cprev + b * st.cprev_stride + j, n), di, df, dg, do_, dcp);
+        const V i = load<T>(wsr + j, n), f = load<T>(wsr + H + j, n);
+        const V gg = load<T>(wsr + 2 * H + j, n), o = load<T>(wsr + 3 * H + j, n);
+        V c = load<T>(wsr + 4 * H + j, n);
+        const V cp = load<T>(st.cprev + b * st.cprev_stride + j, n);
+        V dcin = load<T>(st.dc + b * H + j, n);
+        V dc_carry = M::zero();
+        if (zoneout) {  // slot 4 holds the zoned-out state: the cell's own c_t is recomputed
+          c = f * cp + i * gg;
+          zoneout_backward(zoneout_weight(st.zc, pb.zoneout_p, b * H + j, n), dcin, dcin,
+                           dc_carry);
+        }
+        if (pb.peep) {
+          lstm_peephole_backward<V, M>(dH, dcin, i, f, gg, o, c, cp, load<T>(pb.peep + j, n),
+                                       load<T>(pb.peep + H + j, n),
+                                       load<T>(pb.peep + 2 * H + j, n), di, df, dg, do_, dcp);
+        } else {
+          lstm_backward<V, M>(dH, dcin, i, f, gg, o, c, cp, di, df, dg, do_, dcp);
+        }
         store<T>(dghr + j, di, n);
         store<T>(dghr + H + j, df, n);
         store<T>(dghr + 2 * H + j, dg, n);
         store<T>(dghr + 3 * H + j, do_, n);
-        store<T>(st.dc + b * H + j, dcp, n);
-        if (!pb.projected) store<T>(dhdr + j, M::zero(), n);
+        store<T>(st.dc + b * H + j, dcp + dc_carry, n);
+        if (!pb.projected) store<T>(dhdr + j, dzo, n);
         break;
       }
       case Cell::GRU: {
@@ -343,7 +554,7 @@ void backward_units(const Problem<S, T>& pb, const BwdStep<S, T>& st, int64_t b,
         store<T>(dgxr + j, dxr, n);
         store<T>(dgxr + H + j, dxz, n);
         store<T>(dgxr + 2 * H + j, dxn, n);
-        store<T>(dhdr + j, direct, n);
+        store<T>(dhdr + j, direct + dzo, n);
         break;
       }
       case Cell::GRU_RESET_BEFORE: {  // phase A; phase B in backward_batched
@@ -352,16 +563,102 @@ void backward_units(const Problem<S, T>& pb, const BwdStep<S, T>& st, int64_t b,
                                   load<T>(hprev + j, n), dn, dz, direct);
         store<T>(dghr + H + j, dz, n);
         store<T>(dghr + 2 * H + j, dn, n);
-        store<T>(dhdr + j, direct, n);
+        store<T>(dhdr + j, direct + dzo, n);
         break;
       }
       case Cell::RNN_TANH:
       case Cell::RNN_RELU: {
         store<T>(dghr + j, rnn_backward<V, M>(dH, load<T>(wsr + j, n), relu), n);
-        store<T>(dhdr + j, M::zero(), n);
+        store<T>(dhdr + j, dzo, n);
         break;
       }
     }
+  }
+}
+
+// The layer-normalised LSTM's backward for one unmasked row (all H units): the statistics of c_t
+// (recomputed from the gates), the row means of the normalisation's gradient, then the gates.
+// scratch: 2H values per row; dln: the step's (B, 2H) gradient terms of ln_c (du * xhat) and
+// ln_bias_c (du), summed over steps and rows by the caller.
+template <typename S, typename T>
+void backward_lstm_ln_row(const Problem<S, T>& pb, const BwdStep<S, T>& st, int64_t b,
+                          T* scratch, T* dln) {
+  using V = Vectorized<T>;
+  using M = VecMath<T>;
+  constexpr int64_t VS = V::size();
+  const int64_t H = pb.hidden, P = pb.out, GH = pb.gates * H, KH = pb.wsu * H;
+  const T* wsr = st.ws + b * KH;
+  const T* cpr = st.cprev + b * st.cprev_stride;
+  const T* dhr = st.dh + b * (pb.projected ? H : P);
+  const S* gyr = st.gy ? st.gy + b * P : nullptr;
+  T* dghr = st.dgh + b * GH;
+  T* cn = scratch + b * 2 * H;
+  T* dxh_row = cn + H;
+  T* dlnr = dln + b * 2 * H;
+  const bool zoneout = pb.zoneout();
+  for (int64_t j = 0; j < H; j += VS) {
+    const int64_t n = std::min(VS, H - j);
+    store<T>(cn + j,
+             load<T>(wsr + H + j, n) * load<T>(cpr + j, n) +
+                 load<T>(wsr + j, n) * load<T>(wsr + 2 * H + j, n),
+             n);
+  }
+  const auto [mean, rstd] = row_mean_rstd(cn, H);
+  // dH of the cell's h (zoneout's direct share split off) and what the cell needs of it
+  auto cell_dh = [&](int64_t j, int64_t n, V& dzo) {
+    V dH = load<T>(dhr + j, n);
+    if (gyr) dH = dH + load<T>(gyr + j, n);
+    dzo = M::zero();
+    if (zoneout && !pb.projected) {
+      zoneout_backward(zoneout_weight(st.zh, pb.zoneout_p, b * P + j, n), dH, dH, dzo);
+    }
+    return dH;
+  };
+  auto sum = [](const V& a, const V& b) { return a + b; };
+  V s1(T(0)), s2(T(0));
+  for (int64_t j = 0; j < H; j += VS) {
+    const int64_t n = std::min(VS, H - j);
+    V dzo;
+    const V dH = cell_dh(j, n, dzo);
+    const V xh = (load<T>(cn + j, n) - V(mean)) * V(rstd);
+    const V gamma = load<T>(pb.ln_c + j, n);
+    const V tu = M::tanh_(xh * gamma + load<T>(pb.ln_bias_c + j, n));
+    const V du = dH * load<T>(wsr + 3 * H + j, n) * (M::one() - tu * tu);  // zero past n
+    const V dxh = du * gamma;
+    store<T>(dxh_row + j, dxh, n);
+    store<T>(dlnr + j, du * xh, n);
+    store<T>(dlnr + H + j, du, n);
+    s1 = s1 + dxh;
+    s2 = s2 + dxh * xh;
+  }
+  const V m1(at::vec::vec_reduce_all<T>(sum, s1) / T(H));
+  const V m2(at::vec::vec_reduce_all<T>(sum, s2) / T(H));
+  for (int64_t j = 0; j < H; j += VS) {
+    const int64_t n = std::min(VS, H - j);
+    V dzo;
+    const V dH = cell_dh(j, n, dzo);
+    const V i = load<T>(wsr + j, n), f = load<T>(wsr + H + j, n);
+    const V gg = load<T>(wsr + 2 * H + j, n), o = load<T>(wsr + 3 * H + j, n);
+    const V cp = load<T>(cpr + j, n);
+    const V xh = (load<T>(cn + j, n) - V(mean)) * V(rstd);
+    const V tu = M::tanh_(xh * load<T>(pb.ln_c + j, n) + load<T>(pb.ln_bias_c + j, n));
+    const V do_ = dH * tu * o * (M::one() - o);
+    V dc = load<T>(st.dc + b * H + j, n);
+    V dc_carry = M::zero();
+    if (zoneout) {
+      zoneout_backward(zoneout_weight(st.zc, pb.zoneout_p, b * H + j, n), dc, dc, dc_carry);
+    }
+    V dct = dc + layer_norm_backward(load<T>(dxh_row + j, n), xh, V(rstd), m1, m2);
+    if (pb.peep) dct = dct + do_ * load<T>(pb.peep + 2 * H + j, n);
+    V di, df, dg, dcp;
+    lstm_gates_backward<V, M>(dct, i, f, gg, cp, di, df, dg, dcp);
+    if (pb.peep) dcp = dcp + di * load<T>(pb.peep + j, n) + df * load<T>(pb.peep + H + j, n);
+    store<T>(dghr + j, di, n);
+    store<T>(dghr + H + j, df, n);
+    store<T>(dghr + 2 * H + j, dg, n);
+    store<T>(dghr + 3 * H + j, do_, n);
+    store<T>(st.dc + b * H + j, dcp + dc_carry, n);
+    if (!pb.projected) store<T>(st.dhd + b * P + j, dzo, n);
   }
 }
 
@@ -397,16 +694,20 @@ BwdStep<S, T> make_bwd_step(const Problem<S, T>& pb, int64_t s, const S* gy, con
       hs.data_ptr<T>() + pb.slot_in(s) * B * P,
       dgh.data_ptr<T>() + t * B * GH,
       dgx ? dgx + t * B * GH : nullptr,
-      dhd};
+      dhd,
+      pb.zoneout_h(t),
+      pb.zoneout_c(t)};
 }
 
 // ============================================================== batched path
 // Per step: one ATen GEMM on all threads, then the pointwise pass split over batch rows. Takes
 // every cell and the projection.
 
+// rdrop: (B, P) recurrent dropout mask (scaled), or undefined.
 template <typename S, typename T>
 void forward_batched(const Problem<S, T>& pb, const Tensor& gx, const Tensor& w, const Tensor& bias,
-                     const Tensor& w_hr, Tensor& y, Tensor& hs, Tensor& ws, Tensor& cbuf) {
+                     const Tensor& w_hr, const Tensor& rdrop, Tensor& y, Tensor& hs, Tensor& ws,
+                     Tensor& cbuf) {
   using V = Vectorized<T>;
   using M = VecMath<T>;
   constexpr int64_t VS = V::size();
@@ -424,18 +725,23 @@ void forward_batched(const Problem<S, T>& pb, const Tensor& gx, const Tensor& w,
   }
   Tensor gh = at::empty({B, w1.size(0)}, hs.options());
   const int64_t ghs = gh.size(1);
+  Tensor hdrop = pb.dropout ? at::empty({B, P}, hs.options()) : Tensor();
+  const bool ln = pb.layer_norm(), ln_lstm = ln && pb.cell == Cell::LSTM;
+  Tensor scratch = ln_lstm ? at::empty({B, 2 * H}, hs.options()) : Tensor();
 
   for (int64_t s = 0; s < pb.steps; ++s) {
     const int64_t t = pb.time(s);
     Tensor hin = hs.select(0, pb.slot_in(s));
     Tensor hout = hs.select(0, pb.slot_out(s));
-    if (b1.defined()) {
-      at::addmm_out(gh, b1, hin, w1.t());
+    if (pb.dropout) at::mul_out(hdrop, hin, rdrop);
+    const Tensor& hrec = pb.dropout ? hdrop : hin;
+    if (b1.defined() && !ln) {  // with layer normalisation b_hh comes after it
+      at::addmm_out(gh, b1, hrec, w1.t());
     } else {
-      at::mm_out(gh, hin, w1.t());
+      at::mm_out(gh, hrec, w1.t());
     }
     T* hout_p = hout.data_ptr<T>();
-    const FwdStep<S, T> st{
+    FwdStep<S, T> st{
         gx.data_ptr<S>() + t * B * GH, hin.data_ptr<T>(), hout_p,
         pb.cell == Cell::LSTM ? cbuf.select(0, s & 1).data_ptr<T>() : nullptr,
         pb.cell == Cell::LSTM ? cbuf.select(0, (s + 1) & 1).data_ptr<T>() : nullptr,
@@ -443,10 +749,18 @@ void forward_batched(const Problem<S, T>& pb, const Tensor& gx, const Tensor& w,
         pb.save ? ws.data_ptr<T>() + t * B * KH : nullptr,
         (pb.projected || split) ? nullptr : y.data_ptr<S>() + t * B * P,
         split ? vbuf.data_ptr<T>() : nullptr};
-    const T* gh_p = gh.data_ptr<T>();
+    st.zh = pb.zoneout_h(t);
+    st.zc = pb.zoneout_c(t);
+    if (pb.dropout) st.hrec = hdrop.data_ptr<T>();
+    T* gh_p = gh.data_ptr<T>();
     parallel_rows(B, GH, [&](int64_t b) {
       if (pb.masked(t, b)) {
         forward_masked_units(pb, st, b, 0, H);
+        return;
+      }
+      if (ln) layer_norm_gates(pb, gh_p + b * ghs, st.ws ? st.ws + b * KH + pb.ln_at : nullptr);
+      if (ln_lstm) {
+        forward_lstm_ln_row(pb, st, b, gh_p + b * ghs, scratch.data_ptr<T>());
       } else {
         forward_units(pb, st, b, 0, H, gh_p + b * ghs, H);
       }
@@ -472,8 +786,12 @@ void forward_batched(const Problem<S, T>& pb, const Tensor& gx, const Tensor& w,
           const int64_t n = std::min(VS, H - j);
           const V z = M::sigmoid(load<T>(gxr + H + j, n) + load<T>(gh_p + b * ghs + H + j, n));
           V nn, h;
+          const V hp = load<T>(hprev + j, n);
           gru_rb_forward_out<V, M>(load<T>(gxr + 2 * H + j, n), load<T>(ghv_p + b * H + j, n), z,
-                                   load<T>(hprev + j, n), nn, h);
+                                   hp, nn, h);
+          if (pb.zoneout()) {
+            h = zoneout_forward(zoneout_weight(st.zh, pb.zoneout_p, b * P + j, n), hp, h);
+          }
           store<T>(hout_p + b * H + j, h, n);
           if (st.ws) store<T>(st.ws + b * KH + 2 * H + j, nn, n);
           store<T>(yr + j, h, n);
@@ -484,21 +802,33 @@ void forward_batched(const Problem<S, T>& pb, const Tensor& gx, const Tensor& w,
       at::mm_out(hout, hfull, w_hr.t());
       parallel_rows(B, P, [&](int64_t b) {
         S* yr = yt + b * P;
+        T* hr = hout_p + b * P;
         if (pb.masked(t, b)) {
-          std::copy(st.hin + b * P, st.hin + (b + 1) * P, hout_p + b * P);
+          std::copy(st.hin + b * P, st.hin + (b + 1) * P, hr);
           std::fill(yr, yr + P, S(0));
-        } else {
-          store_scalar_row(yr, hout_p + b * P, P);
+          return;
         }
+        if (pb.zoneout()) {
+          for (int64_t j = 0; j < P; j += VS) {
+            const int64_t n = std::min(VS, P - j);
+            store<T>(hr + j, zoneout_forward(zoneout_weight(st.zh, pb.zoneout_p, b * P + j, n),
+                                             load<T>(st.hin + b * P + j, n), load<T>(hr + j, n)),
+                     n);
+          }
+        }
+        store_scalar_row(yr, hr, P);
       });
     }
   }
 }
 
+// Layer normalisation: dgraw (T, B, G*H) receives the gradients of the raw h W_hh^T, xhat
+// (T, B, G*H) their normalised values, dln (T, B, 2H) the LSTM's cell-normalisation terms.
 template <typename S, typename T>
 void backward_batched(const Problem<S, T>& pb, const Tensor& grad_y, const Tensor& c0,
-                      const Tensor& w, const Tensor& w_hr, const Tensor& hs, const Tensor& ws,
-                      Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh, Tensor& dhp) {
+                      const Tensor& w, const Tensor& w_hr, const Tensor& rdrop, const Tensor& hs,
+                      const Tensor& ws, Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh,
+                      Tensor& dhp, Tensor& dgraw, Tensor& xhat, Tensor& dln) {
   using V = Vectorized<T>;
   constexpr int64_t VS = V::size();
   const int64_t B = pb.batch, H = pb.hidden, P = pb.out, GH = pb.gates * H, KH = pb.wsu * H;
@@ -506,6 +836,9 @@ void backward_batched(const Problem<S, T>& pb, const Tensor& grad_y, const Tenso
   Tensor dhd = at::empty({B, P}, dh.options());
   Tensor dhfull = pb.projected ? at::empty({B, H}, dh.options()) : Tensor();
   Tensor dv = split ? at::empty({B, H}, dh.options()) : Tensor();
+  Tensor dhrec = pb.dropout ? at::empty({B, P}, dh.options()) : Tensor();
+  const bool ln = pb.layer_norm(), ln_lstm = ln && pb.cell == Cell::LSTM;
+  Tensor scratch = ln_lstm ? at::empty({B, 2 * H}, dh.options()) : Tensor();
   Tensor w_rec = split ? w.narrow(0, 0, 2 * H) : w;
   Tensor w_n = split ? w.narrow(0, 2 * H, H) : Tensor();
   const S* gy_p = grad_y.defined() ? grad_y.data_ptr<S>() : nullptr;
@@ -516,21 +849,38 @@ void backward_batched(const Problem<S, T>& pb, const Tensor& grad_y, const Tenso
   for (int64_t s = pb.steps - 1; s >= 0; --s) {
     const int64_t t = pb.time(s);
     if (pb.projected) {
+      // rec: the gradient of the projection's output; dhd: the direct part of dh_{t-1} (all of
+      // dh for a masked row, the zoned-out share otherwise)
       T* dhp_p = dhp.data_ptr<T>();
+      const T* zh = pb.zoneout_h(t);
       parallel_rows(B, P, [&](int64_t b) {
         T* d = dh_p + b * P;
         T* rec = dhp_p + (t * B + b) * P;
+        T* direct = dhd_p + b * P;
         if (pb.masked(t, b)) {
           std::fill(rec, rec + P, T(0));
+          std::copy(d, d + P, direct);
           return;
         }
         if (gy_p) {
           const S* g = gy_p + (t * B + b) * P;
           for (int64_t k = 0; k < P; ++k) d[k] += static_cast<T>(g[k]);
         }
-        std::copy(d, d + P, rec);
+        if (!pb.zoneout()) {
+          std::copy(d, d + P, rec);
+          std::fill(direct, direct + P, T(0));
+          return;
+        }
+        for (int64_t j = 0; j < P; j += VS) {
+          const int64_t n = std::min(VS, P - j);
+          V dnext, dprev;
+          zoneout_backward(zoneout_weight(zh, pb.zoneout_p, b * P + j, n), load<T>(d + j, n),
+                           dnext, dprev);
+          store<T>(rec + j, dnext, n);
+          store<T>(direct + j, dprev, n);
+        }
       });
-      at::mm_out(dhfull, dh, w_hr);
+      at::mm_out(dhfull, dhp.select(0, t), w_hr);
     }
     const BwdStep<S, T> st = make_bwd_step(pb, s, gy_p, pb.projected ? dhfull.data_ptr<T>() : dh_p,
                                            dc, c0, ws, hs, dgh,
@@ -538,13 +888,19 @@ void backward_batched(const Problem<S, T>& pb, const Tensor& grad_y, const Tenso
     parallel_rows(B, GH, [&](int64_t b) {
       if (pb.masked(t, b)) {
         backward_masked_units(pb, st, b, 0, H);
-        if (pb.projected) std::copy(dh_p + b * P, dh_p + (b + 1) * P, dhd_p + b * P);
-        return;
+      } else if (ln_lstm) {
+        backward_lstm_ln_row(pb, st, b, scratch.data_ptr<T>(),
+                             dln.data_ptr<T>() + t * B * 2 * H);
+      } else {
+        backward_units(pb, st, b, 0, H);
       }
-      backward_units(pb, st, b, 0, H);
-      if (pb.projected) std::fill(dhd_p + b * P, dhd_p + (b + 1) * P, T(0));
+      if (ln) {
+        layer_norm_gates_backward(pb, st.ws + b * KH + pb.ln_at, st.dgh + b * GH,
+                                  dgraw.data_ptr<T>() + (t * B + b) * GH,
+                                  xhat.data_ptr<T>() + (t * B + b) * GH);
+      }
     });
-    Tensor dgh_t = dgh.select(0, t);
+    Tensor dgh_t = (ln ? dgraw : dgh).select(0, t);
     if (split) {
       at::mm_out(dv, dgh_t.narrow(1, 2 * H, H), w_n);
       const T* dv_p = dv.data_ptr<T>();
@@ -552,13 +908,17 @@ void backward_batched(const Problem<S, T>& pb, const Tensor& grad_y, const Tenso
         if (pb.masked(t, b)) return;
         const T* wsr = st.ws + b * KH;
         const T* hprev = st.hprev + b * P;
+        const T* mask = pb.dropout ? rdrop.data_ptr<T>() + b * P : nullptr;
         T* dghr = st.dgh + b * GH;
         for (int64_t j = 0; j < H; j += VS) {
           const int64_t n = std::min(VS, H - j);
           V dr;
           V direct = load<T>(dhd_p + b * P + j, n);
-          gru_rb_backward_gates<V, VecMath<T>>(load<T>(dv_p + b * H + j, n), load<T>(wsr + j, n),
-                                               load<T>(hprev + j, n), dr, direct);
+          // v = r * (h * mask): the mask scales both of v's factors' gradients alike
+          V dvr = load<T>(dv_p + b * H + j, n);
+          if (mask) dvr = dvr * load<T>(mask + j, n);
+          gru_rb_backward_gates<V, VecMath<T>>(dvr, load<T>(wsr + j, n), load<T>(hprev + j, n),
+                                               dr, direct);
           store<T>(dghr + j, dr, n);
           store<T>(dhd_p + b * P + j, direct, n);
         }
@@ -569,7 +929,13 @@ void backward_batched(const Problem<S, T>& pb, const Tensor& grad_y, const Tenso
         store_scalar_row(dgx.data_ptr<S>() + (t * B + b) * GH, st.dgh + b * GH, GH);
       });
     }
-    at::addmm_out(dh, dhd, split ? dgh_t.narrow(1, 0, 2 * H) : dgh_t, w_rec);
+    const Tensor dgh_rec = split ? dgh_t.narrow(1, 0, 2 * H) : dgh_t;
+    if (pb.dropout) {
+      at::mm_out(dhrec, dgh_rec, w_rec);
+      at::addcmul_out(dh, dhd, dhrec, rdrop);
+    } else {
+      at::addmm_out(dh, dhd, dgh_rec, w_rec);
+    }
   }
 }
 
@@ -756,7 +1122,7 @@ void backward_persistent(const Problem<S, T>& pb, const Tensor& grad_y, const Te
 template <typename S, typename T>
 bool use_persistent(const Problem<S, T>& pb) {
 #if AT_PARALLEL_OPENMP
-  if (pb.projected || pb.cell == Cell::GRU_RESET_BEFORE) return false;
+  if (pb.projected || pb.cell == Cell::GRU_RESET_BEFORE || pb.has_options()) return false;
   // Keeping W_hh slices in each core's L2 pays only across steps; one step is one GEMM.
   if (pb.steps == 1) return false;
   const char* forced = std::getenv("RNNKERNELS_CPU_RECURRENCE");  // tests exercise both paths
@@ -773,12 +1139,68 @@ Tensor acc(const Tensor& t, at::ScalarType acc_type) {
   return t.defined() ? t.to(acc_type).contiguous() : t;
 }
 
+bool given(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
+
+// Gradient of the (3, H) peephole weights: sums over steps and rows of di * c_{t-1},
+// df * c_{t-1} and do * c_t, from the gate gradients dgh (T, B, 4H) and the cell states in ws
+// (slot 4 holds the state c_t, and for a masked step the carried c, which is the next step's
+// c_{t-1}; with zoneout the state is the zoned-out c and the cell's own c_t is recomputed).
+Tensor peephole_grad(const Tensor& dgh, const Tensor& ws, const Tensor& c0, int64_t H,
+                     bool reverse, bool zoneout) {
+  const int64_t T = ws.size(0);
+  const Tensor state = ws.narrow(2, 4 * H, H);
+  const Tensor first = c0.unsqueeze(0);
+  const Tensor cprev = reverse ? at::cat({state.narrow(0, 1, T - 1), first})
+                               : at::cat({first, state.narrow(0, 0, T - 1)});
+  const Tensor c = zoneout ? ws.narrow(2, H, H) * cprev + ws.narrow(2, 0, H) * ws.narrow(2, 2 * H, H)
+                           : state;
+  const auto sum = [](const Tensor& t) { return t.sum(at::IntArrayRef{0, 1}); };
+  return at::stack({sum(dgh.narrow(2, 0, H) * cprev), sum(dgh.narrow(2, H, H) * cprev),
+                    sum(dgh.narrow(2, 3 * H, H) * c)});
+}
+
+// Sets the cell options of pb from the op arguments; the tensors in keep must outlive pb.
+template <typename S, typename T>
+void set_options(Problem<S, T>& pb, std::vector<Tensor>& keep, at::ScalarType acc_type,
+                 const std::optional<Tensor>& w_peep, const std::optional<Tensor>& zoneout_mask,
+                 const std::optional<Tensor>& zoneout_mask_c, double zoneout,
+                 const Tensor& rdrop, const std::optional<Tensor>& ln_weight_hh,
+                 const std::optional<Tensor>& ln_weight_c,
+                 const std::optional<Tensor>& ln_bias_c, const Tensor& bias) {
+  auto ptr = [&](const std::optional<Tensor>& t) -> const T* {
+    if (!given(t)) return nullptr;
+    keep.push_back(acc(*t, acc_type));
+    return keep.back().data_ptr<T>();
+  };
+  pb.peep = ptr(w_peep);
+  pb.zmask_h = ptr(zoneout_mask);
+  pb.zmask_c = ptr(zoneout_mask_c);
+  pb.zoneout_p = static_cast<T>(zoneout);
+  pb.dropout = rdrop.defined();
+  pb.ln_hh = ptr(ln_weight_hh);
+  pb.ln_c = ptr(ln_weight_c);
+  pb.ln_bias_c = ptr(ln_bias_c);
+  pb.ln_bias_hh = bias.defined() ? bias.data_ptr<T>() : nullptr;
+  pb.ln_at = workspace_units(pb.cell, pb.projected) * pb.hidden;
+  TORCH_CHECK(!pb.layer_norm() || pb.cell == Cell::LSTM || pb.cell == Cell::GRU,
+              "rnnkernels: layer normalisation is implemented for the LSTM and the GRU (reset "
+              "after) only");
+  TORCH_CHECK(pb.cell != Cell::LSTM || pb.layer_norm() == (pb.ln_c && pb.ln_bias_c),
+              "rnnkernels: the layer-normalised LSTM takes ln_weight_hh, ln_weight_c and "
+              "ln_bias_c together");
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_fwd_cpu(
     const Tensor& gx_in, const Tensor& h0, const std::optional<Tensor>& c0_opt, const Tensor& w_hh,
     const std::optional<Tensor>& b_hh_opt, const std::optional<Tensor>& w_hr_opt,
-    const std::optional<Tensor>& lengths_opt, int64_t cell_id, bool reverse, bool save) {
+    const std::optional<Tensor>& lengths_opt, int64_t cell_id, bool reverse, bool save,
+    const std::optional<Tensor>& w_peep, const std::optional<Tensor>& zoneout_mask,
+    const std::optional<Tensor>& zoneout_mask_c, double zoneout,
+    const std::optional<Tensor>& recurrent_dropout_mask,
+    const std::optional<Tensor>& ln_weight_hh, const std::optional<Tensor>& ln_weight_c,
+    const std::optional<Tensor>& ln_bias_c) {
   const Cell cell = static_cast<Cell>(cell_id);
   TORCH_CHECK(cell_id >= 0 && cell_id <= 4, "rnnkernels: unknown cell ", cell_id);
   const Tensor gx = gx_in.contiguous();
@@ -791,9 +1213,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_fwd_cpu(
   Tensor lengths = lengths_opt.has_value() ? lengths_opt->contiguous() : Tensor();
   Tensor y = at::empty({T_, B, P}, gx.options());
   Tensor hs = at::empty({save ? T_ + 1 : 2, B, P}, acc_opts);
-  const int64_t K = workspace_units(cell, projected);
+  const int64_t K = workspace_units(cell, projected, given(ln_weight_hh));
   Tensor ws = save ? at::empty({T_, B, K * H}, acc_opts) : at::empty({0}, acc_opts);
   Tensor c_n = cell == Cell::LSTM ? at::empty({B, H}, gx.options()) : at::empty({0}, gx.options());
+  const Tensor rdrop = given(recurrent_dropout_mask) ? acc(*recurrent_dropout_mask, acc_type)
+                                                     : Tensor();
   int64_t last_slot = 0;
 
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, gx.scalar_type(), "recurrence_fwd_cpu", [&] {
@@ -803,6 +1227,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_fwd_cpu(
                      lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr};
     const Tensor w = acc(w_hh, acc_type);
     const Tensor bias = b_hh_opt ? acc(*b_hh_opt, acc_type) : Tensor();
+    std::vector<Tensor> keep;
+    set_options(pb, keep, acc_type, w_peep, zoneout_mask, zoneout_mask_c, zoneout, rdrop,
+                ln_weight_hh, ln_weight_c, ln_bias_c, bias);
     hs.select(0, pb.slot_in(0)).copy_(h0);
     Tensor cbuf;
     if (cell == Cell::LSTM) {
@@ -812,8 +1239,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_fwd_cpu(
     if (use_persistent(pb)) {
       forward_persistent<S, T>(pb, gx, w, bias, y, hs, ws, cbuf);
     } else {
-      forward_batched<S, T>(pb, gx, w, bias, projected ? acc(*w_hr_opt, acc_type) : Tensor(), y,
-                            hs, ws, cbuf);
+      forward_batched<S, T>(pb, gx, w, bias, projected ? acc(*w_hr_opt, acc_type) : Tensor(),
+                            rdrop, y, hs, ws, cbuf);
     }
     if (cell == Cell::LSTM) c_n.copy_(cbuf.select(0, T_ & 1));
     last_slot = pb.slot_out(T_ - 1);
@@ -824,12 +1251,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_fwd_cpu(
   return {y, h_n, c_n, hs, ws};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_bwd_cpu(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
+recurrence_bwd_cpu(
     const std::optional<Tensor>& grad_y_opt, const std::optional<Tensor>& grad_hn_opt,
     const std::optional<Tensor>& grad_cn_opt, const std::optional<Tensor>& c0_opt,
     const Tensor& w_hh, const std::optional<Tensor>& w_hr_opt,
     const std::optional<Tensor>& lengths_opt, const Tensor& hs_in, const Tensor& ws_in,
-    int64_t cell_id, bool reverse) {
+    int64_t cell_id, bool reverse, const std::optional<Tensor>& w_peep,
+    const std::optional<Tensor>& zoneout_mask, const std::optional<Tensor>& zoneout_mask_c,
+    double zoneout, const std::optional<Tensor>& recurrent_dropout_mask,
+    const std::optional<Tensor>& ln_weight_hh, const std::optional<Tensor>& ln_weight_c,
+    const std::optional<Tensor>& ln_bias_c) {
   TORCH_CHECK(cell_id >= 0 && cell_id <= 4, "rnnkernels: unknown cell ", cell_id);
   const Cell cell = static_cast<Cell>(cell_id);
   const Tensor hs = hs_in.contiguous(), ws = ws_in.contiguous();
@@ -839,7 +1271,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_bwd_cpu(
   const auto acc_type = hs.scalar_type();
   const auto st = w_hh.scalar_type();
   const auto acc_opts = hs.options();
-  auto given = [](const std::optional<Tensor>& t) { return t.has_value() && t->defined(); };
 
   Tensor lengths = given(lengths_opt) ? lengths_opt->contiguous() : Tensor();
   Tensor grad_y = given(grad_y_opt) ? grad_y_opt->contiguous() : Tensor();
@@ -854,26 +1285,54 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_bwd_cpu(
   Tensor dgh = (st == acc_type && cell != Cell::GRU) ? dgx : at::empty({T_, B, GH}, acc_opts);
   Tensor dhp = projected ? at::empty({T_, B, P}, acc_opts) : Tensor();
   const Tensor w = acc(w_hh, acc_type);
+  const Tensor rdrop = given(recurrent_dropout_mask) ? acc(*recurrent_dropout_mask, acc_type)
+                                                     : Tensor();
+  const bool ln = given(ln_weight_hh);
+  Tensor dgraw = ln ? at::empty({T_, B, GH}, acc_opts) : Tensor();
+  Tensor xhat = ln ? at::empty({T_, B, GH}, acc_opts) : Tensor();
+  Tensor dln = ln && cell == Cell::LSTM ? at::zeros({T_, B, 2 * H}, acc_opts) : Tensor();
 
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, st, "recurrence_bwd_cpu", [&] {
     using S = scalar_t;
     using T = std::conditional_t<std::is_same_v<S, double>, double, float>;
-    const int64_t K = workspace_units(cell, projected);
+    const int64_t K = workspace_units(cell, projected, ln);
     Problem<S, T> pb{cell, T_, B, H, P, G, K, reverse, true, projected,
                      lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr};
     const Tensor c0 = cell == Cell::LSTM ? acc(*c0_opt, acc_type) : Tensor();
+    std::vector<Tensor> keep;
+    set_options(pb, keep, acc_type, w_peep, zoneout_mask, zoneout_mask_c, zoneout, rdrop,
+                ln_weight_hh, ln_weight_c, ln_bias_c, Tensor());
     if (use_persistent(pb)) {
       backward_persistent<S, T>(pb, grad_y, c0, w, hs, ws, dh, dc, dgx, dgh);
     } else {
       backward_batched<S, T>(pb, grad_y, c0, w, projected ? acc(*w_hr_opt, acc_type) : Tensor(),
-                             hs, ws, dh, dc, dgx, dgh, dhp);
+                             rdrop, hs, ws, dh, dc, dgx, dgh, dhp, dgraw, xhat, dln);
     }
   });
 
-  auto [dw, db, dw_hr] = recurrence_weight_grads(cell, hs, ws, dgh, projected ? dhp : Tensor(), H,
+  // W_hh multiplied the dropped-out states; with layer normalisation it produced the raw
+  // pre-activations, and b_hh was added to the normalised ones
+  auto [dw, db, dw_hr] = recurrence_weight_grads(cell, rdrop.defined() ? hs * rdrop : hs, ws,
+                                                 ln ? dgraw : dgh, projected ? dhp : Tensor(), H,
                                                  reverse, st);
+  const auto sum_tb = [&](const Tensor& t) { return t.sum(at::IntArrayRef{0, 1}).to(st); };
+  // absent options' gradients: distinct empty tensors (outputs of an op must not alias)
+  const auto none = [&] { return at::empty({0}, w_hh.options()); };
+  Tensor dln_hh = none(), dln_c = none(), dln_bias_c = none();
+  if (ln) {
+    db = sum_tb(dgh);
+    dln_hh = sum_tb(dgh * xhat);
+    if (cell == Cell::LSTM) {
+      dln_c = sum_tb(dln.narrow(2, 0, H));
+      dln_bias_c = sum_tb(dln.narrow(2, H, H));
+    }
+  }
   Tensor dc0 = cell == Cell::LSTM ? dc.to(st) : at::empty({0}, w_hh.options());
-  return {dgx, dh.to(st), dc0, dw, db, dw_hr};
+  const bool zoned = given(zoneout_mask) || given(zoneout_mask_c) || zoneout != 0;
+  Tensor dpeep = given(w_peep)
+                     ? peephole_grad(dgh, ws, acc(*c0_opt, acc_type), H, reverse, zoned).to(st)
+                     : at::empty({0}, w_hh.options());
+  return {dgx, dh.to(st), dc0, dw, db, dw_hr, dpeep, dln_hh, dln_c, dln_bias_c};
 }
 
 TORCH_LIBRARY_IMPL(rnnkernels, CPU, m) {

@@ -4,7 +4,12 @@ Same constructor arguments, parameter names, shapes, initialisation and state_di
 torch.nn, so ``load_state_dict`` works both ways; same inputs (batched or unbatched tensors,
 PackedSequence, optional initial state) and outputs. Extras are keyword-only: ``residual``
 (residual connections between stacked layers of equal width), ``forget_bias`` (LSTM),
-``reset_after`` (GRU variant), and ``lengths=`` in forward for padded input.
+``reset_after`` (GRU variant), the cell options ``peephole`` (LSTM), ``zoneout``,
+``recurrent_dropout`` and ``layer_norm`` (LSTM, GRU), and
+``lengths=`` in forward for padded input. Random masks of the cell options are drawn in training
+mode only, with torch's generator (``torch.manual_seed`` fixes them). A cell option adds its
+parameters after torch.nn's (``weight_peephole_l0``, ``layer_norm_weight_ih_l0``, ...); with
+every option off the parameters and state_dict keys are exactly torch.nn's.
 """
 
 from __future__ import annotations
@@ -41,7 +46,9 @@ class RNNBase(nn.Module):
     def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
                  bidirectional: bool = False, proj_size: int = 0, device=None, dtype=None, *,
-                 residual: bool = False, reset_after: bool = True) -> None:
+                 residual: bool = False, reset_after: bool = True,
+                 peephole: bool = False, zoneout: float = 0.0,
+                 recurrent_dropout: float = 0.0, layer_norm: bool = False) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size),
@@ -58,6 +65,14 @@ class RNNBase(nn.Module):
         if proj_size >= hidden_size:
             raise ValueError(f"proj_size must be smaller than hidden_size ({hidden_size}), got "
                              f"{proj_size}")
+        for name, value in (("peephole", peephole), ("layer_norm", layer_norm)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be a bool, got {value!r}")
+        if layer_norm and not (mode == "LSTM" or (mode == "GRU" and reset_after)):
+            raise ValueError("layer_norm is supported for the LSTM and the GRU with "
+                             "reset_after=True only")
+        zoneout = R.check_probability("zoneout", zoneout)
+        recurrent_dropout = R.check_probability("recurrent_dropout", recurrent_dropout)
         self.mode = mode
         self.input_size = input_size
         self.hidden_size = hidden_size
@@ -69,6 +84,10 @@ class RNNBase(nn.Module):
         self.proj_size = proj_size
         self.residual = residual
         self.reset_after = reset_after
+        self.peephole = peephole
+        self.zoneout = zoneout
+        self.recurrent_dropout = recurrent_dropout
+        self.layer_norm = layer_norm
         num_directions = 2 if bidirectional else 1
         gate_size = _GATES[mode] * hidden_size
         real_hidden = proj_size if proj_size > 0 else hidden_size
@@ -83,6 +102,14 @@ class RNNBase(nn.Module):
                     params += [("bias_ih", (gate_size,)), ("bias_hh", (gate_size,))]
                 if proj_size > 0:
                     params += [("weight_hr", (proj_size, hidden_size))]
+                if peephole:
+                    params += [("weight_peephole", (3, hidden_size))]
+                if layer_norm:
+                    params += [("layer_norm_weight_ih", (gate_size,)),
+                               ("layer_norm_weight_hh", (gate_size,))]
+                    if mode == "LSTM":
+                        params += [("layer_norm_weight_c", (hidden_size,)),
+                                   ("layer_norm_bias_c", (hidden_size,))]
                 for kind, shape in params:
                     name = f"{kind}_l{layer}{suffix}"
                     setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
@@ -90,10 +117,16 @@ class RNNBase(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """torch.nn's initialisation: every weight and bias uniform in +-1/sqrt(hidden_size)."""
+        """torch.nn's initialisation: every weight and bias uniform in +-1/sqrt(hidden_size);
+        layer-norm gains 1 and shifts 0."""
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
-        for weight in self.parameters():
-            nn.init.uniform_(weight, -stdv, stdv)
+        for name, weight in self.named_parameters():
+            if name.startswith("layer_norm_weight"):
+                nn.init.ones_(weight)
+            elif name.startswith("layer_norm_bias"):
+                nn.init.zeros_(weight)
+            else:
+                nn.init.uniform_(weight, -stdv, stdv)
 
     @property
     def _cell(self) -> int:
@@ -108,6 +141,16 @@ class RNNBase(nn.Module):
         get = lambda kind: getattr(self, f"{kind}_l{layer}{suffix}", None)  # noqa: E731
         return (get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"),
                 get("weight_hr"))
+
+    def _cell_options(self, layer: int, direction: int) -> R.CellOptions:
+        suffix = "_reverse" if direction == 1 else ""
+        get = lambda kind: getattr(self, f"{kind}_l{layer}{suffix}", None)  # noqa: E731
+        return R.CellOptions(w_peep=get("weight_peephole"), zoneout=self.zoneout,
+                             recurrent_dropout=self.recurrent_dropout, training=self.training,
+                             ln_weight_ih=get("layer_norm_weight_ih"),
+                             ln_weight_hh=get("layer_norm_weight_hh"),
+                             ln_weight_c=get("layer_norm_weight_c"),
+                             ln_bias_c=get("layer_norm_bias_c"))
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
@@ -127,6 +170,14 @@ class RNNBase(nn.Module):
             s += ", residual=True"
         if self.mode == "GRU" and not self.reset_after:
             s += ", reset_after=False"
+        if self.peephole:
+            s += ", peephole=True"
+        if self.zoneout:
+            s += f", zoneout={self.zoneout}"
+        if self.recurrent_dropout:
+            s += f", recurrent_dropout={self.recurrent_dropout}"
+        if self.layer_norm:
+            s += ", layer_norm=True"
         return s
 
     # ------------------------------------------------------------------ forward
@@ -205,9 +256,9 @@ class RNNBase(nn.Module):
             for direction in range(D):
                 k = layer * D + direction
                 w_ih, w_hh, b_ih, b_hh, w_hr = self._weights(layer, direction)
-                y, h, c = self._run_layer(layer_input, h0[k], c0[k] if is_lstm else None, w_ih,
-                                          w_hh, b_ih, b_hh, w_hr, lengths, cell, direction == 1,
-                                          backend)
+                y, h, c = R.run_layer(layer_input, h0[k], c0[k] if is_lstm else None, w_ih,
+                                      w_hh, b_ih, b_hh, w_hr, lengths, cell, direction == 1,
+                                      backend, self._cell_options(layer, direction))
                 outs.append(y)
                 h_n.append(h)
                 if is_lstm:
@@ -231,27 +282,31 @@ class RNNBase(nn.Module):
             output = output.transpose(0, 1)
         return output, (h_n, c_n) if is_lstm else h_n
 
-    def _run_layer(self, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reverse,
-                   backend):
-        if backend == "reference":
-            return R.reference_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell,
-                                     reverse)
-        return R.projected_recurrence(x, w_ih, b_ih, h0, c0, w_hh, b_hh, w_hr, lengths, cell,
-                                      reverse, backend)
-
 
 class LSTM(RNNBase):
     """Drop-in for torch.nn.LSTM. Keyword-only extras: ``forget_bias`` (added to the forget
-    gate's input bias at initialisation; +1 or +2 helps long-range gradients), ``residual``.
+    gate's input bias at initialisation; +1 or +2 helps long-range gradients), ``residual``,
+    ``peephole`` (the i and f gates see c_{t-1} and the o gate c_t through diagonal weights
+    ``weight_peephole_l{k}[_reverse]`` of shape (3, hidden_size), rows i, f, o), ``zoneout``
+    (in training each unit of h (after the projection) and of c keeps its previous value with
+    this probability, drawn per step; in evaluation the expectation), ``recurrent_dropout``
+    (in training, variational dropout of the state that W_hh multiplies: one mask per sequence,
+    layer and direction, scaled by 1 / (1 - p); the output is not dropped), ``layer_norm``
+    (haste's LayerNormLSTM: x W_ih^T and h W_hh^T layer-normalised separately with gains
+    ``layer_norm_weight_ih_l{k}`` / ``layer_norm_weight_hh_l{k}`` (4 * hidden_size,) before the
+    biases, and h = o * tanh(LN(c) * ``layer_norm_weight_c_l{k}`` + ``layer_norm_bias_c_l{k}``)).
     forward(input, hx=None, *, lengths=None) -> (output, (h_n, c_n))."""
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  proj_size: int = 0, device=None, dtype=None, *, forget_bias: float = 0.0,
-                 residual: bool = False) -> None:
+                 residual: bool = False, peephole: bool = False, zoneout: float = 0.0,
+                 recurrent_dropout: float = 0.0, layer_norm: bool = False) -> None:
         self.forget_bias = float(forget_bias)
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, proj_size, device, dtype, residual=residual)
+                         bidirectional, proj_size, device, dtype, residual=residual,
+                         peephole=peephole, zoneout=zoneout,
+                         recurrent_dropout=recurrent_dropout, layer_norm=layer_norm)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -269,33 +324,42 @@ class LSTM(RNNBase):
 class GRU(RNNBase):
     """Drop-in for torch.nn.GRU. Keyword-only extras: ``reset_after`` (True: torch's / cuDNN's
     cell; False: Cho et al. 2014, reset applied before the recurrent matmul; same parameters),
-    ``residual``. forward(input, hx=None, *, lengths=None) -> (output, h_n)."""
+    ``residual``, ``zoneout`` (as for the LSTM, on h), ``recurrent_dropout`` (as for the LSTM),
+    ``layer_norm`` (haste's LayerNormGRU, reset_after=True only: x W_ih^T and h W_hh^T
+    layer-normalised separately with gains ``layer_norm_weight_ih_l{k}`` /
+    ``layer_norm_weight_hh_l{k}`` (3 * hidden_size,) before the biases).
+    forward(input, hx=None, *, lengths=None) -> (output, h_n)."""
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  device=None, dtype=None, *, reset_after: bool = True,
-                 residual: bool = False) -> None:
+                 residual: bool = False, zoneout: float = 0.0,
+                 recurrent_dropout: float = 0.0, layer_norm: bool = False) -> None:
         super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, 0, device, dtype, residual=residual,
-                         reset_after=reset_after)
+                         reset_after=reset_after, zoneout=zoneout,
+                         recurrent_dropout=recurrent_dropout, layer_norm=layer_norm)
 
     def forward(self, input, hx=None, *, lengths: Tensor | None = None):
         return self._forward(input, hx, lengths)
 
 
 class RNN(RNNBase):
-    """Drop-in for torch.nn.RNN (``nonlinearity`` "tanh" or "relu"). Keyword-only extra:
-    ``residual``. forward(input, hx=None, *, lengths=None) -> (output, h_n)."""
+    """Drop-in for torch.nn.RNN (``nonlinearity`` "tanh" or "relu"). Keyword-only extras:
+    ``residual``, ``zoneout`` (as for the LSTM, on h), ``recurrent_dropout`` (as for the LSTM).
+    forward(input, hx=None, *, lengths=None) -> (output, h_n)."""
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
                  dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None, *,
-                 residual: bool = False) -> None:
+                 residual: bool = False, zoneout: float = 0.0,
+                 recurrent_dropout: float = 0.0) -> None:
         _validate.choice("nonlinearity", nonlinearity, ("tanh", "relu"))
         self.nonlinearity = nonlinearity
         super().__init__("RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU", input_size,
                          hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0,
-                         device, dtype, residual=residual)
+                         device, dtype, residual=residual, zoneout=zoneout,
+                         recurrent_dropout=recurrent_dropout)
 
     def forward(self, input, hx=None, *, lengths: Tensor | None = None):
         return self._forward(input, hx, lengths)

@@ -40,8 +40,11 @@ RK_HOST_DEVICE constexpr int num_gates(Cell cell) {
 // Per-unit values the forward saves for the backward, in units of H per batch row.
 // LSTM: i, f, g, o (activated), c_t [, h_full_t when projected]
 // GRU: r, z, n, W_hn h + b_hn.   GRU_RESET_BEFORE: r, z, n, r * h_{t-1}.   RNN: h_t.
-RK_HOST_DEVICE constexpr int workspace_units(Cell cell, bool projected) {
-  return cell == Cell::LSTM ? (projected ? 6 : 5) : (cell == Cell::RNN_TANH || cell == Cell::RNN_RELU) ? 1 : 4;
+// With layer normalisation (LSTM, GRU) then the G units of h W_hh^T before it.
+RK_HOST_DEVICE constexpr int workspace_units(Cell cell, bool projected, bool layer_norm = false) {
+  return (cell == Cell::LSTM ? (projected ? 6 : 5)
+          : (cell == Cell::RNN_TANH || cell == Cell::RNN_RELU) ? 1 : 4) +
+         (layer_norm ? num_gates(cell) : 0);
 }
 
 template <typename T>
@@ -86,6 +89,56 @@ RK_HOST_DEVICE inline void lstm_backward(V dh, V dc, V i, V f, V g, V o, V c, V 
   df = dct * c_prev * f * (one - f);
   dg = dct * i * (one - g * g);
   dc_prev = dct * f;
+}
+
+// Peephole LSTM (Gers and Schmidhuber 2000): the input and forget gates see c_{t-1} and the
+// output gate sees c_t, each through a diagonal weight (wi, wf, wo for this unit).
+template <typename V, typename M>
+RK_HOST_DEVICE inline void lstm_peephole_forward(V pi, V pf, V pg, V po, V c_prev, V wi, V wf,
+                                                 V wo, V& i, V& f, V& g, V& o, V& c, V& h) {
+  i = M::sigmoid(pi + wi * c_prev);
+  f = M::sigmoid(pf + wf * c_prev);
+  g = M::tanh_(pg);
+  c = f * c_prev + i * g;
+  o = M::sigmoid(po + wo * c);
+  h = o * M::tanh_(c);
+}
+
+// As lstm_backward; c is the cell's c_t (before zoneout). The peephole weight gradients are
+// di * c_prev, df * c_prev and do_ * c, summed by the caller.
+template <typename V, typename M>
+RK_HOST_DEVICE inline void lstm_peephole_backward(V dh, V dc, V i, V f, V g, V o, V c, V c_prev,
+                                                  V wi, V wf, V wo, V& di, V& df, V& dg, V& do_,
+                                                  V& dc_prev) {
+  const V one = M::one();
+  const V tc = M::tanh_(c);
+  do_ = dh * tc * o * (one - o);
+  const V dct = dc + dh * o * (one - tc * tc) + do_ * wo;
+  di = dct * g * i * (one - i);
+  df = dct * c_prev * f * (one - f);
+  dg = dct * i * (one - g * g);
+  dc_prev = dct * f + di * wi + df * wf;
+}
+
+// The gate gradients of an LSTM from the total gradient dct of c_t (the layer-normalised cell
+// reaches c_t from h through the normalisation, so its caller forms dct).
+template <typename V, typename M>
+RK_HOST_DEVICE inline void lstm_gates_backward(V dct, V i, V f, V g, V c_prev, V& di, V& df,
+                                               V& dg, V& dc_prev) {
+  const V one = M::one();
+  di = dct * g * i * (one - i);
+  df = dct * c_prev * f * (one - f);
+  dg = dct * i * (one - g * g);
+  dc_prev = dct * f;
+}
+
+// ---------------------------------------------------------------- layer normalisation
+// Layer normalisation (Ba et al. 2016) of a row x: xhat = (x - mean) * rstd, y = gamma * xhat +
+// beta. The gradient of one element from dxhat = gamma * dy and the row means m1 = mean(dxhat),
+// m2 = mean(dxhat * xhat) (the caller reduces over the row).
+template <typename V>
+RK_HOST_DEVICE inline V layer_norm_backward(V dxhat, V xhat, V rstd, V m1, V m2) {
+  return rstd * (dxhat - m1 - xhat * m2);
 }
 
 // ---------------------------------------------------------------- GRU (reset after)
@@ -145,6 +198,22 @@ template <typename V, typename M>
 RK_HOST_DEVICE inline void gru_rb_backward_gates(V dv, V r, V h_prev, V& dr, V& dh_prev_direct) {
   dr = dv * h_prev * r * (M::one() - r);
   dh_prev_direct = dh_prev_direct + dv * r;
+}
+
+// ---------------------------------------------------------------- zoneout (any cell)
+// Zoneout (Krueger et al. 2016) of a state unit: it keeps its previous value with weight d, a
+// 0/1 draw per step and unit in training and the zoneout probability at evaluation.
+template <typename V>
+RK_HOST_DEVICE inline V zoneout_forward(V d, V prev, V next) {
+  return next + d * (prev - next);
+}
+
+// dout: gradient of the zoned-out state; dnext goes to the cell's new value, dprev straight to
+// the previous state.
+template <typename V>
+RK_HOST_DEVICE inline void zoneout_backward(V d, V dout, V& dnext, V& dprev) {
+  dprev = d * dout;
+  dnext = dout - dprev;
 }
 
 // ---------------------------------------------------------------- Elman RNN
