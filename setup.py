@@ -44,7 +44,12 @@ def rel(paths):
 
 sources = rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
 sources = [s for s in sources if not s.endswith("cuda_bind.cpp")]
-cxx_flags = ["-O3", "-std=c++17", "-fno-math-errno"] + CPU_FLAGS[cpu_capability()]
+# -fopenmp: at::parallel_for is a header template whose `#pragma omp parallel` is compiled into
+# this extension; without the flag every parallel_for of our kernels runs on one thread. The
+# linked libgomp.so.1 resolves to the one torch has loaded (same soname), so torch's thread
+# settings govern our kernels too.
+cxx_flags = ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp"] + CPU_FLAGS[cpu_capability()]
+link_flags = ["-fopenmp"]
 include_dirs = [os.path.join(ROOT, "csrc", "include")]
 
 if with_cuda():
@@ -57,10 +62,10 @@ if with_cuda():
                             # 2^-11), too coarse for fp32 results; the kernels pick the fast
                             # intrinsics themselves where the storage type allows them.
                             "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
-        py_limited_api=False,
+        extra_link_args=link_flags, py_limited_api=False,
     )
 else:
     ext = CppExtension("rnnkernels._C", sources, include_dirs=include_dirs,
-                       extra_compile_args={"cxx": cxx_flags})
+                       extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
 setup(ext_modules=[ext], cmdclass={"build_ext": BuildExtension})

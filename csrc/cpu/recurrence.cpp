@@ -63,7 +63,7 @@ constexpr double kLayerNormEps = 1e-5;
 // 2^n applied by scalef, which also gives inf / 0 past the float range. About 1 ulp; NaN
 // propagates. Float on AVX-512 only; elsewhere at::vec's exp.
 template <typename T>
-inline Vectorized<T> fast_exp(Vectorized<T> x) {
+C10_ALWAYS_INLINE Vectorized<T> fast_exp(Vectorized<T> x) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<T, float>) {
     const __m512 v = x;
@@ -92,12 +92,12 @@ struct VecMath {
   using V = Vectorized<T>;
   static V one() { return V(T(1)); }
   static V zero() { return V(T(0)); }
-  static V sigmoid(V x) { return V(T(1)) / (V(T(1)) + fast_exp<T>(x.neg())); }
+  static C10_ALWAYS_INLINE V sigmoid(V x) { return V(T(1)) / (V(T(1)) + fast_exp<T>(x.neg())); }
   // float: tanh from one exp, about 2.5x cheaper than Sleef's tanh (the LSTM's forward and
   // backward each take one per unit per step): (1 - e^-2|x|) / (1 + e^-2|x|), and below
   // |x| = 1/8, where that difference cancels, the odd Taylor series to x^9 (truncation < 1e-11
   // relative). Max error about 3e-7 relative; NaN and +-Inf behave as tanh.
-  static V tanh_(V x) {
+  static C10_ALWAYS_INLINE V tanh_(V x) {
     if constexpr (std::is_same_v<T, float>) {
       const V ax = x.abs();
       const V e = fast_exp<T>(ax * V(-2.f));
@@ -1121,7 +1121,7 @@ void backward_persistent(const Problem<S, T>& pb, const Tensor& grad_y, const Te
 
 template <typename S, typename T>
 bool use_persistent(const Problem<S, T>& pb) {
-#if AT_PARALLEL_OPENMP
+#if AT_PARALLEL_OPENMP && defined(_OPENMP)
   if (pb.projected || pb.cell == Cell::GRU_RESET_BEFORE || pb.has_options()) return false;
   // Keeping W_hh slices in each core's L2 pays only across steps; one step is one GEMM.
   if (pb.steps == 1) return false;
