@@ -213,3 +213,13 @@ def test_gate_math_over_the_float_range(cell):
     else:
         y_ref = torch.tanh(g)
     torch.testing.assert_close(y[0].double(), y_ref, **tol(torch.float32), equal_nan=True)
+
+
+def test_cpu_kernels_are_built_with_openmp():
+    """at::parallel_for is a header template: compiled without -fopenmp, every parallel region
+    of our kernels silently runs on one thread. The extension must call into OpenMP."""
+    from pathlib import Path
+
+    import rnnkernels._C
+
+    assert b"GOMP_parallel" in Path(rnnkernels._C.__file__).read_bytes()
