@@ -14,9 +14,8 @@ import torch
 from torch import Tensor
 
 MODES = ("forward", "train", "inference")
-# Kinds of contender: ours, the baselines a user would otherwise run, and ours without a cell
-# option (plain: what the option costs).
-KINDS = ("ours", "torch.nn", "loop", "mamba_ssm", "plain")
+# Kinds of contender: ours, and the baselines a user would otherwise run.
+KINDS = ("ours", "torch.nn", "loop", "mamba_ssm")
 
 Step = Callable[[], list[Tensor]]
 
@@ -69,9 +68,7 @@ class Contender:
     """One implementation of a case. ``build`` makes the timed step (inputs bound, weights
     copied); the step returns the case's results in the order of :attr:`Prepared.names`, or in a
     form ``canon`` maps to it (outside the timed region). ``unavailable`` says why it cannot run
-    here (then ``build`` is None). ``expected``: the names and float64 expected values of its
-    results where they are not the case's (a baseline that computes something else on purpose:
-    our module without the case's cell option)."""
+    here (then ``build`` is None)."""
 
     name: str
     kind: str
@@ -79,7 +76,6 @@ class Contender:
     build: Callable[[], Step] | None = None
     unavailable: str | None = None
     canon: Callable[[list[Tensor]], list[Tensor]] | None = None
-    expected: tuple[list[str], list[Tensor]] | None = None
 
 
 @dataclass

@@ -6,7 +6,8 @@ the same weights, input and initial state; the expected results are the float64 
 :mod:`rnnkernels.reference`. The lstm suite also times PackedSequence input (unsorted lengths)
 against padded input of the same shape. Each cell option with a cost (issue 11) is a training
 case of its own: ours with the option, the same module on the PyTorch reference (the loop a user
-would otherwise write; torch.nn has no such options), and ours without the option (its cost).
+would otherwise write; torch.nn has no such options); the report sets it against the plain case
+at the same shape (the option's cost).
 """
 
 from __future__ import annotations
@@ -170,16 +171,21 @@ class _Case:
             if self.train:
                 self.gy_packed = pack_padded_sequence(self.gy, lengths, enforce_sorted=False).data
         # The cell options' parameters by state_dict key, in the module's parameter order:
-        # random, never their initial ones and zeros (gains around 1).
+        # random, never their initial ones and zeros. Layer-norm gains lie around 1, except the
+        # recurrent one: normalising h W_hh^T removes W_hh's scale, so that gain sets the
+        # recurrent Jacobian's, and around 1 the LSTM at random weights is chaotic over 128
+        # steps (fp32 rounding grows to 3e-4 of y against float64); around 0.5 it is not.
         self.option_weights: dict[str, Tensor] = {}
         if self.options:
             shapes = suite.family.ours(I, H, device="meta", **self.options).named_parameters()
             for key, p in shapes:
-                if key.removesuffix("_l0") not in self.weights:
-                    if key.startswith("layer_norm_weight"):
-                        self.option_weights[key] = 1 + rand(*p.shape, scale=0.5)
-                    else:
-                        self.option_weights[key] = rand(*p.shape, scale=k)
+                if key.removesuffix("_l0") in self.weights:
+                    continue
+                if key.startswith("layer_norm_weight"):
+                    centre = 0.5 if key.startswith("layer_norm_weight_hh") else 1.0
+                    self.option_weights[key] = centre + rand(*p.shape, scale=centre / 2)
+                else:
+                    self.option_weights[key] = rand(*p.shape, scale=k)
 
     # ---------------------------------------------------------------- expected results
 
@@ -275,8 +281,7 @@ class _Case:
         return seeded
 
     def _module_contender(self, cls: type[nn.Module], name: str, kind: str, impl: str,
-                          backend: str | None = None, options: bool = False,
-                          expected: tuple[list[str], list[Tensor]] | None = None) -> Contender:
+                          backend: str | None = None, options: bool = False) -> Contender:
         def build() -> Step:
             module = self._module(cls, self.dtype, options)
             inp = self.packed_input if self.packed else self.x
@@ -286,8 +291,7 @@ class _Case:
             gy = self.gy_packed if self.packed else self.gy
             return self._step(self._seeded(run) if options else run, [x, *module.parameters()],
                               gy, backend)
-        return Contender(name, kind, impl, build, canon=self._unpack if self.packed else None,
-                         expected=expected)
+        return Contender(name, kind, impl, build, canon=self._unpack if self.packed else None)
 
     def _loop_contender(self) -> Contender:
         cls = self.suite.family.cell
@@ -321,9 +325,7 @@ class _Case:
     def contenders(self) -> list[Contender]:
         fam, title = self.suite.family, self.suite.family.title
         options = bool(self.options)
-        # Ours without the cell option: checked against its own expected values.
-        without = (self.names(), self.expected()) if options else None
-        out, plain = [], []
+        out = []
         for backend in our_backends(self.device):
             name = f"rnnkernels ({backend})"
             reason = unavailable_reason("recurrence", backend, self.device, self.dtype)
@@ -331,12 +333,10 @@ class _Case:
                 out.append(Contender(name, "ours", backend, unavailable=reason))
                 continue
             out.append(self._module_contender(fam.ours, name, "ours", backend, backend, options))
-            if options:
-                plain.append(self._module_contender(fam.ours, f"{name}, option off", "plain",
-                                                    backend, backend, expected=without))
         if options:
+            # torch.nn has no cell options; ours without the option is the plain case ("train").
             return [*out, self._module_contender(fam.ours, "PyTorch loop (reference)", "loop",
-                                                 "PyTorch ops", "reference", True), *plain]
+                                                 "PyTorch ops", "reference", True)]
         out.append(self._module_contender(fam.torch, f"torch.nn.{title}", "torch.nn",
                                           torch_impl(self.suite.name, self.device, self.dtype,
                                                      self.packed)))

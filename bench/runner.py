@@ -79,8 +79,8 @@ def run_contender(spec: CaseSpec, prepared: Prepared, contender: Contender, min_
             return Result.for_spec(spec, contender, "skipped", f"fell back: {fallback}")
         if contender.canon is not None:
             got = contender.canon(got)
-        names, expected = contender.expected or (prepared.names, prepared.expected)
-        verdict = check.compare(names, got, expected, check.tolerance(spec.device, spec.dtype))
+        verdict = check.compare(prepared.names, got, prepared.expected,
+                                check.tolerance(spec.device, spec.dtype))
         del got
         if not verdict.ok:
             result = Result.for_spec(spec, contender, "refused", verdict.reason)
