@@ -101,8 +101,7 @@ def suite_table(results: Sequence[Result]) -> list[str]:
     baselines = list(dict.fromkeys(r.contender for r in results
                                    if r.kind != "ours" and r.status == "ok"))
     plain = {_plain_key(r): r.median_s for r in results if r.status == "ok" and not r.variant}
-    costs = {_plain_key(r): plain[_plain_key(r)] / r.median_s for r in results
-             if r.status == "ok" and r.variant and _plain_key(r) in plain}
+    costs = any(r.status == "ok" and r.variant and _plain_key(r) in plain for r in results)
     flops = any(r.tflops is not None for r in results)
     bandwidth = any(r.gbps is not None for r in results)
     cols = ["case", "shape", "contender", "impl", "median"] + [f"vs {b}" for b in baselines]
@@ -129,7 +128,8 @@ def suite_table(results: Sequence[Result]) -> list[str]:
         cells = [fmt_time(r.median_s)]
         cells += ["" if b == r.contender else fmt_ratio(r.speedups.get(b)) for b in baselines]
         if costs:
-            cells.append(fmt_ratio(costs.get(_plain_key(r))) if r.variant else "")
+            base = plain.get(_plain_key(r)) if r.variant else None
+            cells.append(fmt_ratio(base / r.median_s) if base is not None else "")
         if flops:
             cells += [f"{r.tflops:.3g}" if r.tflops is not None else "",
                       f"{r.us_per_step:.3g}" if r.us_per_step is not None else ""]
