@@ -331,8 +331,9 @@ class _Case:
             reason = unavailable_reason("recurrence", backend, self.device, self.dtype)
             if reason is not None:
                 out.append(Contender(name, "ours", backend, unavailable=reason))
-                continue
-            out.append(self._module_contender(fam.ours, name, "ours", backend, backend, options))
+            else:
+                out.append(self._module_contender(fam.ours, name, "ours", backend, backend,
+                                                  options))
         if options:
             # torch.nn has no cell options; ours without the option is the plain case ("train").
             return [*out, self._module_contender(fam.ours, "PyTorch loop (reference)", "loop",
