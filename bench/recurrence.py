@@ -4,7 +4,10 @@ Contenders: ``rnnkernels.nn.<X>`` on each backend of ours the device allows, ``t
 (oneDNN or the native loop on the CPU, cuDNN on the GPU), and an ``nn.<X>Cell`` loop. All share
 the same weights, input and initial state; the expected results are the float64 references of
 :mod:`rnnkernels.reference`. The lstm suite also times PackedSequence input (unsorted lengths)
-against padded input of the same shape.
+against padded input of the same shape. Each cell option with a cost (issue 11) is a training
+case of its own: ours with the option, the same module on the PyTorch reference (the loop a user
+would otherwise write; torch.nn has no such options); the report sets it against the plain case
+at the same shape (the option's cost).
 """
 
 from __future__ import annotations
@@ -44,6 +47,19 @@ FAMILIES = {
 # Speed-ups over torch.nn the project aims for on the CPU in float32 (issues 3, 4 and 11).
 CPU_TARGETS = {"lstm": (1.05, 2.5), "gru": (1.4, 6.0), "rnn": (1.5, 4.0)}
 PACKED_MAX_SLOWDOWN = 1.2
+# The cell options timed as spec variants, per suite: "name" (a flag) or "name=p" (a
+# probability), the module's keyword argument.
+OPTION_VARIANTS = {"lstm": ("layer_norm", "zoneout=0.1", "recurrent_dropout=0.25", "peephole"),
+                   "gru": ("layer_norm",)}
+CELL_OPTIONS = ("peephole", "zoneout", "recurrent_dropout", "layer_norm")
+
+
+def option_kwargs(variant: str) -> dict[str, bool | float]:
+    """The module keyword arguments of a cell-option variant ({} for any other variant)."""
+    name, _, value = variant.partition("=")
+    if name not in CELL_OPTIONS:
+        return {}
+    return {name: float(value) if value else True}
 
 
 def our_backends(device: str) -> tuple[str, ...]:
@@ -87,6 +103,9 @@ class RecurrenceSuite:
         if self.name == "lstm":
             specs.append(CaseSpec(self.name, "train-packed", "train", tuple(config.train.items()),
                                   device, dtype, headline=True, variant="packed", loops=False))
+        specs += [CaseSpec(self.name, f"train {variant}", "train", tuple(config.train.items()),
+                           device, dtype, headline=True, variant=variant)
+                  for variant in OPTION_VARIANTS.get(self.name, ())]
         return specs
 
     def targets(self, device: str, dtype: torch.dtype, profile: str) -> list[Target]:
@@ -121,7 +140,9 @@ class _Case:
         self.device, self.dtype = spec.device, spec.dtype
         self.train = spec.mode == "train"
         self.packed = spec.variant == "packed"
-        gen = torch.Generator().manual_seed(seed_of(spec))
+        self.options = option_kwargs(spec.variant)
+        self.seed = seed_of(spec)
+        gen = torch.Generator().manual_seed(self.seed)
         G, H, I = suite.family.gates, self.H, self.I
 
         def rand(*shape: int, scale: float = 1.0) -> Tensor:
@@ -149,16 +170,46 @@ class _Case:
                                                packed.unsorted_indices)
             if self.train:
                 self.gy_packed = pack_padded_sequence(self.gy, lengths, enforce_sorted=False).data
+        # The cell options' parameters by state_dict key, in the module's parameter order:
+        # random, never their initial ones and zeros. Layer-norm gains lie around 1, except the
+        # recurrent one: normalising h W_hh^T removes W_hh's scale, so that gain sets the
+        # recurrent Jacobian's, and around 1 the LSTM at random weights is chaotic over 128
+        # steps (fp32 rounding grows to 3e-4 of y against float64); around 0.5 it is not.
+        self.option_weights: dict[str, Tensor] = {}
+        if self.options:
+            shapes = suite.family.ours(I, H, device="meta", **self.options).named_parameters()
+            for key, p in shapes:
+                if key.removesuffix("_l0") in self.weights:
+                    continue
+                if key.startswith("layer_norm_weight"):
+                    centre = 0.5 if key.startswith("layer_norm_weight_hh") else 1.0
+                    self.option_weights[key] = centre + rand(*p.shape, scale=centre / 2)
+                else:
+                    self.option_weights[key] = rand(*p.shape, scale=k)
 
     # ---------------------------------------------------------------- expected results
 
-    def names(self) -> list[str]:
+    def names(self, options: bool = False) -> list[str]:
+        """The results' names; with the cell options', the gradients of their parameters too."""
         names = ["y", "h_n"] + (["c_n"] if self.lstm else [])
         if self.train:
             names += ["dx", "dw_ih", "dw_hh", "db_ih", "db_hh"]
+            if options:
+                names += [f"d{key}" for key in self.option_weights]
         return names
 
+    def expected_with_options(self) -> list[Tensor]:
+        """Our module with the cell options in float64 on the reference backend (training
+        cases), under the seed of every contender's step: the masks are drawn in fp32, so the
+        draws are the same for any dtype."""
+        module = self._module(self.suite.family.ours, torch.float64, options=True)
+        x = self.x.detach().double().requires_grad_()
+        run = self._seeded(lambda: module(x, self._state(torch.float64)))
+        step = self._step(run, [x, *module.parameters()], self.gy.double(), "reference")
+        return [t.detach() for t in step()]
+
     def expected(self) -> list[Tensor]:
+        """The float64 references of :mod:`rnnkernels.reference`, without cell options."""
         f64 = {k: w.detach().double().requires_grad_(self.train) for k, w in self.weights.items()}
         x = self.x.detach().double().requires_grad_(self.train)
         h0 = self.h0.double()
@@ -181,22 +232,20 @@ class _Case:
 
     # ---------------------------------------------------------------- contenders
 
-    def _state(self):
-        if self.lstm:
-            return (self.h0.unsqueeze(0), self.c0.unsqueeze(0))
-        return self.h0.unsqueeze(0)
+    def _state(self, dtype: torch.dtype):
+        h0 = self.h0.unsqueeze(0).to(dtype)
+        return (h0, self.c0.unsqueeze(0).to(dtype)) if self.lstm else h0
 
     def _finals(self, state) -> list[Tensor]:
         if isinstance(state, tuple):
             return [s.squeeze(0) if s.dim() == 3 else s for s in state]
         return [state.squeeze(0) if state.dim() == 3 else state]
 
-    def _step(self, run: Callable[[], tuple[Tensor, object]], params: list[Tensor],
-              backend: str | None) -> Step:
-        """The timed step around ``run`` (one forward): backward too when training."""
+    def _step(self, run: Callable[[], tuple[Tensor, object]], inputs: list[Tensor],
+              gy: Tensor | None, backend: str | None) -> Step:
+        """The timed step around ``run`` (one forward): backward too when training, of output
+        gradient ``gy`` to ``inputs`` (the input tensor, then the parameters)."""
         context = (lambda: rnnkernels.use_backend(backend)) if backend else contextlib.nullcontext
-        x_grad = self.packed_input.data if self.packed else self.x
-        gy = self.gy_packed if self.packed else self.gy
         if not self.train:
             def step() -> list[Tensor]:
                 with torch.no_grad(), context():
@@ -208,19 +257,40 @@ class _Case:
             with context():
                 y, state = run()
                 y = y.data if self.packed else y
-                grads = torch.autograd.grad(y, [x_grad, *params], gy)
+                grads = torch.autograd.grad(y, inputs, gy)
             return [y, *self._finals(state), *grads]
         return step
 
+    def _module(self, cls: type[nn.Module], dtype: torch.dtype, options: bool) -> nn.Module:
+        """A ``cls`` module in ``dtype`` holding the case's weights (with the cell options and
+        their parameters if ``options``)."""
+        module = cls(self.I, self.H, device=self.device, dtype=dtype,
+                     **(self.options if options else {}))
+        weights = {f"{k}_l0": w for k, w in self.weights.items()}
+        if options:
+            weights |= self.option_weights
+        module.load_state_dict({k: w.to(dtype) for k, w in weights.items()})
+        return module.requires_grad_(self.train)
+
+    def _seeded(self, run: Callable[[], tuple[Tensor, object]]
+                ) -> Callable[[], tuple[Tensor, object]]:
+        """``run`` under the case's seed: every call of every contender draws the same masks."""
+        def seeded() -> tuple[Tensor, object]:
+            torch.manual_seed(self.seed)
+            return run()
+        return seeded
+
     def _module_contender(self, cls: type[nn.Module], name: str, kind: str, impl: str,
-                          backend: str | None = None) -> Contender:
+                          backend: str | None = None, options: bool = False) -> Contender:
         def build() -> Step:
-            module = cls(self.I, self.H, device=self.device, dtype=self.dtype)
-            module.load_state_dict({f"{k}_l0": w for k, w in self.weights.items()})
-            module.requires_grad_(self.train)
+            module = self._module(cls, self.dtype, options)
             inp = self.packed_input if self.packed else self.x
-            state = self._state()
-            return self._step(lambda: module(inp, state), list(module.parameters()), backend)
+            state = self._state(self.dtype)
+            run = lambda: module(inp, state)  # noqa: E731
+            x = self.packed_input.data if self.packed else self.x
+            gy = self.gy_packed if self.packed else self.gy
+            return self._step(self._seeded(run) if options else run, [x, *module.parameters()],
+                              gy, backend)
         return Contender(name, kind, impl, build, canon=self._unpack if self.packed else None)
 
     def _loop_contender(self) -> Contender:
@@ -233,8 +303,8 @@ class _Case:
             cell.load_state_dict(self.weights)
             cell.requires_grad_(self.train)
             state = (self.h0, self.c0) if self.lstm else self.h0
-            return self._step(lambda: cell_loop(cell, self.x, state), list(cell.parameters()),
-                              None)
+            return self._step(lambda: cell_loop(cell, self.x, state),
+                              [self.x, *cell.parameters()], self.gy, None)
         return Contender(f"nn.{cls.__name__} loop", "loop", "PyTorch ops", build)
 
     def _unpack(self, results: list[Tensor]) -> list[Tensor]:
@@ -254,6 +324,7 @@ class _Case:
 
     def contenders(self) -> list[Contender]:
         fam, title = self.suite.family, self.suite.family.title
+        options = bool(self.options)
         out = []
         for backend in our_backends(self.device):
             name = f"rnnkernels ({backend})"
@@ -261,7 +332,12 @@ class _Case:
             if reason is not None:
                 out.append(Contender(name, "ours", backend, unavailable=reason))
             else:
-                out.append(self._module_contender(fam.ours, name, "ours", backend, backend))
+                out.append(self._module_contender(fam.ours, name, "ours", backend, backend,
+                                                  options))
+        if options:
+            # torch.nn has no cell options; ours without the option is the plain case ("train").
+            return [*out, self._module_contender(fam.ours, "PyTorch loop (reference)", "loop",
+                                                 "PyTorch ops", "reference", True)]
         out.append(self._module_contender(fam.torch, f"torch.nn.{title}", "torch.nn",
                                           torch_impl(self.suite.name, self.device, self.dtype,
                                                      self.packed)))
@@ -273,5 +349,7 @@ class _Case:
         steps = int(self.lengths.sum()) if self.packed else self.T * self.B
         G = self.suite.family.gates
         flops = 2.0 * steps * G * self.H * (self.I + self.H) * (3 if self.train else 1)
-        return Prepared(self.names(), self.expected(), self.contenders(), flops=flops,
+        options = bool(self.options)
+        expected = self.expected_with_options() if options else self.expected()
+        return Prepared(self.names(options), expected, self.contenders(), flops=flops,
                         steps=self.T)

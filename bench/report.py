@@ -11,13 +11,15 @@ from .core import Result, Target
 
 SCHEMA = 1
 EXPLANATION = (
-    "Median time after warm-up (compilation and autotuning excluded); `vs X` = time of X / time "
-    "of the row (above 1: the row is faster). Every row was checked against a float64 reference "
-    "before it was timed (`err`: norm-wise relative error of the worst result); a row whose "
-    "results are wrong is REFUSED and posts no time. `peak mem`: peak memory allocated during "
-    "one call. Recurrences: useful FLOPs per second and time per step; scans: bytes that must "
-    "move (inputs read once, outputs written once) per second, and that rate over the measured "
-    "copy bandwidth.")
+    "Median time after warm-up (compilation and autotuning excluded); `vs X` = time of X / time"
+    " of the row (above 1: the row is faster); `vs no variant`: the same contender's time on "
+    "the case of the same shape without the row's variant (unpacked input, no cell option) / "
+    "the row's time (below 1: what the variant costs). Every row was checked against a float64 "
+    "reference before it was timed (`err`: norm-wise relative error of the worst result); a row"
+    " whose results are wrong is REFUSED and posts no time. `peak mem`: peak memory allocated "
+    "during one call. Recurrences: useful FLOPs per second and time per step; scans: bytes that"
+    " must move (inputs read once, outputs written once) per second, and that rate over the "
+    "measured copy bandwidth.")
 
 
 def fmt_time(seconds: float | None) -> str:
@@ -89,13 +91,22 @@ def _header_table(h: dict) -> list[str]:
     return ["| | |", "|---|---|"] + [f"| {k} | {cell(v)} |" for k, v in rows]
 
 
+def _plain_key(r: Result) -> tuple:
+    """What a variant's row shares with the row of the case without it."""
+    return (r.mode, tuple(r.shape.items()), r.contender)
+
+
 def suite_table(results: Sequence[Result]) -> list[str]:
     """One suite's rows: a column of speed-up per baseline, and the metric of the family."""
     baselines = list(dict.fromkeys(r.contender for r in results
                                    if r.kind != "ours" and r.status == "ok"))
+    plain = {_plain_key(r): r.median_s for r in results if r.status == "ok" and not r.variant}
+    costs = any(r.status == "ok" and r.variant and _plain_key(r) in plain for r in results)
     flops = any(r.tflops is not None for r in results)
     bandwidth = any(r.gbps is not None for r in results)
     cols = ["case", "shape", "contender", "impl", "median"] + [f"vs {b}" for b in baselines]
+    if costs:
+        cols.append("vs no variant")
     if flops:
         cols += ["TFLOP/s", "us/step"]
     if bandwidth:
@@ -116,6 +127,9 @@ def suite_table(results: Sequence[Result]) -> list[str]:
             continue
         cells = [fmt_time(r.median_s)]
         cells += ["" if b == r.contender else fmt_ratio(r.speedups.get(b)) for b in baselines]
+        if costs:
+            base = plain.get(_plain_key(r)) if r.variant else None
+            cells.append(fmt_ratio(base / r.median_s) if base is not None else "")
         if flops:
             cells += [f"{r.tflops:.3g}" if r.tflops is not None else "",
                       f"{r.us_per_step:.3g}" if r.us_per_step is not None else ""]

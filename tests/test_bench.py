@@ -18,11 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import check, loops, report, runner
+from bench import check, configs, loops, report, runner
 from bench.__main__ import main as bench_main
 from bench.core import Result, Target
 from bench.readme_table import BEGIN, END
 from bench.readme_table import main as readme_main
+from bench.recurrence import OPTION_VARIANTS, _Case
 from bench.timing import peak_memory
 from rnnkernels import ops
 
@@ -97,7 +98,50 @@ def test_quick_run_writes_json_markdown_and_png(quick_lstm):
         assert (out / name).read_bytes()[:8] == PNG
 
 
-def test_wrong_kernel_is_refused(monkeypatch, tmp_path):
+def _option_plan(suites: list[str]) -> runner.Plan:
+    the_plan = runner.plan(suites, "cpu", torch.float32, quick=True)
+    the_plan.cases = [(suite, spec) for suite, spec in the_plan.cases
+                      if spec.variant in OPTION_VARIANTS.get(spec.suite, ())]
+    return the_plan
+
+
+def test_cell_option_cases(quick_lstm):
+    _, out, stdout = quick_lstm
+    path, data = _results(out)
+    cases: dict[str, dict] = {}
+    for r in data["results"]:
+        if r["variant"] in OPTION_VARIANTS["lstm"]:
+            cases.setdefault(r["case"], {})[r["contender"]] = r
+    assert set(cases) == {f"train {v}" for v in OPTION_VARIANTS["lstm"]}
+    for rows in cases.values():
+        assert set(rows) == {"rnnkernels (cpu)", "PyTorch loop (reference)"}
+        assert all(r["status"] == "ok" and r["mode"] == "train" for r in rows.values())
+        assert set(rows["rnnkernels (cpu)"]["speedups"]) == {"PyTorch loop (reference)"}
+    # The option's cost: our time on the plain training case over our time with the option.
+    markdown = (out / f"{path.stem}.md").read_text()
+    header = next(line for line in markdown.splitlines() if line.startswith("| case |"))
+    column = [c.strip() for c in header.split("|")].index("vs no variant")
+    plain = next(r for r in data["results"]
+                 if r["case"] == "train" and r["contender"] == "rnnkernels (cpu)")
+    for case, rows in cases.items():
+        line = next(line for line in markdown.splitlines()
+                    if line.startswith(f"| {case} |") and "| rnnkernels (cpu) |" in line)
+        cost = plain["median_s"] / rows["rnnkernels (cpu)"]["median_s"]
+        assert [c.strip() for c in line.split("|")][column] == report.fmt_ratio(cost)
+
+
+def test_cell_option_expected_values_have_the_options():
+    # Each option changes the float64 expected results, its parameters' gradients included.
+    for suite, spec in _option_plan(["lstm", "gru"]).cases:
+        case = _Case(suite, spec)
+        names, with_option = case.names(True), case.expected_with_options()
+        assert len(names) == len(with_option) >= len(case.names())
+        assert not torch.allclose(with_option[0], case.expected()[0]), spec.label
+        for name in names[len(case.names()):]:
+            assert with_option[names.index(name)].abs().max() > 0, (spec.label, name)
+
+
+def _recurrence_off_by_a_tenth_of_a_percent(monkeypatch) -> None:
     from rnnkernels.ops import recurrence as R
 
     real = R.recurrence
@@ -107,6 +151,24 @@ def test_wrong_kernel_is_refused(monkeypatch, tmp_path):
         return y * 1.001, h_n, c_n
 
     monkeypatch.setattr(R, "recurrence", off_by_a_tenth_of_a_percent)
+
+
+def test_wrong_option_kernel_is_refused(monkeypatch):
+    _recurrence_off_by_a_tenth_of_a_percent(monkeypatch)
+    the_plan = _option_plan(["lstm", "gru"])
+    with _one_thread():
+        results = runner.run(the_plan, configs.MIN_TIME_S["quick"], 1e9, progress=False)
+    assert {(r.suite, r.case) for r in results} == {
+        (suite, f"train {v}") for suite, variants in OPTION_VARIANTS.items() for v in variants}
+    for r in results:
+        if r.kind == "ours":
+            assert r.status == "refused" and r.reason.startswith("y: relative error")
+        else:
+            assert r.contender == "PyTorch loop (reference)" and r.status == "ok"
+
+
+def test_wrong_kernel_is_refused(monkeypatch, tmp_path):
+    _recurrence_off_by_a_tenth_of_a_percent(monkeypatch)
     rc, stdout = _run(tmp_path, "--suite", "rnn")
     assert rc == 1
     _, data = _results(tmp_path)
