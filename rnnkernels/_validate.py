@@ -70,3 +70,10 @@ def lengths(name: str, t: object, batch: int, steps: int) -> Tensor:
 def choice(name: str, value: object, allowed: Sequence[object]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def probability(name: str, p: object) -> float:
+    """A dropout-like probability: a number in [0, 1)."""
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 <= p < 1:
+        raise ValueError(f"{name} must be a number in [0, 1), got {p!r}")
+    return float(p)

@@ -71,8 +71,8 @@ class RNNBase(nn.Module):
         if layer_norm and not (mode == "LSTM" or (mode == "GRU" and reset_after)):
             raise ValueError("layer_norm is supported for the LSTM and the GRU with "
                              "reset_after=True only")
-        zoneout = R.check_probability("zoneout", zoneout)
-        recurrent_dropout = R.check_probability("recurrent_dropout", recurrent_dropout)
+        zoneout = _validate.probability("zoneout", zoneout)
+        recurrent_dropout = _validate.probability("recurrent_dropout", recurrent_dropout)
         self.mode = mode
         self.input_size = input_size
         self.hidden_size = hidden_size

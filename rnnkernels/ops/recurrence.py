@@ -437,8 +437,8 @@ def _check_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell,
     if lengths is not None:
         _validate.lengths("lengths", lengths, B, T)
     _validate.optional("w_peep", options.w_peep, shape=(3, H), like=x)
-    check_probability("zoneout", options.zoneout)
-    check_probability("recurrent_dropout", options.recurrent_dropout)
+    _validate.probability("zoneout", options.zoneout)
+    _validate.probability("recurrent_dropout", options.recurrent_dropout)
     ln = {"ln_weight_ih": (options.ln_weight_ih, G * H),
           "ln_weight_hh": (options.ln_weight_hh, G * H)}
     if cell == LSTM:
@@ -454,13 +454,6 @@ def _check_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell,
         for name, (t, size) in ln.items():
             _validate.tensor(name, t, shape=(size,), like=x)
     return H, P
-
-
-def check_probability(name: str, p: object) -> float:
-    """A dropout-like probability: a number in [0, 1)."""
-    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 <= p < 1:
-        raise ValueError(f"{name} must be a number in [0, 1), got {p!r}")
-    return float(p)
 
 
 def reference_recurrence(gx, h0, c0, w_hh, b_hh, w_hr, lengths, cell, reverse, **options):
