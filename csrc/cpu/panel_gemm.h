@@ -36,7 +36,7 @@ class PackedPanels {
   template <typename F, typename G>
   PackedPanels(int64_t K, int64_t N, const F& value, bool has_bias, const G& bias)
       : K_(K), N_(N), panels_((N + kNR - 1) / kNR) {
-    data_ = at::zeros({std::max<int64_t>(1, panels_ * K * kNR)},
+    data_ = at::empty({std::max<int64_t>(1, panels_ * K * kNR)},
                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
     T* d = data_.data_ptr<T>();
     for (int64_t p = 0; p < panels_; ++p) {
@@ -44,6 +44,7 @@ class PackedPanels {
       for (int64_t k = 0; k < K; ++k) {
         T* row = d + (p * K + k) * kNR;
         for (int64_t n = n0; n < n1; ++n) row[n - n0] = value(k, n);
+        std::fill(row + (n1 - n0), row + kNR, T(0));  // padding columns multiply to zero
       }
     }
     if (has_bias) {
