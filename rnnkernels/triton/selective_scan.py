@@ -74,13 +74,12 @@ def _block(dim, G, blocks, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, N):
 
 
 @triton.jit
-def _selective_scan_fwd_kernel(
-        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, x0_ptr,
-        out_ptr, last_ptr, ckpt_ptr, dim, L, N, G, blocks, nchunks,
-        B_VAR: tl.constexpr, C_VAR: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-        HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_X0: tl.constexpr,
-        SAVE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    b, g, _, d, d_mask, n, n_mask = _block(dim, G, blocks, BLOCK_D, BLOCK_N, N)
+def _params(A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, b, g, d, d_mask, n, n_mask, dim, L, N, G,
+            B_VAR: tl.constexpr, C_VAR: tl.constexpr, HAS_D: tl.constexpr,
+            HAS_BIAS: tl.constexpr):
+    """What both kernels load before the time loop: A, fixed B / C, D and the delta bias of the
+    block, its (d, n) state mask and offsets, and the bases of its (batch, dim, L) rows and of
+    its group's (batch, G, N, L) B / C rows."""
     dn_mask = d_mask[:, None] & n_mask[None, :]
     dn = d[:, None] * N + n[None, :]
     A = tl.load(A_ptr + dn, mask=dn_mask, other=0.0).to(tl.float32)
@@ -89,9 +88,23 @@ def _selective_scan_fwd_kernel(
     Dd = tl.load(D_ptr + d, mask=d_mask & HAS_D, other=0.0).to(tl.float32)
     bias = tl.load(bias_ptr + d, mask=d_mask & HAS_BIAS, other=0.0).to(tl.float32)
     state = (b * dim + d)[:, None] * N + n[None, :]
-    x = tl.load(x0_ptr + state, mask=dn_mask & HAS_X0, other=0.0).to(tl.float32)
     row = (b * dim + d).to(tl.int64) * L  # int64: batch * dim * L may pass 2^31
     bc_base = ((b * G + g) * N).to(tl.int64) * L
+    return dn_mask, A, B_fixed, C_fixed, Dd, bias, state, row, bc_base
+
+
+@triton.jit
+def _selective_scan_fwd_kernel(
+        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, x0_ptr,
+        out_ptr, last_ptr, ckpt_ptr, dim, L, N, G, blocks, nchunks,
+        B_VAR: tl.constexpr, C_VAR: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+        HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_X0: tl.constexpr,
+        SAVE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    b, g, _, d, d_mask, n, n_mask = _block(dim, G, blocks, BLOCK_D, BLOCK_N, N)
+    dn_mask, A, B_fixed, C_fixed, Dd, bias, state, row, bc_base = _params(
+        A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, b, g, d, d_mask, n, n_mask, dim, L, N, G, B_VAR,
+        C_VAR, HAS_D, HAS_BIAS)
+    x = tl.load(x0_ptr + state, mask=dn_mask & HAS_X0, other=0.0).to(tl.float32)
     for t in range(L):
         if SAVE:  # the state before each chunk's first step
             ck = ((b * dim + d).to(tl.int64) * nchunks + t // CHUNK)[:, None] * N + n[None, :]
@@ -120,17 +133,10 @@ def _selective_scan_bwd_kernel(
         HAS_GLAST: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_N: tl.constexpr):
     b, g, k, d, d_mask, n, n_mask = _block(dim, G, blocks, BLOCK_D, BLOCK_N, N)
-    dn_mask = d_mask[:, None] & n_mask[None, :]
-    dn = d[:, None] * N + n[None, :]
-    A = tl.load(A_ptr + dn, mask=dn_mask, other=0.0).to(tl.float32)
-    B_fixed = tl.load(B_ptr + dn, mask=dn_mask & (not B_VAR), other=0.0).to(tl.float32)
-    C_fixed = tl.load(C_ptr + dn, mask=dn_mask & (not C_VAR), other=0.0).to(tl.float32)
-    Dd = tl.load(D_ptr + d, mask=d_mask & HAS_D, other=0.0).to(tl.float32)
-    bias = tl.load(bias_ptr + d, mask=d_mask & HAS_BIAS, other=0.0).to(tl.float32)
-    state = (b * dim + d)[:, None] * N + n[None, :]
+    dn_mask, A, B_fixed, C_fixed, Dd, bias, state, row, bc_base = _params(
+        A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, b, g, d, d_mask, n, n_mask, dim, L, N, G, B_VAR,
+        C_VAR, HAS_D, HAS_BIAS)
     h = tl.load(glast_ptr + state, mask=dn_mask & HAS_GLAST, other=0.0).to(tl.float32)
-    row = (b * dim + d).to(tl.int64) * L  # int64: batch * dim * L may pass 2^31
-    bc_base = ((b * G + g) * N).to(tl.int64) * L
     # Partials of grouped B/C gradients: (batch, G, blocks, N, L), this program's slice.
     part = (((b * G + g) * blocks + k) * N).to(tl.int64) * L
     program = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
@@ -195,13 +201,12 @@ def _selective_scan_bwd_kernel(
         tl.debug_barrier()
     if HAS_X0:
         tl.store(gx0_ptr + state, h, mask=dn_mask)
-    # Per batch row sums over L; the launcher sums them over batch.
-    per_row = b * dim * N + dn
-    tl.store(gA_ptr + per_row, dA, mask=dn_mask)
+    # Per batch row sums over L (at the state's offsets); the launcher sums them over batch.
+    tl.store(gA_ptr + state, dA, mask=dn_mask)
     if not B_VAR:
-        tl.store(gB_ptr + per_row, dB_fixed, mask=dn_mask)
+        tl.store(gB_ptr + state, dB_fixed, mask=dn_mask)
     if not C_VAR:
-        tl.store(gC_ptr + per_row, dC_fixed, mask=dn_mask)
+        tl.store(gC_ptr + state, dC_fixed, mask=dn_mask)
     tl.store(gD_ptr + b * dim + d, dD, mask=d_mask)
     tl.store(gbias_ptr + b * dim + d, dbias, mask=d_mask)
 
