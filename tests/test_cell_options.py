@@ -117,6 +117,30 @@ def _op_args(a, cell, lengths, reverse, save=True):
     return (gx, a["h0"], a["c0"], a["w_hh"], a["b_hh"], a["w_hr"], lengths, cell, reverse, save)
 
 
+def _opcheck_fwd_bwd(a, cell, lengths, reverse, options):
+    """opcheck of recurrence_fwd with the cell-option arguments ``options``, then of
+    recurrence_bwd on its results with the same options."""
+    fwd = _op_args(a, cell, lengths, reverse) + options
+    torch.library.opcheck(torch.ops.rnnkernels.recurrence_fwd.default, fwd)
+    y, h, c, hs, ws = torch.ops.rnnkernels.recurrence_fwd(*fwd)
+    bwd = (torch.randn_like(y), torch.randn_like(h),
+           torch.randn_like(c) if cell == R.LSTM else None, a["c0"], a["w_hh"], None, lengths,
+           hs, ws, cell, reverse) + options
+    bwd = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in bwd)
+    torch.library.opcheck(torch.ops.rnnkernels.recurrence_bwd.default, bwd)
+
+
+def _assert_draws_follow_seed(run):
+    """run() (a training call drawing masks) repeats under the same seed and differs without."""
+    torch.manual_seed(1)
+    y1 = run()
+    torch.manual_seed(1)
+    y2 = run()
+    y3 = run()
+    torch.testing.assert_close(y1, y2, atol=0, rtol=0)
+    assert not torch.equal(y1, y3)
+
+
 def test_peephole_gradcheck():
     a = make(R.LSTM, 3, 2, 3, 4, torch.float64, proj=3, peephole=True)
     for lengths, reverse in ((None, False), (torch.tensor([3, 2]), True)):
@@ -131,14 +155,7 @@ def test_peephole_gradcheck():
 
 def test_peephole_opcheck():
     a = make(R.LSTM, 3, 2, 3, 5, torch.float32, peephole=True)
-    lengths = torch.tensor([3, 1])
-    fwd = _op_args(a, R.LSTM, lengths, False) + (a["w_peep"],)
-    torch.library.opcheck(torch.ops.rnnkernels.recurrence_fwd.default, fwd)
-    y, h, c, hs, ws = torch.ops.rnnkernels.recurrence_fwd(*fwd)
-    bwd = (torch.randn_like(y), torch.randn_like(h), torch.randn_like(c), a["c0"], a["w_hh"],
-           None, lengths, hs, ws, R.LSTM, False, a["w_peep"])
-    bwd = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in bwd)
-    torch.library.opcheck(torch.ops.rnnkernels.recurrence_bwd.default, bwd)
+    _opcheck_fwd_bwd(a, R.LSTM, torch.tensor([3, 1]), False, (a["w_peep"],))
 
 
 def test_peephole_functional():
@@ -234,30 +251,16 @@ def test_zoneout_gradcheck(cell):
 @pytest.mark.parametrize("cell", [R.LSTM, R.GRU])
 def test_zoneout_opcheck(cell):
     a = make(cell, 3, 2, 3, 5, torch.float32)
-    lengths = torch.tensor([3, 1])
     zo = tuple(t.float() if isinstance(t, torch.Tensor) else t
                for t in _zoneout_args(cell, 3, 2, 5, 5, True))
-    fwd = _op_args(a, cell, lengths, False) + (None,) + zo
-    torch.library.opcheck(torch.ops.rnnkernels.recurrence_fwd.default, fwd)
-    y, h, c, hs, ws = torch.ops.rnnkernels.recurrence_fwd(*fwd)
-    bwd = (torch.randn_like(y), torch.randn_like(h),
-           torch.randn_like(c) if cell == R.LSTM else None, a["c0"], a["w_hh"], None, lengths,
-           hs, ws, cell, False, None) + zo
-    bwd = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in bwd)
-    torch.library.opcheck(torch.ops.rnnkernels.recurrence_bwd.default, bwd)
+    _opcheck_fwd_bwd(a, cell, torch.tensor([3, 1]), False, (None,) + zo)
 
 
 def test_zoneout_functional_seed():
     """Training draws follow torch.manual_seed; evaluation is deterministic."""
     a = make(R.GRU, 5, 3, 4, 6, torch.float32)
     args = (a["x"], a["h0"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"])
-    torch.manual_seed(1)
-    y1, _ = rnnkernels.ops.gru(*args, zoneout=0.5)
-    torch.manual_seed(1)
-    y2, _ = rnnkernels.ops.gru(*args, zoneout=0.5)
-    y3, _ = rnnkernels.ops.gru(*args, zoneout=0.5)
-    torch.testing.assert_close(y1, y2, atol=0, rtol=0)
-    assert not torch.equal(y1, y3)
+    _assert_draws_follow_seed(lambda: rnnkernels.ops.gru(*args, zoneout=0.5)[0])
     e1, _ = rnnkernels.ops.gru(*args, zoneout=0.5, training=False)
     e2, _ = rnnkernels.ops.gru(*args, zoneout=0.5, training=False)
     torch.testing.assert_close(e1, e2, atol=0, rtol=0)
@@ -319,28 +322,16 @@ def test_recurrent_dropout_gradcheck(cell):
 
 def test_recurrent_dropout_opcheck():
     a = make(R.GRU_RESET_BEFORE, 3, 2, 3, 5, torch.float32)
-    lengths = torch.tensor([3, 1])
     mask = (torch.rand(2, 5) > 0.3).float() / 0.7
-    fwd = _op_args(a, R.GRU_RESET_BEFORE, lengths, True) + (None, None, None, 0.0, mask)
-    torch.library.opcheck(torch.ops.rnnkernels.recurrence_fwd.default, fwd)
-    y, h, c, hs, ws = torch.ops.rnnkernels.recurrence_fwd(*fwd)
-    bwd = (torch.randn_like(y), torch.randn_like(h), None, None, a["w_hh"], None, lengths, hs,
-           ws, R.GRU_RESET_BEFORE, True, None, None, None, 0.0, mask)
-    bwd = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in bwd)
-    torch.library.opcheck(torch.ops.rnnkernels.recurrence_bwd.default, bwd)
+    _opcheck_fwd_bwd(a, R.GRU_RESET_BEFORE, torch.tensor([3, 1]), True,
+                     (None, None, None, 0.0, mask))
 
 
 def test_recurrent_dropout_functional_seed_and_eval():
     """Training draws follow torch.manual_seed; outside training the layer is the plain one."""
     a = make(R.LSTM, 5, 3, 4, 6, torch.float32)
     args = (a["x"], (a["h0"], a["c0"]), a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"])
-    torch.manual_seed(1)
-    y1, _ = rnnkernels.ops.lstm(*args, recurrent_dropout=0.5)
-    torch.manual_seed(1)
-    y2, _ = rnnkernels.ops.lstm(*args, recurrent_dropout=0.5)
-    y3, _ = rnnkernels.ops.lstm(*args, recurrent_dropout=0.5)
-    torch.testing.assert_close(y1, y2, atol=0, rtol=0)
-    assert not torch.equal(y1, y3)
+    _assert_draws_follow_seed(lambda: rnnkernels.ops.lstm(*args, recurrent_dropout=0.5)[0])
     e, _ = rnnkernels.ops.lstm(*args, recurrent_dropout=0.5, training=False)
     plain, _ = rnnkernels.ops.lstm(*args)
     torch.testing.assert_close(e, plain, atol=0, rtol=0)
@@ -423,16 +414,8 @@ def test_layer_norm_gradcheck(cell):
 @pytest.mark.parametrize("cell", [R.LSTM, R.GRU])
 def test_layer_norm_opcheck(cell):
     a = make(cell, 3, 2, 3, 5, torch.float32, layer_norm=True)
-    lengths = torch.tensor([3, 1])
-    options = (None, None, None, 0.0, None) + _ln_args(a)
-    fwd = _op_args(a, cell, lengths, False) + options
-    torch.library.opcheck(torch.ops.rnnkernels.recurrence_fwd.default, fwd)
-    y, h, c, hs, ws = torch.ops.rnnkernels.recurrence_fwd(*fwd)
-    bwd = (torch.randn_like(y), torch.randn_like(h),
-           torch.randn_like(c) if cell == R.LSTM else None, a["c0"], a["w_hh"], None, lengths,
-           hs, ws, cell, False) + options
-    bwd = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in bwd)
-    torch.library.opcheck(torch.ops.rnnkernels.recurrence_bwd.default, bwd)
+    _opcheck_fwd_bwd(a, cell, torch.tensor([3, 1]), False,
+                     (None, None, None, 0.0, None) + _ln_args(a))
 
 
 def test_layer_norm_functional_checks():
