@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -30,6 +30,14 @@ def start(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def main(doc: str, run: Callable[..., object], argv: Sequence[str] | None) -> None:
+    """A demo's command line: parse (the first line of its docstring as the description),
+    seed and set up, then run(tiny, out, seed, argv)."""
+    args = parser(doc.splitlines()[0]).parse_args(argv)
+    start(args)
+    run(args.tiny, args.out, args.seed, argv)
 
 
 def command(module: str, argv: Sequence[str] | None) -> str:

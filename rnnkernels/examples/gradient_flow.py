@@ -427,9 +427,7 @@ steps with the state detached between chunks, so no gradient spans more than k s
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = _common.parser(__doc__.splitlines()[0]).parse_args(argv)
-    _common.start(args)
-    run(args.tiny, args.out, args.seed, argv)
+    _common.main(__doc__, run, argv)
 
 
 if __name__ == "__main__":

@@ -311,9 +311,7 @@ One decoder step (GRU with T = 1, attention, readout) for a batch of {s.batch} t
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = _common.parser(__doc__.splitlines()[0]).parse_args(argv)
-    _common.start(args)
-    run(args.tiny, args.out, args.seed, argv)
+    _common.main(__doc__, run, argv)
 
 
 if __name__ == "__main__":

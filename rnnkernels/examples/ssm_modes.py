@@ -185,9 +185,7 @@ whatever the prefix length, while recomputing the convolution over the prefix to
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = _common.parser(__doc__.splitlines()[0]).parse_args(argv)
-    _common.start(args)
-    run(args.tiny, args.out, args.seed, argv)
+    _common.main(__doc__, run, argv)
 
 
 if __name__ == "__main__":
