@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -154,7 +155,7 @@ def _option_grads(ctx, options: list, option_outputs: tuple) -> tuple:
     return tuple(grads)
 
 
-def _option_kwargs(options: list, cell: int) -> dict:
+def _option_kwargs(options: Sequence) -> dict:
     """The reference's keyword arguments of the cell-option arguments of the op (absent ones
     left out: each cell's reference takes only its own)."""
     return {name: value for name, value in zip(_OPTION_NAMES, options)
@@ -174,7 +175,7 @@ def _backward_differentiable(ctx, inputs, options, lengths, grads):
         t = [x if x is None else x.to(acc) for x in tensors]
         opts = [f if f is not None else o for o, f in zip(t[n:], floats)]
         y, h, c = reference_recurrence(*t[:n], lengths, ctx.cell, ctx.reverse,
-                                       **_option_kwargs(opts, ctx.cell))
+                                       **_option_kwargs(opts))
         return y.to(dtype), h.to(dtype), (None if c is None else c.to(dtype))
 
     tensor_options = [None if f is not None else o for o, f in zip(options, floats)]
@@ -334,18 +335,6 @@ class CellOptions:
         return (self.w_peep, self.zoneout_mask, self.zoneout_mask_c, float(self.zoneout),
                 self.recurrent_dropout_mask, self.ln_weight_hh, self.ln_weight_c, self.ln_bias_c)
 
-    def reference_args(self, cell: int) -> dict:
-        """The keyword arguments of the reference of ``cell``."""
-        common = {"zoneout": self.zoneout, "zoneout_mask": self.zoneout_mask,
-                  "recurrent_dropout_mask": self.recurrent_dropout_mask}
-        if self.ln_weight_hh is not None:
-            common |= {"ln_weight_ih": self.ln_weight_ih, "ln_weight_hh": self.ln_weight_hh}
-        if cell == LSTM:
-            return {"w_peep": self.w_peep, "zoneout_mask_c": self.zoneout_mask_c,
-                    "ln_weight_c": self.ln_weight_c, "ln_bias_c": self.ln_bias_c, **common}
-        return common
-
-
 
 NO_OPTIONS = CellOptions()
 
@@ -472,9 +461,9 @@ def reference_recurrence(gx, h0, c0, w_hh, b_hh, w_hr, lengths, cell, reverse, *
 def reference_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reverse,
                     options: CellOptions = NO_OPTIONS):
     """The reference of one layer for any cell; returns (y, h_n, c_n or None)."""
-    kw = options.reference_args(cell)
-    gx = input_projection(x, w_ih, b_ih, kw.pop("ln_weight_ih", None))
-    return reference_recurrence(gx, h0, c0, w_hh, b_hh, w_hr, lengths, cell, reverse, **kw)
+    gx = input_projection(x, w_ih, b_ih, options.ln_weight_ih)
+    return reference_recurrence(gx, h0, c0, w_hh, b_hh, w_hr, lengths, cell, reverse,
+                                **_option_kwargs(options.op_args()))
 
 
 def run_layer(x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, w_hh: Tensor,
