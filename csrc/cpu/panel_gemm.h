@@ -56,8 +56,8 @@ class PackedPanels {
 
   // C[m * ldc + n] = sum_k A[m * lda + k] * B(k, n) [+ bias(n)] for m < M, n < N.
   // Out of line: inlined into a large caller, its register blocks lose their registers.
-  __attribute__((noinline)) void multiply(int64_t M, const T* a, int64_t lda, T* c,
-                                          int64_t ldc) const {
+  C10_NOINLINE void multiply(int64_t M, const T* a, int64_t lda, T* c,
+                             int64_t ldc) const {
     if (M <= 0 || N_ <= 0) return;
     const int64_t blocks = (M + kMR - 1) / kMR;
     const int64_t base = M / blocks, extra = M % blocks;
