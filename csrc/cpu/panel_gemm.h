@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 namespace rnnkernels::cpu {
 
@@ -32,25 +33,45 @@ class PackedPanels {
   static constexpr int64_t kNR = kNV * V::size();   // columns per panel
   static constexpr int kMR = 6;                     // rows per register block
 
-  // B(k, n) = value(k, n) for k < K, n < N; bias(n) when has_bias (added to every row of C).
-  template <typename F, typename G>
-  PackedPanels(int64_t K, int64_t N, const F& value, bool has_bias, const G& bias)
+  // Columns [n0, n0 + count) of B as a strided view: B(k, n0 + j) = base[k * stride_k +
+  // j * stride_n], with bias[j] added to column n0 + j of every row of C (bias null: none).
+  // A thread's slice of W_hh is a few such runs (one per gate block).
+  struct Columns {
+    int64_t n0, count;
+    const T* base;
+    int64_t stride_k, stride_n;
+    const T* bias;
+  };
+
+  // B (K x N) from column runs that cover [0, N) once. Runs with stride_k == 1 (rows of W as columns of B) are packed by 16 x 16 tile
+  // transposes, runs with stride_n == 1 by row copies: packing costs about one pass over B,
+  // which matters because it happens on every op call.
+  PackedPanels(int64_t K, int64_t N, const std::vector<Columns>& runs)
       : K_(K), N_(N), panels_((N + kNR - 1) / kNR) {
-    data_ = at::empty({std::max<int64_t>(1, panels_ * K * kNR)},
+    data_ = at::zeros({std::max<int64_t>(1, panels_ * K * kNR)},
                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
     T* d = data_.data_ptr<T>();
-    for (int64_t p = 0; p < panels_; ++p) {
-      const int64_t n0 = p * kNR, n1 = std::min(N, n0 + kNR);
-      for (int64_t k = 0; k < K; ++k) {
-        T* row = d + (p * K + k) * kNR;
-        for (int64_t n = n0; n < n1; ++n) row[n - n0] = value(k, n);
-        std::fill(row + (n1 - n0), row + kNR, T(0));  // padding columns multiply to zero
+    for (const Columns& r : runs) {
+      for (int64_t j0 = 0; j0 < r.count;) {
+        const int64_t n = r.n0 + j0, p = n / kNR;
+        const int64_t cols = std::min(r.count - j0, (p + 1) * kNR - n);
+        const T* src = r.base + j0 * r.stride_n;
+        T* dst = d + p * K * kNR + (n - p * kNR);
+        if (r.stride_k == 1) {
+          at::vec::transpose_mxn<T>(src, r.stride_n, dst, kNR, static_cast<int>(cols),
+                                    static_cast<int>(K));
+        } else {
+          for (int64_t k = 0; k < K; ++k) {
+            for (int64_t j = 0; j < cols; ++j) dst[k * kNR + j] = src[k * r.stride_k + j * r.stride_n];
+          }
+        }
+        j0 += cols;
       }
     }
-    if (has_bias) {
-      bias_ = at::zeros({panels_ * kNR}, data_.options());
-      T* b = bias_.data_ptr<T>();
-      for (int64_t n = 0; n < N; ++n) b[n] = bias(n);
+    for (const Columns& r : runs) {
+      if (r.bias == nullptr) continue;
+      if (!bias_.defined()) bias_ = at::zeros({panels_ * kNR}, data_.options());
+      std::copy(r.bias, r.bias + r.count, bias_.data_ptr<T>() + r.n0);
     }
   }
 

@@ -1040,10 +1040,12 @@ void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor&
     const int64_t ldg = G * std::max<int64_t>(nk, 1);
     Tensor gh = at::empty({B, ldg}, hs.options());
     T* gh_p = gh.data_ptr<T>();
-    auto row = [&](int64_t j) { return (j / nk) * H + u0 + j % nk; };
-    const PackedPanels<T> w_own(
-        P, nk > 0 ? G * nk : 0, [&](int64_t i, int64_t j) { return w_p[row(j) * P + i]; },
-        bias_p != nullptr, [&](int64_t j) { return bias_p[row(j)]; });
+    std::vector<typename PackedPanels<T>::Columns> runs;
+    for (int64_t g = 0; g < G && nk > 0; ++g) {
+      runs.push_back({g * nk, nk, w_p + (g * H + u0) * P, 1, P,
+                      bias_p != nullptr ? bias_p + g * H + u0 : nullptr});
+    }
+    const PackedPanels<T> w_own(P, nk > 0 ? G * nk : 0, runs);
     for (int64_t s = 0; s < pb.steps; ++s) {
       const int64_t t = pb.time(s);
       const FwdStep<S, T> st{
@@ -1086,9 +1088,7 @@ void backward_persistent(const Problem<S, T>& pb, const Tensor& grad_y, const Te
     Tensor part = at::empty({B, std::max<int64_t>(nk, 1)}, dh.options());
     T* part_p = part.data_ptr<T>();
     // The thread's columns of W_hh, packed once: dgh_t @ W_hh[:, own units] is one panel GEMM.
-    const PackedPanels<T> w_own(
-        GH, nk, [&](int64_t i, int64_t j) { return w_p[i * P + u0 + j]; }, false,
-        [](int64_t) { return T(0); });
+    const PackedPanels<T> w_own(GH, nk, {{0, nk, w_p + u0, P, 1, nullptr}});
     for (int64_t s = pb.steps - 1; s >= 0; --s) {
       const int64_t t = pb.time(s);
       const BwdStep<S, T> st = make_bwd_step(pb, s, gy_p, static_cast<const T*>(dh_p), dc, c0, ws,
