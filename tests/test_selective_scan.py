@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close
+from conftest import assert_close, tol
 
 import rnnkernels
 from rnnkernels.ops import selective_scan
@@ -289,3 +289,24 @@ def test_backward_memory_does_not_scale_with_L_times_N():
     args = [inputs[k] for k in ARGS[:8]]
     ckpt = torch.ops.rnnkernels.selective_scan_fwd(*args, True, None, 64, True)[2]
     assert ckpt.shape == (1, 2, math.ceil(200 / 64), 16)
+
+
+def test_scan_math_over_the_float_range():
+    """The CPU kernel's own float softplus and exp (csrc/cpu/vec_math.h) against float64 over tiny,
+    ordinary, saturating and overflowing arguments, NaN and +-Inf. One step per channel: with
+    B = C = 1, u = 1 and a zero state, out = softplus(delta); with u = 0 and state 1 before the
+    step, out = exp(delta A) = exp(A) for delta = 1 without softplus (inf past the float
+    range, as float64's value rounded to float)."""
+    mags = torch.cat([torch.logspace(-9, 2.3, 400), torch.tensor([0.0, 1e30, float("inf")])])
+    vals = torch.cat([mags, -mags, torch.tensor([float("nan")])])
+    vals = vals[torch.randperm(vals.numel())]
+    dim = vals.numel()
+    ones = torch.ones(dim, 1)
+    out = selective_scan(torch.ones(1, dim, 1), vals.view(1, dim, 1), -ones, ones, ones,
+                         delta_softplus=True)
+    torch.testing.assert_close(out.view(-1).double(), F.softplus(vals.double()),
+                               **tol(torch.float32), equal_nan=True)
+    out = selective_scan(torch.zeros(1, dim, 1), torch.ones(1, dim, 1), vals.view(dim, 1), ones,
+                         ones, initial_state=torch.ones(1, dim, 1))
+    torch.testing.assert_close(out.view(-1).double(), torch.exp(vals.double()).float().double(),
+                               **tol(torch.float32), equal_nan=True)

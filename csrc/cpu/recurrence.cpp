@@ -43,6 +43,7 @@
 
 #include "../recurrence_weight_grads.h"
 #include "panel_gemm.h"
+#include "vec_math.h"
 #include "rnnkernels/cells.h"
 
 namespace rnnkernels::cpu {
@@ -56,36 +57,6 @@ namespace {
 constexpr int64_t kMinUnitsPerTask = 16384;
 // Epsilon of the layer normalisations (torch.nn.functional.layer_norm's default).
 constexpr double kLayerNormEps = 1e-5;
-
-// exp for the gates, inlined: a call to Sleef's exp forces every live vector register of the
-// pointwise pass to the stack around it (five calls per LSTM unit vector). Cody-Waite reduction
-// x = n ln2 + r, |r| <= ln2 / 2, Taylor series of e^r to r^7 (truncation < 2e-9 relative), and
-// 2^n applied by scalef, which also gives inf / 0 past the float range. About 1 ulp; NaN
-// propagates. Float on AVX-512 only; elsewhere at::vec's exp.
-template <typename T>
-C10_ALWAYS_INLINE Vectorized<T> fast_exp(Vectorized<T> x) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<T, float>) {
-    const __m512 v = x;
-    const __m512 xc = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-104.f)), _mm512_set1_ps(90.f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), xc);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-    __m512 q = _mm512_set1_ps(1.f / 5040.f);
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.f / 720.f));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.f / 120.f));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.f / 24.f));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.f / 6.f));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.5f));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.f));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.f));
-    const __m512 e = _mm512_scalef_ps(q, n);
-    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), e, v);
-  }
-#endif
-  return x.exp();
-}
 
 template <typename T>
 struct VecMath {

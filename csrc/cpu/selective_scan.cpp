@@ -36,6 +36,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "vec_math.h"
+
 namespace rnnkernels::cpu {
 
 using at::Tensor;
@@ -55,17 +57,10 @@ constexpr int64_t kMinTaskWork = 1 << 15;
 inline int64_t task_grain(int64_t work_per_task) {
   return std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work_per_task));
 }
-// softplus(v) = v above this, as in torch.nn.functional.softplus and mamba_ssm.
-constexpr double kSoftplusThreshold = 20.0;
 
 template <typename T>
 Vec<T> sigmoid(const Vec<T>& v) {
-  return Vec<T>(T(1)) / (Vec<T>(T(1)) + v.neg().exp());
-}
-
-template <typename T>
-Vec<T> softplus(const Vec<T>& v) {
-  return Vec<T>::blendv(v.exp().log1p(), v, v > Vec<T>(static_cast<T>(kSoftplusThreshold)));
+  return Vec<T>(T(1)) / (Vec<T>(T(1)) + fast_exp<T>(v.neg()));
 }
 
 // In-register transpose of a W x W tile held as W vectors (row i = r[i]): log2(W) rounds of
@@ -201,10 +196,10 @@ Block block_of(const Scan<S, T>& p, int64_t i) {
 // delta_bias (W each); zero in lanes past the block's channels.
 template <typename T>
 struct Lanes {
-  std::vector<T> A, B, C, D, bias;
+  std::vector<T> A, A2, B, C, D, bias;  // A2 = A log2(e): exp(dt A) = 2^(dt A2)
   explicit Lanes(int64_t N)
-      : A(N * Vec<T>::size()), B(N * Vec<T>::size()), C(N * Vec<T>::size()),
-        D(Vec<T>::size()), bias(Vec<T>::size()) {}
+      : A(N * Vec<T>::size()), A2(N * Vec<T>::size()), B(N * Vec<T>::size()),
+        C(N * Vec<T>::size()), D(Vec<T>::size()), bias(Vec<T>::size()) {}
 
   template <typename S>
   void load(const Scan<S, T>& p, const Block& blk) {
@@ -217,6 +212,7 @@ struct Lanes {
       }
     };
     lanes(A, p.A, p.N);
+    for (size_t i = 0; i < A.size(); ++i) A2[i] = A[i] * static_cast<T>(1.44269504088896340736);
     lanes(B, p.B_fixed, p.N);
     lanes(C, p.C_fixed, p.N);
     lanes(D, p.D, 1);
@@ -248,7 +244,7 @@ void discretise(const Scan<S, T>& p, const Block& blk, const Lanes<T>& c, int64_
   const V bias = V::loadu(c.bias.data());
   for (int64_t t = 0; t < len; ++t) {
     const V v = V::loadu(&s.v[t * W]) + bias;
-    const V dt = p.softplus ? softplus(v) : v;
+    const V dt = p.softplus ? fast_softplus(v) : v;
     v.store(&s.v[t * W]);
     dt.store(&s.dt[t * W]);
     (dt * V::loadu(&s.u[t * W])).store(&s.du[t * W]);
@@ -259,28 +255,51 @@ void discretise(const Scan<S, T>& p, const Block& blk, const Lanes<T>& c, int64_
 // it. B and C are (N x W) lanes when fixed, else (len x N) rows of scalars shared by the lanes.
 // With kY, y_t = C_t . x_t goes to y (len x W). With kStore, exp(dt A) of every step goes to
 // as (len x N x W) and the state after step t to xs[(t + 1) N W] (xs[0] holds the state before).
-template <typename T, bool kBvar, bool kCvar, bool kY, bool kStore>
-void forward_steps(int64_t len, int64_t N, T* x, const T* A, const T* B, const T* C,
-                   const T* dt, const T* du, T* y, T* as, T* xs) {
+//
+// States NB at a time, steps inside: the NB states and their A2 = A log2(e) stay in registers
+// across the chunk, y_t is read and written once per NB states, and the NB independent exp /
+// multiply-add chains keep the FMA pipes busy. A is passed as A2.
+template <typename T, bool kBvar, bool kCvar, bool kY, bool kStore, int NB>
+void forward_states(int64_t len, int64_t N, int64_t n0, T* x, const T* A, const T* B, const T* C,
+                    const T* dt, const T* du, T* y, T* as, T* xs) {
   using V = Vec<T>;
   constexpr int64_t W = V::size();
+  V xr[NB], Ar[NB];
+  for (int j = 0; j < NB; ++j) {
+    xr[j] = V::loadu(x + (n0 + j) * W);
+    Ar[j] = V::loadu(A + (n0 + j) * W);
+  }
   for (int64_t t = 0; t < len; ++t) {
     const V dtv = V::loadu(dt + t * W), duv = V::loadu(du + t * W);
-    V yv(T(0));
-    for (int64_t n = 0; n < N; ++n) {
-      const V a = (dtv * V::loadu(A + n * W)).exp_u20();
+    V yv = (kY && n0 > 0) ? V::loadu(y + t * W) : V(T(0));
+    for (int j = 0; j < NB; ++j) {
+      const int64_t n = n0 + j;
+      const V a = fast_exp2<T>(dtv * Ar[j]);
       const V Bn = kBvar ? V(B[t * N + n]) : V::loadu(B + n * W);
-      const V xn = at::vec::fmadd(a, V::loadu(x + n * W), duv * Bn);
-      xn.store(x + n * W);
+      xr[j] = at::vec::fmadd(a, xr[j], duv * Bn);
       if constexpr (kStore) {
         a.store(as + (t * N + n) * W);
-        xn.store(xs + ((t + 1) * N + n) * W);
+        xr[j].store(xs + ((t + 1) * N + n) * W);
       }
       if constexpr (kY) {
-        yv = at::vec::fmadd(xn, kCvar ? V(C[t * N + n]) : V::loadu(C + n * W), yv);
+        yv = at::vec::fmadd(xr[j], kCvar ? V(C[t * N + n]) : V::loadu(C + n * W), yv);
       }
     }
     if constexpr (kY) yv.store(y + t * W);
+  }
+  for (int j = 0; j < NB; ++j) xr[j].store(x + (n0 + j) * W);
+}
+
+template <typename T, bool kBvar, bool kCvar, bool kY, bool kStore>
+void forward_steps(int64_t len, int64_t N, T* x, const T* A, const T* B, const T* C,
+                   const T* dt, const T* du, T* y, T* as, T* xs) {
+  constexpr int kNB = 4;
+  int64_t n0 = 0;
+  for (; n0 + kNB <= N; n0 += kNB) {
+    forward_states<T, kBvar, kCvar, kY, kStore, kNB>(len, N, n0, x, A, B, C, dt, du, y, as, xs);
+  }
+  for (; n0 < N; ++n0) {
+    forward_states<T, kBvar, kCvar, kY, kStore, 1>(len, N, n0, x, A, B, C, dt, du, y, as, xs);
   }
 }
 
@@ -354,7 +373,7 @@ void forward_task(const Scan<S, T>& p, const Block& blk, S* out, T* last, T* ckp
     discretise(p, blk, c, t0, len, s);
     const T* B = kBvar ? p.rows(p.B_rows, blk.b, blk.g, t0) : c.B.data();
     const T* C = kCvar ? p.rows(p.C_rows, blk.b, blk.g, t0) : c.C.data();
-    forward_steps<T, kBvar, kCvar, true, false>(len, N, x.data(), c.A.data(), B, C,
+    forward_steps<T, kBvar, kCvar, true, false>(len, N, x.data(), c.A2.data(), B, C,
                                                 s.dt.data(), s.du.data(), s.y.data(), nullptr,
                                                 nullptr);
     const V Dv = V::loadu(c.D.data());
@@ -436,11 +455,11 @@ void backward_task(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_
   std::vector<T>& state = w.x;  // a copy of xs[0], advanced by the recomputation
   std::copy(w.xs.begin(), w.xs.begin() + NW, state.begin());
   if (p.z != nullptr) {
-    forward_steps<T, kBvar, kCvar, true, true>(len, N, state.data(), c.A.data(), B, C,
+    forward_steps<T, kBvar, kCvar, true, true>(len, N, state.data(), c.A2.data(), B, C,
                                                s.dt.data(), s.du.data(), s.y.data(),
                                                w.as.data(), w.xs.data());
   } else {
-    forward_steps<T, kBvar, kCvar, false, true>(len, N, state.data(), c.A.data(), B, C,
+    forward_steps<T, kBvar, kCvar, false, true>(len, N, state.data(), c.A2.data(), B, C,
                                                 s.dt.data(), s.du.data(), s.y.data(),
                                                 w.as.data(), w.xs.data());
   }
