@@ -53,6 +53,10 @@ constexpr int64_t kMinReduceWork = 1 << 16;
 // parallel region per call (per chunk in the backward) costs more than a tiny scan, and on a busy
 // machine a region waits for a descheduled thread.
 constexpr int64_t kMinTaskWork = 1 << 15;
+// Supers (the backward's tasks) the blocks of all (batch row, group) pairs are split into, at
+// least, where there are as many blocks: enough to keep 8 threads busy, few enough that the
+// lane sums of grouped dB / dC, done once per super and chunk, cost little.
+constexpr int64_t kMinSupers = 8;
 
 inline int64_t task_grain(int64_t work_per_task) {
   return std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work_per_task));
@@ -154,6 +158,9 @@ template <typename S, typename T>
 struct Scan {
   static constexpr int64_t W = Vec<T>::size();
   int64_t batch, dim, L, N, G, channels_per_group, blocks_per_group, chunk, nchunks;
+  // The backward's tasks: supers_per_group runs of consecutive blocks per (batch row, group)
+  // (see backward_super), a number that depends on the problem, not on the thread count.
+  int64_t supers_per_group;
   bool softplus;
   const S* u;
   const S* delta;
@@ -168,6 +175,14 @@ struct Scan {
   const T* x0;          // (batch, dim, N), null for a zero initial state
 
   int64_t tasks() const { return batch * G * blocks_per_group; }
+  int64_t supers() const { return batch * G * supers_per_group; }
+  // Blocks [first, last) of super s.
+  std::pair<int64_t, int64_t> super_blocks(int64_t s) const {
+    const int64_t bg = s / supers_per_group, j = s % supers_per_group;
+    const int64_t per = (blocks_per_group + supers_per_group - 1) / supers_per_group;
+    const int64_t k0 = std::min(blocks_per_group, j * per);
+    return {bg * blocks_per_group + k0, bg * blocks_per_group + std::min(blocks_per_group, k0 + per)};
+  }
   // Rows of grouped B (or C) of batch row b, group g, from step t0 on.
   const T* rows(const T* M, int64_t b, int64_t g, int64_t t0) const {
     return M + ((b * G + g) * L + t0) * N;
@@ -305,8 +320,8 @@ void forward_steps(int64_t len, int64_t N, T* x, const T* A, const T* B, const T
 
 // The reverse recurrence over one chunk of a block. h (N x W) holds dL/dx after the chunk on
 // entry and dL/dx before it on exit; g: dL/dy per step (len x W). Sums over the chunk are added
-// to dA (N x W) and, when fixed, to dB / dC (N x W); when grouped, dB / dC (len x N x W) receive
-// each step's per-lane terms.
+// to dA (N x W) and, when fixed, to dB / dC (N x W); when grouped, each step's per-lane terms
+// are added to dB / dC (len x N x W).
 // s1 = sum_n h B and s2 = sum_n h A a x_prev per step go to s1 / s2 (len x W).
 template <typename T, bool kBvar, bool kCvar>
 void backward_steps(int64_t len, int64_t N, T* h, const T* A, const T* B, const T* C,
@@ -326,12 +341,12 @@ void backward_steps(int64_t len, int64_t N, T* h, const T* A, const T* B, const 
       const V a = V::loadu(as + (t * N + n) * W);
       const V hn = at::vec::fmadd(gv, Cn, V::loadu(h + n * W));
       if constexpr (kCvar) {
-        (gv * xn).store(dC + (t * N + n) * W);
+        at::vec::fmadd(gv, xn, V::loadu(dC + (t * N + n) * W)).store(dC + (t * N + n) * W);
       } else {
         at::vec::fmadd(gv, xn, V::loadu(dC + n * W)).store(dC + n * W);
       }
       if constexpr (kBvar) {
-        (hn * duv).store(dB + (t * N + n) * W);
+        at::vec::fmadd(hn, duv, V::loadu(dB + (t * N + n) * W)).store(dB + (t * N + n) * W);
       } else {
         at::vec::fmadd(hn, duv, V::loadu(dB + n * W)).store(dB + n * W);
       }
@@ -411,7 +426,7 @@ struct Grads {
   const S* grad_out;
   const T* ckpt;
   Carried<T> carried;
-  T* dB_part;  // (tasks, chunk, N): the block's sums of the chunk, grouped B only
+  T* dB_part;  // (supers, chunk, N): the super's sums of the chunk, grouped B only
   T* dC_part;
   S* grad_u;
   S* grad_delta;
@@ -485,14 +500,13 @@ void backward_task(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_
     scatter_lanes(gr.grad_z + off, p.L, s.gdt.data(), blk.nc, len);
   }
 
-  // Grouped: per-lane terms of the chunk, summed over the lanes below; fixed: sums over L.
+  // Grouped: per-lane terms of the chunk, added to the super's (backward_super); fixed: sums
+  // over L.
   T* dB = kBvar ? w.dB.data() : gr.carried.dB + i * NW;
   T* dC = kCvar ? w.dC.data() : gr.carried.dC + i * NW;
   backward_steps<T, kBvar, kCvar>(len, N, gr.carried.h + i * NW, c.A.data(), B, C, w.xs.data(),
                                   w.as.data(), s.dt.data(), s.du.data(), s.g.data(),
                                   gr.carried.dA + i * NW, dB, dC, w.s1.data(), w.s2.data());
-  if constexpr (kBvar) lane_sums(dB, len * N, gr.dB_part + i * p.chunk * N);
-  if constexpr (kCvar) lane_sums(dC, len * N, gr.dC_part + i * p.chunk * N);
 
   V dbias = V::loadu(gr.carried.dbias + i * W);
   const V threshold(static_cast<T>(kSoftplusThreshold));
@@ -512,19 +526,35 @@ void backward_task(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_
   scatter_lanes(gr.grad_delta + off, p.L, s.gdt.data(), blk.nc, len);
 }
 
-// grad (batch, G, N, L) over one chunk: the blocks' sums (tasks, chunk, N) of a group added block
-// after block, then written transposed.
+// The backward of super s over chunk ci: its blocks one after another, their per-lane terms of
+// grouped dB / dC added up in w, then summed over the lanes once (a 16 x 16 transpose-and-add
+// per 16 values, as costly as the block's own step work when done per block) into the super's
+// (chunk, N) partials.
+template <typename S, typename T, bool kBvar, bool kCvar>
+void backward_super(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t s, int64_t ci,
+                    BackwardWork<T>& w) {
+  const int64_t len = std::min(p.chunk, p.L - ci * p.chunk), n = len * p.N * Vec<T>::size();
+  if constexpr (kBvar) std::fill(w.dB.begin(), w.dB.begin() + n, T(0));
+  if constexpr (kCvar) std::fill(w.dC.begin(), w.dC.begin() + n, T(0));
+  const auto [first, last] = p.super_blocks(s);
+  for (int64_t i = first; i < last; ++i) backward_task<S, T, kBvar, kCvar>(p, gr, i, ci, w);
+  if constexpr (kBvar) lane_sums(w.dB.data(), len * p.N, gr.dB_part + s * p.chunk * p.N);
+  if constexpr (kCvar) lane_sums(w.dC.data(), len * p.N, gr.dC_part + s * p.chunk * p.N);
+}
+
+// grad (batch, G, N, L) over one chunk: the supers' sums (supers, chunk, N) of a group added
+// super after super, then written transposed.
 template <typename S, typename T>
 void reduce_grouped(const Scan<S, T>& p, const T* part, S* grad, int64_t t0, int64_t len) {
   using V = Vec<T>;
   const int64_t block = p.chunk * p.N;
-  const int64_t grain = std::max<int64_t>(1, kMinReduceWork / (p.blocks_per_group * block));
+  const int64_t grain = std::max<int64_t>(1, kMinReduceWork / (p.supers_per_group * block));
   at::parallel_for(0, p.batch * p.G, grain, [&](int64_t i0, int64_t i1) {
     std::vector<T> acc(len * p.N);
     for (int64_t i = i0; i < i1; ++i) {
-      const T* src = part + i * p.blocks_per_group * block;
+      const T* src = part + i * p.supers_per_group * block;
       std::copy(src, src + len * p.N, acc.begin());
-      for (int64_t k = 1; k < p.blocks_per_group; ++k) {
+      for (int64_t k = 1; k < p.supers_per_group; ++k) {
         at::vec::map2([](V a, V b) { return a + b; }, acc.data(), acc.data(), src + k * block,
                       len * p.N);
       }
@@ -646,6 +676,8 @@ Scan<S, T> make_scan(const Inputs& in, const Tensor& B_rows, const Tensor& C_row
   p.G = in.G;
   p.channels_per_group = in.dim / in.G;
   p.blocks_per_group = (p.channels_per_group + Scan<S, T>::W - 1) / Scan<S, T>::W;
+  p.supers_per_group = std::clamp<int64_t>((kMinSupers + p.batch * p.G - 1) / (p.batch * p.G), 1,
+                                           p.blocks_per_group);
   p.chunk = std::min(chunk_size, std::max<int64_t>(in.L, 1));
   p.nchunks = (in.L + chunk_size - 1) / chunk_size;
   p.softplus = softplus;
@@ -764,8 +796,8 @@ selective_scan_bwd_cpu(const Tensor& grad_out, const std::optional<Tensor>& grad
     Tensor dA = at::zeros({tasks, NW}, acc_opts);
     Tensor dB_fixed = in.B_var ? Tensor() : at::zeros({tasks, NW}, acc_opts);
     Tensor dC_fixed = in.C_var ? Tensor() : at::zeros({tasks, NW}, acc_opts);
-    Tensor dB_part = in.B_var ? at::empty({tasks, p.chunk * p.N}, acc_opts) : Tensor();
-    Tensor dC_part = in.C_var ? at::empty({tasks, p.chunk * p.N}, acc_opts) : Tensor();
+    Tensor dB_part = in.B_var ? at::empty({p.supers(), p.chunk * p.N}, acc_opts) : Tensor();
+    Tensor dC_part = in.C_var ? at::empty({p.supers(), p.chunk * p.N}, acc_opts) : Tensor();
     Tensor dD = at::zeros({tasks, W}, acc_opts), dbias = at::zeros({tasks, W}, acc_opts);
     auto ptr = [](Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
     const Grads<S, T> gr{
@@ -779,10 +811,13 @@ selective_scan_bwd_cpu(const Tensor& grad_out, const std::optional<Tensor>& grad
     with_forms(in.B_var, in.C_var, [&](auto b_var, auto c_var) {
       constexpr bool kBvar = decltype(b_var)::value, kCvar = decltype(c_var)::value;
       for (int64_t ci = p.nchunks - 1; ci >= 0; --ci) {
-        at::parallel_for(0, tasks, task_grain(p.chunk * p.N * Vec<T>::size()),
-                         [&](int64_t i0, int64_t i1) {
+        const int64_t blocks_per_super = (p.blocks_per_group + p.supers_per_group - 1) /
+                                         p.supers_per_group;
+        at::parallel_for(0, p.supers(),
+                         task_grain(blocks_per_super * p.chunk * p.N * Vec<T>::size()),
+                         [&](int64_t s0, int64_t s1) {
           BackwardWork<T> w(p.chunk, p.N, kBvar, kCvar);
-          for (int64_t i = i0; i < i1; ++i) backward_task<S, T, kBvar, kCvar>(p, gr, i, ci, w);
+          for (int64_t s = s0; s < s1; ++s) backward_super<S, T, kBvar, kCvar>(p, gr, s, ci, w);
         });
         const int64_t t0 = ci * p.chunk, len = std::min(p.chunk, p.L - t0);
         if constexpr (kBvar) reduce_grouped(p, gr.dB_part, gB, t0, len);
