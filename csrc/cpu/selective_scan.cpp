@@ -16,12 +16,15 @@
 //
 // Memory. The forward reads u, delta, z once, B and C twice (once to transpose them), and writes
 // out once; with save it also writes the state at every chunk start (checkpoints (batch, dim,
-// ceil(L / chunk), N)). The backward walks the chunks in reverse, one at::parallel_for per
-// chunk: each task recomputes its chunk's states and exp(dt A) from the checkpoint into
-// (chunk + 1) x N x W buffers and runs the reverse recurrence, carrying dL/dx across chunk
-// boundaries in a per-task buffer, so its working memory does not grow with L. Gradients that
-// sum over channels (grouped B/C) are summed per task over its lanes into (chunk, N)
-// partials, reduced over the group's tasks once the chunk's tasks are done; gradients that sum
+// ceil(L / chunk), N)). The backward is one at::parallel_for over supers (runs of consecutive
+// blocks of one batch row and group, at least kMinSupers in all); a super walks the chunks in
+// reverse, and for each chunk each of its blocks recomputes the chunk's states and exp(dt A)
+// from the checkpoint into (chunk + 1) x N x W buffers and runs the reverse recurrence,
+// carrying dL/dx across chunk boundaries in a per-block buffer, so the working memory does not
+// grow with L. Gradients that sum over channels (grouped B/C) are added per lane over the
+// super's blocks and summed over the lanes into (L, N) partials per super (as many values as
+// the gradient itself when there are at least kMinSupers (batch row, group) pairs, at most
+// kMinSupers times as many), reduced over the group's supers at the end; gradients that sum
 // over batch and L (A, fixed B/C, D, delta_bias) are kept per lane across chunks and reduced
 // over batch at the end. Every sum runs in a fixed order, so results do not depend on the
 // number of threads.
@@ -426,7 +429,7 @@ struct Grads {
   const S* grad_out;
   const T* ckpt;
   Carried<T> carried;
-  T* dB_part;  // (supers, chunk, N): the super's sums of the chunk, grouped B only
+  T* dB_part;  // (supers, L, N): the super's sums over its channels, grouped B only
   T* dC_part;
   S* grad_u;
   S* grad_delta;
@@ -526,41 +529,43 @@ void backward_task(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_
   scatter_lanes(gr.grad_delta + off, p.L, s.gdt.data(), blk.nc, len);
 }
 
-// The backward of super s over chunk ci: its blocks one after another, their per-lane terms of
-// grouped dB / dC added up in w, then summed over the lanes once (a 16 x 16 transpose-and-add
-// per 16 values, as costly as the block's own step work when done per block) into the super's
-// (chunk, N) partials.
+// The backward of super s: the chunks in reverse, per chunk its blocks one after another, their
+// per-lane terms of grouped dB / dC added up in w, then summed over the lanes once (a 16 x 16
+// transpose-and-add per 16 values, as costly as a block's own step work when done per block)
+// into the super's (L, N) partials.
 template <typename S, typename T, bool kBvar, bool kCvar>
-void backward_super(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t s, int64_t ci,
-                    BackwardWork<T>& w) {
-  const int64_t len = std::min(p.chunk, p.L - ci * p.chunk), n = len * p.N * Vec<T>::size();
-  if constexpr (kBvar) std::fill(w.dB.begin(), w.dB.begin() + n, T(0));
-  if constexpr (kCvar) std::fill(w.dC.begin(), w.dC.begin() + n, T(0));
+void backward_super(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t s, BackwardWork<T>& w) {
   const auto [first, last] = p.super_blocks(s);
-  for (int64_t i = first; i < last; ++i) backward_task<S, T, kBvar, kCvar>(p, gr, i, ci, w);
-  if constexpr (kBvar) lane_sums(w.dB.data(), len * p.N, gr.dB_part + s * p.chunk * p.N);
-  if constexpr (kCvar) lane_sums(w.dC.data(), len * p.N, gr.dC_part + s * p.chunk * p.N);
+  for (int64_t ci = p.nchunks - 1; ci >= 0; --ci) {
+    const int64_t t0 = ci * p.chunk, len = std::min(p.chunk, p.L - t0);
+    const int64_t n = len * p.N * Vec<T>::size();
+    if constexpr (kBvar) std::fill(w.dB.begin(), w.dB.begin() + n, T(0));
+    if constexpr (kCvar) std::fill(w.dC.begin(), w.dC.begin() + n, T(0));
+    for (int64_t i = first; i < last; ++i) backward_task<S, T, kBvar, kCvar>(p, gr, i, ci, w);
+    if constexpr (kBvar) lane_sums(w.dB.data(), len * p.N, gr.dB_part + (s * p.L + t0) * p.N);
+    if constexpr (kCvar) lane_sums(w.dC.data(), len * p.N, gr.dC_part + (s * p.L + t0) * p.N);
+  }
 }
 
-// grad (batch, G, N, L) over one chunk: the supers' sums (supers, chunk, N) of a group added
-// super after super, then written transposed.
+// grad (batch, G, N, L): the supers' sums (supers, L, N) of a group added super after super,
+// then written transposed.
 template <typename S, typename T>
-void reduce_grouped(const Scan<S, T>& p, const T* part, S* grad, int64_t t0, int64_t len) {
+void reduce_grouped(const Scan<S, T>& p, const T* part, S* grad) {
   using V = Vec<T>;
-  const int64_t block = p.chunk * p.N;
+  const int64_t block = p.L * p.N;
   const int64_t grain = std::max<int64_t>(1, kMinReduceWork / (p.supers_per_group * block));
   at::parallel_for(0, p.batch * p.G, grain, [&](int64_t i0, int64_t i1) {
-    std::vector<T> acc(len * p.N);
+    std::vector<T> acc(block);
     for (int64_t i = i0; i < i1; ++i) {
       const T* src = part + i * p.supers_per_group * block;
-      std::copy(src, src + len * p.N, acc.begin());
+      std::copy(src, src + block, acc.begin());
       for (int64_t k = 1; k < p.supers_per_group; ++k) {
         at::vec::map2([](V a, V b) { return a + b; }, acc.data(), acc.data(), src + k * block,
-                      len * p.N);
+                      block);
       }
       for (int64_t n = 0; n < p.N; ++n) {
-        S* dst = grad + (i * p.N + n) * p.L + t0;
-        for (int64_t t = 0; t < len; ++t) dst[t] = static_cast<S>(acc[t * p.N + n]);
+        S* dst = grad + (i * p.N + n) * p.L;
+        for (int64_t t = 0; t < p.L; ++t) dst[t] = static_cast<S>(acc[t * p.N + n]);
       }
     }
   });
@@ -796,8 +801,8 @@ selective_scan_bwd_cpu(const Tensor& grad_out, const std::optional<Tensor>& grad
     Tensor dA = at::zeros({tasks, NW}, acc_opts);
     Tensor dB_fixed = in.B_var ? Tensor() : at::zeros({tasks, NW}, acc_opts);
     Tensor dC_fixed = in.C_var ? Tensor() : at::zeros({tasks, NW}, acc_opts);
-    Tensor dB_part = in.B_var ? at::empty({p.supers(), p.chunk * p.N}, acc_opts) : Tensor();
-    Tensor dC_part = in.C_var ? at::empty({p.supers(), p.chunk * p.N}, acc_opts) : Tensor();
+    Tensor dB_part = in.B_var ? at::empty({p.supers(), p.L * p.N}, acc_opts) : Tensor();
+    Tensor dC_part = in.C_var ? at::empty({p.supers(), p.L * p.N}, acc_opts) : Tensor();
     Tensor dD = at::zeros({tasks, W}, acc_opts), dbias = at::zeros({tasks, W}, acc_opts);
     auto ptr = [](Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
     const Grads<S, T> gr{
@@ -810,19 +815,16 @@ selective_scan_bwd_cpu(const Tensor& grad_out, const std::optional<Tensor>& grad
     S* gC = in.C_var ? grad_C.data_ptr<S>() : nullptr;
     with_forms(in.B_var, in.C_var, [&](auto b_var, auto c_var) {
       constexpr bool kBvar = decltype(b_var)::value, kCvar = decltype(c_var)::value;
-      for (int64_t ci = p.nchunks - 1; ci >= 0; --ci) {
-        const int64_t blocks_per_super = (p.blocks_per_group + p.supers_per_group - 1) /
-                                         p.supers_per_group;
-        at::parallel_for(0, p.supers(),
-                         task_grain(blocks_per_super * p.chunk * p.N * Vec<T>::size()),
-                         [&](int64_t s0, int64_t s1) {
-          BackwardWork<T> w(p.chunk, p.N, kBvar, kCvar);
-          for (int64_t s = s0; s < s1; ++s) backward_super<S, T, kBvar, kCvar>(p, gr, s, ci, w);
-        });
-        const int64_t t0 = ci * p.chunk, len = std::min(p.chunk, p.L - t0);
-        if constexpr (kBvar) reduce_grouped(p, gr.dB_part, gB, t0, len);
-        if constexpr (kCvar) reduce_grouped(p, gr.dC_part, gC, t0, len);
-      }
+      const int64_t blocks_per_super = (p.blocks_per_group + p.supers_per_group - 1) /
+                                       p.supers_per_group;
+      at::parallel_for(0, p.supers(),
+                       task_grain(blocks_per_super * p.L * p.N * Vec<T>::size()),
+                       [&](int64_t s0, int64_t s1) {
+        BackwardWork<T> w(p.chunk, p.N, kBvar, kCvar);
+        for (int64_t s = s0; s < s1; ++s) backward_super<S, T, kBvar, kCvar>(p, gr, s, w);
+      });
+      if constexpr (kBvar) reduce_grouped(p, gr.dB_part, gB);
+      if constexpr (kCvar) reduce_grouped(p, gr.dC_part, gC);
     });
     grad_A = sum_over_batch(p, dA, p.N);
     if (!in.B_var) grad_B = sum_over_batch(p, dB_fixed, p.N);
