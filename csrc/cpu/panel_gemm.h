@@ -76,9 +76,15 @@ class PackedPanels {
   }
 
   // C[m * ldc + n] = sum_k A[m * lda + k] * B(k, n) [+ bias(n)] for m < M, n < N.
+  void multiply(int64_t M, const T* a, int64_t lda, T* c, int64_t ldc) const {
+    multiply(M, a, lda, c, ldc, 0, K_, false);
+  }
+
+  // The same over k in [k0, k1) only; with accumulate, added to C instead of replacing it (and
+  // without the bias), so that a product can be formed in parts as their inputs become ready.
   // Out of line: inlined into a large caller, its register blocks lose their registers.
-  C10_NOINLINE void multiply(int64_t M, const T* a, int64_t lda, T* c,
-                             int64_t ldc) const {
+  C10_NOINLINE void multiply(int64_t M, const T* a, int64_t lda, T* c, int64_t ldc, int64_t k0,
+                             int64_t k1, bool accumulate) const {
     if (M <= 0 || N_ <= 0) return;
     const int64_t blocks = (M + kMR - 1) / kMR;
     const int64_t base = M / blocks, extra = M % blocks;
@@ -93,14 +99,14 @@ class PackedPanels {
         const T* ab = a + m0 * lda;
         T* cb = c + m0 * ldc + n0;
         const T* pb = d + p * K_ * kNR;
-        const T* bb = bias ? bias + n0 : nullptr;
+        const T* bb = bias && !accumulate ? bias + n0 : nullptr;
         switch (rows) {
-          case 1: block<1>(ab, lda, pb, bb, cb, ldc, cols); break;
-          case 2: block<2>(ab, lda, pb, bb, cb, ldc, cols); break;
-          case 3: block<3>(ab, lda, pb, bb, cb, ldc, cols); break;
-          case 4: block<4>(ab, lda, pb, bb, cb, ldc, cols); break;
-          case 5: block<5>(ab, lda, pb, bb, cb, ldc, cols); break;
-          default: block<6>(ab, lda, pb, bb, cb, ldc, cols); break;
+          case 1: block<1>(ab, lda, pb, bb, cb, ldc, cols, k0, k1, accumulate); break;
+          case 2: block<2>(ab, lda, pb, bb, cb, ldc, cols, k0, k1, accumulate); break;
+          case 3: block<3>(ab, lda, pb, bb, cb, ldc, cols, k0, k1, accumulate); break;
+          case 4: block<4>(ab, lda, pb, bb, cb, ldc, cols, k0, k1, accumulate); break;
+          case 5: block<5>(ab, lda, pb, bb, cb, ldc, cols, k0, k1, accumulate); break;
+          default: block<6>(ab, lda, pb, bb, cb, ldc, cols, k0, k1, accumulate); break;
         }
         m0 += rows;
       }
@@ -110,14 +116,20 @@ class PackedPanels {
  private:
   template <int MR>
   void block(const T* a, int64_t lda, const T* panel, const T* bias, T* c, int64_t ldc,
-             int64_t cols) const {
+             int64_t cols, int64_t k0, int64_t k1, bool accumulate) const {
     constexpr int64_t VS = V::size();
     V acc[MR][kNV];
     for (int64_t v = 0; v < kNV; ++v) {
-      const V init = bias ? V::loadu(bias + v * VS) : V(T(0));
-      for (int m = 0; m < MR; ++m) acc[m][v] = init;
+      const int64_t n = std::min<int64_t>(VS, cols - v * VS);
+      for (int m = 0; m < MR; ++m) {
+        if (accumulate && n > 0) {
+          acc[m][v] = V::loadu(c + m * ldc + v * VS, static_cast<int>(n));
+        } else {
+          acc[m][v] = bias ? V::loadu(bias + v * VS) : V(T(0));
+        }
+      }
     }
-    for (int64_t k = 0; k < K_; ++k) {
+    for (int64_t k = k0; k < k1; ++k) {
       const T* bk = panel + k * kNR;
       V b[kNV];
       for (int64_t v = 0; v < kNV; ++v) b[v] = V::loadu(bk + v * VS);

@@ -916,10 +916,12 @@ void backward_batched(const Problem<S, T>& pb, const Tensor& grad_y, const Tenso
 // row blocks of W_hh that produce them, in the backward the columns of W_hh that they multiply;
 // both stay in that core's L2 across steps (H = 256 fp32 LSTM: 512 KB per thread of two). Per
 // step a thread computes its part of the matmul (a panel GEMM on its slice, packed once per
-// call: panel_gemm.h), the cell's pointwise work on its units, then meets the
-// others at a spin barrier: one barrier per step and no other synchronisation, because the next
-// step only reads what the barrier published (h_t in the forward, the step's dgh in the
-// backward) besides the thread's own units.
+// call: panel_gemm.h) and the cell's pointwise work on its units. The only values a thread reads
+// from others are the step's state (forward) or the step's dgh (backward): the backward meets
+// at a spin barrier once per step; in the forward a thread announces each step's units when
+// written (StepFlags) and waits for the others' only after multiplying its own units of the
+// state, so the cross-core transfer overlaps that part of the matmul. A thread is never more
+// than one step ahead of another, which is what lets the forward keep two state slots.
 
 constexpr int kSpinsBeforeYield = 1024;  // then yield, so an oversubscribed machine still progresses
 
@@ -960,7 +962,58 @@ class SpinBarrier {
   std::atomic<bool> failed_{false};
 };
 
-// Runs body(k, n, barrier) on every thread of one parallel region, k in [0, n), with no more
+// Split barrier of the forward: thread k arrives at step s when its units of the step's state
+// are written, and waits for the others' arrival only when it needs their units. In between it
+// multiplies its own units of the state by its W_hh rows (see forward_persistent), so the time
+// another thread's values take to cross cores overlaps a part of the step's matmul.
+class StepFlags {
+ public:
+  explicit StepFlags(int capacity) : done_(static_cast<size_t>(capacity)) {}
+  void reset(int n) { n_ = n; }  // the threads the team actually has, at most the capacity
+  void fail() { failed_.store(true, std::memory_order_release); }
+  void arrive(int64_t k, int64_t s) { done_[k].v.store(s + 1, std::memory_order_release); }
+  // Returns once every thread but k has arrived at step s (at once for s < 0).
+  void wait_others(int64_t k, int64_t s) const {
+    for (int64_t j = 0; j < n_; ++j) {
+      if (j == k) continue;
+      for (int spins = 0; done_[j].v.load(std::memory_order_acquire) <= s; ++spins) {
+        if (failed_.load(std::memory_order_acquire)) {
+          throw std::runtime_error("rnnkernels: another thread of the recurrence failed");
+        }
+        if (spins < kSpinsBeforeYield) {
+          cpu_relax();
+        } else {
+          std::this_thread::yield();
+        }
+      }
+    }
+  }
+
+ private:
+  struct alignas(64) Flag {
+    std::atomic<int64_t> v{0};
+  };
+  std::vector<Flag> done_;
+  int64_t n_ = 1;
+  std::atomic<bool> failed_{false};
+};
+
+// The synchronisation of one thread team: a barrier (backward) and step flags (forward).
+struct Team {
+  SpinBarrier barrier;
+  StepFlags flags;
+  explicit Team(int capacity) : flags(capacity) {}
+  void reset(int n) {
+    barrier.reset(n);
+    flags.reset(n);
+  }
+  void fail() {
+    barrier.fail();
+    flags.fail();
+  }
+};
+
+// Runs body(k, n, team) on every thread of one parallel region, k in [0, n), with no more
 // threads than the step's work keeps busy. The team size is what at::parallel_for actually gets (1 inside another parallel region), read from the chunk
 // it hands to the first thread, so the barrier never waits for a thread that does not exist.
 // Matmul work (multiply-adds) per step below which a thread is not worth a barrier per step.
@@ -971,18 +1024,18 @@ void run_team(int64_t step_work, const F& body) {
   const int64_t want = std::min<int64_t>(at::get_num_threads(),
                                          std::max<int64_t>(1, step_work / kMinStepWorkPerThread));
   std::atomic<int64_t> chunk{0};
-  SpinBarrier barrier;
+  Team team(static_cast<int>(want));
   at::parallel_for(0, want, 1, [&](int64_t begin, int64_t end) {
     if (begin == 0) {
-      barrier.reset(static_cast<int>((want + (end - begin) - 1) / (end - begin)));
+      team.reset(static_cast<int>((want + (end - begin) - 1) / (end - begin)));
       chunk.store(end - begin, std::memory_order_release);
     }
     int64_t c;
     while ((c = chunk.load(std::memory_order_acquire)) == 0) cpu_relax();
     try {
-      body(begin / c, (want + c - 1) / c, barrier);
+      body(begin / c, (want + c - 1) / c, team);
     } catch (...) {
-      barrier.fail();
+      team.fail();
       throw;
     }
   });
@@ -1003,7 +1056,7 @@ void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor&
   const int64_t B = pb.batch, H = pb.hidden, P = pb.out, G = pb.gates, GH = G * H, KH = pb.wsu * H;
   const T* w_p = w.data_ptr<T>();
   const T* bias_p = bias.defined() ? bias.data_ptr<T>() : nullptr;
-  run_team(B * GH * P, [&](int64_t k, int64_t n, SpinBarrier& barrier) {
+  run_team(B * GH * P, [&](int64_t k, int64_t n, Team& team) {
     const auto [u0, u1] = unit_range<T>(H, k, n);
     const int64_t nk = u1 - u0;
     // Row b of this thread's matmul result: gh[b * G * nk + g * nk + unit]; the thread's G row
@@ -1028,7 +1081,12 @@ void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor&
           pb.save ? ws.data_ptr<T>() + t * B * KH : nullptr, y.data_ptr<S>() + t * B * P,
           nullptr};
       if (nk > 0) {
-        w_own.multiply(B, st.hin, P, gh_p, ldg);
+        // State units [u0, u1) are this thread's own (written by it in the step before): their
+        // part of the product first, then the others' once they have arrived.
+        w_own.multiply(B, st.hin, P, gh_p, ldg, u0, u1, false);
+        team.flags.wait_others(k, s - 1);
+        w_own.multiply(B, st.hin, P, gh_p, ldg, 0, u0, true);
+        w_own.multiply(B, st.hin, P, gh_p, ldg, u1, P, true);
         for (int64_t b = 0; b < B; ++b) {
           if (pb.masked(t, b)) {
             forward_masked_units(pb, st, b, u0, u1);
@@ -1036,8 +1094,10 @@ void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor&
             forward_units(pb, st, b, u0, u1, gh_p + b * ldg, nk);
           }
         }
+      } else {
+        team.flags.wait_others(k, s - 1);
       }
-      barrier.wait();
+      team.flags.arrive(k, s);
     }
   });
 }
@@ -1053,7 +1113,7 @@ void backward_persistent(const Problem<S, T>& pb, const Tensor& grad_y, const Te
   T* dh_p = dh.data_ptr<T>();
   T* dhd_p = dhd.data_ptr<T>();
   const T* w_p = w.data_ptr<T>();
-  run_team(B * GH * P, [&](int64_t k, int64_t n, SpinBarrier& barrier) {
+  run_team(B * GH * P, [&](int64_t k, int64_t n, Team& team) {
     const auto [u0, u1] = unit_range<T>(H, k, n);
     const int64_t nk = u1 - u0;
     Tensor part = at::empty({B, std::max<int64_t>(nk, 1)}, dh.options());
@@ -1077,7 +1137,7 @@ void backward_persistent(const Problem<S, T>& pb, const Tensor& grad_y, const Te
           }
         }
       }
-      barrier.wait();
+      team.barrier.wait();
       if (nk == 0) continue;
       // dh_{t-1}[:, own units] = direct part + dgh_t @ W_hh[:, own units]
       w_own.multiply(B, st.dgh, GH, part_p, nk);
