@@ -75,16 +75,32 @@ class PackedPanels {
     }
   }
 
+  // Half-open ranges of k, at most kMaxRanges.
+  static constexpr int kMaxRanges = 8;
+  struct Ranges {
+    int64_t begin[kMaxRanges], end[kMaxRanges];
+    int count = 0;
+    void add(int64_t b, int64_t e) {
+      TORCH_INTERNAL_ASSERT(count < kMaxRanges);
+      if (e > b) {
+        begin[count] = b;
+        end[count++] = e;
+      }
+    }
+  };
+
   // C[m * ldc + n] = sum_k A[m * lda + k] * B(k, n) [+ bias(n)] for m < M, n < N.
   void multiply(int64_t M, const T* a, int64_t lda, T* c, int64_t ldc) const {
-    multiply(M, a, lda, c, ldc, 0, K_, false);
+    Ranges all;
+    all.add(0, K_);
+    multiply(M, a, lda, c, ldc, all, false);
   }
 
-  // The same over k in [k0, k1) only; with accumulate, added to C instead of replacing it (and
+  // The same over the k in ks only; with accumulate, added to C instead of replacing it (and
   // without the bias), so that a product can be formed in parts as their inputs become ready.
   // Out of line: inlined into a large caller, its register blocks lose their registers.
-  C10_NOINLINE void multiply(int64_t M, const T* a, int64_t lda, T* c, int64_t ldc, int64_t k0,
-                             int64_t k1, bool accumulate) const {
+  C10_NOINLINE void multiply(int64_t M, const T* a, int64_t lda, T* c, int64_t ldc,
+                             const Ranges& ks, bool accumulate) const {
     if (M <= 0 || N_ <= 0) return;
     const int64_t blocks = (M + kMR - 1) / kMR;
     const int64_t base = M / blocks, extra = M % blocks;
@@ -101,12 +117,12 @@ class PackedPanels {
         const T* pb = d + p * K_ * kNR;
         const T* bb = bias && !accumulate ? bias + n0 : nullptr;
         switch (rows) {
-          case 1: block<1>(ab, lda, pb, bb, cb, ldc, cols, k0, k1, accumulate); break;
-          case 2: block<2>(ab, lda, pb, bb, cb, ldc, cols, k0, k1, accumulate); break;
-          case 3: block<3>(ab, lda, pb, bb, cb, ldc, cols, k0, k1, accumulate); break;
-          case 4: block<4>(ab, lda, pb, bb, cb, ldc, cols, k0, k1, accumulate); break;
-          case 5: block<5>(ab, lda, pb, bb, cb, ldc, cols, k0, k1, accumulate); break;
-          default: block<6>(ab, lda, pb, bb, cb, ldc, cols, k0, k1, accumulate); break;
+          case 1: block<1>(ab, lda, pb, bb, cb, ldc, cols, ks, accumulate); break;
+          case 2: block<2>(ab, lda, pb, bb, cb, ldc, cols, ks, accumulate); break;
+          case 3: block<3>(ab, lda, pb, bb, cb, ldc, cols, ks, accumulate); break;
+          case 4: block<4>(ab, lda, pb, bb, cb, ldc, cols, ks, accumulate); break;
+          case 5: block<5>(ab, lda, pb, bb, cb, ldc, cols, ks, accumulate); break;
+          default: block<6>(ab, lda, pb, bb, cb, ldc, cols, ks, accumulate); break;
         }
         m0 += rows;
       }
@@ -116,7 +132,7 @@ class PackedPanels {
  private:
   template <int MR>
   void block(const T* a, int64_t lda, const T* panel, const T* bias, T* c, int64_t ldc,
-             int64_t cols, int64_t k0, int64_t k1, bool accumulate) const {
+             int64_t cols, const Ranges& ks, bool accumulate) const {
     constexpr int64_t VS = V::size();
     V acc[MR][kNV];
     for (int64_t v = 0; v < kNV; ++v) {
@@ -129,13 +145,15 @@ class PackedPanels {
         }
       }
     }
-    for (int64_t k = k0; k < k1; ++k) {
-      const T* bk = panel + k * kNR;
-      V b[kNV];
-      for (int64_t v = 0; v < kNV; ++v) b[v] = V::loadu(bk + v * VS);
-      for (int m = 0; m < MR; ++m) {
-        const V av(a[m * lda + k]);
-        for (int64_t v = 0; v < kNV; ++v) acc[m][v] = at::vec::fmadd(av, b[v], acc[m][v]);
+    for (int r = 0; r < ks.count; ++r) {
+      for (int64_t k = ks.begin[r]; k < ks.end[r]; ++k) {
+        const T* bk = panel + k * kNR;
+        V b[kNV];
+        for (int64_t v = 0; v < kNV; ++v) b[v] = V::loadu(bk + v * VS);
+        for (int m = 0; m < MR; ++m) {
+          const V av(a[m * lda + k]);
+          for (int64_t v = 0; v < kNV; ++v) acc[m][v] = at::vec::fmadd(av, b[v], acc[m][v]);
+        }
       }
     }
     for (int m = 0; m < MR; ++m) {

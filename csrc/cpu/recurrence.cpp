@@ -4,7 +4,7 @@
 // vectorised over hidden units with at::vec, math from cells.h):
 // - persistent (default for T > 1 without projection, reset-before GRU or cell option): one
 //   thread team for the whole sequence, each thread owning a slice of hidden units and of W_hh,
-//   one spin barrier per step (see "persistent path" below);
+//   one split barrier per step (see "persistent path" below);
 // - batched (everything else): per step one ATen GEMM on all threads, then the pointwise pass
 //   split over batch rows.
 // Cell options (Problem: peephole, zoneout, recurrent dropout, layer normalisation) are fused
@@ -917,10 +917,9 @@ void backward_batched(const Problem<S, T>& pb, const Tensor& grad_y, const Tenso
 // both stay in that core's L2 across steps (H = 256 fp32 LSTM: 512 KB per thread of two). Per
 // step a thread computes its part of the matmul (a panel GEMM on its slice, packed once per
 // call: panel_gemm.h) and the cell's pointwise work on its units. The only values a thread reads
-// from others are the step's state (forward) or the step's dgh (backward): the backward meets
-// at a spin barrier once per step; in the forward a thread announces each step's units when
-// written (StepFlags) and waits for the others' only after multiplying its own units of the
-// state, so the cross-core transfer overlaps that part of the matmul. A thread is never more
+// from others are the step's state (forward) or the step's dgh (backward): a thread announces
+// its part of them when written (StepFlags) and waits for the others' only after multiplying its
+// own part, so the cross-core transfer overlaps that part of the matmul. A thread is never more
 // than one step ahead of another, which is what lets the forward keep two state slots.
 
 constexpr int kSpinsBeforeYield = 1024;  // then yield, so an oversubscribed machine still progresses
@@ -931,41 +930,11 @@ inline void cpu_relax() {
 #endif
 }
 
-class SpinBarrier {
- public:
-  void reset(int n) { n_ = n; }
-  void fail() { failed_.store(true, std::memory_order_release); }
-  void wait() {
-    if (n_ == 1) return;
-    const int gen = generation_.load(std::memory_order_acquire);
-    if (count_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
-      count_.store(0, std::memory_order_relaxed);
-      generation_.store(gen + 1, std::memory_order_release);
-      return;
-    }
-    for (int spins = 0; generation_.load(std::memory_order_acquire) == gen; ++spins) {
-      if (failed_.load(std::memory_order_acquire)) {
-        throw std::runtime_error("rnnkernels: another thread of the recurrence failed");
-      }
-      if (spins < kSpinsBeforeYield) {
-        cpu_relax();
-      } else {
-        std::this_thread::yield();
-      }
-    }
-  }
-
- private:
-  int n_ = 1;
-  alignas(64) std::atomic<int> count_{0};
-  alignas(64) std::atomic<int> generation_{0};
-  std::atomic<bool> failed_{false};
-};
-
-// Split barrier of the forward: thread k arrives at step s when its units of the step's state
-// are written, and waits for the others' arrival only when it needs their units. In between it
-// multiplies its own units of the state by its W_hh rows (see forward_persistent), so the time
-// another thread's values take to cross cores overlaps a part of the step's matmul.
+// Split barrier: thread k arrives at step s when its part of the values the step publishes
+// (its units of the state in the forward, its rows of dgh in the backward) is written, and
+// waits for the others' arrival only when it needs their parts. In between it multiplies its
+// own part by its slice of W_hh, so the time the other threads' values take to cross cores
+// overlaps a part of the step's matmul.
 class StepFlags {
  public:
   explicit StepFlags(int capacity) : done_(static_cast<size_t>(capacity)) {}
@@ -998,24 +967,9 @@ class StepFlags {
   std::atomic<bool> failed_{false};
 };
 
-// The synchronisation of one thread team: a barrier (backward) and step flags (forward).
-struct Team {
-  SpinBarrier barrier;
-  StepFlags flags;
-  explicit Team(int capacity) : flags(capacity) {}
-  void reset(int n) {
-    barrier.reset(n);
-    flags.reset(n);
-  }
-  void fail() {
-    barrier.fail();
-    flags.fail();
-  }
-};
-
-// Runs body(k, n, team) on every thread of one parallel region, k in [0, n), with no more
+// Runs body(k, n, flags) on every thread of one parallel region, k in [0, n), with no more
 // threads than the step's work keeps busy. The team size is what at::parallel_for actually gets (1 inside another parallel region), read from the chunk
-// it hands to the first thread, so the barrier never waits for a thread that does not exist.
+// it hands to the first thread, so no thread waits for one that does not exist.
 // Matmul work (multiply-adds) per step below which a thread is not worth a barrier per step.
 constexpr int64_t kMinStepWorkPerThread = 32768;
 
@@ -1024,18 +978,18 @@ void run_team(int64_t step_work, const F& body) {
   const int64_t want = std::min<int64_t>(at::get_num_threads(),
                                          std::max<int64_t>(1, step_work / kMinStepWorkPerThread));
   std::atomic<int64_t> chunk{0};
-  Team team(static_cast<int>(want));
+  StepFlags flags(static_cast<int>(want));
   at::parallel_for(0, want, 1, [&](int64_t begin, int64_t end) {
     if (begin == 0) {
-      team.reset(static_cast<int>((want + (end - begin) - 1) / (end - begin)));
+      flags.reset(static_cast<int>((want + (end - begin) - 1) / (end - begin)));
       chunk.store(end - begin, std::memory_order_release);
     }
     int64_t c;
     while ((c = chunk.load(std::memory_order_acquire)) == 0) cpu_relax();
     try {
-      body(begin / c, (want + c - 1) / c, team);
+      body(begin / c, (want + c - 1) / c, flags);
     } catch (...) {
-      team.fail();
+      flags.fail();
       throw;
     }
   });
@@ -1056,7 +1010,7 @@ void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor&
   const int64_t B = pb.batch, H = pb.hidden, P = pb.out, G = pb.gates, GH = G * H, KH = pb.wsu * H;
   const T* w_p = w.data_ptr<T>();
   const T* bias_p = bias.defined() ? bias.data_ptr<T>() : nullptr;
-  run_team(B * GH * P, [&](int64_t k, int64_t n, Team& team) {
+  run_team(B * GH * P, [&](int64_t k, int64_t n, StepFlags& flags) {
     const auto [u0, u1] = unit_range<T>(H, k, n);
     const int64_t nk = u1 - u0;
     // Row b of this thread's matmul result: gh[b * G * nk + g * nk + unit]; the thread's G row
@@ -1070,6 +1024,10 @@ void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor&
                       bias_p != nullptr ? bias_p + g * H + u0 : nullptr});
     }
     const PackedPanels<T> w_own(P, nk > 0 ? G * nk : 0, runs);
+    typename PackedPanels<T>::Ranges own, others;  // the state's units: this thread's, the rest
+    own.add(u0, u1);
+    others.add(0, u0);
+    others.add(u1, P);
     for (int64_t s = 0; s < pb.steps; ++s) {
       const int64_t t = pb.time(s);
       const FwdStep<S, T> st{
@@ -1083,10 +1041,9 @@ void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor&
       if (nk > 0) {
         // State units [u0, u1) are this thread's own (written by it in the step before): their
         // part of the product first, then the others' once they have arrived.
-        w_own.multiply(B, st.hin, P, gh_p, ldg, u0, u1, false);
-        team.flags.wait_others(k, s - 1);
-        w_own.multiply(B, st.hin, P, gh_p, ldg, 0, u0, true);
-        w_own.multiply(B, st.hin, P, gh_p, ldg, u1, P, true);
+        w_own.multiply(B, st.hin, P, gh_p, ldg, own, false);
+        flags.wait_others(k, s - 1);
+        w_own.multiply(B, st.hin, P, gh_p, ldg, others, true);
         for (int64_t b = 0; b < B; ++b) {
           if (pb.masked(t, b)) {
             forward_masked_units(pb, st, b, u0, u1);
@@ -1095,9 +1052,9 @@ void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor&
           }
         }
       } else {
-        team.flags.wait_others(k, s - 1);
+        flags.wait_others(k, s - 1);
       }
-      team.flags.arrive(k, s);
+      flags.arrive(k, s);
     }
   });
 }
@@ -1113,14 +1070,21 @@ void backward_persistent(const Problem<S, T>& pb, const Tensor& grad_y, const Te
   T* dh_p = dh.data_ptr<T>();
   T* dhd_p = dhd.data_ptr<T>();
   const T* w_p = w.data_ptr<T>();
-  run_team(B * GH * P, [&](int64_t k, int64_t n, Team& team) {
+  run_team(B * GH * P, [&](int64_t k, int64_t n, StepFlags& flags) {
     const auto [u0, u1] = unit_range<T>(H, k, n);
     const int64_t nk = u1 - u0;
     Tensor part = at::empty({B, std::max<int64_t>(nk, 1)}, dh.options());
     T* part_p = part.data_ptr<T>();
     // The thread's columns of W_hh, packed once: dgh_t @ W_hh[:, own units] is one panel GEMM.
     const PackedPanels<T> w_own(GH, nk, {{0, nk, w_p + u0, P, 1, nullptr}});
-    for (int64_t s = pb.steps - 1; s >= 0; --s) {
+    typename PackedPanels<T>::Ranges own, others;  // rows of dgh: this thread's units', the rest
+    for (int64_t g = 0; g < pb.gates; ++g) {
+      own.add(g * H + u0, g * H + u1);
+      others.add(g * H, g * H + u0);
+      others.add(g * H + u1, (g + 1) * H);
+    }
+    for (int64_t i = 0; i < pb.steps; ++i) {
+      const int64_t s = pb.steps - 1 - i;
       const int64_t t = pb.time(s);
       const BwdStep<S, T> st = make_bwd_step(pb, s, gy_p, static_cast<const T*>(dh_p), dc, c0, ws,
                                              hs, dgh, dgx_is_dgh ? nullptr : dgx.data_ptr<S>(),
@@ -1137,10 +1101,13 @@ void backward_persistent(const Problem<S, T>& pb, const Tensor& grad_y, const Te
           }
         }
       }
-      team.barrier.wait();
+      flags.arrive(k, i);
       if (nk == 0) continue;
-      // dh_{t-1}[:, own units] = direct part + dgh_t @ W_hh[:, own units]
-      w_own.multiply(B, st.dgh, GH, part_p, nk);
+      // dh_{t-1}[:, own units] = direct part + dgh_t @ W_hh[:, own units], over the own rows of
+      // dgh_t first, then the others' once they have arrived
+      w_own.multiply(B, st.dgh, GH, part_p, nk, own, false);
+      flags.wait_others(k, i);
+      w_own.multiply(B, st.dgh, GH, part_p, nk, others, true);
       for (int64_t b = 0; b < B; ++b) {
         for (int64_t u = 0; u < nk; ++u) {
           dh_p[b * P + u0 + u] = dhd_p[b * P + u0 + u] + part_p[b * nk + u];
