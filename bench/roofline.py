@@ -1,0 +1,165 @@
+"""python -m bench.roofline: the CPU's limits behind the recurrence suites' targets.
+
+A CPU recurrence cannot be faster than the work it must do at the rate this machine does it:
+
+- training step (forward + backward, one layer): six matmuls of T*B rows, each 2*T*B*G*H*H
+  flops for input = hidden = H (input projection, its input gradient and weight gradient; the
+  recurrent matmul forward, backward and weight gradient). The floor is six times one
+  (T*B x H) @ (H x G*H) torch.mm, timed here: MKL's rate on the big, efficient shape; the
+  per-step recurrent matmuls have only B rows and run below it.
+- inference at batch 1: the input projection (one (T x H) @ (H x G*H) torch.mm, timed here),
+  then per step a matrix-vector product that reads all of W_hh (G*H*H values). Split over the
+  threads, each thread reads its slice per step from its own core's cache; the floor is T times
+  the slice's bytes over the rate at which each core streams a buffer of that size with every
+  thread streaming at once, measured by a small C++ probe (compiled on first use with
+  torch.utils.cpp_extension; AVX-512 or AVX2 as the compiler's -march=native gives).
+
+Prints, per cell, the floors, torch.nn's time at the same shape in the same run, and the largest
+speed-up over torch.nn that the floor allows.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.utils.cpp_extension import load_inline
+
+from . import configs, env
+from .recurrence import CPU_TARGETS, FAMILIES
+from .timing import median_time
+
+_PROBE = r"""
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <thread>
+#include <vector>
+
+// Seconds for every one of `threads` threads to read its own buffer of `bytes` bytes `passes`
+// times, all threads at once (each buffer written once first, so it sits in that core's cache
+// when it fits). 16 independent float sums: the compiler vectorises them, and they never wait
+// on an add's latency, so the loads are the limit.
+double stream_seconds(int64_t bytes, int64_t passes, int64_t threads) {
+  const int64_t n = std::max<int64_t>(64, bytes / 4 / 64 * 64);
+  std::vector<double> seconds(threads);
+  std::vector<float> sink(threads);
+  auto run = [&](int64_t k) {
+    std::vector<float> buf(n);
+    for (int64_t i = 0; i < n; ++i) buf[i] = 1e-3f * static_cast<float>(i % 7);
+    float acc[64] = {};
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int64_t p = 0; p < passes; ++p) {
+      for (int64_t i = 0; i < n; i += 64) {
+        for (int j = 0; j < 64; ++j) acc[j] += buf[i + j];
+      }
+    }
+    const auto t1 = std::chrono::steady_clock::now();
+    float s = 0;
+    for (float a : acc) s += a;
+    sink[k] = s;
+    seconds[k] = std::chrono::duration<double>(t1 - t0).count();
+  };
+  std::vector<std::thread> pool;
+  for (int64_t k = 1; k < threads; ++k) pool.emplace_back(run, k);
+  run(0);
+  for (auto& t : pool) t.join();
+  return *std::max_element(seconds.begin(), seconds.end());
+}
+"""
+
+_probe = None
+
+
+def _stream_probe():
+    global _probe
+    if _probe is None:
+        _probe = load_inline("rnnkernels_bench_roofline", cpp_sources=_PROBE,
+                             functions=["stream_seconds"],
+                             extra_cflags=["-O3", "-march=native"], verbose=False)
+    return _probe
+
+
+def stream_rate(slice_bytes: int, threads: int, min_bytes: float = 1e9) -> float:
+    """Bytes per second one core reads a buffer of ``slice_bytes`` with ``threads`` threads
+    streaming at once: the best of five runs (on a shared machine a run can lose its core)."""
+    probe = _stream_probe()
+    passes = max(1, int(min_bytes / max(slice_bytes, 1)))
+    seconds = min(probe.stream_seconds(slice_bytes, passes, threads) for _ in range(5))
+    return slice_bytes * passes / seconds
+
+
+def mm_seconds(rows: int, inner: int, cols: int) -> float:
+    a = torch.randn(rows, inner)
+    b = torch.randn(cols, inner)
+    out = torch.empty(rows, cols)
+    return median_time(lambda: torch.mm(a, b.t(), out=out), "cpu", 0.5).median_s
+
+
+def _torch_step(module: torch.nn.Module, x: torch.Tensor, train: bool):
+    def step() -> None:
+        if train:
+            y = module(x)[0]
+            torch.autograd.grad(y, [x, *module.parameters()], torch.ones_like(y))
+        else:
+            with torch.no_grad():
+                module(x)
+    return step
+
+
+def torch_nn_seconds(suite: str) -> dict[str, float]:
+    """Median seconds of torch.nn's module at the cpu profile's training step and batch-1
+    inference (the suites' torch.nn contender, timed here so that floor and time come from one
+    run)."""
+    cls = FAMILIES[suite].torch
+    out = {}
+    for mode, dims in (("train", configs.RECURRENCE["cpu"].train),
+                       ("inference", configs.RECURRENCE["cpu"].inference)):
+        module = cls(dims["I"], dims["H"])
+        x = torch.randn(dims["T"], dims["B"], dims["I"], requires_grad=mode == "train")
+        out[mode] = median_time(_torch_step(module, x, mode == "train"), "cpu", 0.5).median_s
+    return out
+
+
+def floors(suite: str, threads: int) -> dict[str, float]:
+    """Seconds of the training-step and batch-1 inference floors of ``suite`` at the cpu
+    profile's shapes, and the per-core stream rate used."""
+    G = FAMILIES[suite].gates
+    train, infer = configs.RECURRENCE["cpu"].train, configs.RECURRENCE["cpu"].inference
+    H, TB = train["H"], train["T"] * train["B"]
+    train_floor = 6 * mm_seconds(TB, H, G * H)
+    Hi, T = infer["H"], infer["T"]
+    w_bytes = G * Hi * Hi * 4
+    rate = stream_rate(w_bytes // threads, threads)
+    infer_floor = mm_seconds(T, Hi, G * Hi) + T * (w_bytes / threads) / rate
+    return {"train": train_floor, "inference": infer_floor, "rate": rate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.roofline",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--suite", default="lstm,gru,rnn", help="comma-separated among lstm, gru, rnn")
+    args = p.parse_args(argv)
+    suites = [s.strip() for s in args.suite.split(",") if s.strip()]
+    unknown = [s for s in suites if s not in FAMILIES]
+    if unknown:
+        p.error(f"unknown suite(s) {', '.join(unknown)}; choose among {', '.join(FAMILIES)}")
+    threads = torch.get_num_threads()
+    print(f"# CPU floors of the recurrence targets\n\n{env.cpu_model()}, {threads} threads, "
+          f"float32, torch {torch.__version__}, commit {env.commit()}\n")
+    print("| case | floor | per-core stream rate | torch.nn | largest speed-up | target |")
+    print("|---|---|---|---|---|---|")
+    for suite in suites:
+        f, theirs = floors(suite, threads), torch_nn_seconds(suite)
+        title = FAMILIES[suite].title
+        for mode, target in zip(("train", "inference"), CPU_TARGETS[suite]):
+            rate = f"{f['rate'] / 1e9:.0f} GB/s" if mode == "inference" else "-"
+            print(f"| {title} {mode} | {f[mode] * 1e3:.2f} ms | {rate} | "
+                  f"{theirs[mode] * 1e3:.2f} ms | {theirs[mode] / f[mode]:.2f}x | {target}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
