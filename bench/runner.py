@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -16,7 +16,7 @@ from rnnkernels import _backend
 from . import check, configs
 from .core import CaseSpec, Contender, Prepared, Result, Target
 from .suites import SUITES
-from .timing import median_time, peak_memory
+from .timing import Timing, interleaved_times, median_time, peak_memory
 
 
 @dataclass
@@ -66,17 +66,17 @@ def _first_call(step) -> tuple[str | None, list]:
     return (fallbacks[0] if fallbacks else None), got
 
 
-def run_contender(spec: CaseSpec, prepared: Prepared, contender: Contender, min_time_s: float,
-                  copy_bandwidth: float) -> Result:
-    """Check one contender, and time it when its results are right."""
+def _check(spec: CaseSpec, prepared: Prepared, contender: Contender
+           ) -> tuple[Result, Callable[[], object] | None]:
+    """Build ``contender`` and check its results: (its result, ok with its error and peak
+    memory filled in, and its step to time), or (a skipped / refused / error result, None)."""
     if contender.unavailable is not None:
-        return Result.for_spec(spec, contender, "skipped", contender.unavailable)
-    step = None
+        return Result.for_spec(spec, contender, "skipped", contender.unavailable), None
     try:
         step = contender.build()
         fallback, got = _first_call(step)
         if fallback is not None and contender.kind == "ours":
-            return Result.for_spec(spec, contender, "skipped", f"fell back: {fallback}")
+            return Result.for_spec(spec, contender, "skipped", f"fell back: {fallback}"), None
         if contender.canon is not None:
             got = contender.canon(got)
         verdict = check.compare(prepared.names, got, prepared.expected,
@@ -85,17 +85,18 @@ def run_contender(spec: CaseSpec, prepared: Prepared, contender: Contender, min_
         if not verdict.ok:
             result = Result.for_spec(spec, contender, "refused", verdict.reason)
             result.err, result.err_max = verdict.err, verdict.err_max
-            return result
+            return result, None
         peak = peak_memory(step, spec.device)
-        timing = median_time(step, spec.device, min_time_s)
     except Exception as error:  # noqa: BLE001  (any failure is reported; the run goes on)
-        return Result.for_spec(spec, contender, "error", _error_text(error))
-    finally:
-        del step
+        return Result.for_spec(spec, contender, "error", _error_text(error)), None
     result = Result.for_spec(spec, contender, "ok")
     result.err, result.err_max = verdict.err, verdict.err_max
-    result.median_s, result.iqr_s, result.runs = timing.median_s, timing.iqr_s, timing.runs
     result.peak_bytes = peak
+    return result, step
+
+
+def _timed(result: Result, prepared: Prepared, timing: Timing, copy_bandwidth: float) -> None:
+    result.median_s, result.iqr_s, result.runs = timing.median_s, timing.iqr_s, timing.runs
     if prepared.flops is not None:
         result.tflops = prepared.flops / timing.median_s / 1e12
     if prepared.steps is not None:
@@ -104,7 +105,33 @@ def run_contender(spec: CaseSpec, prepared: Prepared, contender: Contender, min_
         rate = prepared.bytes_moved / timing.median_s
         result.gbps = rate / 1e9
         result.bw_fraction = rate / copy_bandwidth
-    return result
+
+
+def run_case(spec: CaseSpec, prepared: Prepared, contenders: Sequence[Contender],
+             min_time_s: float, copy_bandwidth: float) -> list[Result]:
+    """Check every contender, then time the ones whose results are right, in interleaved
+    rounds (:func:`bench.timing.interleaved_times`)."""
+    checked = [_check(spec, prepared, c) for c in contenders]
+    ok = [(result, step) for result, step in checked if step is not None]
+    try:
+        timings = interleaved_times([step for _, step in ok], spec.device, min_time_s)
+    except Exception:  # noqa: BLE001  (timed one by one below, to name the one that failed)
+        timings = None
+    for i, (result, step) in enumerate(ok):
+        try:
+            timing = timings[i] if timings else median_time(step, spec.device, min_time_s)
+        except Exception as error:  # noqa: BLE001
+            result.status, result.reason = "error", _error_text(error)
+            result.err = result.err_max = result.peak_bytes = None
+            continue
+        _timed(result, prepared, timing, copy_bandwidth)
+    return [result for result, _ in checked]
+
+
+def run_contender(spec: CaseSpec, prepared: Prepared, contender: Contender, min_time_s: float,
+                  copy_bandwidth: float) -> Result:
+    """Check one contender, and time it when its results are right."""
+    return run_case(spec, prepared, [contender], min_time_s, copy_bandwidth)[0]
 
 
 def _summary(results: Sequence[Result]) -> str:
@@ -133,8 +160,8 @@ def run(the_plan: Plan, min_time_s: float, copy_bandwidth: float, progress: bool
             setup = Contender("(case setup)", "ours", "")
             case_results = [Result.for_spec(spec, setup, "error", _error_text(error))]
         else:
-            case_results = [run_contender(spec, prepared, c, min_time_s, copy_bandwidth)
-                            for c in prepared.contenders]
+            case_results = run_case(spec, prepared, prepared.contenders, min_time_s,
+                                    copy_bandwidth)
             del prepared
             _release(spec.device)
         add_speedups(case_results)

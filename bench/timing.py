@@ -1,7 +1,9 @@
 """Median wall time of a step after warm-up, and the peak memory one step allocates.
 
 CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` with every intra-op thread torch has.
-GPU: CUDA events around each call, median over the calls. In both cases the caller has already
+GPU: CUDA events around each call, median over the calls. The contenders of a case are timed in
+interleaved rounds (:func:`interleaved_times`), so that a drift of the machine's speed during
+the case reaches all of them alike. In both cases the caller has already
 run the step (the correctness check, which also triggers compilation and autotuning), and
 :func:`median_time` warms up again before measuring, so neither compilation nor autotuning is
 ever inside a measured call.
@@ -9,10 +11,11 @@ ever inside a measured call.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +28,8 @@ WARMUP_S = 0.025
 WARMUP_CALLS = 2
 # A measurement spans at least this many calls, so a slow step still gets a median of several.
 MIN_CALLS = 3
+# Rounds in which the contenders of one case are timed in turn (interleaved_times).
+ROUNDS = 4
 
 
 @dataclass
@@ -45,12 +50,12 @@ def _warm_up(step: Callable[[], object], device: str) -> float:
     return (time.perf_counter() - start) / calls
 
 
-def median_time(step: Callable[[], object], device: str, min_time_s: float) -> Timing:
-    """Median seconds per call of ``step`` over at least ``min_time_s`` and MIN_CALLS calls."""
-    per_call = _warm_up(step, device)
-    run_time = max(min_time_s, MIN_CALLS * per_call)
+def _per_call_times(step: Callable[[], object], device: str, run_time: float,
+                    per_call: float) -> tuple[list[float], int]:
+    """Seconds per call of ``step`` over about ``run_time``: (one value per measured block of
+    calls, the number of calls)."""
     if device == "cuda":
-        calls = max(MIN_CALLS, int(run_time / per_call))
+        calls = max(1, round(run_time / per_call))
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(calls)]
         for start, end in events:
@@ -58,13 +63,41 @@ def median_time(step: Callable[[], object], device: str, min_time_s: float) -> T
             step()
             end.record()
         torch.cuda.synchronize()
-        times = sorted(start.elapsed_time(end) / 1e3 for start, end in events)
-        quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-        return Timing(statistics.median(times), quartiles[2] - quartiles[0], len(times))
+        return [start.elapsed_time(end) / 1e3 for start, end in events], calls
     timer = benchmark.Timer(stmt="step()", globals={"step": step},
                             num_threads=torch.get_num_threads())
     m = timer.blocked_autorange(min_run_time=run_time)
-    return Timing(m.median, m.iqr, len(m.times) * m.number_per_run)
+    return list(m.times), len(m.times) * m.number_per_run
+
+
+def _summary(times: list[float], calls: int) -> Timing:
+    times = sorted(times)
+    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return Timing(statistics.median(times), quartiles[2] - quartiles[0], calls)
+
+
+def median_time(step: Callable[[], object], device: str, min_time_s: float) -> Timing:
+    """Median seconds per call of ``step`` over at least ``min_time_s`` and MIN_CALLS calls."""
+    return interleaved_times([step], device, min_time_s, rounds=1)[0]
+
+
+def interleaved_times(steps: Sequence[Callable[[], object]], device: str, min_time_s: float,
+                      rounds: int = ROUNDS) -> list[Timing]:
+    """:func:`median_time` of each of ``steps``, measured in ``rounds`` rounds that each time
+    every step in turn for its share of ``min_time_s``: on a shared machine whose speed drifts
+    (another tenant, the clock), every step sees the same phases, so their ratios hold even
+    when the absolute times move."""
+    per_call = [_warm_up(step, device) for step in steps]
+    samples: list[list[float]] = [[] for _ in steps]
+    calls = [0] * len(steps)
+    for _ in range(rounds):
+        for i, step in enumerate(steps):
+            # MIN_CALLS calls over all rounds at least
+            run_time = max(min_time_s / rounds, math.ceil(MIN_CALLS / rounds) * per_call[i])
+            times, n = _per_call_times(step, device, run_time, per_call[i])
+            samples[i] += times
+            calls[i] += n
+    return [_summary(t, n) for t, n in zip(samples, calls)]
 
 
 class _LiveBytes(TorchDispatchMode):

@@ -403,3 +403,18 @@ def test_roofline_floors(capsys):
         floor_ms, theirs_ms = float(floor.removesuffix(" ms")), float(theirs.removesuffix(" ms"))
         assert floor_ms > 0 and theirs_ms > 0
         assert float(best.removesuffix("x")) == pytest.approx(theirs_ms / floor_ms, rel=0.05)
+
+
+def test_contenders_are_timed_in_interleaved_rounds():
+    """The contenders of a case take turns (ROUNDS rounds each), so a drift of the machine's
+    speed reaches all of them alike; every one still gets MIN_CALLS calls at least."""
+    from bench import timing
+
+    calls: list[int] = []
+    steps = [lambda i=i: calls.append(i) for i in range(3)]
+    timings = timing.interleaved_times(steps, "cpu", 0.003)
+    assert len(timings) == 3 and all(t.runs >= timing.MIN_CALLS for t in timings)
+    turns = [i for k, i in enumerate(calls) if k == 0 or calls[k - 1] != i]
+    warm_up = turns[:3]
+    assert warm_up == [0, 1, 2]
+    assert turns[3:] == [0, 1, 2] * timing.ROUNDS
