@@ -68,7 +68,8 @@ class Contender:
     """One implementation of a case. ``build`` makes the timed step (inputs bound, weights
     copied); the step returns the case's results in the order of :attr:`Prepared.names`, or in a
     form ``canon`` maps to it (outside the timed region). ``unavailable`` says why it cannot run
-    here (then ``build`` is None)."""
+    here (then ``build`` is None). ``expected``: the results it is checked against when they
+    are not the case's (a contender that runs the case's work on another input form)."""
 
     name: str
     kind: str
@@ -76,6 +77,7 @@ class Contender:
     build: Callable[[], Step] | None = None
     unavailable: str | None = None
     canon: Callable[[list[Tensor]], list[Tensor]] | None = None
+    expected: list[Tensor] | None = None
 
 
 @dataclass

@@ -62,6 +62,12 @@ def option_kwargs(variant: str) -> dict[str, bool | float]:
     return {name: float(value) if value else True}
 
 
+def padded_name(ours: str) -> str:
+    """The contender of the packed case that runs ``ours`` on the padded input (the packed
+    target's baseline, timed in turns with the packed run)."""
+    return f"{ours}, padded input"
+
+
 def our_backends(device: str) -> tuple[str, ...]:
     """The backends of ours that run on ``device`` (Triton on the CPU would be interpreted)."""
     return ("cpu",) if device == "cpu" else ("triton", "cuda")
@@ -122,7 +128,8 @@ class RecurrenceSuite:
         ]
         if self.name == "lstm":
             targets.append(Target(self.name, f"LSTM packed input <= {PACKED_MAX_SLOWDOWN}x padded",
-                                  ("train-packed", ours), ("train", ours), 1 / PACKED_MAX_SLOWDOWN))
+                                  ("train-packed", ours), ("train-packed", padded_name(ours)),
+                                  1 / PACKED_MAX_SLOWDOWN))
         return targets
 
     def prepare(self, spec: CaseSpec) -> Prepared:
@@ -205,15 +212,16 @@ class _Case:
         module = self._module(self.suite.family.ours, torch.float64, options=True)
         x = self.x.detach().double().requires_grad_()
         run = self._seeded(lambda: module(x, self._state(torch.float64)))
-        step = self._step(run, [x, *module.parameters()], self.gy.double(), "reference")
+        step = self._step(run, [x, *module.parameters()], self.gy.double(), "reference", False)
         return [t.detach() for t in step()]
 
-    def expected(self) -> list[Tensor]:
-        """The float64 references of :mod:`rnnkernels.reference`, without cell options."""
+    def expected(self, padded: bool = False) -> list[Tensor]:
+        """The float64 references of :mod:`rnnkernels.reference`, without cell options; with
+        ``padded``, of the padded input in full (no lengths)."""
         f64 = {k: w.detach().double().requires_grad_(self.train) for k, w in self.weights.items()}
         x = self.x.detach().double().requires_grad_(self.train)
         h0 = self.h0.double()
-        lengths = self.lengths
+        lengths = None if padded else self.lengths
         args = (f64["weight_ih"], f64["weight_hh"], f64["bias_ih"], f64["bias_hh"])
         with torch.set_grad_enabled(self.train):
             if self.lstm:
@@ -242,7 +250,7 @@ class _Case:
         return [state.squeeze(0) if state.dim() == 3 else state]
 
     def _step(self, run: Callable[[], tuple[Tensor, object]], inputs: list[Tensor],
-              gy: Tensor | None, backend: str | None) -> Step:
+              gy: Tensor | None, backend: str | None, packed: bool) -> Step:
         """The timed step around ``run`` (one forward): backward too when training, of output
         gradient ``gy`` to ``inputs`` (the input tensor, then the parameters)."""
         context = (lambda: rnnkernels.use_backend(backend)) if backend else contextlib.nullcontext
@@ -250,13 +258,13 @@ class _Case:
             def step() -> list[Tensor]:
                 with torch.no_grad(), context():
                     y, state = run()
-                return [y.data if self.packed else y, *self._finals(state)]
+                return [y.data if packed else y, *self._finals(state)]
             return step
 
         def step() -> list[Tensor]:
             with context():
                 y, state = run()
-                y = y.data if self.packed else y
+                y = y.data if packed else y
                 grads = torch.autograd.grad(y, inputs, gy)
             return [y, *self._finals(state), *grads]
         return step
@@ -281,17 +289,23 @@ class _Case:
         return seeded
 
     def _module_contender(self, cls: type[nn.Module], name: str, kind: str, impl: str,
-                          backend: str | None = None, options: bool = False) -> Contender:
+                          backend: str | None = None, options: bool = False,
+                          padded: bool = False) -> Contender:
+        """``cls`` on the case's input; with ``padded``, on the padded form of a packed case's
+        input (checked against the padded input's own references)."""
+        packed = self.packed and not padded
+
         def build() -> Step:
             module = self._module(cls, self.dtype, options)
-            inp = self.packed_input if self.packed else self.x
+            inp = self.packed_input if packed else self.x
             state = self._state(self.dtype)
             run = lambda: module(inp, state)  # noqa: E731
-            x = self.packed_input.data if self.packed else self.x
-            gy = self.gy_packed if self.packed else self.gy
+            x = self.packed_input.data if packed else self.x
+            gy = self.gy_packed if packed else self.gy
             return self._step(self._seeded(run) if options else run, [x, *module.parameters()],
-                              gy, backend)
-        return Contender(name, kind, impl, build, canon=self._unpack if self.packed else None)
+                              gy, backend, packed)
+        return Contender(name, kind, impl, build, canon=self._unpack if packed else None,
+                         expected=self.expected(padded=True) if padded else None)
 
     def _loop_contender(self) -> Contender:
         cls = self.suite.family.cell
@@ -304,7 +318,7 @@ class _Case:
             cell.requires_grad_(self.train)
             state = (self.h0, self.c0) if self.lstm else self.h0
             return self._step(lambda: cell_loop(cell, self.x, state),
-                              [self.x, *cell.parameters()], self.gy, None)
+                              [self.x, *cell.parameters()], self.gy, None, False)
         return Contender(f"nn.{cls.__name__} loop", "loop", "PyTorch ops", build)
 
     def _unpack(self, results: list[Tensor]) -> list[Tensor]:
@@ -334,6 +348,9 @@ class _Case:
             else:
                 out.append(self._module_contender(fam.ours, name, "ours", backend, backend,
                                                   options))
+                if self.packed:  # the packed target's baseline, timed in turns with it
+                    out.append(self._module_contender(fam.ours, padded_name(name), "padded",
+                                                      backend, backend, padded=True))
         if options:
             # torch.nn has no cell options; ours without the option is the plain case ("train").
             return [*out, self._module_contender(fam.ours, "PyTorch loop (reference)", "loop",

@@ -79,7 +79,8 @@ def _check(spec: CaseSpec, prepared: Prepared, contender: Contender
             return Result.for_spec(spec, contender, "skipped", f"fell back: {fallback}"), None
         if contender.canon is not None:
             got = contender.canon(got)
-        verdict = check.compare(prepared.names, got, prepared.expected,
+        expected = prepared.expected if contender.expected is None else contender.expected
+        verdict = check.compare(prepared.names, got, expected,
                                 check.tolerance(spec.device, spec.dtype))
         del got
         if not verdict.ok:

@@ -88,6 +88,13 @@ def test_quick_run_writes_json_markdown_and_png(quick_lstm):
     labels = {r["case"] for r in results}
     assert {"train", "forward", "inference", "train-packed"} <= labels
     assert any(r["variant"] == "packed" for r in results)
+    # the packed target's baseline: ours on the padded input, in the packed case itself (timed
+    # in turns with the packed run), checked against the padded input's own references
+    packed = {r["contender"]: r for r in results if r["case"] == "train-packed"}
+    padded = packed["rnnkernels (cpu), padded input"]
+    assert padded["kind"] == "padded" and padded["status"] == "ok"
+    assert packed["rnnkernels (cpu)"]["speedups"]["rnnkernels (cpu), padded input"] == \
+        pytest.approx(padded["median_s"] / packed["rnnkernels (cpu)"]["median_s"])
     assert {tuple(r["axes"]) for r in results if r["case"] == "train"} == {("T", "B", "H")}
 
     markdown = (out / f"{path.stem}.md").read_text()
@@ -418,3 +425,14 @@ def test_contenders_are_timed_in_interleaved_rounds():
     warm_up = turns[:3]
     assert warm_up == [0, 1, 2]
     assert turns[3:] == [0, 1, 2] * timing.ROUNDS
+
+
+def test_packed_target_compares_runs_of_one_case():
+    """Packed against padded input: both timings come from the packed case (timed in turns),
+    not from two cases timed minutes apart."""
+    from bench.recurrence import RecurrenceSuite
+
+    (packed,) = [t for t in RecurrenceSuite("lstm").targets("cpu", torch.float32, "cpu")
+                 if "packed" in t.text]
+    assert packed.fast == ("train-packed", "rnnkernels (cpu)")
+    assert packed.slow == ("train-packed", "rnnkernels (cpu), padded input")
