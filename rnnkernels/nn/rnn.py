@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence
 
 from .. import _backend, _validate
 from ..ops import recurrence as R
@@ -28,16 +28,37 @@ from ..ops._autocast import autocast_input
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 
 
-def _pack_like(y: Tensor, like: PackedSequence) -> PackedSequence:
-    """Pack time-major padded y (T, B, *) with the batch sizes and order of ``like``."""
-    bs = like.batch_sizes
-    total = int(bs.sum())
+def _packed_index(packed: PackedSequence, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(t, b) of every row of packed.data in the time-major padded layout (T, B, *), b in the
+    caller's batch order: one gather or scatter moves a whole sequence between the two forms
+    (torch's pad_packed_sequence copies one time step at a time, in both directions)."""
+    bs = packed.batch_sizes
     t_idx = torch.repeat_interleave(torch.arange(len(bs)), bs)
     offsets = torch.cumsum(bs, 0) - bs
-    i_idx = torch.arange(total) - torch.repeat_interleave(offsets, bs)
-    b_idx = i_idx if like.sorted_indices is None else like.sorted_indices.cpu()[i_idx]
-    data = y[t_idx.to(y.device), b_idx.to(y.device)]
-    return PackedSequence(data, bs, like.sorted_indices, like.unsorted_indices)
+    i_idx = torch.arange(int(bs.sum())) - torch.repeat_interleave(offsets, bs)
+    b_idx = i_idx if packed.sorted_indices is None else packed.sorted_indices.cpu()[i_idx]
+    return t_idx.to(device), b_idx.to(device)
+
+
+def _pad(packed: PackedSequence) -> tuple[Tensor, Tensor]:
+    """pad_packed_sequence(packed): the padded input (T, B, *) (zeros past each length) and the
+    lengths (B,) (int64 on the CPU), in the caller's batch order."""
+    bs, data = packed.batch_sizes, packed.data
+    t_idx, b_idx = _packed_index(packed, data.device)
+    x = data.new_zeros((len(bs), int(bs[0])) + tuple(data.shape[1:]))
+    x = x.index_put((t_idx, b_idx), data)
+    sorted_lengths = (bs.unsqueeze(1) > torch.arange(int(bs[0]))).sum(0)
+    lengths = sorted_lengths if packed.sorted_indices is None else \
+        torch.empty_like(sorted_lengths).index_copy_(0, packed.sorted_indices.cpu(),
+                                                    sorted_lengths)
+    return x, lengths
+
+
+def _pack_like(y: Tensor, like: PackedSequence) -> PackedSequence:
+    """Pack time-major padded y (T, B, *) with the batch sizes and order of ``like``."""
+    t_idx, b_idx = _packed_index(like, y.device)
+    return PackedSequence(y[t_idx, b_idx], like.batch_sizes, like.sorted_indices,
+                          like.unsorted_indices)
 
 
 class RNNBase(nn.Module):
@@ -194,7 +215,7 @@ class RNNBase(nn.Module):
             if lengths is not None:
                 raise ValueError("lengths must not be given with a PackedSequence input, which "
                                  "carries its own lengths")
-            x, lengths = pad_packed_sequence(input)
+            x, lengths = _pad(input)
             batched = True
         else:
             x = _validate.tensor("input", input, floating=True)
