@@ -1040,7 +1040,8 @@ void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor&
           nullptr};
       if (nk > 0) {
         // State units [u0, u1) are this thread's own (written by it in the step before): their
-        // part of the product first, then the others' once they have arrived.
+        // part of the product first, then the others' once they have arrived. (Software
+        // prefetch of the state or of the next step's gx rows measured slower.)
         w_own.multiply(B, st.hin, P, gh_p, ldg, own, false);
         flags.wait_others(k, s - 1);
         w_own.multiply(B, st.hin, P, gh_p, ldg, others, true);
