@@ -91,15 +91,9 @@ class PackedPanels {
     }
   };
 
-  // C[m * ldc + n] = sum_k A[m * lda + k] * B(k, n) [+ bias(n)] for m < M, n < N.
-  void multiply(int64_t M, const T* a, int64_t lda, T* c, int64_t ldc) const {
-    Ranges all;
-    all.add(0, K_);
-    multiply(M, a, lda, c, ldc, all, false);
-  }
-
-  // The same over the k in ks only; with accumulate, added to C instead of replacing it (and
-  // without the bias), so that a product can be formed in parts as their inputs become ready.
+  // C[m * ldc + n] = sum over the k in ks of A[m * lda + k] * B(k, n) [+ bias(n)] for m < M,
+  // n < N; with accumulate, added to C instead of replacing it (and without the bias), so that
+  // a product can be formed in parts as their inputs become ready.
   // Out of line: inlined into a large caller, its register blocks lose their registers.
   C10_NOINLINE void multiply(int64_t M, const T* a, int64_t lda, T* c, int64_t ldc,
                              const Ranges& ks, bool accumulate) const {

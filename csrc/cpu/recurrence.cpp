@@ -63,7 +63,7 @@ struct VecMath {
   using V = Vectorized<T>;
   static V one() { return V(T(1)); }
   static V zero() { return V(T(0)); }
-  static C10_ALWAYS_INLINE V sigmoid(V x) { return V(T(1)) / (V(T(1)) + fast_exp<T>(x.neg())); }
+  static C10_ALWAYS_INLINE V sigmoid(V x) { return fast_sigmoid<T>(x); }
   // float: tanh from one exp, about 2.5x cheaper than Sleef's tanh (the LSTM's forward and
   // backward each take one per unit per step): (1 - e^-2|x|) / (1 + e^-2|x|), and below
   // |x| = 1/8, where that difference cancels, the odd Taylor series to x^9 (truncation < 1e-11

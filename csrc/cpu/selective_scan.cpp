@@ -65,11 +65,6 @@ inline int64_t task_grain(int64_t work_per_task) {
   return std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work_per_task));
 }
 
-template <typename T>
-Vec<T> sigmoid(const Vec<T>& v) {
-  return Vec<T>(T(1)) / (Vec<T>(T(1)) + fast_exp<T>(v.neg()));
-}
-
 // In-register transpose of a W x W tile held as W vectors (row i = r[i]): log2(W) rounds of
 // perfect shuffles, each interleaving row i with row i + W / 2.
 template <typename T>
@@ -400,7 +395,7 @@ void forward_task(const Scan<S, T>& p, const Block& blk, S* out, T* last, T* ckp
       V y = at::vec::fmadd(Dv, V::loadu(&s.u[t * W]), V::loadu(&s.y[t * W]));
       if (p.z != nullptr) {
         const V z = V::loadu(&s.z[t * W]);
-        y = y * z * sigmoid(z);
+        y = y * z * fast_sigmoid<T>(z);
       }
       y.store(&s.y[t * W]);
     }
@@ -491,7 +486,7 @@ void backward_task(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_
     V g = V::loadu(&s.g[t * W]);
     const V u = V::loadu(&s.u[t * W]);
     if (p.z != nullptr) {
-      const V z = V::loadu(&s.z[t * W]), sg = sigmoid(z);
+      const V z = V::loadu(&s.z[t * W]), sg = fast_sigmoid<T>(z);
       const V pre = at::vec::fmadd(Dv, u, V::loadu(&s.y[t * W]));
       (g * pre * sg * (V(T(1)) + z * (V(T(1)) - sg))).store(&s.gdt[t * W]);
       g = g * z * sg;
@@ -520,7 +515,7 @@ void backward_task(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_
     V gdt = at::vec::fmadd(V::loadu(&s.u[t * W]), s1, V::loadu(&w.s2[t * W]));
     if (p.softplus) {
       const V v = V::loadu(&s.v[t * W]);
-      gdt = V::blendv(gdt * sigmoid(v), gdt, v > threshold);
+      gdt = V::blendv(gdt * fast_sigmoid<T>(v), gdt, v > threshold);
     }
     dbias = dbias + gdt;
     gdt.store(&s.gdt[t * W]);

@@ -43,6 +43,12 @@ C10_ALWAYS_INLINE Vectorized<T> fast_exp(Vectorized<T> x) {
   return x.exp();
 }
 
+// 1 / (1 + e^-x) on fast_exp.
+template <typename T>
+C10_ALWAYS_INLINE Vectorized<T> fast_sigmoid(Vectorized<T> x) {
+  return Vectorized<T>(T(1)) / (Vectorized<T>(T(1)) + fast_exp<T>(x.neg()));
+}
+
 // 2^y for float on AVX-512: n = round(y), 2^(y - n) = 1 + f q(f) with q of degree 4 fitted
 // for the least maximal relative error on |f| <= 1/2 (3 ulp evaluated in float), times 2^n by
 // scalef. y is clamped to [-150, 128] first (results 0 and inf), NaN passes through. The
