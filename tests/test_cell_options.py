@@ -459,11 +459,7 @@ def test_module_layer_norm(mode):
         for p in m.parameters():
             p.add_(0.2 * torch.randn_like(p))
     x = torch.randn(6, 3, 4, dtype=torch.float64)
-    packed = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor([6, 2, 4]),
-                                                     enforce_sorted=False)
-    for training in (True, False):
-        m.train(training)
-        _module_vs_reference(m, packed)
+    _packed_vs_reference_in_both_modes(m, x)
 
 
 # ------------------------------------------------------------------ modules
@@ -471,19 +467,30 @@ def test_module_layer_norm(mode):
 def _module_vs_reference(module, x, seed=0):
     """The module on the CPU kernels and on the reference (same random draws): outputs and
     parameter gradients."""
-    torch.manual_seed(seed)
-    out = module(x)
-    y = out[0].data if isinstance(out[0], torch.nn.utils.rnn.PackedSequence) else out[0]
+    def output():
+        torch.manual_seed(seed)
+        out = module(x)[0]
+        return out.data if isinstance(out, torch.nn.utils.rnn.PackedSequence) else out
+
+    y = output()
     g = torch.randn_like(y)
     grads = torch.autograd.grad(y, list(module.parameters()), g)
-    torch.manual_seed(seed)
     with rnnkernels.use_backend("reference"):
-        rout = module(x)
-    ry = rout[0].data if isinstance(rout[0], torch.nn.utils.rnn.PackedSequence) else rout[0]
+        ry = output()
     rgrads = torch.autograd.grad(ry, list(module.parameters()), g)
     assert_close(y, ry, torch.float64)
     for (name, _), a, b in zip(module.named_parameters(), grads, rgrads):
         assert_close(a, b, torch.float64, msg=name)
+
+
+def _packed_vs_reference_in_both_modes(module, x):
+    """:func:`_module_vs_reference` on x (T, 3, I) packed with unsorted lengths (T, 2, 4), in
+    training and in evaluation mode."""
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor([x.shape[0], 2, 4]),
+                                                     enforce_sorted=False)
+    for training in (True, False):
+        module.train(training)
+        _module_vs_reference(module, packed)
 
 
 def test_lstm_module_peephole():
@@ -511,11 +518,7 @@ def test_module_zoneout_recurrent_dropout(mode):
     assert set(m.state_dict()) == set(getattr(torch.nn, mode)(4, 5, 2, bidirectional=True,
                                                               **kw).state_dict())
     x = torch.randn(6, 3, 4, dtype=torch.float64)
-    packed = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor([6, 2, 4]),
-                                                     enforce_sorted=False)
-    for training in (True, False):
-        m.train(training)
-        _module_vs_reference(m, packed)
+    _packed_vs_reference_in_both_modes(m, x)
     m.train()
     torch.manual_seed(5)
     y1 = m(x)[0]
