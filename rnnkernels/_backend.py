@@ -9,6 +9,7 @@ warning, once per reason.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import warnings
 from collections.abc import Iterator
@@ -62,22 +63,33 @@ def _available(family: str, device: torch.device, dtype: torch.dtype) -> dict[st
     """Each backend mapped to None if it can take the input, else the reason it cannot."""
     from . import _kernels
 
+    return _reasons(family, device.type, dtype, _kernels.triton_interpreted())
+
+
+@functools.cache
+def _reasons(family: str, device_type: str, dtype: torch.dtype,
+             interpreted: bool) -> dict[str, str | None]:
+    """:func:`_available` for a device type (what can run there is fixed once the ops are
+    loaded; the Triton interpreter is read from the environment on every call). Cached: a
+    module's forward asks once per layer and direction, and the answer took microseconds."""
+    from . import _kernels
+
     reasons: dict[str, str | None] = {"reference": None}
-    if device.type == "cpu":
+    if device_type == "cpu":
         cpu_dtypes = _kernels.CPU_DTYPES[family]
         reasons["cpu"] = None if dtype in cpu_dtypes else (
             f"the C++ CPU kernel of {family} takes {_kernels.dtype_names(cpu_dtypes)}, not {dtype}")
         reasons["triton"] = (_kernels.triton_unsupported(family, dtype)
-                             if _kernels.triton_interpreted()
+                             if interpreted
                              else "Triton kernels need a GPU tensor")
         reasons["cuda"] = "CUDA kernels need a CUDA tensor"
-    elif device.type == "cuda":
+    elif device_type == "cuda":
         reasons["cpu"] = "the C++ CPU kernels need a CPU tensor"
         reasons["triton"] = _kernels.triton_unsupported(family, dtype)
         reasons["cuda"] = _kernels.cuda_unsupported(family, dtype)
     else:
         for name in ("cpu", "triton", "cuda"):
-            reasons[name] = f"no kernel for device {device.type}"
+            reasons[name] = f"no kernel for device {device_type}"
     return reasons
 
 

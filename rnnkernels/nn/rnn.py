@@ -157,15 +157,21 @@ class RNNBase(nn.Module):
             return R.GRU if self.reset_after else R.GRU_RESET_BEFORE
         return R.RNN_TANH if self.mode == "RNN_TANH" else R.RNN_RELU
 
+    def _get(self, kind: str, layer: int, direction: int) -> Tensor | None:
+        return getattr(self, f"{kind}_l{layer}{'_reverse' if direction == 1 else ''}", None)
+
     def _weights(self, layer: int, direction: int) -> tuple[Tensor | None, ...]:
-        suffix = "_reverse" if direction == 1 else ""
-        get = lambda kind: getattr(self, f"{kind}_l{layer}{suffix}", None)  # noqa: E731
-        return (get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"),
-                get("weight_hr"))
+        """(w_ih, w_hh, b_ih, b_hh, w_hr) of a layer and direction, None where absent (looked
+        up by name on every call, so parametrizations and reassigned parameters are seen)."""
+        get = lambda kind: self._get(kind, layer, direction)  # noqa: E731
+        return (get("weight_ih"), get("weight_hh"), get("bias_ih") if self.bias else None,
+                get("bias_hh") if self.bias else None,
+                get("weight_hr") if self.proj_size else None)
 
     def _cell_options(self, layer: int, direction: int) -> R.CellOptions:
-        suffix = "_reverse" if direction == 1 else ""
-        get = lambda kind: getattr(self, f"{kind}_l{layer}{suffix}", None)  # noqa: E731
+        if not (self.peephole or self.layer_norm or self.zoneout or self.recurrent_dropout):
+            return R.NO_OPTIONS  # the common case, without eight lookups per layer
+        get = lambda kind: self._get(kind, layer, direction)  # noqa: E731
         return R.CellOptions(w_peep=get("weight_peephole"), zoneout=self.zoneout,
                              recurrent_dropout=self.recurrent_dropout, training=self.training,
                              ln_weight_ih=get("layer_norm_weight_ih"),
