@@ -111,7 +111,7 @@ def recurrence_cases(draw, op: str) -> dict:
         "bias": draw(st.booleans()), "lengths": draw(st.booleans()),
         "reverse": draw(st.booleans()), "x_layout": draw(st.sampled_from(LAYOUTS)),
         "w_layout": draw(st.sampled_from(LAYOUTS)),
-        "path": draw(st.sampled_from(["persistent", "batched"])),
+        "path": draw(st.sampled_from(["units", "rows", "batched"])),
         "seed": draw(st.integers(0, 2**31 - 1)),
     }
 
@@ -252,7 +252,7 @@ def test_relu_rnn_counterexample_float32():
     check_recurrence({"cell": R.RNN_RELU, "T": 11, "B": 2, "I": 3, "H": 4,
                       "dtype": torch.float32, "proj": 0, "bias": True, "lengths": False,
                       "reverse": True, "x_layout": "strided", "w_layout": "contiguous",
-                      "path": "persistent", "seed": 0})
+                      "path": "units", "seed": 0})
 
 
 def test_selective_scan_counterexample_growing_state():

@@ -69,10 +69,11 @@ def check_against_reference(cell, shape, dtype, proj=0, lengths=None, reverse=Fa
         assert_close(a, b, dtype, msg=f"grad {k} of cell {cell}", scale=scale)
 
 
-@pytest.fixture(params=["persistent", "batched"])
+@pytest.fixture(params=["units", "rows", "batched"])
 def cpu_path(request, monkeypatch):
-    """Both CPU decompositions: the persistent thread team (default where it applies) and the
-    per-step batched GEMM."""
+    """The CPU decompositions: the persistent thread team (default where it applies) with the
+    threads sharing the batch rows and splitting the hidden units ("units") or each group of
+    threads taking its own rows ("rows"), and the per-step batched GEMM."""
     monkeypatch.setenv("RNNKERNELS_CPU_RECURRENCE", request.param)
     return request.param
 
@@ -84,10 +85,14 @@ def test_forward_backward(cell, shape, dtype, cpu_path):
     check_against_reference(cell, shape, dtype)
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("split", ["units", "rows"])
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
 @pytest.mark.parametrize("cell", [R.LSTM, R.GRU])
-def test_thread_counts(cell, threads):
-    """The persistent team forms with any thread count, including more threads than cores."""
+def test_thread_counts(cell, threads, split, monkeypatch):
+    """The persistent team forms with any thread count, including more threads than cores and
+    than batch rows, split by units or into row groups (4 threads, 9 rows: groups of 3, 2, 2,
+    2; 3 threads, 2 rows: 2 groups, one of them with 1 idle thread)."""
+    monkeypatch.setenv("RNNKERNELS_CPU_RECURRENCE", split)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -3,8 +3,9 @@
 // Two decompositions of the sequential part, one cell code (forward_units / backward_units,
 // vectorised over hidden units with at::vec, math from cells.h):
 // - persistent (default for T > 1 without projection, reset-before GRU or cell option): one
-//   thread team for the whole sequence, each thread owning a slice of hidden units and of W_hh,
-//   one split barrier per step (see "persistent path" below);
+//   thread team for the whole sequence in row groups; each thread of a group owns a slice of
+//   hidden units and of W_hh, one split barrier per step within the group (see "persistent
+//   path" below);
 // - batched (everything else): per step one ATen GEMM on all threads, then the pointwise pass
 //   split over batch rows.
 // Cell options (Problem: peephole, zoneout, recurrent dropout, layer normalisation) are fused
@@ -912,15 +913,19 @@ void backward_batched(const Problem<S, T>& pb, const Tensor& grad_y, const Tenso
 
 // ============================================================== persistent path
 // One team of threads (the OpenMP team of at::parallel_for) lives for the whole sequence, the CPU
-// twin of a persistent GPU kernel. Thread k owns the hidden units [u0, u1): in the forward the G
-// row blocks of W_hh that produce them, in the backward the columns of W_hh that they multiply;
-// both stay in that core's L2 across steps (H = 256 fp32 LSTM: 512 KB per thread of two). Per
-// step a thread computes its part of the matmul (a panel GEMM on its slice, packed once per
-// call: panel_gemm.h) and the cell's pointwise work on its units. The only values a thread reads
-// from others are the step's state (forward) or the step's dgh (backward): a thread announces
-// its part of them when written (StepFlags) and waits for the others' only after multiplying its
-// own part, so the cross-core transfer overlaps that part of the matmul. A thread is never more
-// than one step ahead of another, which is what lets the forward keep two state slots.
+// twin of a persistent GPU kernel. The team is split into row groups (Share, row_groups below):
+// independent recurrences over disjoint batch rows. Within a group thread k owns the hidden
+// units [u0, u1): in the forward the G row blocks of W_hh that produce them, in the backward the
+// columns of W_hh that they multiply; both stay in that core's L2 across steps (H = 256 fp32
+// LSTM, batch 1: 512 KB per thread of two). Per step a thread computes its part of the matmul
+// for its group's rows (a panel GEMM on its slice, packed once per call: panel_gemm.h) and the
+// cell's pointwise work on its units. The only values a thread reads from others are the step's
+// state (forward) or the step's dgh (backward) of its group: a thread announces its part of them
+// when written (StepFlags) and waits for the others' only after multiplying its own part, so the
+// cross-core transfer overlaps that part of the matmul. A thread is never more than one step
+// ahead of another of its group, which is what lets the forward keep two state slots (groups
+// touch disjoint rows of them). With one thread per group (a training batch on few cores)
+// there is no barrier at all: each thread keeps the whole W_hh.
 
 constexpr int kSpinsBeforeYield = 1024;  // then yield, so an oversubscribed machine still progresses
 
@@ -941,9 +946,9 @@ class StepFlags {
   void reset(int n) { n_ = n; }  // the threads the team actually has, at most the capacity
   void fail() { failed_.store(true, std::memory_order_release); }
   void arrive(int64_t k, int64_t s) { done_[k].v.store(s + 1, std::memory_order_release); }
-  // Returns once every thread but k has arrived at step s (at once for s < 0).
-  void wait_others(int64_t k, int64_t s) const {
-    for (int64_t j = 0; j < n_; ++j) {
+  // Returns once every thread of [j0, j1) but k has arrived at step s (at once for s < 0).
+  void wait_others(int64_t k, int64_t s, int64_t j0, int64_t j1) const {
+    for (int64_t j = j0; j < std::min(j1, n_); ++j) {
       if (j == k) continue;
       for (int spins = 0; done_[j].v.load(std::memory_order_acquire) <= s; ++spins) {
         if (failed_.load(std::memory_order_acquire)) {
@@ -1004,6 +1009,53 @@ std::pair<int64_t, int64_t> unit_range(int64_t H, int64_t k, int64_t n) {
   return {u0, std::min(H, u0 + per)};
 }
 
+// Thread k's share of the problem: batch rows [b0, b1), hidden units [u0, u1), and the threads
+// [j0, j1) that share its rows (its row group), the only ones it waits for. Row groups are
+// independent recurrences: with one thread per group there is no barrier at all, at the price
+// of every thread keeping the whole W_hh (not a slice) in its L2.
+struct Share {
+  int64_t b0, b1, u0, u1, j0, j1;
+};
+
+// Row groups need at least kMinRowsPerGroup rows each (fewer leave the panel GEMM's register
+// blocks short), and a thread's slice of W_hh must stay in its L2 (1 MB per core on the AMD
+// EPYC measured, beside the state rows and buffers: kMaxSliceBytes) unless its group has
+// kRowsToStreamWeights rows, whose multiply-adds hide the slice's stream from L3 (measured at
+// B = 32, 2 threads: the fp32 LSTM with its 1 MB W_hh whole in each thread's group of 16 rows
+// ran its training step a few percent faster than with the slices; at 8 rows on par).
+constexpr int64_t kMinRowsPerGroup = 8;
+constexpr int64_t kRowsToStreamWeights = 16;
+constexpr int64_t kMaxSliceBytes = 640 * 1024;
+
+// Row groups for a team of n: the most (a divisor of n) that the limits above allow.
+// RNNKERNELS_CPU_RECURRENCE=units / rows forces one group / as many as the batch allows.
+template <typename S, typename T>
+int64_t row_groups(const Problem<S, T>& pb, int64_t n) {
+  const char* forced = std::getenv("RNNKERNELS_CPU_RECURRENCE");
+  const std::string mode = forced != nullptr ? forced : "";
+  if (mode == "units") return 1;
+  const int64_t w_bytes = pb.gates * pb.hidden * pb.out * static_cast<int64_t>(sizeof(T));
+  int64_t best = 1;
+  for (int64_t r = 2; r <= std::min(n, pb.batch); ++r) {
+    const int64_t rows = pb.batch / r;
+    if (n % r == 0 && (mode == "rows" || (rows >= kMinRowsPerGroup &&
+                                          (w_bytes / (n / r) <= kMaxSliceBytes ||
+                                           rows >= kRowsToStreamWeights)))) {
+      best = r;
+    }
+  }
+  return best;
+}
+
+template <typename S, typename T>
+Share share_of(const Problem<S, T>& pb, int64_t k, int64_t n) {
+  const int64_t groups = row_groups(pb, n), per = n / groups, g = k / per;
+  const auto [u0, u1] = unit_range<T>(pb.hidden, k - g * per, per);
+  const int64_t rows = pb.batch / groups, extra = pb.batch % groups;
+  const int64_t b0 = g * rows + std::min(g, extra);
+  return {b0, b0 + rows + (g < extra ? 1 : 0), u0, u1, g * per, (g + 1) * per};
+}
+
 template <typename S, typename T>
 void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor& w,
                         const Tensor& bias, Tensor& y, Tensor& hs, Tensor& ws, Tensor& cbuf) {
@@ -1011,7 +1063,7 @@ void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor&
   const T* w_p = w.data_ptr<T>();
   const T* bias_p = bias.defined() ? bias.data_ptr<T>() : nullptr;
   run_team(B * GH * P, [&](int64_t k, int64_t n, StepFlags& flags) {
-    const auto [u0, u1] = unit_range<T>(H, k, n);
+    const auto [b0, b1, u0, u1, j0, j1] = share_of(pb, k, n);
     const int64_t nk = u1 - u0;
     // Row b of this thread's matmul result: gh[b * G * nk + g * nk + unit]; the thread's G row
     // blocks of W_hh (and of b_hh) are packed once, so that a step is one panel GEMM.
@@ -1042,10 +1094,12 @@ void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor&
         // State units [u0, u1) are this thread's own (written by it in the step before): their
         // part of the product first, then the others' once they have arrived. (Software
         // prefetch of the state or of the next step's gx rows measured slower.)
-        w_own.multiply(B, st.hin, P, gh_p, ldg, own, false);
-        flags.wait_others(k, s - 1);
-        w_own.multiply(B, st.hin, P, gh_p, ldg, others, true);
-        for (int64_t b = 0; b < B; ++b) {
+        w_own.multiply(b1 - b0, st.hin + b0 * P, P, gh_p + b0 * ldg, ldg, own, false);
+        flags.wait_others(k, s - 1, j0, j1);
+        if (others.count > 0) {
+          w_own.multiply(b1 - b0, st.hin + b0 * P, P, gh_p + b0 * ldg, ldg, others, true);
+        }
+        for (int64_t b = b0; b < b1; ++b) {
           if (pb.masked(t, b)) {
             forward_masked_units(pb, st, b, u0, u1);
           } else {
@@ -1053,7 +1107,7 @@ void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor&
           }
         }
       } else {
-        flags.wait_others(k, s - 1);
+        flags.wait_others(k, s - 1, j0, j1);
       }
       flags.arrive(k, s);
     }
@@ -1072,7 +1126,7 @@ void backward_persistent(const Problem<S, T>& pb, const Tensor& grad_y, const Te
   T* dhd_p = dhd.data_ptr<T>();
   const T* w_p = w.data_ptr<T>();
   run_team(B * GH * P, [&](int64_t k, int64_t n, StepFlags& flags) {
-    const auto [u0, u1] = unit_range<T>(H, k, n);
+    const auto [b0, b1, u0, u1, j0, j1] = share_of(pb, k, n);
     const int64_t nk = u1 - u0;
     Tensor part = at::empty({B, std::max<int64_t>(nk, 1)}, dh.options());
     T* part_p = part.data_ptr<T>();
@@ -1090,7 +1144,7 @@ void backward_persistent(const Problem<S, T>& pb, const Tensor& grad_y, const Te
       const BwdStep<S, T> st = make_bwd_step(pb, s, gy_p, static_cast<const T*>(dh_p), dc, c0, ws,
                                              hs, dgh, dgx_is_dgh ? nullptr : dgx.data_ptr<S>(),
                                              dhd_p);
-      for (int64_t b = 0; b < B; ++b) {
+      for (int64_t b = b0; b < b1; ++b) {
         if (pb.masked(t, b)) {
           backward_masked_units(pb, st, b, u0, u1);
         } else {
@@ -1106,10 +1160,12 @@ void backward_persistent(const Problem<S, T>& pb, const Tensor& grad_y, const Te
       if (nk == 0) continue;
       // dh_{t-1}[:, own units] = direct part + dgh_t @ W_hh[:, own units], over the own rows of
       // dgh_t first, then the others' once they have arrived
-      w_own.multiply(B, st.dgh, GH, part_p, nk, own, false);
-      flags.wait_others(k, i);
-      w_own.multiply(B, st.dgh, GH, part_p, nk, others, true);
-      for (int64_t b = 0; b < B; ++b) {
+      w_own.multiply(b1 - b0, st.dgh + b0 * GH, GH, part_p + b0 * nk, nk, own, false);
+      flags.wait_others(k, i, j0, j1);
+      if (others.count > 0) {
+        w_own.multiply(b1 - b0, st.dgh + b0 * GH, GH, part_p + b0 * nk, nk, others, true);
+      }
+      for (int64_t b = b0; b < b1; ++b) {
         for (int64_t u = 0; u < nk; ++u) {
           dh_p[b * P + u0 + u] = dhd_p[b * P + u0 + u] + part_p[b * nk + u];
         }
