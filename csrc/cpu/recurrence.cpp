@@ -1021,11 +1021,14 @@ struct Share {
 // blocks short), and a thread's slice of W_hh must stay in its L2 (1 MB per core on the AMD
 // EPYC measured, beside the state rows and buffers: kMaxSliceBytes) unless its group has
 // kRowsToStreamWeights rows, whose multiply-adds hide the slice's stream from L3 (measured at
-// B = 32, 2 threads: the fp32 LSTM with its 1 MB W_hh whole in each thread's group of 16 rows
-// ran its training step a few percent faster than with the slices; at 8 rows on par).
+// B = 32, 2 threads: the fp32 LSTM with its 1 MB W_hh (hidden 256) or 4 MB (hidden 512) whole
+// in each thread's group of 16 rows ran its training step 3-7% faster than with the slices; at
+// 8 rows on par). Each thread packs its own copy of its slice: kMaxStreamedSliceBytes bounds
+// that memory.
 constexpr int64_t kMinRowsPerGroup = 8;
 constexpr int64_t kRowsToStreamWeights = 16;
 constexpr int64_t kMaxSliceBytes = 640 * 1024;
+constexpr int64_t kMaxStreamedSliceBytes = 4 * 1024 * 1024;
 
 // Row groups for a team of n: the most (a divisor of n) that the limits above allow.
 // RNNKERNELS_CPU_RECURRENCE=units / rows forces one group / as many as the batch allows.
@@ -1038,9 +1041,11 @@ int64_t row_groups(const Problem<S, T>& pb, int64_t n) {
   int64_t best = 1;
   for (int64_t r = 2; r <= std::min(n, pb.batch); ++r) {
     const int64_t rows = pb.batch / r;
+    const int64_t slice = w_bytes / (n / r);
     if (n % r == 0 && (mode == "rows" || (rows >= kMinRowsPerGroup &&
-                                          (w_bytes / (n / r) <= kMaxSliceBytes ||
-                                           rows >= kRowsToStreamWeights)))) {
+                                          (slice <= kMaxSliceBytes ||
+                                           (rows >= kRowsToStreamWeights &&
+                                            slice <= kMaxStreamedSliceBytes))))) {
       best = r;
     }
   }
