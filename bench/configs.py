@@ -31,6 +31,8 @@ RECURRENCE = {
         train={"B": 32, "T": 128, "I": 256, "H": 256},
         inference={"B": 1, "T": 256, "I": 256, "H": 256},
         sweeps={"T": (32, 512), "B": (8, 128), "H": (128, 512)},
+        # one token per call, as a decoding loop runs the layer: per-call overheads dominate
+        extra=(("decode", "inference", {"B": 1, "T": 1, "I": 256, "H": 256}),),
         sweep_loops=False),
     "gpu": SuiteConfig(
         train={"B": 16, "T": 1024, "I": 768, "H": 768},

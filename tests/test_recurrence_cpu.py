@@ -103,6 +103,26 @@ def test_thread_counts(cell, threads, split, monkeypatch):
 
 
 @pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("batch", [1, 2, 4, 5])
+def test_small_batch_step_product(cell, batch, monkeypatch):
+    """The batched path's own matrix-vector product for at most 4 batch rows (5: ATen's GEMM),
+    one step and several: at hidden 257 and 4 rows every cell's product is split over two
+    threads (in ranges of rows of W_hh that are not multiples of the 4 it takes at a time), K =
+    257 is not a multiple of the vector width; the LSTM with a projection, whose product runs
+    through it too."""
+    monkeypatch.setenv("RNNKERNELS_CPU_RECURRENCE", "batched")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        check_against_reference(cell, (1, batch, 7, 257), torch.float32)
+        check_against_reference(cell, (3, batch, 7, 257), torch.float64)
+        if cell == R.LSTM:
+            check_against_reference(cell, (2, batch, 7, 257), torch.float32, proj=65)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("cell", CELLS)
 def test_bfloat16(cell, cpu_path):
     check_against_reference(cell, (6, 3, 5, 16), torch.bfloat16)
 

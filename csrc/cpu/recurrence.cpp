@@ -166,6 +166,92 @@ inline void parallel_rows(int64_t batch, int64_t units_per_row, const F& f) {
   });
 }
 
+// ------------------------------------------------------------ the batched path's step product
+
+// Rows of a per-step product up to which step_product_nt runs its own kernel instead of ATen's.
+constexpr int64_t kSmallRows = 4;
+// Multiply-adds per thread below which the small product stays on one thread: a parallel region
+// cost about 5 us on the 2-core machine measured, more than one core takes to stream a quarter
+// MB of weights from its L2 (the fp32 GRU at hidden 256, batch 1: 22 us on one thread, 28 on
+// two; the LSTM: 48 on one, 37 on two).
+constexpr int64_t kMinProductWorkPerThread = 131072;
+
+// out (M x N) = a (M x K) @ w^T [+ bias], w (N x K) with row stride ldw, a and out row-major.
+//
+// Why not ATen: at a small batch (decoding one token, a short sequence) the step is a matrix-
+// vector product, and MKL's runs it on one thread at about 37 GB/s (a 1 MB fp32 LSTM W_hh: 28
+// us). Here the rows of w are split over the threads in the same fixed ranges on every call, so
+// that from one call to the next each core finds its rows in its own L2 (a decoding loop calls
+// the layer once per token). Decomposition: a task owns a range of output columns (rows of w)
+// and produces them for all M rows of a, four rows of w at a time with M x 4 vector
+// accumulators over K, reduced horizontally once per dot product. Memory traffic: w once, a
+// from L1.
+template <typename T, int MR>
+void small_product_rows(int64_t n0, int64_t n1, int64_t N, int64_t K, const T* a, const T* w,
+                        int64_t ldw, const T* bias, T* out) {
+  using V = Vectorized<T>;
+  constexpr int64_t VS = V::size();
+  constexpr int64_t kRows = 4;
+  auto sum = [](const V& x, const V& y) { return x + y; };
+  for (int64_t j0 = n0; j0 < n1; j0 += kRows) {
+    const int64_t rows = std::min(kRows, n1 - j0);
+    V acc[MR][kRows];
+    for (int m = 0; m < MR; ++m) {
+      for (int64_t r = 0; r < kRows; ++r) acc[m][r] = V(T(0));
+    }
+    for (int64_t k = 0; k < K; k += VS) {
+      const int64_t n = std::min(VS, K - k);
+      V wv[kRows];
+      for (int64_t r = 0; r < kRows; ++r) {
+        wv[r] = r < rows ? load<T>(w + (j0 + r) * ldw + k, n) : V(T(0));
+      }
+      for (int m = 0; m < MR; ++m) {
+        const V av = load<T>(a + m * K + k, n);
+        for (int64_t r = 0; r < kRows; ++r) acc[m][r] = at::vec::fmadd(av, wv[r], acc[m][r]);
+      }
+    }
+    for (int m = 0; m < MR; ++m) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const T b = bias != nullptr ? bias[j0 + r] : T(0);
+        out[m * N + j0 + r] = b + at::vec::vec_reduce_all<T>(sum, acc[m][r]);
+      }
+    }
+  }
+}
+
+template <typename T>
+void small_product_nt(int64_t M, int64_t N, int64_t K, const T* a, const T* w, int64_t ldw,
+                      const T* bias, T* out) {
+  const int64_t threads = std::clamp<int64_t>(M * N * K / kMinProductWorkPerThread, 1,
+                                              at::get_num_threads());
+  const int64_t per = (N + threads - 1) / threads;
+  at::parallel_for(0, threads, 1, [&](int64_t c0, int64_t c1) {
+    const int64_t n0 = std::min(N, c0 * per), n1 = std::min(N, c1 * per);
+    switch (M) {
+      case 1: small_product_rows<T, 1>(n0, n1, N, K, a, w, ldw, bias, out); break;
+      case 2: small_product_rows<T, 2>(n0, n1, N, K, a, w, ldw, bias, out); break;
+      case 3: small_product_rows<T, 3>(n0, n1, N, K, a, w, ldw, bias, out); break;
+      default: small_product_rows<T, kSmallRows>(n0, n1, N, K, a, w, ldw, bias, out); break;
+    }
+  });
+}
+
+// out = a @ w^T [+ bias] for one step of the batched path (out, a row-major; w's rows of stride
+// w.stride(0)): small_product_nt for at most kSmallRows rows, else one ATen GEMM.
+template <typename T>
+void step_product_nt(Tensor& out, const Tensor& a, const Tensor& w, const Tensor& bias) {
+  const int64_t M = a.size(0);
+  if (M <= kSmallRows && a.is_contiguous() && out.is_contiguous() && w.stride(1) == 1 &&
+      (!bias.defined() || bias.is_contiguous())) {
+    small_product_nt<T>(M, w.size(0), w.size(1), a.data_ptr<T>(), w.data_ptr<T>(), w.stride(0),
+                        bias.defined() ? bias.data_ptr<T>() : nullptr, out.data_ptr<T>());
+  } else if (bias.defined()) {
+    at::addmm_out(out, bias, a, w.t());
+  } else {
+    at::mm_out(out, a, w.t());
+  }
+}
+
 // ============================================================== forward
 
 // Views of one step's buffers, row-major with the row strides of Problem (batch row b of a
@@ -707,11 +793,8 @@ void forward_batched(const Problem<S, T>& pb, const Tensor& gx, const Tensor& w,
     Tensor hout = hs.select(0, pb.slot_out(s));
     if (pb.dropout) at::mul_out(hdrop, hin, rdrop);
     const Tensor& hrec = pb.dropout ? hdrop : hin;
-    if (b1.defined() && !ln) {  // with layer normalisation b_hh comes after it
-      at::addmm_out(gh, b1, hrec, w1.t());
-    } else {
-      at::mm_out(gh, hrec, w1.t());
-    }
+    // with layer normalisation b_hh comes after it
+    step_product_nt<T>(gh, hrec, w1, ln ? Tensor() : b1);
     T* hout_p = hout.data_ptr<T>();
     FwdStep<S, T> st{
         gx.data_ptr<S>() + t * B * GH, hin.data_ptr<T>(), hout_p,
@@ -740,11 +823,7 @@ void forward_batched(const Problem<S, T>& pb, const Tensor& gx, const Tensor& w,
     S* yt = y.data_ptr<S>() + t * B * P;
     if (split) {
       // Phase 2 of the reset-before GRU: the n rows of W_hh multiply r * h_prev.
-      if (b2.defined()) {
-        at::addmm_out(ghv, b2, vbuf, w2.t());
-      } else {
-        at::mm_out(ghv, vbuf, w2.t());
-      }
+      step_product_nt<T>(ghv, vbuf, w2, b2);
       const T* ghv_p = ghv.data_ptr<T>();
       parallel_rows(B, H, [&](int64_t b) {
         S* yr = yt + b * P;
@@ -771,7 +850,7 @@ void forward_batched(const Problem<S, T>& pb, const Tensor& gx, const Tensor& w,
       });
     }
     if (pb.projected) {
-      at::mm_out(hout, hfull, w_hr.t());
+      step_product_nt<T>(hout, hfull, w_hr, Tensor());
       parallel_rows(B, P, [&](int64_t b) {
         S* yr = yt + b * P;
         T* hr = hout_p + b * P;
