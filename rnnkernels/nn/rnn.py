@@ -14,6 +14,7 @@ every option off the parameters and state_dict keys are exactly torch.nn's.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -59,6 +60,14 @@ def _pack_like(y: Tensor, like: PackedSequence) -> PackedSequence:
     t_idx, b_idx = _packed_index(like, y.device)
     return PackedSequence(y[t_idx, b_idx], like.batch_sizes, like.sorted_indices,
                           like.unsorted_indices)
+
+
+@functools.cache
+def _layer_names(layer: int, direction: int) -> tuple[str, ...]:
+    """Names of (w_ih, w_hh, b_ih, b_hh, w_hr) of a layer and direction, as torch.nn's."""
+    suffix = "_reverse" if direction == 1 else ""
+    return tuple(f"{kind}_l{layer}{suffix}"
+                 for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"))
 
 
 class RNNBase(nn.Module):
@@ -163,10 +172,11 @@ class RNNBase(nn.Module):
     def _weights(self, layer: int, direction: int) -> tuple[Tensor | None, ...]:
         """(w_ih, w_hh, b_ih, b_hh, w_hr) of a layer and direction, None where absent (looked
         up by name on every call, so parametrizations and reassigned parameters are seen)."""
-        get = lambda kind: self._get(kind, layer, direction)  # noqa: E731
-        return (get("weight_ih"), get("weight_hh"), get("bias_ih") if self.bias else None,
-                get("bias_hh") if self.bias else None,
-                get("weight_hr") if self.proj_size else None)
+        ih, hh, bih, bhh, hr = _layer_names(layer, direction)
+        return (getattr(self, ih), getattr(self, hh),
+                getattr(self, bih, None) if self.bias else None,
+                getattr(self, bhh, None) if self.bias else None,
+                getattr(self, hr, None) if self.proj_size else None)
 
     def _cell_options(self, layer: int, direction: int) -> R.CellOptions:
         if not (self.peephole or self.layer_norm or self.zoneout or self.recurrent_dropout):
@@ -297,8 +307,9 @@ class RNNBase(nn.Module):
                 out = F.dropout(out, self.dropout, training=True)
             layer_input = out
         output = layer_input
-        h_n = torch.stack(h_n)
-        c_n = torch.stack(c_n) if is_lstm else None
+        # (one layer and direction: a view instead of stack's copy, a decoding loop's cost)
+        h_n = torch.stack(h_n) if len(h_n) > 1 else h_n[0].unsqueeze(0)
+        c_n = (torch.stack(c_n) if len(c_n) > 1 else c_n[0].unsqueeze(0)) if is_lstm else None
         if packed:
             output = _pack_like(output, input)
         elif not batched:

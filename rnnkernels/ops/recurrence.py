@@ -348,10 +348,11 @@ def recurrence(gx: Tensor, h0: Tensor, c0: Tensor | None, w_hh: Tensor, b_hh: Te
     autocast region every floating input is cast to the autocast dtype (state and accumulation
     stay fp32 inside the kernels). Cell options run on the C++ CPU kernels only (backend
     "cpu"); :func:`run_layer` sends them elsewhere to the reference."""
-    if options.names() and backend != "cpu":
+    named = options.names() if options is not NO_OPTIONS else []
+    if named and backend != "cpu":
         raise ValueError(f"the {backend} recurrence kernel has no cell options "
-                         f"({', '.join(options.names())}); use backend 'cpu' or the reference")
-    extra = options.op_args() if options.names() else ()
+                         f"({', '.join(named)}); use backend 'cpu' or the reference")
+    extra = options.op_args() if named else ()
     dtype = compute_dtype(gx)
     if dtype != gx.dtype or h0.dtype != dtype:
         gx, h0, c0, w_hh, b_hh, w_hr = (t if t is None else t.to(dtype)
@@ -475,8 +476,9 @@ def run_layer(x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, w_hh: Tens
     on the reference on the same device, with a warning. Random masks (training) are drawn
     here, before the backend runs, so every backend sees the same draws for a seed. Returns
     (y, h_n, c_n or None)."""
-    options = options.drawn(x, h0.shape[1], w_hh.shape[0] // NUM_GATES[cell], cell)
-    if options.names() and backend in ("triton", "cuda"):
+    if options is not NO_OPTIONS:
+        options = options.drawn(x, h0.shape[1], w_hh.shape[0] // NUM_GATES[cell], cell)
+    if options is not NO_OPTIONS and options.names() and backend in ("triton", "cuda"):
         _backend.warn_once(f"rnnkernels: the {backend} recurrence kernel has no "
                            f"{', '.join(options.names())}; using the PyTorch reference")
         backend = "reference"
