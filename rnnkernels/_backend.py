@@ -95,21 +95,33 @@ def _reasons(family: str, device_type: str, dtype: torch.dtype,
 
 def choose(family: str, device: torch.device, dtype: torch.dtype) -> str:
     """The backend that runs ``family`` for an input on ``device`` with ``dtype``."""
-    reasons = _available(family, device, dtype)
-    forced = forced_backend()
+    from . import _kernels
+
+    name, warning = _decide(family, device.type, dtype, forced_backend(),
+                            _kernels.triton_interpreted())
+    if warning is not None:
+        warn_once(warning)
+    return name
+
+
+@functools.cache
+def _decide(family: str, device_type: str, dtype: torch.dtype, forced: str | None,
+            interpreted: bool) -> tuple[str, str | None]:
+    """:func:`choose`'s backend and the warning it gives, if any, for everything the choice
+    depends on (cached: a module's forward asks once per call)."""
+    reasons = _reasons(family, device_type, dtype, interpreted)
     if forced is not None:
         if reasons[forced] is None:
-            return forced
+            return forced, None
         fallback = next(b for b in BACKENDS if reasons[b] is None)
-        warn_once(f"rnnkernels: backend {forced!r} cannot run {family} ({reasons[forced]}); "
-                  f"using {fallback!r}")
-        return fallback
-    order = ("cpu", "reference") if device.type == "cpu" else ("cuda", "triton", "reference")
+        return fallback, (f"rnnkernels: backend {forced!r} cannot run {family} "
+                          f"({reasons[forced]}); using {fallback!r}")
+    order = ("cpu", "reference") if device_type == "cpu" else ("cuda", "triton", "reference")
     for name in order:
         if reasons[name] is None:
-            if name == "reference" and device.type in ("cpu", "cuda"):
+            if name == "reference" and device_type in ("cpu", "cuda"):
                 why = reasons[order[-2]]
-                warn_once(f"rnnkernels: no fast kernel for {family} on {device.type} ({why}); "
-                          "using the PyTorch reference")
-            return name
-    return "reference"
+                return name, (f"rnnkernels: no fast kernel for {family} on {device_type} "
+                              f"({why}); using the PyTorch reference")
+            return name, None
+    return "reference", None

@@ -103,6 +103,20 @@ def register_autograd(op: object, backward: Callable, setup_context: Callable) -
         _library(fwd).impl(fwd, autograd_kernel, "Autograd", with_keyset=True)
 
 
+def call_unrecorded(op: Callable, *args):
+    """``op(*args)`` for a call that records no gradient (the caller found that none is
+    needed): straight below autograd, without the Python Autograd kernel above, whose round trip
+    from the dispatcher back into Python costs microseconds per call (a decoding loop calls a
+    layer once per token). Through the Autograd kernel as usual where something above plain
+    eager autograd must see the call: a torch.func transform, a forward-mode AD level (the
+    kernel refuses tangents), or tracing by torch.compile."""
+    if (torch.compiler.is_compiling() or forward_ad._current_level >= 0
+            or _ft.maybe_current_level() is not None):
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
 def _has_tangent(args: tuple) -> bool:
     """Whether forward-mode AD (a dual level, torch.func.jvp) carries a tangent on an argument:
     the op would drop it silently."""

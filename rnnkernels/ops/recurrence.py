@@ -367,7 +367,8 @@ def recurrence(gx: Tensor, h0: Tensor, c0: Tensor | None, w_hh: Tensor, b_hh: Te
         fwd = recurrence_fwd_triton
     else:
         fwd = torch.ops.rnnkernels.recurrence_fwd
-    y, h_n, c_n, _, _ = fwd(gx, h0, c0, w_hh, b_hh, w_hr, lengths, cell, reverse, save, *extra)
+    args = (gx, h0, c0, w_hh, b_hh, w_hr, lengths, cell, reverse, save, *extra)
+    y, h_n, c_n, _, _ = fwd(*args) if save else _autograd.call_unrecorded(fwd, *args)
     return y, h_n, c_n
 
 
