@@ -14,20 +14,34 @@ A CPU recurrence cannot be faster than the work it must do at the rate this mach
   thread streaming at once, measured by a small C++ probe (compiled on first use with
   torch.utils.cpp_extension; AVX-512 or AVX2 as the compiler's -march=native gives).
 
-Prints, per cell, the floors, torch.nn's time at the same shape in the same run, and the largest
-speed-up over torch.nn that the floor allows.
+- selective scan training step (forward + backward): every state update x = exp(dt A) x + dt B u
+  of the batch * dim * L * N takes exp(dt A) at least twice, once in the forward and once in the
+  backward, which cannot keep the batch * dim * L * N values (its memory must stay linear in L /
+  chunk) and so forms them again. The floor is two passes of that exp and the update's
+  multiply-add alone, at the rate the kernels' own exp (csrc/cpu/vec_math.h, compiled into a
+  small probe) runs on every thread at once: nothing else of the step (the input gradients, B
+  and C, the gate, any load or store) is counted.
+
+Prints, per case, the floor, the baseline's time at the same shape in the same run (torch.nn for
+the recurrences, the PyTorch loop for the scan), and the largest speed-up that the floor allows.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 from torch.utils.cpp_extension import load_inline
 
 from . import configs, env
+from .loops import selective_scan_loop
 from .recurrence import CPU_TARGETS, FAMILIES
+from .scans import SELECTIVE_SCAN_CPU_TARGET, selective_scan_inputs
+from .scans import _train_step as scan_train_step
 from .timing import median_time
+
+_CPU_SOURCES = Path(__file__).resolve().parent.parent / "csrc" / "cpu"
 
 _PROBE = r"""
 #include <torch/extension.h>
@@ -70,7 +84,103 @@ double stream_seconds(int64_t bytes, int64_t passes, int64_t threads) {
 }
 """
 
+_EXP_PROBE = r"""
+#include <torch/extension.h>
+
+#include <chrono>
+#include <thread>
+#include <vector>
+
+#include "vec_math.h"
+
+// Seconds for every one of `threads` threads to run `updates / threads` selective-scan state
+// updates x = exp(dt A) x + b, a vector of W lanes at a time, four independent states per
+// thread (as the CPU kernel keeps them), dt cycling through 64 vectors in L1.
+double exp_update_seconds(int64_t updates, int64_t threads) {
+  using V = at::vec::Vectorized<float>;
+  constexpr int64_t W = V::size(), kStates = 4, kDt = 64;
+  const int64_t iters = std::max<int64_t>(1, updates / threads / (W * kStates));
+  std::vector<double> seconds(threads);
+  std::vector<float> sink(threads);
+  auto run = [&](int64_t k) {
+    float dt_buf[kDt * W];
+    for (int64_t i = 0; i < kDt * W; ++i) dt_buf[i] = 1e-3f * static_cast<float>(1 + i % 97);
+    V x[kStates], a2[kStates];
+    for (int j = 0; j < kStates; ++j) {
+      x[j] = V(0.f);
+      a2[j] = V(-1.4427f * static_cast<float>(j + 1));
+    }
+    const V b(1e-3f);
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int64_t i = 0; i < iters; ++i) {
+      const V dt = V::loadu(dt_buf + (i % kDt) * W);
+      for (int j = 0; j < kStates; ++j) {
+        x[j] = at::vec::fmadd(rnnkernels::cpu::fast_exp2<float>(dt * a2[j]), x[j], b);
+      }
+    }
+    const auto t1 = std::chrono::steady_clock::now();
+    float s = 0;
+    for (int j = 0; j < kStates; ++j) {
+      float lanes[W];
+      x[j].store(lanes);
+      for (float v : lanes) s += v;
+    }
+    sink[k] = s;
+    seconds[k] = std::chrono::duration<double>(t1 - t0).count();
+  };
+  std::vector<std::thread> pool;
+  for (int64_t k = 1; k < threads; ++k) pool.emplace_back(run, k);
+  run(0);
+  for (auto& t : pool) t.join();
+  return *std::max_element(seconds.begin(), seconds.end());
+}
+"""
+
+# torch's CPU capability -> the defines the package's kernels are compiled with (setup.py), so the
+# probe runs the same exp.
+_CAPABILITY_DEFINES = {"AVX512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+                       "AVX2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]}
+
 _probe = None
+_exp_probe = None
+
+
+def _exp_update_probe():
+    global _exp_probe
+    if _exp_probe is None:
+        capability = torch.backends.cpu.get_cpu_capability()
+        defines = _CAPABILITY_DEFINES.get(capability, ["-DCPU_CAPABILITY=DEFAULT"])
+        _exp_probe = load_inline("rnnkernels_bench_roofline_exp", cpp_sources=_EXP_PROBE,
+                                 functions=["exp_update_seconds"],
+                                 extra_include_paths=[str(_CPU_SOURCES)],
+                                 extra_cflags=["-O3", "-march=native", *defines], verbose=False)
+    return _exp_probe
+
+
+def exp_update_seconds(updates: int, threads: int) -> float:
+    """Seconds for ``threads`` threads at once to run ``updates`` selective-scan state updates
+    (exp(dt A) and the multiply-add) between them: the best of five runs."""
+    probe = _exp_update_probe()
+    return min(probe.exp_update_seconds(updates, threads) for _ in range(5))
+
+
+def scan_floor(threads: int) -> float:
+    """Seconds of the selective-scan training-step floor at the cpu profile's shape: two passes
+    of exp(dt A) and the update over batch * dim * L * N state updates."""
+    d = configs.SELECTIVE_SCAN["cpu"].train
+    updates = d["batch"] * d["dim"] * d["L"] * d["N"]
+    return 2 * exp_update_seconds(updates, threads)
+
+
+def scan_loop_seconds() -> float:
+    """Median seconds of the PyTorch loop's training step at the cpu profile's shape (the
+    selective_scan suite's baseline)."""
+    inputs, grad_out = selective_scan_inputs(configs.SELECTIVE_SCAN["cpu"].train, "cpu",
+                                             torch.float32, torch.Generator().manual_seed(0),
+                                             True)
+    step = scan_train_step(lambda *a: selective_scan_loop(*a, delta_softplus=True), inputs,
+                           grad_out, None)
+    return median_time(step, "cpu", 0.5).median_s
 
 
 def _stream_probe():
@@ -140,18 +250,27 @@ def floors(suite: str, threads: int) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.roofline",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--suite", default="lstm,gru,rnn", help="comma-separated among lstm, gru, rnn")
+    choices = [*FAMILIES, "selective_scan"]
+    p.add_argument("--suite", default=",".join(choices),
+                   help=f"comma-separated among {', '.join(choices)}")
     args = p.parse_args(argv)
     suites = [s.strip() for s in args.suite.split(",") if s.strip()]
-    unknown = [s for s in suites if s not in FAMILIES]
+    unknown = [s for s in suites if s not in choices]
     if unknown:
-        p.error(f"unknown suite(s) {', '.join(unknown)}; choose among {', '.join(FAMILIES)}")
+        p.error(f"unknown suite(s) {', '.join(unknown)}; choose among {', '.join(choices)}")
     threads = torch.get_num_threads()
-    print(f"# CPU floors of the recurrence targets\n\n{env.cpu_model()}, {threads} threads, "
+    print(f"# CPU floors of the speed targets\n\n{env.cpu_model()}, {threads} threads, "
           f"float32, torch {torch.__version__}, commit {env.commit()}\n")
-    print("| case | floor | per-core stream rate | torch.nn | largest speed-up | target |")
+    print("Baseline: torch.nn's module for the recurrences, the PyTorch loop for the scan, timed in "
+          "this run.\n")
+    print("| case | floor | per-core stream rate | baseline | largest speed-up | target |")
     print("|---|---|---|---|---|---|")
     for suite in suites:
+        if suite == "selective_scan":
+            floor, loop = scan_floor(threads), scan_loop_seconds()
+            print(f"| Selective scan train | {floor * 1e3:.3g} ms | - | {loop * 1e3:.4g} ms | "
+                  f"{loop / floor:.2f}x | {SELECTIVE_SCAN_CPU_TARGET:g}x |")
+            continue
         f, theirs = floors(suite, threads), torch_nn_seconds(suite)
         title = FAMILIES[suite].title
         for mode, target in zip(("train", "inference"), CPU_TARGETS[suite]):

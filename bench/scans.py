@@ -58,6 +58,39 @@ def _train_step(fn, inputs: list[Tensor | None], grad_out: Tensor | None, backen
     return step
 
 
+def selective_scan_inputs(dims: dict[str, int], device: str, dtype: torch.dtype,
+                          gen: torch.Generator, train: bool
+                          ) -> tuple[list[Tensor | None], Tensor | None]:
+    """Random inputs of ``selective_scan_fn`` (u, delta, A, B, C, D, z, delta_bias) at dims
+    (batch, dim, L, N), requiring grad when ``train``, and a random output gradient then."""
+    batch, dim, L, N = dims["batch"], dims["dim"], dims["L"], dims["N"]
+
+    def randn(*shape: int, scale: float = 1.0, dtype: torch.dtype = dtype) -> Tensor:
+        values = torch.randn(shape, generator=gen, dtype=torch.float64) * scale
+        return values.to(dtype).to(device)
+
+    # Mamba's conventions: A, D and delta_bias are float32 parameters, A = -(1..N) scaled
+    # (S4D-real), delta_bias the inverse softplus of a step in [1e-3, 1e-1].
+    f32 = torch.float32
+    steps = torch.exp(torch.rand(dim, generator=gen, dtype=torch.float64)
+                      * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    A = (-torch.arange(1, N + 1, dtype=torch.float64)
+         * (0.5 + torch.rand(dim, N, generator=gen, dtype=torch.float64))).to(f32).to(device)
+    inputs: list[Tensor | None] = [
+        randn(batch, dim, L),                       # u
+        randn(batch, dim, L, scale=0.5),            # delta (before bias and softplus)
+        A,
+        randn(batch, N, L),                         # B
+        randn(batch, N, L),                         # C
+        randn(dim, dtype=f32),                      # D
+        randn(batch, dim, L),                       # z
+        torch.log(torch.expm1(steps)).to(f32).to(device),  # delta_bias
+    ]
+    for t in inputs:
+        t.requires_grad_(train)
+    return inputs, (randn(batch, dim, L) if train else None)
+
+
 class _ScanSuite:
     """What the two scan suites share: specs from their config, backends of ours, the loop."""
 
@@ -114,31 +147,7 @@ class SelectiveScanSuite(_ScanSuite):
         dev, dt = spec.device, spec.dtype
         train = spec.mode == "train"
         gen = torch.Generator().manual_seed(seed_of(spec))
-
-        def randn(*shape: int, scale: float = 1.0, dtype: torch.dtype = dt) -> Tensor:
-            values = torch.randn(shape, generator=gen, dtype=torch.float64) * scale
-            return values.to(dtype).to(dev)
-
-        # Mamba's conventions: A, D and delta_bias are float32 parameters, A = -(1..N) scaled
-        # (S4D-real), delta_bias the inverse softplus of a step in [1e-3, 1e-1].
-        f32 = torch.float32
-        steps = torch.exp(torch.rand(dim, generator=gen, dtype=torch.float64)
-                          * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-        A = (-torch.arange(1, N + 1, dtype=torch.float64)
-             * (0.5 + torch.rand(dim, N, generator=gen, dtype=torch.float64))).to(f32).to(dev)
-        inputs: list[Tensor | None] = [
-            randn(batch, dim, L),                       # u
-            randn(batch, dim, L, scale=0.5),            # delta (before bias and softplus)
-            A,
-            randn(batch, N, L),                         # B
-            randn(batch, N, L),                         # C
-            randn(dim, dtype=f32),                      # D
-            randn(batch, dim, L),                       # z
-            torch.log(torch.expm1(steps)).to(f32).to(dev),  # delta_bias
-        ]
-        for t in inputs:
-            t.requires_grad_(train)
-        grad_out = randn(batch, dim, L) if train else None
+        inputs, grad_out = selective_scan_inputs(d, dev, dt, gen, train)
 
         def loop(*args: Tensor) -> Tensor:
             return selective_scan_loop(*args, delta_softplus=True)

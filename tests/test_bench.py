@@ -412,6 +412,26 @@ def test_roofline_floors(capsys):
         assert float(best.removesuffix("x")) == pytest.approx(theirs_ms / floor_ms, rel=0.05)
 
 
+def test_roofline_scan_floor(capsys, monkeypatch):
+    """The selective scan's floor: the exp probe (the kernels' own exp, compiled) takes longer
+    for more updates, and the row's largest speed-up is the loop's time over the floor (at a
+    small training shape, to keep the loop's steps short)."""
+    from bench import configs, roofline
+
+    assert roofline.exp_update_seconds(1 << 22, 1) > roofline.exp_update_seconds(1 << 16, 1) > 0
+    small = configs.SuiteConfig(train={"batch": 1, "dim": 32, "L": 64, "N": 16},
+                                inference={"batch": 1, "dim": 32, "L": 64, "N": 16}, sweeps={})
+    monkeypatch.setitem(configs.SELECTIVE_SCAN, "cpu", small)
+    assert roofline.main(["--suite", "selective_scan"]) == 0
+    rows = [[c.strip() for c in line.split("|")[2:-1]]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| Selective")]
+    assert len(rows) == 1
+    floor, _, loop, best, target = rows[0]
+    floor_ms, loop_ms = float(floor.removesuffix(" ms")), float(loop.removesuffix(" ms"))
+    assert floor_ms > 0 and loop_ms > 0 and target == "100x"
+    assert float(best.removesuffix("x")) == pytest.approx(loop_ms / floor_ms, rel=0.05)
+
+
 def test_contenders_are_timed_in_interleaved_rounds():
     """The contenders of a case take turns (ROUNDS rounds each), so a drift of the machine's
     speed reaches all of them alike; every one still gets MIN_CALLS calls at least."""
