@@ -527,7 +527,11 @@ void backward_task(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_
 // The backward of super s: the chunks in reverse, per chunk its blocks one after another, their
 // per-lane terms of grouped dB / dC added up in w, then summed over the lanes once (a 16 x 16
 // transpose-and-add per 16 values, as costly as a block's own step work when done per block)
-// into the super's (L, N) partials.
+// into the super's (L, N) partials. Measured against this in paired runs and dropped: the
+// lanes summed per step into the partials (slower); the reverse passes of up to 4 blocks of a
+// super run together, their dB / dC terms added in registers and stored once (no faster);
+// one channel at a time with the N states in the lanes, every buffer in L1 but three
+// horizontal sums per channel and step (slower); chunks of 32 or 48 steps (slower).
 template <typename S, typename T, bool kBvar, bool kCvar>
 void backward_super(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t s, BackwardWork<T>& w) {
   const auto [first, last] = p.super_blocks(s);
