@@ -43,7 +43,7 @@ from .timing import median_time
 
 _CPU_SOURCES = Path(__file__).resolve().parent.parent / "csrc" / "cpu"
 
-_PROBE = r"""
+_PROBES = r"""
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -52,15 +52,29 @@ _PROBE = r"""
 #include <thread>
 #include <vector>
 
+#include "vec_math.h"
+
+// Runs body(k) on `threads` threads at once (k = 0 on the caller's); body returns the seconds
+// of its own timed part. Returns the slowest thread's seconds.
+template <typename F>
+double slowest_thread_seconds(int64_t threads, const F& body) {
+  std::vector<double> seconds(threads);
+  auto run = [&](int64_t k) { seconds[k] = body(k); };
+  std::vector<std::thread> pool;
+  for (int64_t k = 1; k < threads; ++k) pool.emplace_back(run, k);
+  run(0);
+  for (auto& t : pool) t.join();
+  return *std::max_element(seconds.begin(), seconds.end());
+}
+
 // Seconds for every one of `threads` threads to read its own buffer of `bytes` bytes `passes`
 // times, all threads at once (each buffer written once first, so it sits in that core's cache
 // when it fits). 16 independent float sums: the compiler vectorises them, and they never wait
 // on an add's latency, so the loads are the limit.
 double stream_seconds(int64_t bytes, int64_t passes, int64_t threads) {
   const int64_t n = std::max<int64_t>(64, bytes / 4 / 64 * 64);
-  std::vector<double> seconds(threads);
   std::vector<float> sink(threads);
-  auto run = [&](int64_t k) {
+  return slowest_thread_seconds(threads, [&](int64_t k) {
     std::vector<float> buf(n);
     for (int64_t i = 0; i < n; ++i) buf[i] = 1e-3f * static_cast<float>(i % 7);
     float acc[64] = {};
@@ -74,24 +88,9 @@ double stream_seconds(int64_t bytes, int64_t passes, int64_t threads) {
     float s = 0;
     for (float a : acc) s += a;
     sink[k] = s;
-    seconds[k] = std::chrono::duration<double>(t1 - t0).count();
-  };
-  std::vector<std::thread> pool;
-  for (int64_t k = 1; k < threads; ++k) pool.emplace_back(run, k);
-  run(0);
-  for (auto& t : pool) t.join();
-  return *std::max_element(seconds.begin(), seconds.end());
+    return std::chrono::duration<double>(t1 - t0).count();
+  });
 }
-"""
-
-_EXP_PROBE = r"""
-#include <torch/extension.h>
-
-#include <chrono>
-#include <thread>
-#include <vector>
-
-#include "vec_math.h"
 
 // Seconds for every one of `threads` threads to run `updates / threads` selective-scan state
 // updates x = exp(dt A) x + b, a vector of W lanes at a time, four independent states per
@@ -100,9 +99,8 @@ double exp_update_seconds(int64_t updates, int64_t threads) {
   using V = at::vec::Vectorized<float>;
   constexpr int64_t W = V::size(), kStates = 4, kDt = 64;
   const int64_t iters = std::max<int64_t>(1, updates / threads / (W * kStates));
-  std::vector<double> seconds(threads);
   std::vector<float> sink(threads);
-  auto run = [&](int64_t k) {
+  return slowest_thread_seconds(threads, [&](int64_t k) {
     float dt_buf[kDt * W];
     for (int64_t i = 0; i < kDt * W; ++i) dt_buf[i] = 1e-3f * static_cast<float>(1 + i % 97);
     V x[kStates], a2[kStates];
@@ -126,41 +124,36 @@ double exp_update_seconds(int64_t updates, int64_t threads) {
       for (float v : lanes) s += v;
     }
     sink[k] = s;
-    seconds[k] = std::chrono::duration<double>(t1 - t0).count();
-  };
-  std::vector<std::thread> pool;
-  for (int64_t k = 1; k < threads; ++k) pool.emplace_back(run, k);
-  run(0);
-  for (auto& t : pool) t.join();
-  return *std::max_element(seconds.begin(), seconds.end());
+    return std::chrono::duration<double>(t1 - t0).count();
+  });
 }
 """
 
 # torch's CPU capability -> the defines the package's kernels are compiled with (setup.py), so the
-# probe runs the same exp.
+# exp probe runs the same exp.
 _CAPABILITY_DEFINES = {"AVX512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
                        "AVX2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]}
 
-_probe = None
-_exp_probe = None
+_probes = None
 
 
-def _exp_update_probe():
-    global _exp_probe
-    if _exp_probe is None:
+def _compiled_probes():
+    """The C++ probes, compiled on first use (torch.utils.cpp_extension)."""
+    global _probes
+    if _probes is None:
         capability = torch.backends.cpu.get_cpu_capability()
         defines = _CAPABILITY_DEFINES.get(capability, ["-DCPU_CAPABILITY=DEFAULT"])
-        _exp_probe = load_inline("rnnkernels_bench_roofline_exp", cpp_sources=_EXP_PROBE,
-                                 functions=["exp_update_seconds"],
-                                 extra_include_paths=[str(_CPU_SOURCES)],
-                                 extra_cflags=["-O3", "-march=native", *defines], verbose=False)
-    return _exp_probe
+        _probes = load_inline("rnnkernels_bench_roofline", cpp_sources=_PROBES,
+                              functions=["stream_seconds", "exp_update_seconds"],
+                              extra_include_paths=[str(_CPU_SOURCES)],
+                              extra_cflags=["-O3", "-march=native", *defines], verbose=False)
+    return _probes
 
 
 def exp_update_seconds(updates: int, threads: int) -> float:
     """Seconds for ``threads`` threads at once to run ``updates`` selective-scan state updates
     (exp(dt A) and the multiply-add) between them: the best of five runs."""
-    probe = _exp_update_probe()
+    probe = _compiled_probes()
     return min(probe.exp_update_seconds(updates, threads) for _ in range(5))
 
 
@@ -183,19 +176,10 @@ def scan_loop_seconds() -> float:
     return median_time(step, "cpu", 0.5).median_s
 
 
-def _stream_probe():
-    global _probe
-    if _probe is None:
-        _probe = load_inline("rnnkernels_bench_roofline", cpp_sources=_PROBE,
-                             functions=["stream_seconds"],
-                             extra_cflags=["-O3", "-march=native"], verbose=False)
-    return _probe
-
-
 def stream_rate(slice_bytes: int, threads: int, min_bytes: float = 1e9) -> float:
     """Bytes per second one core reads a buffer of ``slice_bytes`` with ``threads`` threads
     streaming at once: the best of five runs (on a shared machine a run can lose its core)."""
-    probe = _stream_probe()
+    probe = _compiled_probes()
     passes = max(1, int(min_bytes / max(slice_bytes, 1)))
     seconds = min(probe.stream_seconds(slice_bytes, passes, threads) for _ in range(5))
     return slice_bytes * passes / seconds
