@@ -63,10 +63,16 @@ def _pack_like(y: Tensor, like: PackedSequence) -> PackedSequence:
 
 
 @functools.cache
+def _param_name(kind: str, layer: int, direction: int) -> str:
+    """The name of parameter ``kind`` of a layer and direction, as torch.nn's
+    (weight_ih_l0, bias_hh_l1_reverse, ...)."""
+    return f"{kind}_l{layer}{'_reverse' if direction == 1 else ''}"
+
+
+@functools.cache
 def _layer_names(layer: int, direction: int) -> tuple[str, ...]:
-    """Names of (w_ih, w_hh, b_ih, b_hh, w_hr) of a layer and direction, as torch.nn's."""
-    suffix = "_reverse" if direction == 1 else ""
-    return tuple(f"{kind}_l{layer}{suffix}"
+    """Names of (w_ih, w_hh, b_ih, b_hh, w_hr) of a layer and direction."""
+    return tuple(_param_name(kind, layer, direction)
                  for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"))
 
 
@@ -125,7 +131,6 @@ class RNNBase(nn.Module):
         for layer in range(num_layers):
             for direction in range(num_directions):
                 layer_input = input_size if layer == 0 else real_hidden * num_directions
-                suffix = "_reverse" if direction == 1 else ""
                 params = [("weight_ih", (gate_size, layer_input)),
                           ("weight_hh", (gate_size, real_hidden))]
                 if bias:
@@ -141,7 +146,7 @@ class RNNBase(nn.Module):
                         params += [("layer_norm_weight_c", (hidden_size,)),
                                    ("layer_norm_bias_c", (hidden_size,))]
                 for kind, shape in params:
-                    name = f"{kind}_l{layer}{suffix}"
+                    name = _param_name(kind, layer, direction)
                     setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
                     self._flat_weights_names.append(name)
         self.reset_parameters()
@@ -167,7 +172,7 @@ class RNNBase(nn.Module):
         return R.RNN_TANH if self.mode == "RNN_TANH" else R.RNN_RELU
 
     def _get(self, kind: str, layer: int, direction: int) -> Tensor | None:
-        return getattr(self, f"{kind}_l{layer}{'_reverse' if direction == 1 else ''}", None)
+        return getattr(self, _param_name(kind, layer, direction), None)
 
     def _weights(self, layer: int, direction: int) -> tuple[Tensor | None, ...]:
         """(w_ih, w_hh, b_ih, b_hh, w_hr) of a layer and direction, None where absent (looked
@@ -307,9 +312,12 @@ class RNNBase(nn.Module):
                 out = F.dropout(out, self.dropout, training=True)
             layer_input = out
         output = layer_input
-        # (one layer and direction: a view instead of stack's copy, a decoding loop's cost)
-        h_n = torch.stack(h_n) if len(h_n) > 1 else h_n[0].unsqueeze(0)
-        c_n = (torch.stack(c_n) if len(c_n) > 1 else c_n[0].unsqueeze(0)) if is_lstm else None
+        def stack(states: list[Tensor]) -> Tensor:
+            # one layer and direction: a view instead of stack's copy, a decoding loop's cost
+            return torch.stack(states) if len(states) > 1 else states[0].unsqueeze(0)
+
+        h_n = stack(h_n)
+        c_n = stack(c_n) if is_lstm else None
         if packed:
             output = _pack_like(output, input)
         elif not batched:
