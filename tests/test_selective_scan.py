@@ -143,6 +143,17 @@ def test_cpu_default_chunk_long_sequence(form):
     check_against_reference(inputs)
 
 
+@pytest.mark.parametrize("dim, groups", [(37, 1), (64, 2)])
+def test_cpu_float32_whole_tiles(dim, groups):
+    """float32 with whole 16-channel blocks and whole 16-step tiles (the kernels' in-register
+    transpose and prefetch path), next to a partial block (37 = 16 + 16 + 5) and a partial
+    tile (the last chunk's 21 steps), at the production chunk size."""
+    L = CHUNK_SIZE["cpu"] * 2 + 21
+    inputs = make_inputs(batch=2, dim=dim, L=L, N=16, form="grouped", groups=groups,
+                         initial_state=True, dtype=torch.float32)
+    check_against_reference(inputs)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_low_precision(dtype, monkeypatch):
     """Half-precision activations with float32 parameters, as in mamba_ssm's Mamba block."""

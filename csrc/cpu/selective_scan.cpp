@@ -10,20 +10,19 @@
 // (step, state, channel) is one lane of a vector exp. Grouped B_t and C_t are shared by the
 // block's channels: one broadcast scalar per (step, state), read from (L, N) rows transposed
 // once per call. Per chunk, the block's rows of u, delta, z (and grad_out) are transposed into
-// (chunk, W) lanes and the results transposed back, W x W tiles at a time in registers
-// (at::vec::interleave2 shuffles). A block has fewer than W channels only at a group's end: the
+// (chunk, W) lanes and the results transposed back, W x W tiles at a time in registers; the
+// rows a gather will read next (the next chunk's in the forward, the next block's in the
+// backward) are prefetched into L2 meanwhile. A block has fewer than W channels only at a group's end: the
 // unused lanes compute on zeros and are never stored.
 //
 // Memory. The forward reads u, delta, z once, B and C twice (once to transpose them), and writes
 // out once; with save it also writes the state at every chunk start (checkpoints (batch, dim,
 // ceil(L / chunk), N)). The backward is one at::parallel_for over supers (runs of consecutive
 // blocks of one batch row and group, at least kMinSupers in all); a super walks the chunks in
-// reverse, and for each chunk each of its blocks recomputes the chunk's states from the
-// checkpoint into a (chunk + 1) x N x W buffer and runs the reverse recurrence (which forms
-// exp(dt A) again rather than reading it from a second such buffer: measured 2-5% faster, the
-// reverse pass waits on its L2 loads and has room for the arithmetic),
-// carrying dL/dx across chunk boundaries in a per-block buffer, so the working memory does not
-// grow with L. Gradients that sum over channels (grouped B/C) are added per lane over the
+// reverse, and for each chunk each of its blocks, two states at a time, recomputes the chunk's
+// states from the checkpoint into an L1 buffer and runs the reverse recurrence on them
+// (backward_states), carrying dL/dx across chunk boundaries in a per-block buffer, so the
+// working memory does not grow with L. Gradients that sum over channels (grouped B/C) are added per lane over the
 // super's blocks and summed over the lanes into (L, N) partials per super (as many values as
 // the gradient itself when there are at least kMinSupers (batch row, group) pairs, at most
 // kMinSupers times as many), reduced over the group's supers at the end; gradients that sum
@@ -67,6 +66,37 @@ inline int64_t task_grain(int64_t work_per_task) {
   return std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work_per_task));
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// In-register transpose of a 16 x 16 float tile (row i = r[i]): unpack pairs of rows, shuffle
+// within 128-bit lanes, then two rounds of 128-bit lane shuffles; 64 shuffles, no memory.
+C10_ALWAYS_INLINE void transpose16(__m512* r) {
+  __m512 b[16];
+  for (int i = 0; i < 8; ++i) {
+    b[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    b[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_shuffle_ps(b[4 * i], b[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm512_shuffle_ps(b[4 * i], b[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm512_shuffle_ps(b[4 * i + 1], b[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm512_shuffle_ps(b[4 * i + 1], b[4 * i + 3], 0xEE);
+  }
+  // r[4 i + j], 128-bit lane k: rows 4 i .. 4 i + 3 of column 4 k + j.
+  for (int j = 0; j < 4; ++j) {
+    b[j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88);
+    b[4 + j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xDD);
+    b[8 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88);
+    b[12 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xDD);
+  }
+  for (int j = 0; j < 4; ++j) {
+    r[j] = _mm512_shuffle_f32x4(b[j], b[8 + j], 0x88);
+    r[4 + j] = _mm512_shuffle_f32x4(b[4 + j], b[12 + j], 0x88);
+    r[8 + j] = _mm512_shuffle_f32x4(b[j], b[8 + j], 0xDD);
+    r[12 + j] = _mm512_shuffle_f32x4(b[4 + j], b[12 + j], 0xDD);
+  }
+}
+#endif
+
 // In-register transpose of a W x W tile held as W vectors (row i = r[i]): log2(W) rounds of
 // perfect shuffles, each interleaving row i with row i + W / 2.
 template <typename T>
@@ -104,12 +134,34 @@ void store_as(S* p, const Vec<T>& v, int64_t n) {
   }
 }
 
+// Whole W x W tiles of float on AVX-512 (the common case: every block but a group's last, every
+// 16 steps but a chunk's last) go through transpose16 with plain loads and stores; the rest
+// through the generic tile with zero lanes and partial rows.
+template <typename T, typename S>
+constexpr bool kFastTiles =
+#if defined(CPU_CAPABILITY_AVX512)
+    std::is_same_v<T, float> && std::is_same_v<S, float>;
+#else
+    false;
+#endif
+
 // dst (len x W): lane j < nc is row j of src (row stride ld, len values), lanes past nc are zero.
 template <typename T, typename S>
 void gather_lanes(T* dst, const S* src, int64_t ld, int64_t nc, int64_t len) {
   constexpr int64_t W = Vec<T>::size();
+  int64_t t0 = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (kFastTiles<T, S>) {
+    for (; nc == W && t0 + W <= len; t0 += W) {
+      __m512 r[16];
+      for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_ps(src + j * ld + t0);
+      transpose16(r);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + (t0 + i) * W, r[i]);
+    }
+  }
+#endif
   Vec<T> r[W];
-  for (int64_t t0 = 0; t0 < len; t0 += W) {
+  for (; t0 < len; t0 += W) {
     const int64_t n = std::min(W, len - t0);
     for (int64_t j = 0; j < W; ++j) r[j] = j < nc ? load_as<T>(src + j * ld + t0, n) : Vec<T>(0);
     transpose_tile(r);
@@ -121,12 +173,47 @@ void gather_lanes(T* dst, const S* src, int64_t ld, int64_t nc, int64_t len) {
 template <typename S, typename T>
 void scatter_lanes(S* dst, int64_t ld, const T* src, int64_t nc, int64_t len) {
   constexpr int64_t W = Vec<T>::size();
+  int64_t t0 = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (kFastTiles<T, S>) {
+    for (; nc == W && t0 + W <= len; t0 += W) {
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + (t0 + i) * W);
+      transpose16(r);
+      for (int j = 0; j < 16; ++j) _mm512_storeu_ps(dst + j * ld + t0, r[j]);
+    }
+  }
+#endif
   Vec<T> r[W];
-  for (int64_t t0 = 0; t0 < len; t0 += W) {
+  for (; t0 < len; t0 += W) {
     const int64_t n = std::min(W, len - t0);
     for (int64_t i = 0; i < W; ++i) r[i] = i < n ? Vec<T>::loadu(src + (t0 + i) * W) : Vec<T>(0);
     transpose_tile(r);
     for (int64_t j = 0; j < nc; ++j) store_as(dst + j * ld + t0, r[j], n);
+  }
+}
+
+// A prefetch of p's cache line into L2 (prefetcht1). As inline asm, because GCC counts a
+// function whose body is only __builtin_prefetch as free of side effects and deletes its calls.
+C10_ALWAYS_INLINE void prefetch_l2(const void* p) {
+#if defined(__x86_64__)
+  asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p)));
+#else
+  __builtin_prefetch(p, 0, 2);
+#endif
+}
+
+// Asks for the rows j < nc of src (row stride ld, len values from each) to be brought into
+// L2: the next gather's rows, 16 short pieces in as many pages, which the hardware prefetchers
+// do not foresee (the backward walks the chunks in reverse) and which otherwise arrive at L3
+// or memory latency, a row at a time.
+template <typename S>
+void prefetch_rows(const S* src, int64_t ld, int64_t nc, int64_t len) {
+  constexpr int64_t kLine = 64 / sizeof(S);
+  for (int64_t j = 0; j < nc; ++j) {
+    for (int64_t t = 0; t < len; t += kLine) {
+      prefetch_l2(src + j * ld + t);
+    }
   }
 }
 
@@ -267,16 +354,15 @@ void discretise(const Scan<S, T>& p, const Block& blk, const Lanes<T>& c, int64_
 }
 
 // The recurrence over one chunk of a block: x (N x W) is the state before the chunk and after
-// it. B and C are (N x W) lanes when fixed, else (len x N) rows of scalars shared by the lanes.
-// With kY, y_t = C_t . x_t goes to y (len x W). With kStore, the state after step t goes to
-// xs[(t + 1) N W] (xs[0] holds the state before).
+// it; y_t = C_t . x_t goes to y (len x W). B and C are (N x W) lanes when fixed, else (len x N)
+// rows of scalars shared by the lanes.
 //
 // States NB at a time, steps inside: the NB states and their A2 = A log2(e) stay in registers
 // across the chunk, y_t is read and written once per NB states, and the NB independent exp /
 // multiply-add chains keep the FMA pipes busy. A is passed as A2.
-template <typename T, bool kBvar, bool kCvar, bool kY, bool kStore, int NB>
+template <typename T, bool kBvar, bool kCvar, int NB>
 void forward_states(int64_t len, int64_t N, int64_t n0, T* x, const T* A, const T* B, const T* C,
-                    const T* dt, const T* du, T* y, T* xs) {
+                    const T* dt, const T* du, T* y) {
   using V = Vec<T>;
   constexpr int64_t W = V::size();
   V xr[NB], Ar[NB];
@@ -286,63 +372,91 @@ void forward_states(int64_t len, int64_t N, int64_t n0, T* x, const T* A, const 
   }
   for (int64_t t = 0; t < len; ++t) {
     const V dtv = V::loadu(dt + t * W), duv = V::loadu(du + t * W);
-    V yv = (kY && n0 > 0) ? V::loadu(y + t * W) : V(T(0));
+    V yv = n0 > 0 ? V::loadu(y + t * W) : V(T(0));
     for (int j = 0; j < NB; ++j) {
       const int64_t n = n0 + j;
       const V a = fast_exp2<T>(dtv * Ar[j]);
       const V Bn = kBvar ? V(B[t * N + n]) : V::loadu(B + n * W);
       xr[j] = at::vec::fmadd(a, xr[j], duv * Bn);
-      if constexpr (kStore) xr[j].store(xs + ((t + 1) * N + n) * W);
+      yv = at::vec::fmadd(xr[j], kCvar ? V(C[t * N + n]) : V::loadu(C + n * W), yv);
+    }
+    yv.store(y + t * W);
+  }
+  for (int j = 0; j < NB; ++j) xr[j].store(x + (n0 + j) * W);
+}
+
+template <typename T, bool kBvar, bool kCvar>
+void forward_steps(int64_t len, int64_t N, T* x, const T* A, const T* B, const T* C,
+                   const T* dt, const T* du, T* y) {
+  constexpr int kNB = 4;
+  int64_t n0 = 0;
+  for (; n0 + kNB <= N; n0 += kNB) {
+    forward_states<T, kBvar, kCvar, kNB>(len, N, n0, x, A, B, C, dt, du, y);
+  }
+  for (; n0 < N; ++n0) forward_states<T, kBvar, kCvar, 1>(len, N, n0, x, A, B, C, dt, du, y);
+}
+
+// The backward of NB states of a block over one chunk, in two passes that keep everything they
+// touch per step in L1 or in registers:
+// - the recomputation of the NB states from the chunk's start x0 (N x W) into xs ((len + 1) x
+//   NB x W), with exp(dt A) kept in as (len x NB x W) (stored and read back: measured faster
+//   than forming it again in the reverse pass), and with kY, C_t . x_t of the NB states added
+//   to y (len x W);
+// - the reverse recurrence, with their dL/dx, dA and state in registers: h (N x W) holds dL/dx
+//   after the chunk on entry and before it on exit; g: dL/dy per step (len x W). Sums over the
+//   chunk are added to dA (N x W) and, when fixed, to dB / dC (N x W); when grouped, each
+//   step's per-lane terms are added to dB / dC (len x N x W). Per step, sum_n h B and
+//   sum_n h A a x_prev of the NB states are added to s1 / s2 (len x W).
+// Two states at a time measured faster than four or eight (whose registers spill) and than the
+// whole state at every step (the earlier design: its states and per-state sums, 66 KB per block
+// and chunk, were read back from L2).
+template <typename T, bool kBvar, bool kCvar, bool kY, int NB>
+void backward_states(int64_t len, int64_t N, int64_t n0, const T* x0, T* h, const T* A,
+                     const T* A2, const T* B, const T* C, const T* dt, const T* du, const T* g,
+                     T* y, T* xs, T* as, T* dA, T* dB, T* dC, T* s1, T* s2) {
+  using V = Vec<T>;
+  constexpr int64_t W = V::size();
+  V xr[NB], Ar[NB];
+  for (int j = 0; j < NB; ++j) {
+    xr[j] = V::loadu(x0 + (n0 + j) * W);
+    Ar[j] = V::loadu(A2 + (n0 + j) * W);
+    xr[j].store(xs + j * W);
+  }
+  for (int64_t t = 0; t < len; ++t) {
+    const V dtv = V::loadu(dt + t * W), duv = V::loadu(du + t * W);
+    V yv = kY ? V::loadu(y + t * W) : V(T(0));
+    for (int j = 0; j < NB; ++j) {
+      const int64_t n = n0 + j;
+      const V a = fast_exp2<T>(dtv * Ar[j]);
+      a.store(as + (t * NB + j) * W);
+      const V Bn = kBvar ? V(B[t * N + n]) : V::loadu(B + n * W);
+      xr[j] = at::vec::fmadd(a, xr[j], duv * Bn);
+      xr[j].store(xs + ((t + 1) * NB + j) * W);
       if constexpr (kY) {
         yv = at::vec::fmadd(xr[j], kCvar ? V(C[t * N + n]) : V::loadu(C + n * W), yv);
       }
     }
     if constexpr (kY) yv.store(y + t * W);
   }
-  for (int j = 0; j < NB; ++j) xr[j].store(x + (n0 + j) * W);
-}
-
-template <typename T, bool kBvar, bool kCvar, bool kY, bool kStore>
-void forward_steps(int64_t len, int64_t N, T* x, const T* A, const T* B, const T* C,
-                   const T* dt, const T* du, T* y, T* xs) {
-  constexpr int kNB = 4;
-  int64_t n0 = 0;
-  for (; n0 + kNB <= N; n0 += kNB) {
-    forward_states<T, kBvar, kCvar, kY, kStore, kNB>(len, N, n0, x, A, B, C, dt, du, y, xs);
+  V hr[NB], dAr[NB];
+  for (int j = 0; j < NB; ++j) {
+    hr[j] = V::loadu(h + (n0 + j) * W);
+    dAr[j] = V::loadu(dA + (n0 + j) * W);
   }
-  for (; n0 < N; ++n0) {
-    forward_states<T, kBvar, kCvar, kY, kStore, 1>(len, N, n0, x, A, B, C, dt, du, y, xs);
-  }
-}
-
-// The reverse recurrence over one chunk of a block, with exp(dt A) formed again from A2 = A
-// log2(e) (A itself for the gradient's sums). h (N x W) holds dL/dx after the chunk on
-// entry and dL/dx before it on exit; g: dL/dy per step (len x W). Sums over the chunk are added
-// to dA (N x W) and, when fixed, to dB / dC (N x W); when grouped, each step's per-lane terms
-// are added to dB / dC (len x N x W).
-// s1 = sum_n h B and s2 = sum_n h A a x_prev per step go to s1 / s2 (len x W). (Keeping a few
-// states' dL/dx and dA in registers over the steps, as forward_states does, measured no faster.)
-template <typename T, bool kBvar, bool kCvar>
-void backward_steps(int64_t len, int64_t N, T* h, const T* A, const T* A2, const T* B,
-                    const T* C, const T* xs, const T* dt, const T* du, const T* g, T* dA,
-                    T* dB, T* dC, T* s1, T* s2) {
-  using V = Vec<T>;
-  constexpr int64_t W = V::size();
   for (int64_t t = len - 1; t >= 0; --t) {
     const V gv = V::loadu(g + t * W), dtv = V::loadu(dt + t * W), duv = V::loadu(du + t * W);
-    V s1v(T(0)), s2v(T(0));
-    for (int64_t n = 0; n < N; ++n) {
-      const V An = V::loadu(A + n * W);
+    V s1v = V::loadu(s1 + t * W), s2v = V::loadu(s2 + t * W);
+    for (int j = 0; j < NB; ++j) {
+      const int64_t n = n0 + j;
       const V Bn = kBvar ? V(B[t * N + n]) : V::loadu(B + n * W);
       const V Cn = kCvar ? V(C[t * N + n]) : V::loadu(C + n * W);
-      const V xn = V::loadu(xs + ((t + 1) * N + n) * W);
-      const V xp = V::loadu(xs + (t * N + n) * W);
-      const V a = fast_exp2<T>(dtv * V::loadu(A2 + n * W));
-      const V hn = at::vec::fmadd(gv, Cn, V::loadu(h + n * W));
+      const V xp = V::loadu(xs + (t * NB + j) * W);
+      const V a = V::loadu(as + (t * NB + j) * W);
+      const V hn = at::vec::fmadd(gv, Cn, hr[j]);
       if constexpr (kCvar) {
-        at::vec::fmadd(gv, xn, V::loadu(dC + (t * N + n) * W)).store(dC + (t * N + n) * W);
+        at::vec::fmadd(gv, xr[j], V::loadu(dC + (t * N + n) * W)).store(dC + (t * N + n) * W);
       } else {
-        at::vec::fmadd(gv, xn, V::loadu(dC + n * W)).store(dC + n * W);
+        at::vec::fmadd(gv, xr[j], V::loadu(dC + n * W)).store(dC + n * W);
       }
       if constexpr (kBvar) {
         at::vec::fmadd(hn, duv, V::loadu(dB + (t * N + n) * W)).store(dB + (t * N + n) * W);
@@ -350,13 +464,18 @@ void backward_steps(int64_t len, int64_t N, T* h, const T* A, const T* A2, const
         at::vec::fmadd(hn, duv, V::loadu(dB + n * W)).store(dB + n * W);
       }
       s1v = at::vec::fmadd(hn, Bn, s1v);
-      const V q = hn * a * xp;
-      s2v = at::vec::fmadd(q, An, s2v);
-      at::vec::fmadd(q, dtv, V::loadu(dA + n * W)).store(dA + n * W);
-      (a * hn).store(h + n * W);
+      hr[j] = a * hn;
+      const V q = hr[j] * xp;
+      s2v = at::vec::fmadd(q, V::loadu(A + n * W), s2v);
+      dAr[j] = at::vec::fmadd(q, dtv, dAr[j]);
+      xr[j] = xp;
     }
     s1v.store(s1 + t * W);
     s2v.store(s2 + t * W);
+  }
+  for (int j = 0; j < NB; ++j) {
+    hr[j].store(h + (n0 + j) * W);
+    dAr[j].store(dA + (n0 + j) * W);
   }
 }
 
@@ -384,11 +503,18 @@ void forward_task(const Scan<S, T>& p, const Block& blk, S* out, T* last, T* ckp
         for (int64_t n = 0; n < N; ++n) dst[n] = x[n * W + j];
       }
     }
+    if (ci + 1 < p.nchunks) {
+      const int64_t next = (blk.b * p.dim + blk.d0) * p.L + t0 + p.chunk;
+      const int64_t next_len = std::min(p.chunk, p.L - t0 - p.chunk);
+      for (const S* src : {p.u, p.delta, p.z}) {
+        if (src != nullptr) prefetch_rows(src + next, p.L, blk.nc, next_len);
+      }
+    }
     discretise(p, blk, c, t0, len, s);
     const T* B = kBvar ? p.rows(p.B_rows, blk.b, blk.g, t0) : c.B.data();
     const T* C = kCvar ? p.rows(p.C_rows, blk.b, blk.g, t0) : c.C.data();
-    forward_steps<T, kBvar, kCvar, true, false>(len, N, x.data(), c.A2.data(), B, C,
-                                                s.dt.data(), s.du.data(), s.y.data(), nullptr);
+    forward_steps<T, kBvar, kCvar>(len, N, x.data(), c.A2.data(), B, C, s.dt.data(),
+                                   s.du.data(), s.y.data());
     const V Dv = V::loadu(c.D.data());
     for (int64_t t = 0; t < len; ++t) {
       V y = at::vec::fmadd(Dv, V::loadu(&s.u[t * W]), V::loadu(&s.y[t * W]));
@@ -431,14 +557,18 @@ struct Grads {
   S* grad_z;  // null without z
 };
 
+// States a backward pass carries in registers at once (backward_states).
+constexpr int kStates = 2;
+
 // Buffers of one thread's backward tasks over one chunk.
 template <typename T>
 struct BackwardWork {
   Lanes<T> c;
   StepLanes<T> s;
-  std::vector<T> x, xs, s1, s2, dB, dC;
+  std::vector<T> x, xs, as, s1, s2, dB, dC;
   BackwardWork(int64_t chunk, int64_t N, bool B_var, bool C_var)
-      : c(N), s(chunk), x(N * Vec<T>::size()), xs((chunk + 1) * N * Vec<T>::size()),
+      : c(N), s(chunk), x(N * Vec<T>::size()), xs((chunk + 1) * kStates * Vec<T>::size()),
+        as(chunk * kStates * Vec<T>::size()),
         s1(chunk * Vec<T>::size()), s2(chunk * Vec<T>::size()),
         dB(B_var ? chunk * N * Vec<T>::size() : 0), dC(C_var ? chunk * N * Vec<T>::size() : 0) {}
 };
@@ -459,52 +589,65 @@ void backward_task(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_
   const T* B = kBvar ? p.rows(p.B_rows, blk.b, blk.g, t0) : c.B.data();
   const T* C = kCvar ? p.rows(p.C_rows, blk.b, blk.g, t0) : c.C.data();
 
-  // Recompute the chunk's states from its checkpoint (lanes past the block stay zero).
-  std::fill(w.xs.begin(), w.xs.begin() + NW, T(0));
+  // The state at the chunk's start, from its checkpoint (lanes past the block stay zero).
+  std::fill(w.x.begin(), w.x.end(), T(0));
   for (int64_t j = 0; j < blk.nc; ++j) {
     const T* src = gr.ckpt + ((blk.b * p.dim + blk.d0 + j) * p.nchunks + ci) * N;
-    for (int64_t n = 0; n < N; ++n) w.xs[n * W + j] = src[n];
-  }
-  std::vector<T>& state = w.x;  // a copy of xs[0], advanced by the recomputation
-  std::copy(w.xs.begin(), w.xs.begin() + NW, state.begin());
-  if (p.z != nullptr) {
-    forward_steps<T, kBvar, kCvar, true, true>(len, N, state.data(), c.A2.data(), B, C,
-                                               s.dt.data(), s.du.data(), s.y.data(),
-                                               w.xs.data());
-  } else {
-    forward_steps<T, kBvar, kCvar, false, true>(len, N, state.data(), c.A2.data(), B, C,
-                                                s.dt.data(), s.du.data(), s.y.data(),
-                                                w.xs.data());
+    for (int64_t n = 0; n < N; ++n) w.x[n * W + j] = src[n];
   }
 
-  // Through the gate and the skip term: g becomes dL/dy; dL/dz goes to gdt (as scratch).
+  // Through the gate and the skip term: g becomes dL/dy; gdt (as scratch) the factor of
+  // dL/dz that multiplies y + D u, which the recomputation gives.
   gather_lanes(s.g.data(), gr.grad_out + off, p.L, blk.nc, len);
   const V Dv = V::loadu(c.D.data());
   V dD = V::loadu(gr.carried.dD + i * W);
   for (int64_t t = 0; t < len; ++t) {
     V g = V::loadu(&s.g[t * W]);
-    const V u = V::loadu(&s.u[t * W]);
     if (p.z != nullptr) {
       const V z = V::loadu(&s.z[t * W]), sg = fast_sigmoid<T>(z);
-      const V pre = at::vec::fmadd(Dv, u, V::loadu(&s.y[t * W]));
-      (g * pre * sg * (V(T(1)) + z * (V(T(1)) - sg))).store(&s.gdt[t * W]);
+      (g * sg * (V(T(1)) + z * (V(T(1)) - sg))).store(&s.gdt[t * W]);
       g = g * z * sg;
       g.store(&s.g[t * W]);
     }
-    dD = at::vec::fmadd(g, u, dD);
+    dD = at::vec::fmadd(g, V::loadu(&s.u[t * W]), dD);
   }
   dD.store(gr.carried.dD + i * W);
-  if (p.z != nullptr) {
-    scatter_lanes(gr.grad_z + off, p.L, s.gdt.data(), blk.nc, len);
-  }
 
   // Grouped: per-lane terms of the chunk, added to the super's (backward_super); fixed: sums
   // over L.
   T* dB = kBvar ? w.dB.data() : gr.carried.dB + i * NW;
   T* dC = kCvar ? w.dC.data() : gr.carried.dC + i * NW;
-  backward_steps<T, kBvar, kCvar>(len, N, gr.carried.h + i * NW, c.A.data(), c.A2.data(), B, C,
-                                  w.xs.data(), s.dt.data(), s.du.data(), s.g.data(),
-                                  gr.carried.dA + i * NW, dB, dC, w.s1.data(), w.s2.data());
+  std::fill(w.s1.begin(), w.s1.begin() + len * W, T(0));
+  std::fill(w.s2.begin(), w.s2.begin() + len * W, T(0));
+  if (p.z != nullptr) std::fill(s.y.begin(), s.y.begin() + len * W, T(0));
+  auto states = [&](auto nb, auto keep_y) {
+    constexpr int NB = decltype(nb)::value;
+    constexpr bool kY = decltype(keep_y)::value;
+    int64_t n0 = 0;
+    for (; n0 + NB <= N; n0 += NB) {
+      backward_states<T, kBvar, kCvar, kY, NB>(
+          len, N, n0, w.x.data(), gr.carried.h + i * NW, c.A.data(), c.A2.data(), B, C,
+          s.dt.data(), s.du.data(), s.g.data(), s.y.data(), w.xs.data(), w.as.data(),
+          gr.carried.dA + i * NW, dB, dC, w.s1.data(), w.s2.data());
+    }
+    for (; n0 < N; ++n0) {
+      backward_states<T, kBvar, kCvar, kY, 1>(
+          len, N, n0, w.x.data(), gr.carried.h + i * NW, c.A.data(), c.A2.data(), B, C,
+          s.dt.data(), s.du.data(), s.g.data(), s.y.data(), w.xs.data(), w.as.data(),
+          gr.carried.dA + i * NW, dB, dC, w.s1.data(), w.s2.data());
+    }
+  };
+  constexpr int kNB = kStates;
+  if (p.z != nullptr) {
+    states(std::integral_constant<int, kNB>{}, std::true_type{});
+    for (int64_t t = 0; t < len; ++t) {
+      const V pre = at::vec::fmadd(Dv, V::loadu(&s.u[t * W]), V::loadu(&s.y[t * W]));
+      (V::loadu(&s.gdt[t * W]) * pre).store(&s.gdt[t * W]);
+    }
+    scatter_lanes(gr.grad_z + off, p.L, s.gdt.data(), blk.nc, len);
+  } else {
+    states(std::integral_constant<int, kNB>{}, std::false_type{});
+  }
 
   V dbias = V::loadu(gr.carried.dbias + i * W);
   const V threshold(static_cast<T>(kSoftplusThreshold));
@@ -524,6 +667,17 @@ void backward_task(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_
   scatter_lanes(gr.grad_delta + off, p.L, s.gdt.data(), blk.nc, len);
 }
 
+// The rows a backward task gathers (u, delta, z, grad_out of block i over chunk ci), into L2.
+template <typename S, typename T>
+void prefetch_task_rows(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_t ci) {
+  const Block blk = block_of(p, i);
+  const int64_t t0 = ci * p.chunk, len = std::min(p.chunk, p.L - t0);
+  const int64_t off = (blk.b * p.dim + blk.d0) * p.L + t0;
+  for (const S* src : {p.u, p.delta, p.z, gr.grad_out}) {
+    if (src != nullptr) prefetch_rows(src + off, p.L, blk.nc, len);
+  }
+}
+
 // The backward of super s: the chunks in reverse, per chunk its blocks one after another, their
 // per-lane terms of grouped dB / dC added up in w, then summed over the lanes once (a 16 x 16
 // transpose-and-add per 16 values, as costly as a block's own step work when done per block)
@@ -531,7 +685,8 @@ void backward_task(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_
 // lanes summed per step into the partials (slower); the reverse passes of up to 4 blocks of a
 // super run together, their dB / dC terms added in registers and stored once (no faster);
 // one channel at a time with the N states in the lanes, every buffer in L1 but three
-// horizontal sums per channel and step (slower); chunks of 32 or 48 steps (slower).
+// horizontal sums per channel and step (slower); chunks of 32 or 48 steps (slower; measured with
+// the earlier all-states reverse pass). Per task, the next task's rows are prefetched into L2.
 template <typename S, typename T, bool kBvar, bool kCvar>
 void backward_super(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t s, BackwardWork<T>& w) {
   const auto [first, last] = p.super_blocks(s);
@@ -540,7 +695,14 @@ void backward_super(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t s, Backw
     const int64_t n = len * p.N * Vec<T>::size();
     if constexpr (kBvar) std::fill(w.dB.begin(), w.dB.begin() + n, T(0));
     if constexpr (kCvar) std::fill(w.dC.begin(), w.dC.begin() + n, T(0));
-    for (int64_t i = first; i < last; ++i) backward_task<S, T, kBvar, kCvar>(p, gr, i, ci, w);
+    for (int64_t i = first; i < last; ++i) {
+      if (i + 1 < last) {
+        prefetch_task_rows(p, gr, i + 1, ci);
+      } else if (ci > 0) {
+        prefetch_task_rows(p, gr, first, ci - 1);
+      }
+      backward_task<S, T, kBvar, kCvar>(p, gr, i, ci, w);
+    }
     if constexpr (kBvar) lane_sums(w.dB.data(), len * p.N, gr.dB_part + (s * p.L + t0) * p.N);
     if constexpr (kCvar) lane_sums(w.dC.data(), len * p.N, gr.dC_part + (s * p.L + t0) * p.N);
   }
