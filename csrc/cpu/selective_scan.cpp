@@ -160,9 +160,9 @@ void gather_lanes(T* dst, const S* src, int64_t ld, int64_t nc, int64_t len) {
     }
   }
 #endif
-  Vec<T> r[W];
   for (; t0 < len; t0 += W) {
     const int64_t n = std::min(W, len - t0);
+    Vec<T> r[W];
     for (int64_t j = 0; j < W; ++j) r[j] = j < nc ? load_as<T>(src + j * ld + t0, n) : Vec<T>(0);
     transpose_tile(r);
     for (int64_t i = 0; i < n; ++i) r[i].store(dst + (t0 + i) * W);
@@ -184,9 +184,9 @@ void scatter_lanes(S* dst, int64_t ld, const T* src, int64_t nc, int64_t len) {
     }
   }
 #endif
-  Vec<T> r[W];
   for (; t0 < len; t0 += W) {
     const int64_t n = std::min(W, len - t0);
+    Vec<T> r[W];
     for (int64_t i = 0; i < W; ++i) r[i] = i < n ? Vec<T>::loadu(src + (t0 + i) * W) : Vec<T>(0);
     transpose_tile(r);
     for (int64_t j = 0; j < nc; ++j) store_as(dst + j * ld + t0, r[j], n);
