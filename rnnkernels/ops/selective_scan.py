@@ -245,10 +245,10 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     save = _needs_grad(u, delta, A, B, C, D, z, delta_bias, initial_state)
     fwd = (_triton.selective_scan_fwd_triton if backend == "triton"
            else torch.ops.rnnkernels.selective_scan_fwd)
-    out, last_state, _ = fwd(u, delta, A.to(acc), _grouped(B, u.dtype, acc),
-                             _grouped(C, u.dtype, acc), to_acc(D), z, to_acc(delta_bias),
-                             bool(delta_softplus), to_acc(initial_state), CHUNK_SIZE[backend],
-                             save)
+    args = (u, delta, A.to(acc), _grouped(B, u.dtype, acc), _grouped(C, u.dtype, acc),
+            to_acc(D), z, to_acc(delta_bias), bool(delta_softplus), to_acc(initial_state),
+            CHUNK_SIZE[backend], save)
+    out, last_state, _ = fwd(*args) if save else _autograd.call_unrecorded(fwd, *args)
     return (out, last_state) if return_last_state else out
 
 
