@@ -116,6 +116,7 @@ class Result:
     iqr_s: float | None = None
     runs: int | None = None
     peak_bytes: int | None = None
+    faults_per_call: float | None = None
     err: float | None = None
     err_max: float | None = None
     tflops: float | None = None

@@ -17,7 +17,8 @@ EXPLANATION = (
     "the row's time (below 1: what the variant costs). Every row was checked against a float64 "
     "reference before it was timed (`err`: norm-wise relative error of the worst result); a row"
     " whose results are wrong is REFUSED and posts no time. `peak mem`: peak memory allocated "
-    "during one call. Recurrences: useful FLOPs per second and time per step; scans: bytes that"
+    "during one call; `faults`: minor page faults per call (CPU: memory malloc got fresh from the"
+    " kernel, zeroed on first touch, which the step pays for). Recurrences: useful FLOPs per second and time per step; scans: bytes that"
     " must move (inputs read once, outputs written once) per second, and that rate over the "
     "measured copy bandwidth.")
 
@@ -111,7 +112,8 @@ def suite_table(results: Sequence[Result]) -> list[str]:
         cols += ["TFLOP/s", "us/step"]
     if bandwidth:
         cols += ["GB/s", "of copy bw"]
-    cols += ["peak mem", "err"]
+    faults = any(r.faults_per_call is not None for r in results)
+    cols += ["peak mem"] + (["faults"] if faults else []) + ["err"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
         if r.status == "skipped":
@@ -136,7 +138,10 @@ def suite_table(results: Sequence[Result]) -> list[str]:
         if bandwidth:
             cells += [f"{r.gbps:.3g}" if r.gbps is not None else "",
                       f"{r.bw_fraction * 100:.0f}%" if r.bw_fraction is not None else ""]
-        cells += [fmt_bytes(r.peak_bytes), f"{r.err:.1e}"]
+        cells.append(fmt_bytes(r.peak_bytes))
+        if faults:
+            cells.append(f"{r.faults_per_call:.0f}" if r.faults_per_call is not None else "")
+        cells.append(f"{r.err:.1e}")
         lines.append("| " + " | ".join(head + cells) + " |")
     skipped = dict.fromkeys(f"{r.contender}: {r.reason}" for r in results if r.status == "skipped")
     if skipped:

@@ -16,7 +16,7 @@ from rnnkernels import _backend
 from . import check, configs
 from .core import CaseSpec, Contender, Prepared, Result, Target
 from .suites import SUITES
-from .timing import Timing, interleaved_times, median_time, peak_memory
+from .timing import Timing, interleaved_times, median_time, page_faults, peak_memory
 
 
 @dataclass
@@ -88,11 +88,12 @@ def _check(spec: CaseSpec, prepared: Prepared, contender: Contender
             result.err, result.err_max = verdict.err, verdict.err_max
             return result, None
         peak = peak_memory(step, spec.device)
+        faults = page_faults(step, spec.device)
     except Exception as error:  # noqa: BLE001  (any failure is reported; the run goes on)
         return Result.for_spec(spec, contender, "error", _error_text(error)), None
     result = Result.for_spec(spec, contender, "ok")
     result.err, result.err_max = verdict.err, verdict.err_max
-    result.peak_bytes = peak
+    result.peak_bytes, result.faults_per_call = peak, faults
     return result, step
 
 
@@ -123,7 +124,7 @@ def run_case(spec: CaseSpec, prepared: Prepared, contenders: Sequence[Contender]
             timing = timings[i] if timings else median_time(step, spec.device, min_time_s)
         except Exception as error:  # noqa: BLE001
             result.status, result.reason = "error", _error_text(error)
-            result.err = result.err_max = result.peak_bytes = None
+            result.err = result.err_max = result.peak_bytes = result.faults_per_call = None
             continue
         _timed(result, prepared, timing, copy_bandwidth)
     return [result for result, _ in checked]

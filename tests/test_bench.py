@@ -24,7 +24,7 @@ from bench.core import Result, Target
 from bench.readme_table import BEGIN, END
 from bench.readme_table import main as readme_main
 from bench.recurrence import OPTION_VARIANTS, _Case
-from bench.timing import peak_memory
+from bench.timing import page_faults, peak_memory
 from rnnkernels import ops
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -456,3 +456,14 @@ def test_packed_target_compares_runs_of_one_case():
                  if "packed" in t.text]
     assert packed.fast == ("train-packed", "rnnkernels (cpu)")
     assert packed.slow == ("train-packed", "rnnkernels (cpu), padded input")
+
+
+def test_page_faults_counts_fresh_memory():
+    """A step that takes 64 MiB of fresh memory from the kernel per call (above glibc's largest
+    mmap threshold, so never recycled by malloc) and touches it faults; one that only reuses
+    a buffer does not fault more."""
+    buffer = torch.empty(1 << 16)
+    fresh = page_faults(lambda: torch.empty(1 << 24).fill_(1.0), "cpu")
+    reused = page_faults(lambda: buffer.fill_(1.0), "cpu")
+    assert fresh > 0 and reused < fresh
+    assert page_faults(lambda: None, "cuda") is None
