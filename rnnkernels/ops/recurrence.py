@@ -31,6 +31,7 @@ from .. import (
 from ..reference import gru_recurrence, lstm_recurrence, rnn_recurrence
 from . import _autograd
 from ._autocast import autocast_promote
+from ._linear import linear
 from ._autograd import batched, differentiable_vjp, fold, graph_needed, overload, unfold
 
 LSTM, GRU, GRU_RESET_BEFORE, RNN_TANH, RNN_RELU = range(5)
@@ -377,8 +378,8 @@ def input_projection(x: Tensor, w_ih: Tensor, b_ih: Tensor | None,
     """gx = x W_ih^T + b_ih for all steps, layer-normalised (gain ln_weight_ih) before b_ih
     when ln_weight_ih is given."""
     if ln_weight_ih is None:
-        return F.linear(x, w_ih, b_ih)
-    gx = F.layer_norm(F.linear(x, w_ih), (w_ih.shape[0],), ln_weight_ih)
+        return linear(x, w_ih, b_ih)
+    gx = F.layer_norm(linear(x, w_ih), (w_ih.shape[0],), ln_weight_ih)
     return gx if b_ih is None else gx + b_ih
 
 
