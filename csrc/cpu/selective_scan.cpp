@@ -479,6 +479,17 @@ void backward_states(int64_t len, int64_t N, int64_t n0, const T* x0, T* h, cons
   }
 }
 
+// The rows a task gathers over chunk ci of block blk (u, delta, z, and grad_out when given),
+// into L2.
+template <typename S, typename T>
+void prefetch_chunk_rows(const Scan<S, T>& p, const Block& blk, int64_t ci, const S* grad_out) {
+  const int64_t t0 = ci * p.chunk, len = std::min(p.chunk, p.L - t0);
+  const int64_t off = (blk.b * p.dim + blk.d0) * p.L + t0;
+  for (const S* src : {p.u, p.delta, p.z, grad_out}) {
+    if (src != nullptr) prefetch_rows(src + off, p.L, blk.nc, len);
+  }
+}
+
 // ------------------------------------------------------------------------------ forward
 
 template <typename S, typename T, bool kBvar, bool kCvar>
@@ -503,13 +514,7 @@ void forward_task(const Scan<S, T>& p, const Block& blk, S* out, T* last, T* ckp
         for (int64_t n = 0; n < N; ++n) dst[n] = x[n * W + j];
       }
     }
-    if (ci + 1 < p.nchunks) {
-      const int64_t next = (blk.b * p.dim + blk.d0) * p.L + t0 + p.chunk;
-      const int64_t next_len = std::min(p.chunk, p.L - t0 - p.chunk);
-      for (const S* src : {p.u, p.delta, p.z}) {
-        if (src != nullptr) prefetch_rows(src + next, p.L, blk.nc, next_len);
-      }
-    }
+    if (ci + 1 < p.nchunks) prefetch_chunk_rows(p, blk, ci + 1, static_cast<const S*>(nullptr));
     discretise(p, blk, c, t0, len, s);
     const T* B = kBvar ? p.rows(p.B_rows, blk.b, blk.g, t0) : c.B.data();
     const T* C = kCvar ? p.rows(p.C_rows, blk.b, blk.g, t0) : c.C.data();
@@ -667,17 +672,6 @@ void backward_task(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_
   scatter_lanes(gr.grad_delta + off, p.L, s.gdt.data(), blk.nc, len);
 }
 
-// The rows a backward task gathers (u, delta, z, grad_out of block i over chunk ci), into L2.
-template <typename S, typename T>
-void prefetch_task_rows(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_t ci) {
-  const Block blk = block_of(p, i);
-  const int64_t t0 = ci * p.chunk, len = std::min(p.chunk, p.L - t0);
-  const int64_t off = (blk.b * p.dim + blk.d0) * p.L + t0;
-  for (const S* src : {p.u, p.delta, p.z, gr.grad_out}) {
-    if (src != nullptr) prefetch_rows(src + off, p.L, blk.nc, len);
-  }
-}
-
 // The backward of super s: the chunks in reverse, per chunk its blocks one after another, their
 // per-lane terms of grouped dB / dC added up in w, then summed over the lanes once (a 16 x 16
 // transpose-and-add per 16 values, as costly as a block's own step work when done per block)
@@ -697,9 +691,9 @@ void backward_super(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t s, Backw
     if constexpr (kCvar) std::fill(w.dC.begin(), w.dC.begin() + n, T(0));
     for (int64_t i = first; i < last; ++i) {
       if (i + 1 < last) {
-        prefetch_task_rows(p, gr, i + 1, ci);
+        prefetch_chunk_rows(p, block_of(p, i + 1), ci, gr.grad_out);
       } else if (ci > 0) {
-        prefetch_task_rows(p, gr, first, ci - 1);
+        prefetch_chunk_rows(p, block_of(p, first), ci - 1, gr.grad_out);
       }
       backward_task<S, T, kBvar, kCvar>(p, gr, i, ci, w);
     }

@@ -103,15 +103,26 @@ def register_autograd(op: object, backward: Callable, setup_context: Callable) -
         _library(fwd).impl(fwd, autograd_kernel, "Autograd", with_keyset=True)
 
 
-def call_unrecorded(op: Callable, *args):
-    """``op(*args)`` for a call that records no gradient (the caller found that none is
-    needed): straight below autograd, without the Python Autograd kernel above, whose round trip
-    from the dispatcher back into Python costs microseconds per call (a decoding loop calls a
-    layer once per token). Through the Autograd kernel as usual where something above plain
-    eager autograd must see the call: a torch.func transform, a forward-mode AD level (the
-    kernel refuses tangents), or tracing by torch.compile."""
-    if (torch.compiler.is_compiling() or forward_ad._current_level >= 0
-            or _ft.maybe_current_level() is not None):
+def plain_eager() -> bool:
+    """Whether a call is plain eager autograd: no torch.compile tracing, no forward-mode AD
+    level, no torch.func transform above it."""
+    return not (torch.compiler.is_compiling() or forward_ad._current_level >= 0
+                or _ft.maybe_current_level() is not None)
+
+
+def needs_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd would record a call on these tensors."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def call(op: Callable, record: bool, *args):
+    """``op(*args)``; when ``record`` is False (the caller found that no gradient is needed)
+    straight below autograd, without the Python Autograd kernel above, whose round trip from the
+    dispatcher back into Python costs microseconds per call (a decoding loop calls a layer once
+    per token). Through the Autograd kernel as usual where something above plain eager autograd
+    must see the call: a torch.func transform, a forward-mode AD level (the kernel refuses
+    tangents), or tracing by torch.compile."""
+    if record or not plain_eager():
         return op(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)

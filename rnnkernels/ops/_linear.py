@@ -21,8 +21,8 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch._C import _functorch as _ft
-from torch.autograd import forward_ad
+
+from ._autograd import plain_eager
 
 # Rows (T * B for a recurrence) from which oneDNN's matmul measured faster than MKL's on this
 # project's CPU machine (AVX-512 AMD EPYC): at 1024 rows (B = 8, T = 128) the two were even.
@@ -71,8 +71,7 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
             or (b is not None and b.dtype != torch.float32) or x.dim() < 2 or x.numel() == 0
             or x.numel() < MIN_ROWS * x.shape[-1]
             or not (_plain(x) and _plain(w) and _plain(b))
-            or not _onednn_matmul_available() or torch.compiler.is_compiling()
-            or _ft.maybe_current_level() is not None or forward_ad._current_level >= 0
+            or not _onednn_matmul_available() or not plain_eager()
             or torch.is_autocast_enabled("cpu")):
         return F.linear(x, w, b)
     rows = x.reshape(-1, x.shape[-1]).contiguous()

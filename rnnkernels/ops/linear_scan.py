@@ -15,7 +15,6 @@ from ..reference import linear_scan_reference
 from . import _autograd
 from ._autocast import autocast_promote
 from ._autograd import fold, graph_needed, overload, unfold
-from .recurrence import _needs_grad
 
 # ------------------------------------------------------------------ fake kernels and autograd
 
@@ -120,9 +119,7 @@ def linear_scan(a: Tensor, b: Tensor, initial_state: Tensor | None = None) -> Te
         return linear_scan_reference(a, b, initial_state)
     fwd = (_triton.linear_scan_fwd_triton if backend == "triton"
            else torch.ops.rnnkernels.linear_scan_fwd)
-    if _needs_grad(a, b, initial_state):
-        return fwd(a, b, initial_state)
-    return _autograd.call_unrecorded(fwd, a, b, initial_state)
+    return _autograd.call(fwd, _autograd.needs_grad(a, b, initial_state), a, b, initial_state)
 
 
 __all__ = ["linear_scan"]

@@ -259,10 +259,6 @@ register_recurrence("rnnkernels::recurrence_fwd", "rnnkernels::recurrence_bwd",
 
 # ------------------------------------------------------------------ dispatch
 
-def _needs_grad(*tensors: Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype the recurrence runs in: the autocast dtype inside an autocast region of x's
     device type (the recurrence is a matmul-bound op, autocast's lower-precision class), else
@@ -359,7 +355,7 @@ def recurrence(gx: Tensor, h0: Tensor, c0: Tensor | None, w_hh: Tensor, b_hh: Te
         gx, h0, c0, w_hh, b_hh, w_hr = (t if t is None else t.to(dtype)
                                         for t in (gx, h0, c0, w_hh, b_hh, w_hr))
         extra = tuple(t.to(dtype) if isinstance(t, Tensor) else t for t in extra)
-    save = _needs_grad(gx, h0, c0, w_hh, b_hh, w_hr, *extra)
+    save = _autograd.needs_grad(gx, h0, c0, w_hh, b_hh, w_hr, *extra)
     if lengths is not None:
         lengths = lengths.to(device=gx.device, dtype=torch.int64)
     if backend == "triton":
@@ -369,7 +365,7 @@ def recurrence(gx: Tensor, h0: Tensor, c0: Tensor | None, w_hh: Tensor, b_hh: Te
     else:
         fwd = torch.ops.rnnkernels.recurrence_fwd
     args = (gx, h0, c0, w_hh, b_hh, w_hr, lengths, cell, reverse, save, *extra)
-    y, h_n, c_n, _, _ = fwd(*args) if save else _autograd.call_unrecorded(fwd, *args)
+    y, h_n, c_n, _, _ = _autograd.call(fwd, save, *args)
     return y, h_n, c_n
 
 

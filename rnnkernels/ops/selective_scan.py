@@ -25,7 +25,6 @@ from ..reference import selective_scan_reference
 from . import _autograd
 from ._autocast import autocast_promote
 from ._autograd import batched, differentiable_vjp, fold, graph_needed, overload, unfold
-from .recurrence import _needs_grad
 
 # Largest state size N the kernels take (as mamba_ssm's).
 MAX_STATE = 256
@@ -242,13 +241,13 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     def to_acc(t: Tensor | None) -> Tensor | None:
         return None if t is None else t.to(acc)
 
-    save = _needs_grad(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    save = _autograd.needs_grad(u, delta, A, B, C, D, z, delta_bias, initial_state)
     fwd = (_triton.selective_scan_fwd_triton if backend == "triton"
            else torch.ops.rnnkernels.selective_scan_fwd)
     args = (u, delta, A.to(acc), _grouped(B, u.dtype, acc), _grouped(C, u.dtype, acc),
             to_acc(D), z, to_acc(delta_bias), bool(delta_softplus), to_acc(initial_state),
             CHUNK_SIZE[backend], save)
-    out, last_state, _ = fwd(*args) if save else _autograd.call_unrecorded(fwd, *args)
+    out, last_state, _ = _autograd.call(fwd, save, *args)
     return (out, last_state) if return_last_state else out
 
 
