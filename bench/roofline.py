@@ -245,8 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     print(f"# CPU floors of the speed targets\n\n{env.cpu_model()}, {threads} threads, "
           f"float32, torch {torch.__version__}, commit {env.commit()}\n")
-    print("Baseline: torch.nn's module for the recurrences, the PyTorch loop for the scan, timed in "
-          "this run.\n")
+    print("Baseline: torch.nn's module for the recurrences, the PyTorch loop for the scan, timed "
+          "in this run.\n")
     print("| case | floor | per-core stream rate | baseline | largest speed-up | target |")
     print("|---|---|---|---|---|---|")
     for suite in suites:
