@@ -732,25 +732,40 @@ void backward_masked_units(const Problem<S, T>& pb, const BwdStep<S, T>& st, int
   if (!pb.projected) std::copy(st.dh + b * P + u0, st.dh + b * P + u1, st.dhd + b * P + u0);
 }
 
+// The buffers the backward's steps index, as raw pointers taken once per call rather than per
+// step (a data_ptr checks dtype and storage: measurable at batch 1, where a step takes a few
+// microseconds).
 template <typename S, typename T>
-BwdStep<S, T> make_bwd_step(const Problem<S, T>& pb, int64_t s, const S* gy, const T* dh,
-                            Tensor& dc, const Tensor& c0, const Tensor& ws, const Tensor& hs,
-                            Tensor& dgh, S* dgx, T* dhd) {
+struct BwdBuffers {
+  T* dc;        // (B, H) LSTM, else null
+  const T* c0;  // (B, H) LSTM, else null
+  const T* ws;
+  const T* hs;
+  T* dgh;
+  BwdBuffers(const Problem<S, T>& pb, Tensor& dc_t, const Tensor& c0_t, const Tensor& ws_t,
+             const Tensor& hs_t, Tensor& dgh_t)
+      : dc(pb.cell == Cell::LSTM ? dc_t.data_ptr<T>() : nullptr),
+        c0(pb.cell == Cell::LSTM ? c0_t.data_ptr<T>() : nullptr),
+        ws(ws_t.data_ptr<T>()), hs(hs_t.data_ptr<T>()), dgh(dgh_t.data_ptr<T>()) {}
+};
+
+template <typename S, typename T>
+BwdStep<S, T> make_bwd_step(const Problem<S, T>& pb, const BwdBuffers<S, T>& buf, int64_t s,
+                            const S* gy, const T* dh, S* dgx, T* dhd) {
   const int64_t B = pb.batch, H = pb.hidden, P = pb.out, GH = pb.gates * H, KH = pb.wsu * H;
   const int64_t t = pb.time(s);
   const int64_t t_prev = pb.reverse ? t + 1 : t - 1;  // time of the previous forward step
-  const T* ws_p = ws.data_ptr<T>();
   const bool lstm = pb.cell == Cell::LSTM;
   const bool first = s == 0;
   return BwdStep<S, T>{
       (gy && !pb.projected) ? gy + t * B * P : nullptr,
       dh,
-      lstm ? dc.data_ptr<T>() : nullptr,
-      ws_p + t * B * KH,
-      lstm ? (first ? c0.data_ptr<T>() : ws_p + t_prev * B * KH + 4 * H) : nullptr,
+      buf.dc,
+      buf.ws + t * B * KH,
+      lstm ? (first ? buf.c0 : buf.ws + t_prev * B * KH + 4 * H) : nullptr,
       first ? H : KH,
-      hs.data_ptr<T>() + pb.slot_in(s) * B * P,
-      dgh.data_ptr<T>() + t * B * GH,
+      buf.hs + pb.slot_in(s) * B * P,
+      buf.dgh + t * B * GH,
       dgx ? dgx + t * B * GH : nullptr,
       dhd,
       pb.zoneout_h(t),
@@ -896,6 +911,9 @@ void backward_batched(const Problem<S, T>& pb, const Tensor& grad_y, const Tenso
   T* dh_p = dh.data_ptr<T>();
   T* dhd_p = dhd.data_ptr<T>();
   const bool dgx_is_dgh = static_cast<void*>(dgx.data_ptr()) == static_cast<void*>(dgh.data_ptr());
+  S* dgx_p = dgx_is_dgh ? nullptr : dgx.data_ptr<S>();
+  const T* dh_rec = pb.projected ? dhfull.data_ptr<T>() : dh_p;  // the dh the cell's step takes
+  const BwdBuffers<S, T> buf(pb, dc, c0, ws, hs, dgh);
 
   for (int64_t s = pb.steps - 1; s >= 0; --s) {
     const int64_t t = pb.time(s);
@@ -933,9 +951,7 @@ void backward_batched(const Problem<S, T>& pb, const Tensor& grad_y, const Tenso
       });
       at::mm_out(dhfull, dhp.select(0, t), w_hr);
     }
-    const BwdStep<S, T> st = make_bwd_step(pb, s, gy_p, pb.projected ? dhfull.data_ptr<T>() : dh_p,
-                                           dc, c0, ws, hs, dgh,
-                                           dgx_is_dgh ? nullptr : dgx.data_ptr<S>(), dhd_p);
+    const BwdStep<S, T> st = make_bwd_step(pb, buf, s, gy_p, dh_rec, dgx_p, dhd_p);
     parallel_rows(B, GH, [&](int64_t b) {
       if (pb.masked(t, b)) {
         backward_masked_units(pb, st, b, 0, H);
@@ -977,7 +993,7 @@ void backward_batched(const Problem<S, T>& pb, const Tensor& grad_y, const Tenso
     }
     if (!dgx_is_dgh && pb.cell != Cell::GRU) {
       parallel_rows(B, GH, [&](int64_t b) {
-        store_scalar_row(dgx.data_ptr<S>() + (t * B + b) * GH, st.dgh + b * GH, GH);
+        store_scalar_row(dgx_p + (t * B + b) * GH, st.dgh + b * GH, GH);
       });
     }
     const Tensor dgh_rec = split ? dgh_t.narrow(1, 0, 2 * H) : dgh_t;
@@ -1146,6 +1162,12 @@ void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor&
   const int64_t B = pb.batch, H = pb.hidden, P = pb.out, G = pb.gates, GH = G * H, KH = pb.wsu * H;
   const T* w_p = w.data_ptr<T>();
   const T* bias_p = bias.defined() ? bias.data_ptr<T>() : nullptr;
+  // The step's buffers, as raw pointers taken once (see BwdBuffers)
+  const S* gx_p = gx.data_ptr<S>();
+  T* hs_p = hs.data_ptr<T>();
+  T* c_p = pb.cell == Cell::LSTM ? cbuf.data_ptr<T>() : nullptr;
+  T* ws_p = pb.save ? ws.data_ptr<T>() : nullptr;
+  S* y_p = y.data_ptr<S>();
   run_team(B * GH * P, [&](int64_t k, int64_t n, StepFlags& flags) {
     const auto [b0, b1, u0, u1, j0, j1] = share_of(pb, k, n);
     const int64_t nk = u1 - u0;
@@ -1166,14 +1188,13 @@ void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor&
     others.add(u1, P);
     for (int64_t s = 0; s < pb.steps; ++s) {
       const int64_t t = pb.time(s);
-      const FwdStep<S, T> st{
-          gx.data_ptr<S>() + t * B * GH, hs.data_ptr<T>() + pb.slot_in(s) * B * P,
-          hs.data_ptr<T>() + pb.slot_out(s) * B * P,
-          pb.cell == Cell::LSTM ? cbuf.data_ptr<T>() + (s & 1) * B * H : nullptr,
-          pb.cell == Cell::LSTM ? cbuf.data_ptr<T>() + ((s + 1) & 1) * B * H : nullptr,
-          hs.data_ptr<T>() + pb.slot_out(s) * B * P,
-          pb.save ? ws.data_ptr<T>() + t * B * KH : nullptr, y.data_ptr<S>() + t * B * P,
-          nullptr};
+      const FwdStep<S, T> st{gx_p + t * B * GH, hs_p + pb.slot_in(s) * B * P,
+                             hs_p + pb.slot_out(s) * B * P,
+                             c_p != nullptr ? c_p + (s & 1) * B * H : nullptr,
+                             c_p != nullptr ? c_p + ((s + 1) & 1) * B * H : nullptr,
+                             hs_p + pb.slot_out(s) * B * P,
+                             ws_p != nullptr ? ws_p + t * B * KH : nullptr, y_p + t * B * P,
+                             nullptr};
       if (nk > 0) {
         // State units [u0, u1) are this thread's own (written by it in the step before): their
         // part of the product first, then the others' once they have arrived. (Software
@@ -1209,6 +1230,8 @@ void backward_persistent(const Problem<S, T>& pb, const Tensor& grad_y, const Te
   T* dh_p = dh.data_ptr<T>();
   T* dhd_p = dhd.data_ptr<T>();
   const T* w_p = w.data_ptr<T>();
+  S* dgx_p = dgx_is_dgh ? nullptr : dgx.data_ptr<S>();
+  const BwdBuffers<S, T> buf(pb, dc, c0, ws, hs, dgh);
   run_team(B * GH * P, [&](int64_t k, int64_t n, StepFlags& flags) {
     const auto [b0, b1, u0, u1, j0, j1] = share_of(pb, k, n);
     const int64_t nk = u1 - u0;
@@ -1225,9 +1248,7 @@ void backward_persistent(const Problem<S, T>& pb, const Tensor& grad_y, const Te
     for (int64_t i = 0; i < pb.steps; ++i) {
       const int64_t s = pb.steps - 1 - i;
       const int64_t t = pb.time(s);
-      const BwdStep<S, T> st = make_bwd_step(pb, s, gy_p, static_cast<const T*>(dh_p), dc, c0, ws,
-                                             hs, dgh, dgx_is_dgh ? nullptr : dgx.data_ptr<S>(),
-                                             dhd_p);
+      const BwdStep<S, T> st = make_bwd_step(pb, buf, s, gy_p, dh_p, dgx_p, dhd_p);
       for (int64_t b = b0; b < b1; ++b) {
         if (pb.masked(t, b)) {
           backward_masked_units(pb, st, b, u0, u1);
