@@ -143,11 +143,12 @@ def test_cpu_default_chunk_long_sequence(form):
     check_against_reference(inputs)
 
 
-@pytest.mark.parametrize("dim, groups", [(37, 1), (64, 2)])
+@pytest.mark.parametrize("dim, groups", [(37, 1), (64, 2), (80, 1)])
 def test_cpu_float32_whole_tiles(dim, groups):
     """float32 with whole 16-channel blocks and whole 16-step tiles (the kernels' in-register
     transpose and prefetch path), next to a partial block (37 = 16 + 16 + 5) and a partial
-    tile (the last chunk's 21 steps), at the production chunk size."""
+    tile (the last chunk's 21 steps), at the production chunk size. 80 channels: the backward
+    splits a batch row's 5 blocks into 4 supers of 2, 2, 1 and 0 blocks (an empty super)."""
     L = CHUNK_SIZE["cpu"] * 2 + 21
     inputs = make_inputs(batch=2, dim=dim, L=L, N=16, form="grouped", groups=groups,
                          initial_state=True, dtype=torch.float32)

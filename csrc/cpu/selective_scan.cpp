@@ -405,12 +405,13 @@ void forward_steps(int64_t len, int64_t N, T* x, const T* A, const T* B, const T
 // - the reverse recurrence, with their dL/dx, dA and state in registers: h (N x W) holds dL/dx
 //   after the chunk on entry and before it on exit; g: dL/dy per step (len x W). Sums over the
 //   chunk are added to dA (N x W) and, when fixed, to dB / dC (N x W); when grouped, each
-//   step's per-lane terms are added to dB / dC (len x N x W). Per step, sum_n h B and
+//   step's per-lane terms are added to dB / dC (len x N x W), or stored there with kFirst (the
+//   first block of a super: no buffer to clear beforehand). Per step, sum_n h B and
 //   sum_n h A a x_prev of the NB states are added to s1 / s2 (len x W).
 // Two states at a time measured faster than four or eight (whose registers spill) and than the
 // whole state at every step (the earlier design: its states and per-state sums, 66 KB per block
 // and chunk, were read back from L2).
-template <typename T, bool kBvar, bool kCvar, bool kY, int NB>
+template <typename T, bool kBvar, bool kCvar, bool kY, bool kFirst, int NB>
 void backward_states(int64_t len, int64_t N, int64_t n0, const T* x0, T* h, const T* A,
                      const T* A2, const T* B, const T* C, const T* dt, const T* du, const T* g,
                      T* y, T* xs, T* as, T* dA, T* dB, T* dC, T* s1, T* s2) {
@@ -438,10 +439,11 @@ void backward_states(int64_t len, int64_t N, int64_t n0, const T* x0, T* h, cons
     }
     if constexpr (kY) yv.store(y + t * W);
   }
-  V hr[NB], dAr[NB];
+  V hr[NB], dAr[NB], Ad[NB];
   for (int j = 0; j < NB; ++j) {
     hr[j] = V::loadu(h + (n0 + j) * W);
     dAr[j] = V::loadu(dA + (n0 + j) * W);
+    Ad[j] = V::loadu(A + (n0 + j) * W);  // in registers: the stores below may alias A for GCC
   }
   for (int64_t t = len - 1; t >= 0; --t) {
     const V gv = V::loadu(g + t * W), dtv = V::loadu(dt + t * W), duv = V::loadu(du + t * W);
@@ -453,12 +455,16 @@ void backward_states(int64_t len, int64_t N, int64_t n0, const T* x0, T* h, cons
       const V xp = V::loadu(xs + (t * NB + j) * W);
       const V a = V::loadu(as + (t * NB + j) * W);
       const V hn = at::vec::fmadd(gv, Cn, hr[j]);
-      if constexpr (kCvar) {
+      if constexpr (kCvar && kFirst) {
+        (gv * xr[j]).store(dC + (t * N + n) * W);
+      } else if constexpr (kCvar) {
         at::vec::fmadd(gv, xr[j], V::loadu(dC + (t * N + n) * W)).store(dC + (t * N + n) * W);
       } else {
         at::vec::fmadd(gv, xr[j], V::loadu(dC + n * W)).store(dC + n * W);
       }
-      if constexpr (kBvar) {
+      if constexpr (kBvar && kFirst) {
+        (hn * duv).store(dB + (t * N + n) * W);
+      } else if constexpr (kBvar) {
         at::vec::fmadd(hn, duv, V::loadu(dB + (t * N + n) * W)).store(dB + (t * N + n) * W);
       } else {
         at::vec::fmadd(hn, duv, V::loadu(dB + n * W)).store(dB + n * W);
@@ -466,7 +472,7 @@ void backward_states(int64_t len, int64_t N, int64_t n0, const T* x0, T* h, cons
       s1v = at::vec::fmadd(hn, Bn, s1v);
       hr[j] = a * hn;
       const V q = hr[j] * xp;
-      s2v = at::vec::fmadd(q, V::loadu(A + n * W), s2v);
+      s2v = at::vec::fmadd(q, Ad[j], s2v);
       dAr[j] = at::vec::fmadd(q, dtv, dAr[j]);
       xr[j] = xp;
     }
@@ -578,8 +584,9 @@ struct BackwardWork {
         dB(B_var ? chunk * N * Vec<T>::size() : 0), dC(C_var ? chunk * N * Vec<T>::size() : 0) {}
 };
 
+// first: the super's first block, whose grouped dB / dC terms are stored into w, not added.
 template <typename S, typename T, bool kBvar, bool kCvar>
-void backward_task(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_t ci,
+void backward_task(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_t ci, bool first,
                    BackwardWork<T>& w) {
   using V = Vec<T>;
   constexpr int64_t W = V::size();
@@ -625,33 +632,41 @@ void backward_task(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_
   std::fill(w.s1.begin(), w.s1.begin() + len * W, T(0));
   std::fill(w.s2.begin(), w.s2.begin() + len * W, T(0));
   if (p.z != nullptr) std::fill(s.y.begin(), s.y.begin() + len * W, T(0));
-  auto states = [&](auto nb, auto keep_y) {
-    constexpr int NB = decltype(nb)::value;
-    constexpr bool kY = decltype(keep_y)::value;
+  auto run_states = [&](auto keep_y, auto store_first) {
+    constexpr bool kY = decltype(keep_y)::value, kFirst = decltype(store_first)::value;
     int64_t n0 = 0;
-    for (; n0 + NB <= N; n0 += NB) {
-      backward_states<T, kBvar, kCvar, kY, NB>(
+    for (; n0 + kStates <= N; n0 += kStates) {
+      backward_states<T, kBvar, kCvar, kY, kFirst, kStates>(
           len, N, n0, w.x.data(), gr.carried.h + i * NW, c.A.data(), c.A2.data(), B, C,
           s.dt.data(), s.du.data(), s.g.data(), s.y.data(), w.xs.data(), w.as.data(),
           gr.carried.dA + i * NW, dB, dC, w.s1.data(), w.s2.data());
     }
     for (; n0 < N; ++n0) {
-      backward_states<T, kBvar, kCvar, kY, 1>(
+      backward_states<T, kBvar, kCvar, kY, kFirst, 1>(
           len, N, n0, w.x.data(), gr.carried.h + i * NW, c.A.data(), c.A2.data(), B, C,
           s.dt.data(), s.du.data(), s.g.data(), s.y.data(), w.xs.data(), w.as.data(),
           gr.carried.dA + i * NW, dB, dC, w.s1.data(), w.s2.data());
     }
   };
-  constexpr int kNB = kStates;
+  // The store mode only where grouped terms exist (fixed B and C are always added up).
+  auto states = [&](auto keep_y) {
+    if constexpr (kBvar || kCvar) {
+      if (first) {
+        run_states(keep_y, std::true_type{});
+        return;
+      }
+    }
+    run_states(keep_y, std::false_type{});
+  };
   if (p.z != nullptr) {
-    states(std::integral_constant<int, kNB>{}, std::true_type{});
+    states(std::true_type{});
     for (int64_t t = 0; t < len; ++t) {
       const V pre = at::vec::fmadd(Dv, V::loadu(&s.u[t * W]), V::loadu(&s.y[t * W]));
       (V::loadu(&s.gdt[t * W]) * pre).store(&s.gdt[t * W]);
     }
     scatter_lanes(gr.grad_z + off, p.L, s.gdt.data(), blk.nc, len);
   } else {
-    states(std::integral_constant<int, kNB>{}, std::false_type{});
+    states(std::false_type{});
   }
 
   V dbias = V::loadu(gr.carried.dbias + i * W);
@@ -673,7 +688,8 @@ void backward_task(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_
 }
 
 // The backward of super s: the chunks in reverse, per chunk its blocks one after another, their
-// per-lane terms of grouped dB / dC added up in w, then summed over the lanes once (a 16 x 16
+// per-lane terms of grouped dB / dC stored (first block) or added (the others) in w, then summed
+// over the lanes once (a 16 x 16
 // transpose-and-add per 16 values, as costly as a block's own step work when done per block)
 // into the super's (L, N) partials. Measured against this in paired runs and dropped: the
 // lanes summed per step into the partials (slower); the reverse passes of up to 4 blocks of a
@@ -684,18 +700,21 @@ void backward_task(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_
 template <typename S, typename T, bool kBvar, bool kCvar>
 void backward_super(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t s, BackwardWork<T>& w) {
   const auto [first, last] = p.super_blocks(s);
+  if (first == last) {  // a super past its group's blocks (blocks do not divide evenly)
+    const int64_t n = p.L * p.N;
+    if constexpr (kBvar) std::fill(gr.dB_part + s * n, gr.dB_part + (s + 1) * n, T(0));
+    if constexpr (kCvar) std::fill(gr.dC_part + s * n, gr.dC_part + (s + 1) * n, T(0));
+    return;
+  }
   for (int64_t ci = p.nchunks - 1; ci >= 0; --ci) {
     const int64_t t0 = ci * p.chunk, len = std::min(p.chunk, p.L - t0);
-    const int64_t n = len * p.N * Vec<T>::size();
-    if constexpr (kBvar) std::fill(w.dB.begin(), w.dB.begin() + n, T(0));
-    if constexpr (kCvar) std::fill(w.dC.begin(), w.dC.begin() + n, T(0));
     for (int64_t i = first; i < last; ++i) {
       if (i + 1 < last) {
         prefetch_chunk_rows(p, block_of(p, i + 1), ci, gr.grad_out);
       } else if (ci > 0) {
         prefetch_chunk_rows(p, block_of(p, first), ci - 1, gr.grad_out);
       }
-      backward_task<S, T, kBvar, kCvar>(p, gr, i, ci, w);
+      backward_task<S, T, kBvar, kCvar>(p, gr, i, ci, i == first, w);
     }
     if constexpr (kBvar) lane_sums(w.dB.data(), len * p.N, gr.dB_part + (s * p.L + t0) * p.N);
     if constexpr (kCvar) lane_sums(w.dC.data(), len * p.N, gr.dC_part + (s * p.L + t0) * p.N);
