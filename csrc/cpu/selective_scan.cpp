@@ -40,6 +40,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "lanes.h"
 #include "vec_math.h"
 
 namespace rnnkernels::cpu {
@@ -48,8 +49,10 @@ using at::Tensor;
 
 namespace {
 
-template <typename T>
-using Vec = at::vec::Vectorized<T>;
+using lanes::gather_lanes;
+using lanes::prefetch_rows;
+using lanes::scatter_lanes;
+using lanes::Vec;
 
 // Partial sums a cross-task reduction adds before it is worth a parallel region.
 constexpr int64_t kMinReduceWork = 1 << 16;
@@ -64,157 +67,6 @@ constexpr int64_t kMinSupers = 8;
 
 inline int64_t task_grain(int64_t work_per_task) {
   return std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work_per_task));
-}
-
-#if defined(CPU_CAPABILITY_AVX512)
-// In-register transpose of a 16 x 16 float tile (row i = r[i]): unpack pairs of rows, shuffle
-// within 128-bit lanes, then two rounds of 128-bit lane shuffles; 64 shuffles, no memory.
-C10_ALWAYS_INLINE void transpose16(__m512* r) {
-  __m512 b[16];
-  for (int i = 0; i < 8; ++i) {
-    b[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    b[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[4 * i] = _mm512_shuffle_ps(b[4 * i], b[4 * i + 2], 0x44);
-    r[4 * i + 1] = _mm512_shuffle_ps(b[4 * i], b[4 * i + 2], 0xEE);
-    r[4 * i + 2] = _mm512_shuffle_ps(b[4 * i + 1], b[4 * i + 3], 0x44);
-    r[4 * i + 3] = _mm512_shuffle_ps(b[4 * i + 1], b[4 * i + 3], 0xEE);
-  }
-  // r[4 i + j], 128-bit lane k: rows 4 i .. 4 i + 3 of column 4 k + j.
-  for (int j = 0; j < 4; ++j) {
-    b[j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88);
-    b[4 + j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xDD);
-    b[8 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88);
-    b[12 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xDD);
-  }
-  for (int j = 0; j < 4; ++j) {
-    r[j] = _mm512_shuffle_f32x4(b[j], b[8 + j], 0x88);
-    r[4 + j] = _mm512_shuffle_f32x4(b[4 + j], b[12 + j], 0x88);
-    r[8 + j] = _mm512_shuffle_f32x4(b[j], b[8 + j], 0xDD);
-    r[12 + j] = _mm512_shuffle_f32x4(b[4 + j], b[12 + j], 0xDD);
-  }
-}
-#endif
-
-// In-register transpose of a W x W tile held as W vectors (row i = r[i]): log2(W) rounds of
-// perfect shuffles, each interleaving row i with row i + W / 2.
-template <typename T>
-void transpose_tile(Vec<T>* r) {
-  constexpr int64_t W = Vec<T>::size();
-  Vec<T> next[W];
-  for (int64_t round = 1; round < W; round *= 2) {
-    for (int64_t i = 0; i < W / 2; ++i) {
-      std::tie(next[2 * i], next[2 * i + 1]) = at::vec::interleave2(r[i], r[i + W / 2]);
-    }
-    std::copy(next, next + W, r);
-  }
-}
-
-// The first n values of p as a vector (zero past n), converted to T.
-template <typename T, typename S>
-Vec<T> load_as(const S* p, int64_t n) {
-  if constexpr (std::is_same_v<S, T>) {
-    return Vec<T>::loadu(p, n);
-  } else {
-    T buf[Vec<T>::size()] = {};
-    for (int64_t k = 0; k < n; ++k) buf[k] = static_cast<T>(p[k]);
-    return Vec<T>::loadu(buf);
-  }
-}
-
-template <typename S, typename T>
-void store_as(S* p, const Vec<T>& v, int64_t n) {
-  if constexpr (std::is_same_v<S, T>) {
-    v.store(p, n);
-  } else {
-    T buf[Vec<T>::size()];
-    v.store(buf);
-    for (int64_t k = 0; k < n; ++k) p[k] = static_cast<S>(buf[k]);
-  }
-}
-
-// Whole W x W tiles of float on AVX-512 (the common case: every block but a group's last, every
-// 16 steps but a chunk's last) go through transpose16 with plain loads and stores; the rest
-// through the generic tile with zero lanes and partial rows.
-template <typename T, typename S>
-constexpr bool kFastTiles =
-#if defined(CPU_CAPABILITY_AVX512)
-    std::is_same_v<T, float> && std::is_same_v<S, float>;
-#else
-    false;
-#endif
-
-// dst (len x W): lane j < nc is row j of src (row stride ld, len values), lanes past nc are zero.
-template <typename T, typename S>
-void gather_lanes(T* dst, const S* src, int64_t ld, int64_t nc, int64_t len) {
-  constexpr int64_t W = Vec<T>::size();
-  int64_t t0 = 0;
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (kFastTiles<T, S>) {
-    for (; nc == W && t0 + W <= len; t0 += W) {
-      __m512 r[16];
-      for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_ps(src + j * ld + t0);
-      transpose16(r);
-      for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + (t0 + i) * W, r[i]);
-    }
-  }
-#endif
-  for (; t0 < len; t0 += W) {
-    const int64_t n = std::min(W, len - t0);
-    Vec<T> r[W];
-    for (int64_t j = 0; j < W; ++j) r[j] = j < nc ? load_as<T>(src + j * ld + t0, n) : Vec<T>(0);
-    transpose_tile(r);
-    for (int64_t i = 0; i < n; ++i) r[i].store(dst + (t0 + i) * W);
-  }
-}
-
-// Rows j < nc of dst (row stride ld, len values) = lane j of src (len x W).
-template <typename S, typename T>
-void scatter_lanes(S* dst, int64_t ld, const T* src, int64_t nc, int64_t len) {
-  constexpr int64_t W = Vec<T>::size();
-  int64_t t0 = 0;
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (kFastTiles<T, S>) {
-    for (; nc == W && t0 + W <= len; t0 += W) {
-      __m512 r[16];
-      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + (t0 + i) * W);
-      transpose16(r);
-      for (int j = 0; j < 16; ++j) _mm512_storeu_ps(dst + j * ld + t0, r[j]);
-    }
-  }
-#endif
-  for (; t0 < len; t0 += W) {
-    const int64_t n = std::min(W, len - t0);
-    Vec<T> r[W];
-    for (int64_t i = 0; i < W; ++i) r[i] = i < n ? Vec<T>::loadu(src + (t0 + i) * W) : Vec<T>(0);
-    transpose_tile(r);
-    for (int64_t j = 0; j < nc; ++j) store_as(dst + j * ld + t0, r[j], n);
-  }
-}
-
-// A prefetch of p's cache line into L2 (prefetcht1). As inline asm, because GCC counts a
-// function whose body is only __builtin_prefetch as free of side effects and deletes its calls.
-C10_ALWAYS_INLINE void prefetch_l2(const void* p) {
-#if defined(__x86_64__)
-  asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p)));
-#else
-  __builtin_prefetch(p, 0, 2);
-#endif
-}
-
-// Asks for the rows j < nc of src (row stride ld, len values from each) to be brought into
-// L2: the next gather's rows, 16 short pieces in as many pages, which the hardware prefetchers
-// do not foresee (the backward walks the chunks in reverse) and which otherwise arrive at L3
-// or memory latency, a row at a time.
-template <typename S>
-void prefetch_rows(const S* src, int64_t ld, int64_t nc, int64_t len) {
-  constexpr int64_t kLine = 64 / sizeof(S);
-  for (int64_t j = 0; j < nc; ++j) {
-    for (int64_t t = 0; t < len; t += kLine) {
-      prefetch_l2(src + j * ld + t);
-    }
-  }
 }
 
 // out[i] = the sum of the W lanes of vector i of v, for i < count, W vectors at a time: each
