@@ -67,4 +67,8 @@ TORCH_LIBRARY(rnnkernels, m) {
   m.def(
       "linear_scan_bwd(Tensor grad_h, Tensor a, Tensor h, Tensor? initial_state) "
       "-> (Tensor grad_a, Tensor grad_b, Tensor grad_initial_state)");
+
+  // ---- whether float32 CPU matmuls of the recurrences go through oneDNN on this machine
+  // (csrc/cpu/onednn_matmul.h); the Python input projection follows the C++ kernels' choice.
+  m.def("onednn_matmul_preferred() -> bool");
 }

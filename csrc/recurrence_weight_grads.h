@@ -1,12 +1,14 @@
 // The weight gradients of the recurrence, shared by the CPU and CUDA backward ops: after the
 // sequential backward has produced the per-step gradients of the recurrent pre-activations,
-// each weight gradient is one GEMM over all steps and rows (ATen: MKL / oneDNN or cuBLAS).
+// each weight gradient is one GEMM over all steps and rows (cpu::mm_tn_out: oneDNN or ATen's
+// MKL on the CPU, cuBLAS on the GPU).
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <tuple>
 
+#include "cpu/onednn_matmul.h"
 #include "rnnkernels/cells.h"
 
 namespace rnnkernels {
@@ -26,15 +28,17 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrence_weight_grads(
     // the n rows of W_hh multiply r * h_prev, kept in ws
     const at::Tensor v = ws.narrow(2, 3 * H, H).reshape({T * B, H});
     at::Tensor dw_rz = dw.narrow(0, 0, 2 * H), dw_n = dw.narrow(0, 2 * H, H);
-    at::mm_out(dw_rz, dgh2.narrow(1, 0, 2 * H).t(), hp);
-    at::mm_out(dw_n, dgh2.narrow(1, 2 * H, H).t(), v);
+    cpu::mm_tn_out(dw_rz, dgh2.narrow(1, 0, 2 * H), hp);
+    cpu::mm_tn_out(dw_n, dgh2.narrow(1, 2 * H, H), v);
   } else {
-    at::mm_out(dw, dgh2.t(), hp);
+    cpu::mm_tn_out(dw, dgh2, hp);
   }
   at::Tensor dw_hr = at::empty({0}, hs.options().dtype(out_type));
   if (dhp.defined()) {
     const at::Tensor hfull = ws.narrow(2, 5 * H, H).reshape({T * B, H});
-    dw_hr = at::mm(dhp.view({T * B, P}).t(), hfull).to(out_type);
+    dw_hr = at::empty({P, H}, hs.options());
+    cpu::mm_tn_out(dw_hr, dhp.view({T * B, P}), hfull);
+    dw_hr = dw_hr.to(out_type);
   }
   return {dw.to(out_type), dgh2.sum(0).to(out_type), dw_hr};
 }

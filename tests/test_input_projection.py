@@ -1,7 +1,12 @@
-"""The recurrences' input projection (rnnkernels.ops._linear.linear): F.linear's results and
-gradients, through oneDNN's matmul where it takes the call, F.linear elsewhere."""
+"""The recurrences' float32 CPU matmuls through oneDNN: the input projection
+(rnnkernels.ops._linear.linear: F.linear's results and gradients, through oneDNN's matmul where
+it takes the call, F.linear elsewhere) and the C++ backward's weight gradients
+(csrc/cpu/onednn_matmul.h), each with oneDNN preferred (RNNKERNELS_ONEDNN_MATMUL=1, as on AMD
+Zen 5) and not (=0, MKL's weight gradients), whatever this machine prefers."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -14,8 +19,16 @@ pytestmark = pytest.mark.skipif(not _linear._onednn_matmul_available(),
                                 reason="this torch has no oneDNN matmul")
 
 
+@pytest.fixture(params=["0", "1"], ids=["mkl-weight-grads", "onednn-preferred"])
+def preferred(request, monkeypatch):
+    """Runs a test with oneDNN preferred for float32 matmuls and without."""
+    monkeypatch.setenv("RNNKERNELS_ONEDNN_MATMUL", request.param)
+    assert _linear.onednn_preferred() == (request.param == "1")
+    return request.param == "1"
+
+
 @pytest.fixture
-def onednn_calls(monkeypatch):
+def onednn_calls(monkeypatch, preferred):
     calls = []
     real = _linear._onednn_linear
 
@@ -36,7 +49,7 @@ def _inputs(rows, bias=True):
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_matches_f_linear_with_gradients(bias, onednn_calls):
+def test_matches_f_linear_with_gradients(bias, onednn_calls, preferred):
     x, w, b = _inputs(_linear.MIN_ROWS + 4, bias)
     out = _linear.linear(x, w, b)
     assert onednn_calls, "the oneDNN path was not taken"
@@ -45,23 +58,36 @@ def test_matches_f_linear_with_gradients(bias, onednn_calls):
     grad = torch.randn_like(ref)
     leaves = [t for t in (x, w, b) if t is not None]
     got = torch.autograd.grad(out, leaves, grad)
-    assert len(onednn_calls) == 2  # forward and the input gradient
+    # forward and the input gradient, and the weight gradient where oneDNN is preferred
+    assert len(onednn_calls) == (3 if preferred else 2)
     want = torch.autograd.grad(ref, leaves, grad)
     for g, r in zip(got, want):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-4)
 
 
 def test_second_order_gradient(onednn_calls):
+    """Against float64: the sums of the second order cancel, and float32 roundings of oneDNN's
+    and MKL's summation orders differ by about 1e-4 of the largest values."""
     x, w, b = _inputs(_linear.MIN_ROWS)
 
-    def grad_norm(fn):
+    def grad_norm(fn, x, w, b):
         out = fn(x, w, b)
         (gx,) = torch.autograd.grad((out * out).sum(), x, create_graph=True)
         return torch.autograd.grad(gx.square().sum(), [x, w, b])
 
-    for g, r in zip(grad_norm(_linear.linear), grad_norm(F.linear)):
-        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-3)
+    exact = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    for g, r in zip(grad_norm(_linear.linear, x, w, b), grad_norm(F.linear, *exact)):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-4 * r.abs().max().item())
     assert onednn_calls
+
+
+def test_rows_threshold(onednn_calls, preferred):
+    """From MIN_ROWS_PREFERRED rows through oneDNN where it is preferred, from MIN_ROWS
+    elsewhere."""
+    x, w, b = _inputs(_linear.MIN_ROWS_PREFERRED)
+    torch.testing.assert_close(_linear.linear(x, w, b), F.linear(x, w, b), rtol=1e-5,
+                               atol=1e-5)
+    assert len(onednn_calls) == (1 if preferred else 0)
 
 
 @pytest.mark.parametrize("case", ["few rows", "float64", "autocast", "vmap"])
@@ -97,3 +123,26 @@ def test_lstm_layer_with_many_rows_matches_torch(onednn_calls):
     want = torch.autograd.grad(y_ref, [x, *ref.parameters()], grad)
     for g, r in zip(got, want):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["lstm-proj", "gru-reset-before", "rnn"])
+def test_weight_gradients_match_reference(kind, preferred):
+    """The backward's weight gradients (csrc/recurrence_weight_grads.h: W_hh, the reset-before
+    GRU's split W_hh, the LSTM's projection W_hr) against the float64 module on the reference
+    backend, with oneDNN preferred or not; enough rows for the oneDNN projection either way."""
+    torch.manual_seed(0)
+    if kind == "lstm-proj":
+        ours = rnnkernels.nn.LSTM(24, 16, proj_size=9)
+    elif kind == "gru-reset-before":
+        ours = rnnkernels.nn.GRU(24, 16, reset_after=False)
+    else:
+        ours = rnnkernels.nn.RNN(24, 16)
+    exact = copy.deepcopy(ours).double()
+    x = torch.randn(_linear.MIN_ROWS // 8, 8, 24)
+    grad = torch.randn_like(ours(x)[0])
+    got = torch.autograd.grad(ours(x)[0], list(ours.parameters()), grad)
+    with rnnkernels.use_backend("reference"):
+        want = torch.autograd.grad(exact(x.double())[0], list(exact.parameters()), grad.double())
+    for g, r in zip(got, want):
+        assert g.is_contiguous()
+        torch.testing.assert_close(g, r.float(), rtol=1e-4, atol=1e-4)

@@ -4,10 +4,13 @@ On a float32 CPU tensor, ``F.linear`` and ``torch.mm`` call MKL's sgemm, which o
 its AVX2 kernels; oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``, the op torch.compile's
 CPU backend calls for linear layers) runs AVX-512 there. The input projection (T*B rows times
 G*H columns) and its input gradient are the largest matmuls of a recurrent layer's step, so they
-go through oneDNN when it can take them and have at least MIN_ROWS rows (below that oneDNN
-measured slower: its per-call cost outweighs its faster inner loop); the weight gradient, whose
-reduction runs over all T*B rows, stays with MKL, which measured faster on it than oneDNN with
-its transposed operands.
+go through oneDNN when it can take them and have at least :func:`min_rows` rows (below that
+oneDNN's per-call cost outweighs its faster inner loop). Where the C++ kernels prefer oneDNN for
+float32 matmuls (``torch.ops.rnnkernels.onednn_matmul_preferred``, csrc/cpu/onednn_matmul.h: AMD
+Zen 5 and later, whose full-width AVX-512 units run oneDNN at twice MKL's AVX2 rate, or
+``RNNKERNELS_ONEDNN_MATMUL=1``), the weight gradient goes through oneDNN too, as (x^T grad)^T,
+and the projection from 64 rows on; elsewhere (Zen 4, where the two are even up to 1024 rows,
+and Intel CPUs) the weight gradient stays with MKL.
 
 Only plain eager float32 on the CPU takes this path: under torch.compile, a torch.func
 transform, forward-mode AD, autocast or a tensor subclass, ``F.linear`` runs as before. A
@@ -24,9 +27,23 @@ from torch import Tensor
 
 from ._autograd import plain_eager
 
-# Rows (T * B for a recurrence) from which oneDNN's matmul measured faster than MKL's on this
-# project's CPU machine (AVX-512 AMD EPYC): at 1024 rows (B = 8, T = 128) the two were even.
+# Rows (T * B for a recurrence) from which oneDNN's matmul measured faster than MKL's: on AMD
+# Zen 4 (AVX-512 in two halves) at 1024 rows (B = 8, T = 128) the two were even; on Zen 5
+# (full-width AVX-512, where oneDNN is preferred) oneDNN was faster from 64 rows on for 256 to
+# 1024 columns, about twice as fast from 256 rows.
 MIN_ROWS = 1024
+MIN_ROWS_PREFERRED = 64
+
+
+def onednn_preferred() -> bool:
+    """Whether the C++ kernels send float32 CPU matmuls to oneDNN on this machine (asked on
+    every call: ``RNNKERNELS_ONEDNN_MATMUL`` may change)."""
+    return bool(torch.ops.rnnkernels.onednn_matmul_preferred())
+
+
+def min_rows() -> int:
+    """Rows from which the input projection goes through oneDNN."""
+    return MIN_ROWS_PREFERRED if onednn_preferred() else MIN_ROWS
 
 
 @functools.cache
@@ -53,9 +70,13 @@ class _Linear(torch.autograd.Function):
         grad = grad.contiguous()
         if torch.is_grad_enabled():  # create_graph: a backward that is differentiable itself
             dx = grad @ w if need_x else None
+            dw = grad.t() @ x if need_w else None
         else:
             dx = _onednn_linear(grad, w.t().contiguous(), None) if need_x else None
-        dw = grad.t() @ x if need_w else None
+            dw = None
+            if need_w:
+                dw = (_onednn_linear(x.t(), grad.t(), None).t().contiguous()
+                      if onednn_preferred() else grad.t() @ x)
         db = grad.sum(0) if need_b else None
         return dx, dw, db
 
@@ -67,12 +88,14 @@ def _plain(t: Tensor | None) -> bool:
 def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     """``F.linear(x, w, b)`` for x (..., K), w (N, K), b (N,); through oneDNN on the CPU where
     it can take the call (see the module's docstring)."""
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32
-            or (b is not None and b.dtype != torch.float32) or x.dim() < 2 or x.numel() == 0
-            or x.numel() < MIN_ROWS * x.shape[-1]
+    # plain_eager first: under tracing (torch.compile, torch.export) a test of the sizes would
+    # become a guard on dynamic shapes.
+    if (not plain_eager() or x.device.type != "cpu" or x.dtype != torch.float32
+            or w.dtype != torch.float32 or (b is not None and b.dtype != torch.float32)
+            or x.dim() < 2 or x.numel() == 0 or x.numel() < MIN_ROWS_PREFERRED * x.shape[-1]
             or not (_plain(x) and _plain(w) and _plain(b))
-            or not _onednn_matmul_available() or not plain_eager()
-            or torch.is_autocast_enabled("cpu")):
+            or not _onednn_matmul_available() or torch.is_autocast_enabled("cpu")
+            or x.numel() < min_rows() * x.shape[-1]):
         return F.linear(x, w, b)
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     out = _Linear.apply(rows, w.contiguous(), b)

@@ -1,0 +1,81 @@
+#include "onednn_matmul.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <optional>
+#include <string>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+#endif
+
+namespace rnnkernels::cpu {
+
+namespace {
+
+// AMD family 1Ah (Zen 5) or later, from CPUID leaf 1 (base family 0Fh + extended family).
+bool amd_full_width_avx512() {
+#if defined(__x86_64__)
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (__get_cpuid(0, &eax, &ebx, &ecx, &edx) == 0) return false;
+  const bool amd = ebx == 0x68747541 && edx == 0x69746e65 && ecx == 0x444d4163;  // AuthenticAMD
+  if (!amd || __get_cpuid(1, &eax, &ebx, &ecx, &edx) == 0) return false;
+  const unsigned base = (eax >> 8) & 0xF, extended = (eax >> 20) & 0xFF;
+  return base == 0xF && base + extended >= 0x1A && __builtin_cpu_supports("avx512f");
+#else
+  return false;
+#endif
+}
+
+// mkldnn::_linear_pointwise(X, W, B, attr, scalars, algorithm) = X W^T + B, the oneDNN matmul
+// torch's CPU inductor backend calls; absent from a torch built without oneDNN.
+using LinearPointwise = at::Tensor(const at::Tensor&, const at::Tensor&,
+                                   const std::optional<at::Tensor>&, c10::string_view,
+                                   c10::List<std::optional<at::Scalar>>,
+                                   std::optional<c10::string_view>);
+
+const c10::TypedOperatorHandle<LinearPointwise>* linear_pointwise() {
+  static const std::optional<c10::TypedOperatorHandle<LinearPointwise>> op =
+      []() -> std::optional<c10::TypedOperatorHandle<LinearPointwise>> {
+    const auto handle = c10::Dispatcher::singleton().findOp({"mkldnn::_linear_pointwise", ""});
+    if (!handle || !handle->hasKernelForDispatchKey(c10::DispatchKey::CPU)) return std::nullopt;
+    return handle->typed<LinearPointwise>();
+  }();
+  return op ? &*op : nullptr;
+}
+
+}  // namespace
+
+bool onednn_matmul_preferred() {
+  if (linear_pointwise() == nullptr) return false;
+  const char* forced = std::getenv("RNNKERNELS_ONEDNN_MATMUL");
+  if (forced != nullptr && (std::string(forced) == "0" || std::string(forced) == "1")) {
+    return std::string(forced) == "1";
+  }
+  static const bool preferred = amd_full_width_avx512();
+  return preferred;
+}
+
+void mm_tn_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  const bool f32 = out.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat &&
+                   b.scalar_type() == at::kFloat;
+  if (!(f32 && out.is_cpu() && a.is_cpu() && b.is_cpu() && onednn_matmul_preferred())) {
+    at::mm_out(out, a.t(), b);
+    return;
+  }
+  // b^T a as X W^T with X = b^T (N, R) and W = a^T (M, R), both transposed views: oneDNN reads
+  // them in place; the (N, M) result is transposed into out.
+  const at::Tensor bt_a = linear_pointwise()->call(b.t(), a.t(), std::nullopt, "none",
+                                                   c10::List<std::optional<at::Scalar>>(),
+                                                   std::nullopt);
+  out.copy_(bt_a.t());
+}
+
+}  // namespace rnnkernels::cpu
+
+// No tensor argument to dispatch on: the one kernel serves every device.
+TORCH_LIBRARY_IMPL(rnnkernels, CompositeExplicitAutograd, m) {
+  m.impl("onednn_matmul_preferred", &rnnkernels::cpu::onednn_matmul_preferred);
+}
