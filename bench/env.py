@@ -40,12 +40,21 @@ def commit() -> str:
 
 
 def cpu_model() -> str:
+    """The CPU's model name, with its family and model numbers where /proc/cpuinfo gives them:
+    a virtual machine's name can be as bare as "AMD EPYC" for Zen 4 (family 25) and Zen 5
+    (family 26) alike, whose AVX-512 units differ in width (csrc/cpu/onednn_matmul.h)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return platform.processor() or platform.machine()
-    match = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
-    return match.group(1).strip() if match else platform.machine()
+
+    def field(name: str) -> str | None:
+        match = re.search(rf"^{name}\s*:\s*(.+)$", text, re.MULTILINE)
+        return match.group(1).strip() if match else None
+
+    name = field("model name") or platform.machine()
+    family, model = field("cpu family"), field("model")
+    return f"{name}, family {family} model {model}" if family and model else name
 
 
 def device_name(device: str) -> str:
@@ -84,6 +93,7 @@ def header(device: str, dtype: torch.dtype, suites: list[str], quick: bool,
            mamba: str | None) -> dict:
     """Everything a reader needs to reproduce or compare the run."""
     import rnnkernels
+    from rnnkernels.ops import _linear
 
     cuda = device == "cuda"
     return {
@@ -99,6 +109,8 @@ def header(device: str, dtype: torch.dtype, suites: list[str], quick: bool,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if cuda else None,
         "onednn": torch.backends.mkldnn.is_available(),
+        # whether our recurrences' float32 CPU matmuls went through oneDNN (ops/_linear.py)
+        "onednn_matmul": not cuda and _linear.onednn_preferred(),
         "python": platform.python_version(),
         "rnnkernels": rnnkernels.__version__,
         "commit": commit(),

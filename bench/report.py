@@ -79,7 +79,8 @@ def _header_table(h: dict) -> list[str]:
         ("dtype", h["dtype"]),
         ("threads", h["threads"]),
         ("torch / triton / CUDA / cuDNN", versions),
-        ("oneDNN", "yes" if h["onednn"] else "no"),
+        ("oneDNN", ("yes" if h["onednn"] else "no")
+         + ("; our recurrences' float32 matmuls through it" if h.get("onednn_matmul") else "")),
         ("CPU", f"{h['cpu']} ({h['cpu_capability']})"),
         ("python", h["python"]),
         ("rnnkernels", f"{h['rnnkernels']}, commit {h['commit']}"),

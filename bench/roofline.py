@@ -5,9 +5,10 @@ A CPU recurrence cannot be faster than the work it must do at the rate this mach
 - training step (forward + backward, one layer): six matmuls of T*B rows, each 2*T*B*G*H*H
   flops for input = hidden = H (input projection, its input gradient and weight gradient; the
   recurrent matmul forward, backward and weight gradient). The floor is six times one
-  (T*B x H) @ (H x G*H) torch.mm, timed here: MKL's rate on the big, efficient shape; the
-  per-step recurrent matmuls have only B rows and run below it.
-- inference at batch 1: the input projection (one (T x H) @ (H x G*H) torch.mm, timed here),
+  (T*B x H) @ (H x G*H) matmul, timed here with MKL (torch.mm) and oneDNN, the faster counted:
+  the machine's rate on the big, efficient shape; the per-step recurrent matmuls have only B
+  rows and run below it.
+- inference at batch 1: the input projection (one (T x H) @ (H x G*H) matmul, timed here),
   then per step a matrix-vector product that reads all of W_hh (G*H*H values). Split over the
   threads, each thread reads its slice per step from its own core's cache; the floor is T times
   the slice's bytes over the rate at which each core streams a buffer of that size with every
@@ -33,6 +34,8 @@ from pathlib import Path
 
 import torch
 from torch.utils.cpp_extension import load_inline
+
+from rnnkernels.ops import _linear
 
 from . import configs, env
 from .loops import selective_scan_loop
@@ -186,10 +189,16 @@ def stream_rate(slice_bytes: int, threads: int, min_bytes: float = 1e9) -> float
 
 
 def mm_seconds(rows: int, inner: int, cols: int) -> float:
+    """Median seconds of the faster of torch.mm (MKL) and oneDNN's matmul on (rows x inner) @
+    (inner x cols): on AMD CPUs MKL runs AVX2, at half oneDNN's AVX-512 rate on Zen 5."""
     a = torch.randn(rows, inner)
     b = torch.randn(cols, inner)
     out = torch.empty(rows, cols)
-    return median_time(lambda: torch.mm(a, b.t(), out=out), "cpu", 0.5).median_s
+    seconds = median_time(lambda: torch.mm(a, b.t(), out=out), "cpu", 0.5).median_s
+    if _linear._onednn_matmul_available():
+        seconds = min(seconds, median_time(lambda: _linear._onednn_linear(a, b, None), "cpu",
+                                           0.5).median_s)
+    return seconds
 
 
 def _torch_step(module: torch.nn.Module, x: torch.Tensor, train: bool):
