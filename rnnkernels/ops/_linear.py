@@ -9,8 +9,8 @@ oneDNN's per-call cost outweighs its faster inner loop). Where the C++ kernels p
 float32 matmuls (``torch.ops.rnnkernels.onednn_matmul_preferred``, csrc/cpu/onednn_matmul.h: AMD
 Zen 5 and later, whose full-width AVX-512 units run oneDNN at twice MKL's AVX2 rate, or
 ``RNNKERNELS_ONEDNN_MATMUL=1``), the weight gradient goes through oneDNN too, as (x^T grad)^T,
-and the projection from 64 rows on; elsewhere (Zen 4, where the two are even up to 1024 rows,
-and Intel CPUs) the weight gradient stays with MKL.
+and the projection from 64 rows on; elsewhere (Zen 4, where the two measured even up to 1024
+rows, and Intel CPUs, where MKL runs AVX-512 itself) the weight gradient stays with MKL.
 
 Only plain eager float32 on the CPU takes this path: under torch.compile, a torch.func
 transform, forward-mode AD, autocast or a tensor subclass, ``F.linear`` runs as before. A
