@@ -2,7 +2,8 @@
 // layout (step t's values of the W rows as one vector), so that a scan over t runs one row per
 // vector lane with no horizontal work. W x W tiles are transposed in registers; on AVX-512,
 // whole float tiles take the 16 x 16 shuffle network, the rest (partial blocks and tails, other
-// types) a generic tile with zero lanes. Shared by the CPU scan kernels.
+// types) a generic tile with zero lanes. Shared by the CPU scan kernels and the transpose of
+// onednn_matmul.cpp.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
@@ -100,9 +101,12 @@ constexpr bool kFastTiles =
     false;
 #endif
 
-// dst (len x W): lane j < nc is row j of src (row stride ld, len values), lanes past nc are zero.
+// dst (len x W, row stride ldd): lane j < nc is row j of src (row stride ld, len values). With
+// ldd = W (a lane buffer) lanes past nc are zero; with a wider ldd (dst a column block of a
+// larger matrix: a transpose) they are left alone.
 template <typename T, typename S>
-void gather_lanes(T* dst, const S* src, int64_t ld, int64_t nc, int64_t len) {
+void gather_lanes(T* dst, const S* src, int64_t ld, int64_t nc, int64_t len,
+                  int64_t ldd = Vec<T>::size()) {
   constexpr int64_t W = Vec<T>::size();
   int64_t t0 = 0;
 #if defined(CPU_CAPABILITY_AVX512)
@@ -111,7 +115,7 @@ void gather_lanes(T* dst, const S* src, int64_t ld, int64_t nc, int64_t len) {
       __m512 r[16];
       for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_ps(src + j * ld + t0);
       transpose16(r);
-      for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + (t0 + i) * W, r[i]);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + (t0 + i) * ldd, r[i]);
     }
   }
 #endif
@@ -120,7 +124,8 @@ void gather_lanes(T* dst, const S* src, int64_t ld, int64_t nc, int64_t len) {
     Vec<T> r[W];
     for (int64_t j = 0; j < W; ++j) r[j] = j < nc ? load_as<T>(src + j * ld + t0, n) : Vec<T>(0);
     transpose_tile(r);
-    for (int64_t i = 0; i < n; ++i) r[i].store(dst + (t0 + i) * W);
+    const int64_t stored = ldd == W ? W : nc;  // in a strided dst, lanes past nc are not ours
+    for (int64_t i = 0; i < n; ++i) r[i].store(dst + (t0 + i) * ldd, static_cast<int>(stored));
   }
 }
 

@@ -1,5 +1,6 @@
 #include "onednn_matmul.h"
 
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
@@ -10,6 +11,8 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <cpuid.h>
 #endif
+
+#include "lanes.h"
 
 namespace rnnkernels::cpu {
 
@@ -46,6 +49,23 @@ const c10::TypedOperatorHandle<LinearPointwise>* linear_pointwise() {
   return op ? &*op : nullptr;
 }
 
+// x^T (cols x rows, contiguous) of a contiguous float x (rows x cols): blocks of W rows of x
+// become W-wide column blocks of x^T through the in-register tile transposes of lanes.h.
+at::Tensor transposed(const at::Tensor& x) {
+  const int64_t rows = x.size(0), cols = x.size(1);
+  at::Tensor xt = at::empty({cols, rows}, x.options());
+  const float* src = x.data_ptr<float>();
+  float* dst = xt.data_ptr<float>();
+  constexpr int64_t W = lanes::Vec<float>::size();
+  at::parallel_for(0, (rows + W - 1) / W, 16, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t r0 = k * W;
+      lanes::gather_lanes(dst + r0, src + r0 * cols, cols, std::min(W, rows - r0), cols, rows);
+    }
+  });
+  return xt;
+}
+
 }  // namespace
 
 bool onednn_matmul_preferred() {
@@ -65,9 +85,12 @@ void mm_tn_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
     at::mm_out(out, a.t(), b);
     return;
   }
-  // b^T a as X W^T with X = b^T (N, R) and W = a^T (M, R), both transposed views: oneDNN reads
-  // them in place; the (N, M) result is transposed into out.
-  const at::Tensor bt_a = linear_pointwise()->call(b.t(), a.t(), std::nullopt, "none",
+  // b^T a as X W^T with X = b^T (N, R) and W = a^T (M, R): oneDNN reads W as a transposed
+  // view in place but copies a strided X into a contiguous one (an ATen strided copy, slower
+  // than lanes.h's tile transposes), so X is transposed here; the (N, M) result is transposed
+  // into out.
+  const at::Tensor x = b.is_contiguous() ? transposed(b) : b.t();
+  const at::Tensor bt_a = linear_pointwise()->call(x, a.t(), std::nullopt, "none",
                                                    c10::List<std::optional<at::Scalar>>(),
                                                    std::nullopt);
   out.copy_(bt_a.t());
