@@ -44,7 +44,11 @@ const c10::TypedOperatorHandle<LinearPointwise>* linear_pointwise() {
       []() -> std::optional<c10::TypedOperatorHandle<LinearPointwise>> {
     const auto handle = c10::Dispatcher::singleton().findOp({"mkldnn::_linear_pointwise", ""});
     if (!handle || !handle->hasKernelForDispatchKey(c10::DispatchKey::CPU)) return std::nullopt;
-    return handle->typed<LinearPointwise>();
+    try {
+      return handle->typed<LinearPointwise>();
+    } catch (const c10::Error&) {
+      return std::nullopt;  // a torch whose signature of the op differs: at::mm instead
+    }
   }();
   return op ? &*op : nullptr;
 }
