@@ -3,7 +3,7 @@
 // vector lane with no horizontal work. W x W tiles are transposed in registers; on AVX-512,
 // whole float tiles take the 16 x 16 shuffle network, the rest (partial blocks and tails, other
 // types) a generic tile with zero lanes. Shared by the CPU scan kernels and the transpose of
-// onednn_matmul.cpp.
+// onednn_matmul.cpp (transpose_blocks).
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
@@ -126,6 +126,18 @@ void gather_lanes(T* dst, const S* src, int64_t ld, int64_t nc, int64_t len,
     transpose_tile(r);
     const int64_t stored = ldd == W ? W : nc;  // in a strided dst, lanes past nc are not ours
     for (int64_t i = 0; i < n; ++i) r[i].store(dst + (t0 + i) * ldd, static_cast<int>(stored));
+  }
+}
+
+// Row blocks [k0, k1) (W rows each) of src (rows x cols, row stride cols) transposed into
+// dst = src^T (cols x rows, row stride rows), converted to T: each block of W rows becomes a
+// W-wide column block of dst (gather_lanes with dst's row stride).
+template <typename T, typename S>
+void transpose_blocks(T* dst, const S* src, int64_t rows, int64_t cols, int64_t k0, int64_t k1) {
+  constexpr int64_t W = Vec<T>::size();
+  for (int64_t k = k0; k < k1; ++k) {
+    const int64_t r0 = k * W;
+    gather_lanes(dst + r0, src + r0 * cols, cols, std::min(W, rows - r0), cols, rows);
   }
 }
 

@@ -62,10 +62,7 @@ at::Tensor transposed(const at::Tensor& x) {
   float* dst = xt.data_ptr<float>();
   constexpr int64_t W = lanes::Vec<float>::size();
   at::parallel_for(0, (rows + W - 1) / W, 16, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
-      const int64_t r0 = k * W;
-      lanes::gather_lanes(dst + r0, src + r0 * cols, cols, std::min(W, rows - r0), cols, rows);
-    }
+    lanes::transpose_blocks(dst, src, rows, cols, k0, k1);
   });
   return xt;
 }
