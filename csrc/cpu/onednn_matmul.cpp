@@ -97,9 +97,22 @@ void mm_tn_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   out.copy_(bt_a.t());
 }
 
+at::Tensor mm_tn_cpu(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(0),
+              "rnnkernels: mm_tn: a (R, M) and b (R, N) must be matrices with as many rows");
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "rnnkernels: mm_tn: a and b differ in dtype");
+  at::Tensor out = at::empty({a.size(1), b.size(1)}, a.options());
+  mm_tn_out(out, a, b);
+  return out;
+}
+
 }  // namespace rnnkernels::cpu
 
 // No tensor argument to dispatch on: the one kernel serves every device.
 TORCH_LIBRARY_IMPL(rnnkernels, CompositeExplicitAutograd, m) {
   m.impl("onednn_matmul_preferred", &rnnkernels::cpu::onednn_matmul_preferred);
+}
+
+TORCH_LIBRARY_IMPL(rnnkernels, CPU, m) {
+  m.impl("mm_tn", &rnnkernels::cpu::mm_tn_cpu);
 }

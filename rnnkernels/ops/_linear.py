@@ -8,8 +8,9 @@ go through oneDNN when it can take them and have at least :func:`min_rows` rows 
 oneDNN's per-call cost outweighs its faster inner loop). Where the C++ kernels prefer oneDNN for
 float32 matmuls (``torch.ops.rnnkernels.onednn_matmul_preferred``, csrc/cpu/onednn_matmul.h: AMD
 Zen 5 and later, whose full-width AVX-512 units run oneDNN at twice MKL's AVX2 rate, or
-``RNNKERNELS_ONEDNN_MATMUL=1``), the weight gradient goes through oneDNN too, as (x^T grad)^T,
-and the projection from 64 rows on; elsewhere (Zen 4, where the two measured even up to 1024
+``RNNKERNELS_ONEDNN_MATMUL=1``), the weight gradient goes through oneDNN too
+(``torch.ops.rnnkernels.mm_tn``, the C++ weight gradients' matmul), and the projection from 64
+rows on; elsewhere (Zen 4, where the two measured even up to 1024
 rows, and Intel CPUs, where MKL runs AVX-512 itself) the weight gradient stays with MKL.
 
 Only plain eager float32 on the CPU takes this path: under torch.compile, a torch.func
@@ -55,6 +56,11 @@ def _onednn_linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
 
+@torch.library.register_fake("rnnkernels::mm_tn")
+def _mm_tn_fake(a: Tensor, b: Tensor) -> Tensor:
+    return a.new_empty((a.shape[1], b.shape[1]))
+
+
 class _Linear(torch.autograd.Function):
     """x (M, K) @ w (N, K)^T + b through oneDNN; its backward as ``F.linear``'s."""
 
@@ -73,10 +79,9 @@ class _Linear(torch.autograd.Function):
             dw = grad.t() @ x if need_w else None
         else:
             dx = _onednn_linear(grad, w.t().contiguous(), None) if need_x else None
-            dw = None
-            if need_w:
-                dw = (_onednn_linear(x.t(), grad.t(), None).t().contiguous()
-                      if onednn_preferred() else grad.t() @ x)
+            # grad^T x: through oneDNN where preferred, with x^T formed by our tile transposes
+            # (oneDNN would copy it with a strided ATen copy), else MKL.
+            dw = torch.ops.rnnkernels.mm_tn(grad, x) if need_w else None
         db = grad.sum(0) if need_b else None
         return dx, dw, db
 
