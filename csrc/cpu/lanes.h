@@ -165,6 +165,17 @@ void scatter_lanes(S* dst, int64_t ld, const T* src, int64_t nc, int64_t len) {
   }
 }
 
+// Work (lane x step updates: x N states in the selective scan) a scan task must carry before
+// it gets a thread of its own: a parallel region per call (per chunk in the selective scan's
+// backward) costs more than a tiny scan, and on a busy machine a region waits for a
+// descheduled thread.
+constexpr int64_t kMinTaskWork = int64_t{1} << 15;
+
+// at::parallel_for's grain for tasks of work_per_task each: at least kMinTaskWork per thread.
+inline int64_t task_grain(int64_t work_per_task) {
+  return std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work_per_task));
+}
+
 // A prefetch of p's cache line into L2 (prefetcht1). As inline asm, because GCC counts a
 // function whose body is only __builtin_prefetch as free of side effects and deletes its calls.
 C10_ALWAYS_INLINE void prefetch_l2(const void* p) {

@@ -33,12 +33,11 @@ using lanes::load_as;
 using lanes::prefetch_rows;
 using lanes::scatter_lanes;
 using lanes::store_as;
+using lanes::task_grain;
 using lanes::Vec;
 
 // Steps per chunk: the backward's three (kChunk, W) buffers take 12 KiB of L1 in float.
 constexpr int64_t kChunk = 64;
-// Row x step elements a task must carry before it gets a thread of its own.
-constexpr int64_t kMinTaskWork = int64_t{1} << 15;
 
 bool given(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
 
@@ -127,8 +126,7 @@ template <typename T, typename F>
 void for_row_blocks(int64_t rows, int64_t steps, const F& f) {
   constexpr int64_t W = Vec<T>::size();
   const int64_t blocks = (rows + W - 1) / W;
-  const int64_t grain = std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, W * steps));
-  at::parallel_for(0, blocks, grain, [&](int64_t k0, int64_t k1) {
+  at::parallel_for(0, blocks, task_grain(W * steps), [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) f(k * W, std::min(W, rows - k * W));
   });
 }

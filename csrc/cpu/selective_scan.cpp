@@ -52,22 +52,15 @@ namespace {
 using lanes::gather_lanes;
 using lanes::prefetch_rows;
 using lanes::scatter_lanes;
+using lanes::task_grain;
 using lanes::Vec;
 
 // Partial sums a cross-task reduction adds before it is worth a parallel region.
 constexpr int64_t kMinReduceWork = 1 << 16;
-// State updates (lane x N x step) a task must carry before it gets a thread of its own: a
-// parallel region per call (per chunk in the backward) costs more than a tiny scan, and on a busy
-// machine a region waits for a descheduled thread.
-constexpr int64_t kMinTaskWork = 1 << 15;
 // Supers (the backward's tasks) the blocks of all (batch row, group) pairs are split into, at
 // least, where there are as many blocks: enough to keep 8 threads busy, few enough that the
 // lane sums of grouped dB / dC, done once per super and chunk, cost little.
 constexpr int64_t kMinSupers = 8;
-
-inline int64_t task_grain(int64_t work_per_task) {
-  return std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work_per_task));
-}
 
 // out[i] = the sum of the W lanes of vector i of v, for i < count, W vectors at a time: each
 // round interleaves vector i with vector i + m and adds the two halves, halving m, so lane i of
