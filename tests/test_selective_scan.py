@@ -322,3 +322,15 @@ def test_scan_math_over_the_float_range():
                          ones, initial_state=torch.ones(1, dim, 1))
     torch.testing.assert_close(out.view(-1).double(), torch.exp(vals.double()).float().double(),
                                **tol(torch.float32), equal_nan=True)
+
+
+def test_zero_decay_keeps_the_state_exactly():
+    """exp(dt A) is exactly 1 for A = 0, so a channel without decay and without input carries
+    its state unchanged over any number of steps: out_t = x_0 bit for bit, not x_0 shrunk by a
+    rounding error of the exp per step."""
+    dim, L = 37, 1000
+    x0 = torch.randn(1, dim, 1)
+    ones = torch.ones(dim, 1)
+    out = selective_scan(torch.zeros(1, dim, L), torch.rand(1, dim, L) + 0.1,
+                         torch.zeros(dim, 1), ones, ones, initial_state=x0)
+    torch.testing.assert_close(out, x0.expand(1, dim, L), rtol=0, atol=0)

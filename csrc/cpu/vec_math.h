@@ -49,24 +49,26 @@ C10_ALWAYS_INLINE Vectorized<T> fast_sigmoid(Vectorized<T> x) {
   return Vectorized<T>(T(1)) / (Vectorized<T>(T(1)) + fast_exp<T>(x.neg()));
 }
 
-// 2^y for float on AVX-512: n = round(y), 2^(y - n) = 1 + f q(f) with q of degree 4 fitted
-// for the least maximal relative error on |f| <= 1/2 (3 ulp evaluated in float), times 2^n by
-// scalef. y is clamped to [-150, 128] first (results 0 and inf), NaN passes through. The
-// selective scan's exp(dt A) is 2^(dt A log2(e)) with A log2(e) formed once per channel: 10
-// vector operations instead of the 19 of at::vec's exp_u20 (20 ulp). Elsewhere exp(y ln 2).
+// 2^y for float on AVX-512 in 7 vector operations: f = y - floor(y) in [0, 1) by one vreduceps,
+// 2^f = 1 + f q(f) with q of degree 4 fitted for the least maximal relative error on [0, 1)
+// (2.4 ulp evaluated in float; exact at f = 0, so 2^n is exact for integer n and exp(0) = 1), and
+// scalef, which multiplies by 2^floor(y) itself: no rounding of y to an integer, and no clamping
+// (vreduceps gives 0 for infinite or integral y, so -inf gives 0, +inf gives inf, y past the
+// float range 0 or inf; NaN passes through). The selective scan's exp(dt A) is 2^(dt A log2(e))
+// with A log2(e) formed once per channel; at::vec's exp_u20 takes 19 operations (20 ulp), the
+// earlier form here (clamp, round to nearest, subtract) 10. Elsewhere exp(y ln 2).
 template <typename T>
 C10_ALWAYS_INLINE Vectorized<T> fast_exp2(Vectorized<T> y) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<T, float>) {
-    const __m512 yc = _mm512_min_ps(_mm512_set1_ps(128.f), _mm512_max_ps(_mm512_set1_ps(-150.f), y));
-    const __m512 n = _mm512_roundscale_ps(yc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(yc, n);
-    __m512 q = _mm512_set1_ps(1.3264714507386088e-03f);
-    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(9.671513922512531e-03f));
-    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(5.550733953714371e-02f));
-    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(2.4022242426872253e-01f));
-    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(6.931470036506653e-01f));
-    return _mm512_scalef_ps(_mm512_fmadd_ps(q, f, _mm512_set1_ps(1.f)), n);
+    const __m512 v = y;
+    const __m512 f = _mm512_reduce_ps(v, _MM_FROUND_TO_NEG_INF);  // y - floor(y)
+    __m512 q = _mm512_set1_ps(1.8671300495043397e-03f);
+    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(9.017030708491802e-03f));
+    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(5.579991266131401e-02f));
+    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(2.4016444385051727e-01f));
+    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(6.931512951850891e-01f));
+    return _mm512_scalef_ps(_mm512_fmadd_ps(q, f, _mm512_set1_ps(1.f)), v);
   }
 #endif
   return (y * Vectorized<T>(static_cast<T>(0.69314718055994530942))).exp();
