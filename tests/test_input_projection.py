@@ -64,6 +64,23 @@ def test_matches_f_linear_with_gradients(bias, onednn_calls):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inputs without grad"])
+def test_inference_skips_autograd(mode, onednn_calls, monkeypatch):
+    """Where no gradient is needed, oneDNN's matmul is called directly, not through the
+    autograd.Function (whose round trip costs more than a small matmul), with F.linear's
+    values."""
+    x, w, b = (t.detach() for t in _inputs(_linear.MIN_ROWS))
+    monkeypatch.setattr(_linear._Linear, "apply", None)  # calling it would fail
+    if mode == "no_grad":
+        x.requires_grad_()
+        with torch.no_grad():
+            out = _linear.linear(x, w, b)
+    else:
+        out = _linear.linear(x, w, b)
+    assert onednn_calls and out.grad_fn is None
+    torch.testing.assert_close(out, F.linear(x, w, b).detach(), rtol=1e-5, atol=1e-5)
+
+
 def test_second_order_gradient(onednn_calls):
     """Against float64: the sums of the second order cancel, and float32 roundings of oneDNN's
     and MKL's summation orders differ by about 1e-4 of the largest values."""

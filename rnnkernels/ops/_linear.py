@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._autograd import plain_eager
+from ._autograd import needs_grad, plain_eager
 
 # Rows (T * B for a recurrence) from which oneDNN's matmul measured faster than MKL's: on AMD
 # Zen 4 (AVX-512 in two halves) at 1024 rows (B = 8, T = 128) the two were even; on Zen 5
@@ -103,5 +103,8 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
             or x.numel() < min_rows() * x.shape[-1]):
         return F.linear(x, w, b)
     rows = x.reshape(-1, x.shape[-1]).contiguous()
-    out = _Linear.apply(rows, w.contiguous(), b)
+    if needs_grad(x, w, b):
+        out = _Linear.apply(rows, w.contiguous(), b)
+    else:  # inference: no autograd.Function round trip (about 15 us a call)
+        out = _onednn_linear(rows, w.contiguous(), b)
     return out.view(*x.shape[:-1], w.shape[0])
