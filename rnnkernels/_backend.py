@@ -16,6 +16,8 @@ from collections.abc import Iterator
 
 import torch
 
+from . import _kernels
+
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 
 _forced: str | None = None
@@ -61,8 +63,6 @@ def forced_backend() -> str | None:
 
 def _available(family: str, device: torch.device, dtype: torch.dtype) -> dict[str, str | None]:
     """Each backend mapped to None if it can take the input, else the reason it cannot."""
-    from . import _kernels
-
     return _reasons(family, device.type, dtype, _kernels.triton_interpreted())
 
 
@@ -72,8 +72,6 @@ def _reasons(family: str, device_type: str, dtype: torch.dtype,
     """:func:`_available` for a device type (what can run there is fixed once the ops are
     loaded; the Triton interpreter is read from the environment on every call). Cached: a
     module's forward asks once per layer and direction, and the answer took microseconds."""
-    from . import _kernels
-
     reasons: dict[str, str | None] = {"reference": None}
     if device_type == "cpu":
         cpu_dtypes = _kernels.CPU_DTYPES[family]
@@ -95,8 +93,6 @@ def _reasons(family: str, device_type: str, dtype: torch.dtype,
 
 def choose(family: str, device: torch.device, dtype: torch.dtype) -> str:
     """The backend that runs ``family`` for an input on ``device`` with ``dtype``."""
-    from . import _kernels
-
     name, warning = _decide(family, device.type, dtype, forced_backend(),
                             _kernels.triton_interpreted())
     if warning is not None:
