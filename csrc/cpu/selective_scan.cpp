@@ -49,6 +49,7 @@ using at::Tensor;
 
 namespace {
 
+using lanes::Buffer;
 using lanes::gather_lanes;
 using lanes::prefetch_rows;
 using lanes::scatter_lanes;
@@ -143,7 +144,7 @@ Block block_of(const Scan<S, T>& p, int64_t i) {
 // delta_bias (W each); zero in lanes past the block's channels.
 template <typename T>
 struct Lanes {
-  std::vector<T> A, A2, B, C, D, bias;  // A2 = A log2(e): exp(dt A) = 2^(dt A2)
+  Buffer<T> A, A2, B, C, D, bias;  // A2 = A log2(e): exp(dt A) = 2^(dt A2)
   explicit Lanes(int64_t N)
       : A(N * Vec<T>::size()), A2(N * Vec<T>::size()), B(N * Vec<T>::size()),
         C(N * Vec<T>::size()), D(Vec<T>::size()), bias(Vec<T>::size()) {}
@@ -151,7 +152,7 @@ struct Lanes {
   template <typename S>
   void load(const Scan<S, T>& p, const Block& blk) {
     constexpr int64_t W = Vec<T>::size();
-    auto lanes = [&](std::vector<T>& dst, const T* src, int64_t n_per) {
+    auto lanes = [&](Buffer<T>& dst, const T* src, int64_t n_per) {
       std::fill(dst.begin(), dst.end(), T(0));
       if (src == nullptr) return;
       for (int64_t j = 0; j < blk.nc; ++j) {
@@ -171,7 +172,7 @@ struct Lanes {
 // the gradients.
 template <typename T>
 struct StepLanes {
-  std::vector<T> u, v, dt, du, y, z, g, gu, gdt;
+  Buffer<T> u, v, dt, du, y, z, g, gu, gdt;
   explicit StepLanes(int64_t chunk)
       : u(chunk * Vec<T>::size()), v(chunk * Vec<T>::size()), dt(chunk * Vec<T>::size()),
         du(chunk * Vec<T>::size()), y(chunk * Vec<T>::size()), z(chunk * Vec<T>::size()),
@@ -343,15 +344,27 @@ void prefetch_chunk_rows(const Scan<S, T>& p, const Block& blk, int64_t ci, cons
 
 // ------------------------------------------------------------------------------ forward
 
+// Buffers of one thread's forward tasks, allocated once per parallel region (a task needs
+// about 16, and 64-byte aligned allocation is slower than malloc's usual path).
+template <typename T>
+struct ForwardWork {
+  Lanes<T> c;
+  StepLanes<T> s;
+  Buffer<T> x;
+  ForwardWork(int64_t chunk, int64_t N) : c(N), s(chunk), x(N * Vec<T>::size()) {}
+};
+
 template <typename S, typename T, bool kBvar, bool kCvar>
-void forward_task(const Scan<S, T>& p, const Block& blk, S* out, T* last, T* ckpt) {
+void forward_task(const Scan<S, T>& p, const Block& blk, S* out, T* last, T* ckpt,
+                  ForwardWork<T>& w) {
   using V = Vec<T>;
   constexpr int64_t W = V::size();
   const int64_t N = p.N;
-  Lanes<T> c(N);
+  Lanes<T>& c = w.c;
   c.load(p, blk);
-  StepLanes<T> s(p.chunk);
-  std::vector<T> x(N * W, T(0));
+  StepLanes<T>& s = w.s;
+  Buffer<T>& x = w.x;
+  std::fill(x.begin(), x.end(), T(0));
   if (p.x0 != nullptr) {
     for (int64_t j = 0; j < blk.nc; ++j) {
       for (int64_t n = 0; n < N; ++n) x[n * W + j] = p.x0[(blk.b * p.dim + blk.d0 + j) * N + n];
@@ -421,7 +434,7 @@ template <typename T>
 struct BackwardWork {
   Lanes<T> c;
   StepLanes<T> s;
-  std::vector<T> x, xs, as, s1, s2, dB, dC;
+  Buffer<T> x, xs, as, s1, s2, dB, dC;
   BackwardWork(int64_t chunk, int64_t N, bool B_var, bool C_var)
       : c(N), s(chunk), x(N * Vec<T>::size()), xs((chunk + 1) * kStates * Vec<T>::size()),
         as(chunk * kStates * Vec<T>::size()),
@@ -574,7 +587,7 @@ void reduce_grouped(const Scan<S, T>& p, const T* part, S* grad) {
   const int64_t block = p.L * p.N;
   const int64_t grain = std::max<int64_t>(1, kMinReduceWork / (p.supers_per_group * block));
   at::parallel_for(0, p.batch * p.G, grain, [&](int64_t i0, int64_t i1) {
-    std::vector<T> acc(block);
+    Buffer<T> acc(block);
     for (int64_t i = i0; i < i1; ++i) {
       const T* src = part + i * p.supers_per_group * block;
       std::copy(src, src + block, acc.begin());
@@ -759,9 +772,10 @@ std::tuple<Tensor, Tensor, Tensor> selective_scan_fwd_cpu(
     with_forms(in.B_var, in.C_var, [&](auto b_var, auto c_var) {
       const int64_t grain = task_grain(p.L * p.N * Vec<T>::size());
       at::parallel_for(0, p.tasks(), grain, [&](int64_t i0, int64_t i1) {
+        ForwardWork<T> w(p.chunk, p.N);
         for (int64_t i = i0; i < i1; ++i) {
           forward_task<S, T, decltype(b_var)::value, decltype(c_var)::value>(
-              p, block_of(p, i), out_p, last_p, ckpt_p);
+              p, block_of(p, i), out_p, last_p, ckpt_p, w);
         }
       });
     });
