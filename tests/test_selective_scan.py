@@ -334,3 +334,21 @@ def test_zero_decay_keeps_the_state_exactly():
     out = selective_scan(torch.zeros(1, dim, L), torch.rand(1, dim, L) + 0.1,
                          torch.zeros(dim, 1), ones, ones, initial_state=x0)
     torch.testing.assert_close(out, x0.expand(1, dim, L), rtol=0, atol=0)
+
+
+def test_small_steps_decay_without_drift():
+    """Many small steps (dt A of order -1e-3, as in a trained Mamba): the state decays by
+    exp(A sum(dt)) with the float32 roundings of the steps' exp(dt A) cancelling, not adding up.
+    An exp whose error has one sign for small negative arguments (a reduction to y - floor(y),
+    which evaluates them near f = 1) drifted by 1.6e-4 relative over these 2000 steps; an
+    unbiased one stays within a few 1e-6."""
+    dim, N, L = 8, 4, 2000
+    g = torch.Generator().manual_seed(0)
+    delta = torch.rand(1, dim, L, generator=g) * 0.009 + 0.001
+    A = -torch.arange(1, N + 1, dtype=torch.float32).expand(dim, N).contiguous()
+    x0, ones = torch.ones(1, dim, N), torch.ones(dim, N)
+    u = torch.zeros(1, dim, L)
+    out = selective_scan(u, delta, A, ones, ones, initial_state=x0)
+    ref = selective_scan_reference(u.double(), delta.double(), A.double(), ones.double(),
+                                   ones.double(), initial_state=x0.double())
+    assert ((out.double() - ref).abs() / ref.abs()).max().item() < 2e-5

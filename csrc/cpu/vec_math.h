@@ -49,26 +49,31 @@ C10_ALWAYS_INLINE Vectorized<T> fast_sigmoid(Vectorized<T> x) {
   return Vectorized<T>(T(1)) / (Vectorized<T>(T(1)) + fast_exp<T>(x.neg()));
 }
 
-// 2^y for float on AVX-512 in 7 vector operations: f = y - floor(y) in [0, 1) by one vreduceps,
-// 2^f = 1 + f q(f) with q of degree 4 fitted for the least maximal relative error on [0, 1)
-// (2.4 ulp evaluated in float; exact at f = 0, so 2^n is exact for integer n and exp(0) = 1), and
-// scalef, which multiplies by 2^floor(y) itself: no rounding of y to an integer, and no clamping
-// (vreduceps gives 0 for infinite or integral y, so -inf gives 0, +inf gives inf, y past the
-// float range 0 or inf; NaN passes through). The selective scan's exp(dt A) is 2^(dt A log2(e))
-// with A log2(e) formed once per channel; at::vec's exp_u20 takes 19 operations (20 ulp), the
-// earlier form here (clamp, round to nearest, subtract) 10. Elsewhere exp(y ln 2).
+// 2^y for float on AVX-512 in 8 vector operations: f = y - round(y) in [-1/2, 1/2] by one
+// vreduceps and n = y - f (exact), 2^f = 1 + f q(f) with q of degree 4 fitted for the least
+// maximal relative error on |f| <= 1/2 (3 ulp evaluated in float), times 2^n by scalef. No
+// clamping: vreduceps gives 0 for infinite or integral y, so -inf gives 0, +inf inf, y past the
+// float range 0 or inf, NaN passes through; results equal those of the earlier form (clamp to
+// [-150, 128], round, subtract: 10 operations) bit for bit. Reducing to f = y - floor(y) in
+// [0, 1) instead, with scalef's own floor, saved one more operation but made exp(dt A) for the
+// small negative dt A of a typical scan 2^(-1) p(f ~ 1), whose error near f = 1 shifted every
+// such factor the same way (the A gradient's error against float64 grew from about 6e-7 to
+// 3e-6 at the benchmark's shape). The selective scan's exp(dt A) is 2^(dt A log2(e)) with
+// A log2(e) formed once per channel; at::vec's exp_u20 takes 19 operations (20 ulp). Elsewhere
+// exp(y ln 2).
 template <typename T>
 C10_ALWAYS_INLINE Vectorized<T> fast_exp2(Vectorized<T> y) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<T, float>) {
     const __m512 v = y;
-    const __m512 f = _mm512_reduce_ps(v, _MM_FROUND_TO_NEG_INF);  // y - floor(y)
-    __m512 q = _mm512_set1_ps(1.8671300495043397e-03f);
-    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(9.017030708491802e-03f));
-    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(5.579991266131401e-02f));
-    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(2.4016444385051727e-01f));
-    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(6.931512951850891e-01f));
-    return _mm512_scalef_ps(_mm512_fmadd_ps(q, f, _mm512_set1_ps(1.f)), v);
+    const __m512 f = _mm512_reduce_ps(v, _MM_FROUND_TO_NEAREST_INT);  // y - round(y)
+    const __m512 n = _mm512_sub_ps(v, f);
+    __m512 q = _mm512_set1_ps(1.3264714507386088e-03f);
+    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(9.671513922512531e-03f));
+    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(5.550733953714371e-02f));
+    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(2.4022242426872253e-01f));
+    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(6.931470036506653e-01f));
+    return _mm512_scalef_ps(_mm512_fmadd_ps(q, f, _mm512_set1_ps(1.f)), n);
   }
 #endif
   return (y * Vectorized<T>(static_cast<T>(0.69314718055994530942))).exp();
