@@ -63,27 +63,6 @@ constexpr int64_t kMinReduceWork = 1 << 16;
 // lane sums of grouped dB / dC, done once per super and chunk, cost little.
 constexpr int64_t kMinSupers = 8;
 
-// out[i] = the sum of the W lanes of vector i of v, for i < count, W vectors at a time: each
-// round interleaves vector i with vector i + m and adds the two halves, halving m, so lane i of
-// the last vector is the sum of vector i (2 (W - 1) shuffles and W - 1 adds for W sums).
-template <typename T>
-void lane_sums(const T* v, int64_t count, T* out) {
-  using V = Vec<T>;
-  constexpr int64_t W = V::size();
-  V r[W];
-  for (int64_t i0 = 0; i0 < count; i0 += W) {
-    const int64_t n = std::min(W, count - i0);
-    for (int64_t i = 0; i < W; ++i) r[i] = i < n ? V::loadu(v + (i0 + i) * W) : V(0);
-    for (int64_t m = W / 2; m >= 1; m /= 2) {
-      for (int64_t i = 0; i < m; ++i) {
-        const auto [lo, hi] = at::vec::interleave2(r[i], r[i + m]);
-        r[i] = lo + hi;
-      }
-    }
-    r[0].store(out + i0, n);
-  }
-}
-
 // Two vectors' lanes folded into one: lane 2k = b[k] + b[k + W/2], lane 2k + 1 = c[k] + c[k +
 // W/2]. The backward stores the grouped dB and dC terms of a (step, state) this way, one store
 // instead of two (the reverse pass was bound by its stores: in a standalone timing, 8.4 cycles
@@ -94,25 +73,44 @@ C10_ALWAYS_INLINE Vec<T> fold(Vec<T> b, Vec<T> c) {
   return lo + hi;
 }
 
+// Vectors [i0, i0 + W) of v (zero past count) into r, then the rounds m = W/2, W/4, ...,
+// kLast: round m folds vector i + m into vector i for i < m. After the round m = 1, lane i of
+// r[0] is the sum of vector i0 + i.
+template <int64_t kLast, typename T>
+C10_ALWAYS_INLINE void folding_rounds(const T* v, int64_t count, int64_t i0, Vec<T>* r) {
+  constexpr int64_t W = Vec<T>::size();
+  for (int64_t i = 0; i < W; ++i) {
+    r[i] = i0 + i < count ? Vec<T>::loadu(v + (i0 + i) * W) : Vec<T>(0);
+  }
+  for (int64_t m = W / 2; m >= kLast; m /= 2) {
+    for (int64_t i = 0; i < m; ++i) r[i] = fold(r[i], r[i + m]);
+  }
+}
+
+// out[i] = the sum of the W lanes of vector i of v, for i < count, W vectors at a time: all
+// folding rounds (2 (W - 1) shuffles and W - 1 adds for W sums).
+template <typename T>
+void lane_sums(const T* v, int64_t count, T* out) {
+  constexpr int64_t W = Vec<T>::size();
+  Vec<T> r[W];
+  for (int64_t i0 = 0; i0 < count; i0 += W) {
+    folding_rounds<1>(v, count, i0, r);
+    r[0].store(out + i0, std::min(W, count - i0));
+  }
+}
+
 // out_b[i] / out_c[i] = the sums of the even / odd lanes of vector i of v (the b and c sums of a
-// folded vector), for i < count, W vectors at a time: lane_sums' rounds but the last, which
-// leaves even-lane sums in the low half and odd-lane sums in the high half of two vectors (even
+// folded vector), for i < count, W vectors at a time: the folding rounds but the last, which
+// leave even-lane sums in the low half and odd-lane sums in the high half of two vectors (even
 // and odd i), and one interleave of those two (W - 2 + 1 interleaves and W - 2 adds for 2 W
 // sums).
 template <typename T>
 void folded_lane_sums(const T* v, int64_t count, T* out_b, T* out_c) {
-  using V = Vec<T>;
-  constexpr int64_t W = V::size();
-  V r[W];
+  constexpr int64_t W = Vec<T>::size();
+  Vec<T> r[W];
   for (int64_t i0 = 0; i0 < count; i0 += W) {
+    folding_rounds<2>(v, count, i0, r);
     const int64_t n = std::min(W, count - i0);
-    for (int64_t i = 0; i < W; ++i) r[i] = i < n ? V::loadu(v + (i0 + i) * W) : V(0);
-    for (int64_t m = W / 2; m >= 2; m /= 2) {
-      for (int64_t i = 0; i < m; ++i) {
-        const auto [lo, hi] = at::vec::interleave2(r[i], r[i + m]);
-        r[i] = lo + hi;
-      }
-    }
     const auto [b, c] = at::vec::interleave2(r[0], r[1]);
     b.store(out_b + i0, n);
     c.store(out_c + i0, n);
