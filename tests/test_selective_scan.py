@@ -193,6 +193,34 @@ def test_chunked_scan_equals_one_pass():
         torch.testing.assert_close(grads2[name], grads[name], msg=name)
 
 
+def check_one_output_unused(inputs, used):
+    """With return_last_state, a loss of ``used`` ("out" or "last_state") alone: the other
+    output's gradient reaches the backward as None (no materialised zeros); every gradient as
+    the reference's."""
+
+    def grads_of(fn, tensors):
+        leaves = {k: v.detach().clone().requires_grad_() for k, v in tensors.items()
+                  if v is not None}
+        out, last = fn(*(leaves.get(k) for k in ARGS[:8]), True, True,
+                       initial_state=leaves["initial_state"])
+        loss = (out if used == "out" else last).double().square().sum()
+        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+        # the last state does not depend on C, D and z: None from the reference, zeros from ours
+        return {k: torch.zeros_like(v) if g is None else g
+                for (k, v), g in zip(leaves.items(), grads)}
+
+    grads = grads_of(selective_scan, inputs)
+    expected = grads_of(selective_scan_reference,
+                        {k: (v.double() if v is not None else None) for k, v in inputs.items()})
+    for name, grad in grads.items():
+        assert_close(grad, expected[name], inputs["u"].dtype, f"grad of {name}")
+
+
+@pytest.mark.parametrize("used", ["out", "last_state"])
+def test_gradients_with_one_output_unused(used):
+    check_one_output_unused(make_inputs(batch=2, dim=5, L=9, N=4, initial_state=True), used)
+
+
 def test_gradcheck_float64():
     inputs = make_inputs(batch=1, dim=2, L=5, N=3, form="grouped", groups=2, initial_state=True)
     names = [k for k in ARGS if inputs[k] is not None]

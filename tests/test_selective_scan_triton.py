@@ -9,6 +9,7 @@ from test_selective_scan import (
     ARGS,
     check_against_reference,
     check_compile_matches_eager,
+    check_one_output_unused,
     make_inputs,
 )
 
@@ -46,6 +47,15 @@ def test_triton_interpreted_half_precision(dtype, monkeypatch):
                          param_dtype=torch.float32)
     with rnnkernels.use_backend("triton"):
         check_against_reference(inputs, dtype=dtype, grad_scale=4.0)
+
+
+@interpreted
+@pytest.mark.parametrize("used", ["out", "last_state"])
+def test_triton_interpreted_one_output_unused(used, monkeypatch):
+    monkeypatch.setitem(CHUNK_SIZE, "triton", 4)
+    inputs = make_inputs(batch=2, dim=3, L=6, N=4, initial_state=True, dtype=torch.float32)
+    with rnnkernels.use_backend("triton"):
+        check_one_output_unused(inputs, used)
 
 
 @pytest.mark.cuda

@@ -2,33 +2,33 @@
 //   x_t = exp(dt_t A) x_{t-1} + dt_t B_t u_t,   y_t = C_t . x_t + D u_t,   out_t = y_t silu(z_t),
 //   dt_t = softplus(delta_t + delta_bias) (or without softplus / bias).
 //
-// Decomposition. A task owns a block of W channels (W = the SIMD width: 16 floats with AVX-512)
-// of one batch row inside one group of B/C, one channel per vector lane; tasks run under
-// at::parallel_for. The block's state is N vectors (lane j = channel j), so every operation of
-// the recurrence, including the sums over N (y_t = C_t . x_t and the backward's sums), is a
-// plain vector operation, with no horizontal reduction in the time loop; the exp(dt A) of each
-// (step, state, channel) is one lane of a vector exp. Grouped B_t and C_t are shared by the
-// block's channels: one broadcast scalar per (step, state), read from (L, N) rows transposed
-// once per call. Per chunk, the block's rows of u, delta, z (and grad_out) are transposed into
-// (chunk, W) lanes and the results transposed back, W x W tiles at a time in registers; the
-// rows a gather will read next (the next chunk's in the forward, the next block's in the
-// backward) are prefetched into L2 meanwhile. A block has fewer than W channels only at a group's end: the
-// unused lanes compute on zeros and are never stored.
+// Decomposition. A task owns a block of W channels (W = the SIMD width: 16 floats with AVX-512) of
+// one batch row inside one group of B/C, one channel per vector lane; tasks run under
+// at::parallel_for. The block's state is N vectors (lane j = channel j), so every operation of the
+// recurrence, including the sums over N (y_t = C_t . x_t and the backward's sums), is a plain
+// vector operation, with no horizontal reduction in the time loop; the exp(dt A) of each (step,
+// state, channel) is one lane of a vector exp. Grouped B_t and C_t are shared by the block's
+// channels: one broadcast scalar per (step, state), read in place from the (N, L) rows of their
+// (batch, G, N, L) layout (a block's chunk reads one run of steps per state). Per chunk, the
+// block's rows of u, delta, z (and grad_out) are transposed into (chunk, W) lanes and the results
+// transposed back, W x W tiles at a time in registers; the rows a gather will read next (the next
+// chunk's in the forward, the next block's in the backward) are prefetched into L2 meanwhile. A
+// block has fewer than W channels only at a group's end: the unused lanes compute on zeros and are
+// never stored.
 //
-// Memory. The forward reads u, delta, z once, B and C twice (once to transpose them), and writes
-// out once; with save it also writes the state at every chunk start (checkpoints (batch, dim,
-// ceil(L / chunk), N)). The backward is one at::parallel_for over supers (runs of consecutive
-// blocks of one batch row and group, at least kMinSupers in all); a super walks the chunks in
-// reverse, and for each chunk each of its blocks, two states at a time, recomputes the chunk's
-// states from the checkpoint into an L1 buffer and runs the reverse recurrence on them
-// (backward_states), carrying dL/dx across chunk boundaries in a per-block buffer, so the
-// working memory does not grow with L. Gradients that sum over channels (grouped B/C) are added per lane over the
-// super's blocks and summed over the lanes into (L, N) partials per super (as many values as
-// the gradient itself when there are at least kMinSupers (batch row, group) pairs, at most
-// kMinSupers times as many), reduced over the group's supers at the end; gradients that sum
-// over batch and L (A, fixed B/C, D, delta_bias) are kept per lane across chunks and reduced
-// over batch at the end. Every sum runs in a fixed order, so results do not depend on the
-// number of threads.
+// Memory. The forward reads u, delta, z, B and C once and writes out once; with save it also writes
+// the state at every chunk start (checkpoints (batch, dim, ceil(L / chunk), N)). The backward is
+// one at::parallel_for over supers (runs of consecutive blocks of one batch row and group, at least
+// kMinSupers in all); a super walks the chunks in reverse, and for each chunk each of its blocks,
+// two states at a time, recomputes the chunk's states from the checkpoint into an L1 buffer and
+// runs the reverse recurrence on them (backward_states), carrying dL/dx across chunk boundaries in
+// a per-block buffer, so the working memory does not grow with L. Gradients that sum over channels
+// (grouped B/C) are added per lane over the super's blocks and summed over the lanes into (L, N)
+// partials per super (as many values as the gradient itself when there are at least kMinSupers
+// (batch row, group) pairs, at most kMinSupers times as many), reduced over the group's supers at
+// the end; gradients that sum over batch and L (A, fixed B/C, D, delta_bias) are kept per lane
+// across chunks and reduced over batch at the end. Every sum runs in a fixed order, so results do
+// not depend on the number of threads.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -134,8 +134,8 @@ struct Scan {
   const T* A;
   const T* B_fixed;  // (dim, N), null when grouped
   const T* C_fixed;
-  const T* B_rows;  // grouped B as rows (batch, G, L, N), null when fixed
-  const T* C_rows;
+  const T* B_var;  // grouped B (batch, G, N, L), null when fixed
+  const T* C_var;
   const T* D;           // null without the skip term
   const T* delta_bias;  // null without a bias
   const T* x0;          // (batch, dim, N), null for a zero initial state
@@ -147,11 +147,13 @@ struct Scan {
     const int64_t bg = s / supers_per_group, j = s % supers_per_group;
     const int64_t per = (blocks_per_group + supers_per_group - 1) / supers_per_group;
     const int64_t k0 = std::min(blocks_per_group, j * per);
-    return {bg * blocks_per_group + k0, bg * blocks_per_group + std::min(blocks_per_group, k0 + per)};
+    return {bg * blocks_per_group + k0,
+            bg * blocks_per_group + std::min(blocks_per_group, k0 + per)};
   }
-  // Rows of grouped B (or C) of batch row b, group g, from step t0 on.
-  const T* rows(const T* M, int64_t b, int64_t g, int64_t t0) const {
-    return M + ((b * G + g) * L + t0) * N;
+  // Grouped B (or C) of batch row b, group g, from step t0 on: state n's value at step t0 + t
+  // at [n * L + t].
+  const T* at_step(const T* M, int64_t b, int64_t g, int64_t t0) const {
+    return M + (b * G + g) * N * L + t0;
   }
 };
 
@@ -233,14 +235,14 @@ void discretise(const Scan<S, T>& p, const Block& blk, const Lanes<T>& c, int64_
 }
 
 // The recurrence over one chunk of a block: x (N x W) is the state before the chunk and after
-// it; y_t = C_t . x_t goes to y (len x W). B and C are (N x W) lanes when fixed, else (len x N)
-// rows of scalars shared by the lanes.
+// it; y_t = C_t . x_t goes to y (len x W). B and C are (N x W) lanes when fixed, else scalars
+// shared by the lanes, state n's at step t at [n * ld + t] (grouped B / C in their own layout).
 //
 // States NB at a time, steps inside: the NB states and their A2 = A log2(e) stay in registers
 // across the chunk, y_t is read and written once per NB states, and the NB independent exp /
 // multiply-add chains keep the FMA pipes busy. A is passed as A2.
 template <typename T, bool kBvar, bool kCvar, int NB>
-void forward_states(int64_t len, int64_t N, int64_t n0, T* x, const T* A, const T* B, const T* C,
+void forward_states(int64_t len, int64_t ld, int64_t n0, T* x, const T* A, const T* B, const T* C,
                     const T* dt, const T* du, T* y) {
   using V = Vec<T>;
   constexpr int64_t W = V::size();
@@ -255,9 +257,9 @@ void forward_states(int64_t len, int64_t N, int64_t n0, T* x, const T* A, const 
     for (int j = 0; j < NB; ++j) {
       const int64_t n = n0 + j;
       const V a = fast_exp2<T>(dtv * Ar[j]);
-      const V Bn = kBvar ? V(B[t * N + n]) : V::loadu(B + n * W);
+      const V Bn = kBvar ? V(B[n * ld + t]) : V::loadu(B + n * W);
       xr[j] = at::vec::fmadd(a, xr[j], duv * Bn);
-      yv = at::vec::fmadd(xr[j], kCvar ? V(C[t * N + n]) : V::loadu(C + n * W), yv);
+      yv = at::vec::fmadd(xr[j], kCvar ? V(C[n * ld + t]) : V::loadu(C + n * W), yv);
     }
     yv.store(y + t * W);
   }
@@ -265,14 +267,14 @@ void forward_states(int64_t len, int64_t N, int64_t n0, T* x, const T* A, const 
 }
 
 template <typename T, bool kBvar, bool kCvar>
-void forward_steps(int64_t len, int64_t N, T* x, const T* A, const T* B, const T* C,
+void forward_steps(int64_t len, int64_t N, int64_t ld, T* x, const T* A, const T* B, const T* C,
                    const T* dt, const T* du, T* y) {
   constexpr int kNB = 4;
   int64_t n0 = 0;
   for (; n0 + kNB <= N; n0 += kNB) {
-    forward_states<T, kBvar, kCvar, kNB>(len, N, n0, x, A, B, C, dt, du, y);
+    forward_states<T, kBvar, kCvar, kNB>(len, ld, n0, x, A, B, C, dt, du, y);
   }
-  for (; n0 < N; ++n0) forward_states<T, kBvar, kCvar, 1>(len, N, n0, x, A, B, C, dt, du, y);
+  for (; n0 < N; ++n0) forward_states<T, kBvar, kCvar, 1>(len, ld, n0, x, A, B, C, dt, du, y);
 }
 
 // The backward of NB states of a block over one chunk, in two passes that keep everything they
@@ -286,13 +288,13 @@ void forward_steps(int64_t len, int64_t N, T* x, const T* A, const T* B, const T
 //   chunk are added to dA (N x W) and, when fixed, to dB / dC (N x W); when grouped, each
 //   step's per-lane terms are added to dB / dC (len x N x W), or stored there with kFirst (the
 //   first block of a super: no buffer to clear beforehand); when both are grouped, as one folded
-//   vector in dB (fold). Per step, sum_n h B and
+//   vector in dB (fold). Grouped B / C are read as in forward_states. Per step, sum_n h B and
 //   sum_n h A a x_prev of the NB states are added to s1 / s2 (len x W).
 // Two states at a time measured faster than four or eight (whose registers spill) and than the
 // whole state at every step (the earlier design: its states and per-state sums, 66 KB per block
 // and chunk, were read back from L2).
 template <typename T, bool kBvar, bool kCvar, bool kY, bool kFirst, int NB>
-void backward_states(int64_t len, int64_t N, int64_t n0, const T* x0, T* h, const T* A,
+void backward_states(int64_t len, int64_t N, int64_t ld, int64_t n0, const T* x0, T* h, const T* A,
                      const T* A2, const T* B, const T* C, const T* dt, const T* du, const T* g,
                      T* y, T* xs, T* as, T* dA, T* dB, T* dC, T* s1, T* s2) {
   using V = Vec<T>;
@@ -310,11 +312,11 @@ void backward_states(int64_t len, int64_t N, int64_t n0, const T* x0, T* h, cons
       const int64_t n = n0 + j;
       const V a = fast_exp2<T>(dtv * Ar[j]);
       a.store(as + (t * NB + j) * W);
-      const V Bn = kBvar ? V(B[t * N + n]) : V::loadu(B + n * W);
+      const V Bn = kBvar ? V(B[n * ld + t]) : V::loadu(B + n * W);
       xr[j] = at::vec::fmadd(a, xr[j], duv * Bn);
       xr[j].store(xs + ((t + 1) * NB + j) * W);
       if constexpr (kY) {
-        yv = at::vec::fmadd(xr[j], kCvar ? V(C[t * N + n]) : V::loadu(C + n * W), yv);
+        yv = at::vec::fmadd(xr[j], kCvar ? V(C[n * ld + t]) : V::loadu(C + n * W), yv);
       }
     }
     if constexpr (kY) yv.store(y + t * W);
@@ -330,8 +332,8 @@ void backward_states(int64_t len, int64_t N, int64_t n0, const T* x0, T* h, cons
     V s1v = V::loadu(s1 + t * W), s2v = V::loadu(s2 + t * W);
     for (int j = 0; j < NB; ++j) {
       const int64_t n = n0 + j;
-      const V Bn = kBvar ? V(B[t * N + n]) : V::loadu(B + n * W);
-      const V Cn = kCvar ? V(C[t * N + n]) : V::loadu(C + n * W);
+      const V Bn = kBvar ? V(B[n * ld + t]) : V::loadu(B + n * W);
+      const V Cn = kCvar ? V(C[n * ld + t]) : V::loadu(C + n * W);
       const V xp = V::loadu(xs + (t * NB + j) * W);
       const V a = V::loadu(as + (t * NB + j) * W);
       const V hn = at::vec::fmadd(gv, Cn, hr[j]);
@@ -420,9 +422,9 @@ void forward_task(const Scan<S, T>& p, const Block& blk, S* out, T* last, T* ckp
     }
     if (ci + 1 < p.nchunks) prefetch_chunk_rows(p, blk, ci + 1, static_cast<const S*>(nullptr));
     discretise(p, blk, c, t0, len, s);
-    const T* B = kBvar ? p.rows(p.B_rows, blk.b, blk.g, t0) : c.B.data();
-    const T* C = kCvar ? p.rows(p.C_rows, blk.b, blk.g, t0) : c.C.data();
-    forward_steps<T, kBvar, kCvar>(len, N, x.data(), c.A2.data(), B, C, s.dt.data(),
+    const T* B = kBvar ? p.at_step(p.B_var, blk.b, blk.g, t0) : c.B.data();
+    const T* C = kCvar ? p.at_step(p.C_var, blk.b, blk.g, t0) : c.C.data();
+    forward_steps<T, kBvar, kCvar>(len, N, p.L, x.data(), c.A2.data(), B, C, s.dt.data(),
                                    s.du.data(), s.y.data());
     const V Dv = V::loadu(c.D.data());
     for (int64_t t = 0; t < len; ++t) {
@@ -498,8 +500,8 @@ void backward_task(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_
   StepLanes<T>& s = w.s;
   c.load(p, blk);
   discretise(p, blk, c, t0, len, s);
-  const T* B = kBvar ? p.rows(p.B_rows, blk.b, blk.g, t0) : c.B.data();
-  const T* C = kCvar ? p.rows(p.C_rows, blk.b, blk.g, t0) : c.C.data();
+  const T* B = kBvar ? p.at_step(p.B_var, blk.b, blk.g, t0) : c.B.data();
+  const T* C = kCvar ? p.at_step(p.C_var, blk.b, blk.g, t0) : c.C.data();
 
   // The state at the chunk's start, from its checkpoint (lanes past the block stay zero).
   std::fill(w.x.begin(), w.x.end(), T(0));
@@ -537,13 +539,13 @@ void backward_task(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_
     int64_t n0 = 0;
     for (; n0 + kStates <= N; n0 += kStates) {
       backward_states<T, kBvar, kCvar, kY, kFirst, kStates>(
-          len, N, n0, w.x.data(), gr.carried.h + i * NW, c.A.data(), c.A2.data(), B, C,
+          len, N, p.L, n0, w.x.data(), gr.carried.h + i * NW, c.A.data(), c.A2.data(), B, C,
           s.dt.data(), s.du.data(), s.g.data(), s.y.data(), w.xs.data(), w.as.data(),
           gr.carried.dA + i * NW, dB, dC, w.s1.data(), w.s2.data());
     }
     for (; n0 < N; ++n0) {
       backward_states<T, kBvar, kCvar, kY, kFirst, 1>(
-          len, N, n0, w.x.data(), gr.carried.h + i * NW, c.A.data(), c.A2.data(), B, C,
+          len, N, p.L, n0, w.x.data(), gr.carried.h + i * NW, c.A.data(), c.A2.data(), B, C,
           s.dt.data(), s.du.data(), s.g.data(), s.y.data(), w.xs.data(), w.as.data(),
           gr.carried.dA + i * NW, dB, dC, w.s1.data(), w.s2.data());
     }
@@ -744,13 +746,13 @@ Inputs prepare(const Tensor& u, const Tensor& delta, const Tensor& A, const Tens
   return in;
 }
 
-// Grouped B or C (batch, G, N, L) as rows (batch, G, L, N) in the accumulation type.
-Tensor rows_of(const Tensor& M, at::ScalarType acc) {
-  return M.transpose(2, 3).to(acc).contiguous();
+// Grouped B or C (batch, G, N, L) in the accumulation type (no copy for float input).
+Tensor grouped_acc(const Tensor& M, at::ScalarType acc) {
+  return M.to(acc).contiguous();
 }
 
 template <typename S, typename T>
-Scan<S, T> make_scan(const Inputs& in, const Tensor& B_rows, const Tensor& C_rows, bool softplus,
+Scan<S, T> make_scan(const Inputs& in, const Tensor& B_var, const Tensor& C_var, bool softplus,
                      int64_t chunk_size) {
   auto ptr = [](const Tensor& t, bool use) { return use && t.defined() ? t.data_ptr() : nullptr; };
   Scan<S, T> p;
@@ -772,8 +774,8 @@ Scan<S, T> make_scan(const Inputs& in, const Tensor& B_rows, const Tensor& C_row
   p.A = static_cast<const T*>(ptr(in.A, true));
   p.B_fixed = static_cast<const T*>(ptr(in.B, !in.B_var));
   p.C_fixed = static_cast<const T*>(ptr(in.C, !in.C_var));
-  p.B_rows = static_cast<const T*>(ptr(B_rows, in.B_var));
-  p.C_rows = static_cast<const T*>(ptr(C_rows, in.C_var));
+  p.B_var = static_cast<const T*>(ptr(B_var, in.B_var));
+  p.C_var = static_cast<const T*>(ptr(C_var, in.C_var));
   p.D = static_cast<const T*>(ptr(in.D, true));
   p.delta_bias = static_cast<const T*>(ptr(in.delta_bias, true));
   p.x0 = static_cast<const T*>(ptr(in.x0, true));
@@ -808,12 +810,12 @@ std::tuple<Tensor, Tensor, Tensor> selective_scan_fwd_cpu(
   Tensor last = at::empty({in.batch, in.dim, in.N}, acc_opts);
   Tensor ckpt = save ? at::empty({in.batch, in.dim, nchunks, in.N}, acc_opts)
                      : at::empty({0}, acc_opts);
-  const Tensor B_rows = in.B_var ? rows_of(in.B, at_) : Tensor();
-  const Tensor C_rows = in.C_var ? rows_of(in.C, at_) : Tensor();
+  const Tensor B_var = in.B_var ? grouped_acc(in.B, at_) : Tensor();
+  const Tensor C_var = in.C_var ? grouped_acc(in.C, at_) : Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, u.scalar_type(), "selective_scan_fwd_cpu", [&] {
     using S = scalar_t;
     using T = std::conditional_t<std::is_same_v<S, double>, double, float>;
-    const Scan<S, T> p = make_scan<S, T>(in, B_rows, C_rows, delta_softplus, chunk_size);
+    const Scan<S, T> p = make_scan<S, T>(in, B_var, C_var, delta_softplus, chunk_size);
     S* out_p = out.data_ptr<S>();
     T* last_p = last.data_ptr<T>();
     T* ckpt_p = save ? ckpt.data_ptr<T>() : nullptr;
@@ -850,8 +852,8 @@ selective_scan_bwd_cpu(const Tensor& grad_out, const std::optional<Tensor>& grad
               "rnnkernels: selective_scan_bwd: grad_out must match u");
   const Tensor gout = contiguous_as(grad_out, st, "grad_out");
   const Tensor ckpt = checkpoints.contiguous();
-  const Tensor B_rows = in.B_var ? rows_of(in.B, at_) : Tensor();
-  const Tensor C_rows = in.C_var ? rows_of(in.C, at_) : Tensor();
+  const Tensor B_var = in.B_var ? grouped_acc(in.B, at_) : Tensor();
+  const Tensor C_var = in.C_var ? grouped_acc(in.C, at_) : Tensor();
 
   Tensor grad_u = at::empty_like(in.u), grad_delta = at::empty_like(in.u);
   Tensor grad_z = in.z.defined() ? at::empty_like(in.u) : at::empty({0}, u.options());
@@ -863,7 +865,7 @@ selective_scan_bwd_cpu(const Tensor& grad_out, const std::optional<Tensor>& grad
     using S = scalar_t;
     using T = std::conditional_t<std::is_same_v<S, double>, double, float>;
     constexpr int64_t W = Vec<T>::size();
-    const Scan<S, T> p = make_scan<S, T>(in, B_rows, C_rows, delta_softplus, chunk_size);
+    const Scan<S, T> p = make_scan<S, T>(in, B_var, C_var, delta_softplus, chunk_size);
     const int64_t tasks = p.tasks(), NW = p.N * W;
     Tensor h = at::zeros({tasks, NW}, acc_opts);
     if (given(grad_last_state)) {

@@ -63,6 +63,9 @@ def _selective_scan_bwd_fake(grad_out, grad_last_state, u, delta, A, B, C, D, z,
 def _setup_context(ctx, inputs, output):
     u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_size, save = inputs
     ctx.delta_softplus, ctx.chunk_size, ctx.save = delta_softplus, chunk_size, save
+    # An unused last state and the checkpoints get no gradient instead of materialised zeros:
+    # the backward op takes grad_last_state as optional.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, output[2])
 
 
@@ -124,6 +127,8 @@ def register_autograd(fwd_op, bwd_op) -> None:
             g = _backward_differentiable(ctx, inputs, (grad_out, grad_last_state))
             return (*g[:8], None, g[8], None, None)
         with torch.no_grad():  # the fused op has no autograd, and no graph is needed
+            if grad_out is None:  # only the last state is used
+                grad_out = torch.zeros_like(u)
             g = bwd(grad_out, grad_last_state, u, delta, A, B, C, D, z, delta_bias,
                     ctx.delta_softplus, initial_state, checkpoints, ctx.chunk_size)
 
