@@ -16,7 +16,7 @@ from rnnkernels import _backend
 from . import check, configs
 from .core import CaseSpec, Contender, Prepared, Result, Target
 from .suites import SUITES
-from .timing import Timing, interleaved_times, median_time, page_faults, peak_memory
+from .timing import Timing, interleaved_times, median_time, peak_memory
 
 
 @dataclass
@@ -88,17 +88,17 @@ def _check(spec: CaseSpec, prepared: Prepared, contender: Contender
             result.err, result.err_max = verdict.err, verdict.err_max
             return result, None
         peak = peak_memory(step, spec.device)
-        faults = page_faults(step, spec.device)
     except Exception as error:  # noqa: BLE001  (any failure is reported; the run goes on)
         return Result.for_spec(spec, contender, "error", _error_text(error)), None
     result = Result.for_spec(spec, contender, "ok")
     result.err, result.err_max = verdict.err, verdict.err_max
-    result.peak_bytes, result.faults_per_call = peak, faults
+    result.peak_bytes = peak
     return result, step
 
 
 def _timed(result: Result, prepared: Prepared, timing: Timing, copy_bandwidth: float) -> None:
     result.median_s, result.iqr_s, result.runs = timing.median_s, timing.iqr_s, timing.runs
+    result.faults_per_call = timing.faults_per_call
     if prepared.flops is not None:
         result.tflops = prepared.flops / timing.median_s / 1e12
     if prepared.steps is not None:

@@ -39,6 +39,9 @@ class Timing:
     median_s: float
     iqr_s: float
     runs: int
+    # Minor page faults per timed call (CPU), counted over the timed calls themselves, in the
+    # allocator state the interleaved contenders leave: what the median includes.
+    faults_per_call: float | None = None
 
 
 def _warm_up(step: Callable[[], object], device: str) -> float:
@@ -52,10 +55,15 @@ def _warm_up(step: Callable[[], object], device: str) -> float:
     return (time.perf_counter() - start) / calls
 
 
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _per_call_times(step: Callable[[], object], device: str, run_time: float,
-                    per_call: float) -> tuple[list[float], int]:
+                    per_call: float) -> tuple[list[float], int, int]:
     """Seconds per call of ``step`` over about ``run_time``: (one value per measured block of
-    calls, the number of calls)."""
+    calls, the number of calls, the minor page faults they took: CPU only, 0 on a GPU; the
+    timer's few calls to size its blocks are counted with them)."""
     if device == "cuda":
         calls = max(1, round(run_time / per_call))
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
@@ -65,17 +73,19 @@ def _per_call_times(step: Callable[[], object], device: str, run_time: float,
             step()
             end.record()
         torch.cuda.synchronize()
-        return [start.elapsed_time(end) / 1e3 for start, end in events], calls
+        return [start.elapsed_time(end) / 1e3 for start, end in events], calls, 0
     timer = benchmark.Timer(stmt="step()", globals={"step": step},
                             num_threads=torch.get_num_threads())
+    before = _minor_faults()
     m = timer.blocked_autorange(min_run_time=run_time)
-    return list(m.times), len(m.times) * m.number_per_run
+    return list(m.times), len(m.times) * m.number_per_run, _minor_faults() - before
 
 
-def _summary(times: list[float], calls: int) -> Timing:
+def _summary(times: list[float], calls: int, faults: int, device: str) -> Timing:
     times = sorted(times)
     quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return Timing(statistics.median(times), quartiles[2] - quartiles[0], calls)
+    return Timing(statistics.median(times), quartiles[2] - quartiles[0], calls,
+                  None if device == "cuda" else faults / calls)
 
 
 def median_time(step: Callable[[], object], device: str, min_time_s: float) -> Timing:
@@ -92,14 +102,16 @@ def interleaved_times(steps: Sequence[Callable[[], object]], device: str, min_ti
     per_call = [_warm_up(step, device) for step in steps]
     samples: list[list[float]] = [[] for _ in steps]
     calls = [0] * len(steps)
+    faults = [0] * len(steps)
     for _ in range(rounds):
         for i, step in enumerate(steps):
             # MIN_CALLS calls over all rounds at least
             run_time = max(min_time_s / rounds, math.ceil(MIN_CALLS / rounds) * per_call[i])
-            times, n = _per_call_times(step, device, run_time, per_call[i])
+            times, n, f = _per_call_times(step, device, run_time, per_call[i])
             samples[i] += times
             calls[i] += n
-    return [_summary(t, n) for t, n in zip(samples, calls)]
+            faults[i] += f
+    return [_summary(t, n, f, device) for t, n, f in zip(samples, calls, faults)]
 
 
 class _LiveBytes(TorchDispatchMode):
@@ -142,16 +154,3 @@ def peak_memory(step: Callable[[], object], device: str) -> int:
     with _LiveBytes() as tracker:
         step()
     return tracker.peak
-
-
-def page_faults(step: Callable[[], object], device: str, calls: int = 3) -> float | None:
-    """Minor page faults (a first touch of memory the process got from the kernel, zeroed by it)
-    per call of ``step`` over ``calls`` calls, on the CPU; None on a GPU. An allocation that
-    malloc serves with fresh pages (mmap, or heap grown again after a trim) costs one fault per
-    4 KiB page: part of a step's time that its kernels do not show."""
-    if device == "cuda":
-        return None
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(calls):
-        step()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls

@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import check, configs, loops, report, runner
+from bench import check, configs, loops, report, runner, timing
 from bench.__main__ import main as bench_main
 from bench.core import Result, Target
 from bench.readme_table import BEGIN, END
 from bench.readme_table import main as readme_main
 from bench.recurrence import OPTION_VARIANTS, _Case
-from bench.timing import page_faults, peak_memory
+from bench.timing import peak_memory
 from rnnkernels import ops
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -435,8 +435,6 @@ def test_roofline_scan_floor(capsys, monkeypatch):
 def test_contenders_are_timed_in_interleaved_rounds():
     """The contenders of a case take turns (ROUNDS rounds each), so a drift of the machine's
     speed reaches all of them alike; every one still gets MIN_CALLS calls at least."""
-    from bench import timing
-
     calls: list[int] = []
     steps = [lambda i=i: calls.append(i) for i in range(3)]
     timings = timing.interleaved_times(steps, "cpu", 0.003)
@@ -458,12 +456,13 @@ def test_packed_target_compares_runs_of_one_case():
     assert packed.slow == ("train-packed", "rnnkernels (cpu), padded input")
 
 
-def test_page_faults_counts_fresh_memory():
+def test_page_faults_counted_over_the_timed_calls():
     """A step that takes 64 MiB of fresh memory from the kernel per call (above glibc's largest
-    mmap threshold, so never recycled by malloc) and touches it faults; one that only reuses
-    a buffer does not fault more."""
+    mmap threshold, so never recycled by malloc) and touches it faults on every timed call; one
+    that only reuses a buffer does not fault more."""
     buffer = torch.empty(1 << 16)
-    fresh = page_faults(lambda: torch.empty(1 << 24).fill_(1.0), "cpu")
-    reused = page_faults(lambda: buffer.fill_(1.0), "cpu")
-    assert fresh > 0 and reused < fresh
-    assert page_faults(lambda: None, "cuda") is None
+    fresh, reused = timing.interleaved_times(
+        [lambda: torch.empty(1 << 24).fill_(1.0), lambda: buffer.fill_(1.0)], "cpu", 0.05,
+        rounds=2)
+    assert fresh.faults_per_call >= (1 << 26) / 4096 * 0.9
+    assert reused.faults_per_call < fresh.faults_per_call
