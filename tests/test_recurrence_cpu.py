@@ -122,6 +122,68 @@ def test_small_batch_step_product(cell, batch, monkeypatch):
         torch.set_num_threads(previous)
 
 
+def ops_called(fn) -> set[str]:
+    """Names of the rnnkernels ops fn calls."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events() if e.name.startswith("rnnkernels::")}
+
+
+DECODE_CELLS = [R.LSTM, R.GRU, R.RNN_TANH, R.RNN_RELU]
+
+
+@pytest.mark.parametrize("cell", DECODE_CELLS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("batch", [1, 3, 4])
+@pytest.mark.parametrize("bias", [True, False])
+def test_decoding_step(cell, dtype, batch, bias):
+    """One step of at most DECODE_ROWS rows without gradients runs the fused cell_step op, with
+    the reference's outputs: hidden 257 (two threads' unit ranges, K not a multiple of the
+    vector width), input 7."""
+    args = make_layer(cell, 1, batch, 7, 257, dtype, bias=bias, requires_grad=False)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        def layer():
+            return R.run_layer(args["x"], args["h0"], args["c0"], args["w_ih"], args["w_hh"],
+                               args["b_ih"], args["b_hh"], None, None, cell, False, "cpu")
+        with torch.no_grad():
+            outs = layer()
+            assert ops_called(layer) == {"rnnkernels::cell_step"}
+    finally:
+        torch.set_num_threads(previous)
+    ref = reference_layer(args["x"], args["h0"], args["c0"], args["w_ih"], args["w_hh"],
+                          args["b_ih"], args["b_hh"], None, None, cell, False)
+    for name, o, r in zip(("y", "h_n", "c_n"), outs, ref):
+        if r is not None:
+            assert o.dtype == dtype and o.shape == r.shape
+            assert_close(o, r, dtype, msg=f"{name} of cell {cell}")
+    assert outs[0][0].data_ptr() != outs[1].data_ptr()  # y and h_n are separate tensors
+
+
+def test_decoding_step_only_without_gradients():
+    """With gradients needed, more rows than DECODE_ROWS, two steps or the reset-before GRU,
+    a step runs the recurrence ops."""
+    def called(cell, T, B, requires_grad):
+        args = make_layer(cell, T, B, 3, 8, torch.float32, requires_grad=requires_grad)
+        return ops_called(lambda: R.run_layer(
+            args["x"], args["h0"], args["c0"], args["w_ih"], args["w_hh"], args["b_ih"],
+            args["b_hh"], None, None, cell, False, "cpu"))
+
+    assert called(R.GRU, 1, 1, False) == {"rnnkernels::cell_step"}
+    for cell, T, B, requires_grad in [(R.GRU, 1, 1, True), (R.GRU, 1, R.DECODE_ROWS + 1, False),
+                                      (R.GRU, 2, 1, False), (R.GRU_RESET_BEFORE, 1, 1, False)]:
+        assert "rnnkernels::cell_step" not in called(cell, T, B, requires_grad)
+
+
+@pytest.mark.parametrize("cell", DECODE_CELLS)
+def test_decoding_step_opcheck(cell):
+    args = make_layer(cell, 1, 2, 3, 5, torch.float32, requires_grad=False)
+    torch.library.opcheck(torch.ops.rnnkernels.cell_step.default,
+                          (args["x"][0], args["h0"], args["c0"], args["w_ih"], args["w_hh"],
+                           args["b_ih"], args["b_hh"], cell))
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_bfloat16(cell, cpu_path):
     check_against_reference(cell, (6, 3, 5, 16), torch.bfloat16)

@@ -65,6 +65,25 @@ def test_matches_torch(mode, dtype, config):
     compare(ref, ours, (x,), dtype)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_decoding_loop_matches_torch(mode):
+    """Token by token without gradients (each call the fused one-step op): two layers,
+    bidirectional, batch_first input, unbatched too; outputs and states as torch.nn's."""
+    ref, ours = pair(mode, 5, 7, num_layers=2, bidirectional=True, batch_first=True)
+    h = torch.randn(4, 3, 7, dtype=torch.float64)
+    state = (h, torch.randn_like(h)) if mode == "LSTM" else h
+    ref_state = state
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(3, 1, 5, dtype=torch.float64)
+            (y, state), (ry, ref_state) = ours(x, state), ref(x, ref_state)
+            for a, b in zip(flat((y, state)), flat((ry, ref_state))):
+                assert_close(a, b, torch.float64)
+        x = torch.randn(1, 5, dtype=torch.float64)
+        for a, b in zip(flat(ours(x)), flat(ref(x))):
+            assert_close(a, b, torch.float64)
+
+
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_lstm_proj_size(bidirectional):
     ref, ours = pair("LSTM", 6, 10, num_layers=2, proj_size=4, bidirectional=bidirectional)

@@ -8,6 +8,8 @@
 //   path" below);
 // - batched (everything else): per step one ATen GEMM on all threads, then the pointwise pass
 //   split over batch rows.
+// A decoding call (one step of a few rows without gradients) has its own op, cell_step, with the
+// input projection fused in (see there).
 // Cell options (Problem: peephole, zoneout, recurrent dropout, layer normalisation) are fused
 // into the batched path's pointwise pass; layer normalisation needs whole rows (its statistics
 // span all gates, or all units of c), which the batched path's rows give. ws then also holds
@@ -1495,8 +1497,90 @@ recurrence_bwd_cpu(
   return {dgx, dh.to(st), dc0, dw, db, dw_hr, dpeep, dln_hh, dln_c, dln_bias_c};
 }
 
+// One step (T = 1) of a small batch without gradients: a decoding loop's call, fused into one
+// parallel region. Thread k of n owns the hidden units [u0, u1) (unit_range) and forms, for its
+// units' rows of every gate, x W_ih^T + b_ih and h W_hh^T + b_hh (small_product_rows), then the
+// cell's pointwise step on its units (forward_units). The split is the same on every call, so a
+// thread finds its rows of both matrices in its core's L2 from one token to the next (the fp32
+// GRU at hidden 256: 384 KB of each per thread of two), and no thread waits for another; the
+// separate projection (MKL's one-thread matrix-vector product, which streams all of W_ih
+// through one core) and recurrence op took two dispatches and two passes from L3.
+std::tuple<Tensor, Tensor, Tensor> cell_step_cpu(const Tensor& x_in, const Tensor& h0_in,
+                                                 const std::optional<Tensor>& c0_opt,
+                                                 const Tensor& w_ih_in, const Tensor& w_hh_in,
+                                                 const std::optional<Tensor>& b_ih_opt,
+                                                 const std::optional<Tensor>& b_hh_opt,
+                                                 int64_t cell_id) {
+  const Cell cell = static_cast<Cell>(cell_id);
+  TORCH_CHECK(cell_id >= 0 && cell_id <= 4 && cell != Cell::GRU_RESET_BEFORE,
+              "rnnkernels: cell_step takes the LSTM, the GRU (reset after) and the RNN, got cell ",
+              cell_id);
+  const auto st = x_in.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble,
+              "rnnkernels: cell_step takes float32 or float64, got ", st);
+  const int64_t B = x_in.size(0), I = x_in.size(1), G = num_gates(cell);
+  const int64_t GH = w_ih_in.size(0), H = GH / G;
+  TORCH_CHECK(x_in.dim() == 2 && B >= 1 && B <= kSmallRows && GH == G * H &&
+                  w_ih_in.sizes() == at::IntArrayRef({GH, I}) &&
+                  w_hh_in.sizes() == at::IntArrayRef({GH, H}) &&
+                  h0_in.sizes() == at::IntArrayRef({B, H}),
+              "rnnkernels: cell_step: x (B <= ", kSmallRows, ", I), h0 (B, H), w_ih (G*H, I), "
+              "w_hh (G*H, H)");
+  auto same = [&](const Tensor& t) {
+    TORCH_CHECK(t.scalar_type() == st, "rnnkernels: cell_step: every tensor must have dtype ", st);
+    return t.contiguous();
+  };
+  const Tensor x = same(x_in), h0 = same(h0_in), w_ih = same(w_ih_in), w_hh = same(w_hh_in);
+  const Tensor b_ih = given(b_ih_opt) ? same(*b_ih_opt) : Tensor();
+  const Tensor b_hh = given(b_hh_opt) ? same(*b_hh_opt) : Tensor();
+  const Tensor c0 = cell == Cell::LSTM ? same(*c0_opt) : Tensor();
+  TORCH_CHECK(cell != Cell::LSTM || c0.sizes() == h0.sizes(), "rnnkernels: cell_step: c0 (B, H)");
+  Tensor gx = at::empty({B, GH}, x.options()), gh = at::empty({B, GH}, x.options());
+  Tensor y = at::empty({B, H}, x.options()), h_n = at::empty({B, H}, x.options());
+  Tensor c_n = cell == Cell::LSTM ? at::empty({B, H}, x.options()) : at::empty({0}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(st, "cell_step_cpu", [&] {
+    using T = scalar_t;
+    const Problem<T, T> pb{cell, 1, B, H, H, G, workspace_units(cell, false), false, false, false,
+                           nullptr};
+    const FwdStep<T, T> step{gx.data_ptr<T>(), h0.data_ptr<T>(), h_n.data_ptr<T>(),
+                             c0.defined() ? c0.data_ptr<T>() : nullptr,
+                             c0.defined() ? c_n.data_ptr<T>() : nullptr, h_n.data_ptr<T>(),
+                             nullptr, y.data_ptr<T>(), nullptr};
+    const T* bi = b_ih.defined() ? b_ih.data_ptr<T>() : nullptr;
+    const T* bh = b_hh.defined() ? b_hh.data_ptr<T>() : nullptr;
+    T* gh_p = gh.data_ptr<T>();
+    // rows [n0, n1) of out (B, G*H) = a (B, K) @ w^T + bias
+    auto rows = [&](int64_t n0, int64_t n1, int64_t K, const T* a, const T* w, const T* bias,
+                    T* out) {
+      switch (B) {
+        case 1: small_product_rows<T, 1>(n0, n1, GH, K, a, w, K, bias, out); break;
+        case 2: small_product_rows<T, 2>(n0, n1, GH, K, a, w, K, bias, out); break;
+        case 3: small_product_rows<T, 3>(n0, n1, GH, K, a, w, K, bias, out); break;
+        default: small_product_rows<T, kSmallRows>(n0, n1, GH, K, a, w, K, bias, out); break;
+      }
+    };
+    const int64_t threads = std::clamp<int64_t>(B * GH * (I + H) / kMinProductWorkPerThread, 1,
+                                                at::get_num_threads());
+    at::parallel_for(0, threads, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        const auto [u0, u1] = unit_range<T>(H, k, threads);
+        for (int64_t g = 0; g < G && u1 > u0; ++g) {
+          rows(g * H + u0, g * H + u1, I, x.data_ptr<T>(), w_ih.data_ptr<T>(), bi,
+               gx.data_ptr<T>());
+          rows(g * H + u0, g * H + u1, H, h0.data_ptr<T>(), w_hh.data_ptr<T>(), bh, gh_p);
+        }
+        for (int64_t b = 0; b < B && u1 > u0; ++b) {
+          forward_units(pb, step, b, u0, u1, gh_p + b * GH + u0, H);
+        }
+      }
+    });
+  });
+  return {y, h_n, c_n};
+}
+
 TORCH_LIBRARY_IMPL(rnnkernels, CPU, m) {
   m.impl("recurrence_fwd", &recurrence_fwd_cpu);
+  m.impl("cell_step", &cell_step_cpu);
   m.impl("recurrence_bwd", &recurrence_bwd_cpu);
 }
 

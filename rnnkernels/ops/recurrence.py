@@ -83,6 +83,13 @@ def _recurrence_bwd_fake(grad_y, grad_h_n, grad_c_n, c0, w_hh, w_hr, lengths, hs
             w_hh.new_empty((P, H)) if w_hr is not None else w_hh.new_empty((0,)))
 
 
+@torch.library.register_fake("rnnkernels::cell_step")
+def _cell_step_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, cell):
+    B, H = h0.shape
+    return (x.new_empty((B, H)), x.new_empty((B, H)),
+            x.new_empty((B, H)) if cell == LSTM else x.new_empty((0,)))
+
+
 class _Projection(threading.local):
     """(gx, x, w_ih, b_ih, ln_weight_ih) of the :func:`projected_recurrence` call in flight on
     this thread."""
@@ -465,6 +472,25 @@ def reference_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reve
                                 **_option_kwargs(options.op_args()))
 
 
+# Batch rows up to which one step without gradients runs as the fused cell_step op.
+DECODE_ROWS = 4
+
+
+def _decoding_step(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, backend,
+                   options) -> bool:
+    """Whether a layer call is one step (T = 1) of at most DECODE_ROWS rows that needs no
+    gradient, in plain eager float32 / float64 on the CPU kernels without projection, lengths,
+    cell options or the reset-before GRU: a decoding loop's call, which the fused cell_step op
+    runs (input projection, recurrent product and cell in one parallel region)."""
+    if (backend != "cpu" or x.shape[0] != 1 or x.shape[1] > DECODE_ROWS or w_hr is not None
+            or lengths is not None or options is not NO_OPTIONS or cell == GRU_RESET_BEFORE
+            or x.dtype not in (torch.float32, torch.float64) or not _autograd.plain_eager()):
+        return False
+    tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    return (all(t is None or t.dtype == x.dtype for t in tensors)
+            and compute_dtype(x) == x.dtype and not _autograd.needs_grad(*tensors))
+
+
 def run_layer(x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, w_hh: Tensor,
               b_ih: Tensor | None, b_hh: Tensor | None, w_hr: Tensor | None,
               lengths: Tensor | None, cell: int, reverse: bool, backend: str,
@@ -483,6 +509,10 @@ def run_layer(x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, w_hh: Tens
     if backend == "reference":
         return reference_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reverse,
                                options)
+    if _decoding_step(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, backend, options):
+        y, h_n, c_n = _autograd.call(torch.ops.rnnkernels.cell_step, False, x[0], h0, c0, w_ih,
+                                     w_hh, b_ih, b_hh, cell)
+        return y.unsqueeze(0), h_n, (c_n if cell == LSTM else None)
     y, h_n, c_n = projected_recurrence(x, w_ih, b_ih, h0, c0 if cell == LSTM else None, w_hh,
                                        b_hh, w_hr, lengths, cell, reverse, backend, options)
     return y, h_n, (c_n if cell == LSTM else None)
