@@ -163,14 +163,16 @@ def test_decoding_step(cell, dtype, batch, bias):
 
 def test_decoding_step_only_without_gradients():
     """With gradients needed, more rows than DECODE_ROWS, two steps or the reset-before GRU,
-    a step runs the recurrence ops."""
-    def called(cell, T, B, requires_grad):
+    a step runs the recurrence ops; tensors that require grad under no_grad take cell_step."""
+    def called(cell, T, B, requires_grad, no_grad=False):
         args = make_layer(cell, T, B, 3, 8, torch.float32, requires_grad=requires_grad)
-        return ops_called(lambda: R.run_layer(
-            args["x"], args["h0"], args["c0"], args["w_ih"], args["w_hh"], args["b_ih"],
-            args["b_hh"], None, None, cell, False, "cpu"))
+        with torch.set_grad_enabled(not no_grad):
+            return ops_called(lambda: R.run_layer(
+                args["x"], args["h0"], args["c0"], args["w_ih"], args["w_hh"], args["b_ih"],
+                args["b_hh"], None, None, cell, False, "cpu"))
 
     assert called(R.GRU, 1, 1, False) == {"rnnkernels::cell_step"}
+    assert called(R.LSTM, 1, 2, True, no_grad=True) == {"rnnkernels::cell_step"}
     for cell, T, B, requires_grad in [(R.GRU, 1, 1, True), (R.GRU, 1, R.DECODE_ROWS + 1, False),
                                       (R.GRU, 2, 1, False), (R.GRU_RESET_BEFORE, 1, 1, False)]:
         assert "rnnkernels::cell_step" not in called(cell, T, B, requires_grad)
