@@ -78,7 +78,8 @@ class _Linear(torch.autograd.Function):
             dx = grad @ w if need_x else None
             dw = grad.t() @ x if need_w else None
         else:
-            dx = _onednn_linear(grad, w.t().contiguous(), None) if need_x else None
+            # w^T as a view: oneDNN reads a transposed weight in place (a copy cost more)
+            dx = _onednn_linear(grad, w.t(), None) if need_x else None
             # grad^T x: through oneDNN where preferred, with x^T formed by our tile transposes
             # (oneDNN would copy it with a strided ATen copy), else MKL.
             dw = torch.ops.rnnkernels.mm_tn(grad, x) if need_w else None
