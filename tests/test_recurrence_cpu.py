@@ -178,6 +178,26 @@ def test_decoding_step_only_without_gradients():
         assert "rnnkernels::cell_step" not in called(cell, T, B, requires_grad)
 
 
+def test_decoding_step_op_refuses_bad_arguments():
+    """Called directly with arguments the Python side never passes, the op raises instead of
+    reading out of bounds: an LSTM without c0, a short bias, too many rows, the reset-before
+    GRU."""
+    args = make_layer(R.LSTM, 1, 2, 3, 5, torch.float32, requires_grad=False)
+    base = [args["x"][0], args["h0"], args["c0"], args["w_ih"], args["w_hh"], args["b_ih"],
+            args["b_hh"], R.LSTM]
+    op = torch.ops.rnnkernels.cell_step
+    bad = [(2, None), (5, args["b_ih"][:-1]), (0, torch.randn(R.DECODE_ROWS + 1, 3)),
+           (7, R.GRU_RESET_BEFORE)]
+    for i, value in bad:
+        call = list(base)
+        call[i] = value
+        if i == 0:
+            call[1] = torch.randn(R.DECODE_ROWS + 1, 5)
+            call[2] = torch.randn(R.DECODE_ROWS + 1, 5)
+        with pytest.raises(RuntimeError, match="cell_step"):
+            op(*call)
+
+
 @pytest.mark.parametrize("cell", DECODE_CELLS)
 def test_decoding_step_opcheck(cell):
     args = make_layer(cell, 1, 2, 3, 5, torch.float32, requires_grad=False)

@@ -1518,14 +1518,18 @@ std::tuple<Tensor, Tensor, Tensor> cell_step_cpu(const Tensor& x_in, const Tenso
   const auto st = x_in.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble,
               "rnnkernels: cell_step takes float32 or float64, got ", st);
+  TORCH_CHECK(x_in.dim() == 2 && w_ih_in.dim() == 2 && w_hh_in.dim() == 2 && h0_in.dim() == 2,
+              "rnnkernels: cell_step: x, h0, w_ih and w_hh must be matrices");
   const int64_t B = x_in.size(0), I = x_in.size(1), G = num_gates(cell);
   const int64_t GH = w_ih_in.size(0), H = GH / G;
-  TORCH_CHECK(x_in.dim() == 2 && B >= 1 && B <= kSmallRows && GH == G * H &&
+  auto bias_ok = [&](const std::optional<Tensor>& b) { return !given(b) || b->numel() == GH; };
+  TORCH_CHECK(B >= 1 && B <= kSmallRows && GH == G * H &&
                   w_ih_in.sizes() == at::IntArrayRef({GH, I}) &&
                   w_hh_in.sizes() == at::IntArrayRef({GH, H}) &&
-                  h0_in.sizes() == at::IntArrayRef({B, H}),
-              "rnnkernels: cell_step: x (B <= ", kSmallRows, ", I), h0 (B, H), w_ih (G*H, I), "
-              "w_hh (G*H, H)");
+                  h0_in.sizes() == at::IntArrayRef({B, H}) && bias_ok(b_ih_opt) &&
+                  bias_ok(b_hh_opt) && (cell != Cell::LSTM || given(c0_opt)),
+              "rnnkernels: cell_step: x (B <= ", kSmallRows, ", I), h0 (B, H), c0 (B, H) for the "
+              "LSTM, w_ih (G*H, I), w_hh (G*H, H), b_ih and b_hh (G*H,)");
   auto same = [&](const Tensor& t) {
     TORCH_CHECK(t.scalar_type() == st, "rnnkernels: cell_step: every tensor must have dtype ", st);
     return t.contiguous();
