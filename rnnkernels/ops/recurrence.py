@@ -3,7 +3,9 @@
 Every function takes time-major input x (T, B, I) and the layer's weights in torch.nn's layout,
 computes the input projection for all steps as one GEMM (``x @ w_ih^T + b_ih``) and runs the
 sequential part in the backend chosen by :mod:`rnnkernels._backend`. Autograd flows through the
-input projection as usual and through the recurrence by the registered backward op.
+input projection as usual and through the recurrence by the registered backward op. A decoding
+call on the CPU (one step of at most DECODE_ROWS rows, no gradient) runs both in one fused op
+instead (:func:`_decoding_step`).
 
 Second order (``create_graph=True``, Hessian-vector products, gradient penalties): the first
 order stays the fused backward op; a backward whose result must be differentiable recomputes the
