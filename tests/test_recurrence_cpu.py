@@ -198,6 +198,17 @@ def test_decoding_step_op_refuses_bad_arguments():
             op(*call)
 
 
+def test_decoding_step_op_has_no_backward():
+    """Called directly on tensors that require grad, the op's outputs record a backward that
+    raises a clear error instead of carrying no gradient."""
+    args = make_layer(R.GRU, 1, 2, 3, 5, torch.float32)
+    y, h, _ = torch.ops.rnnkernels.cell_step(args["x"][0], args["h0"], None, args["w_ih"],
+                                             args["w_hh"], args["b_ih"], args["b_hh"], R.GRU)
+    assert h.requires_grad
+    with pytest.raises(RuntimeError, match="no backward"):
+        h.sum().backward()
+
+
 @pytest.mark.parametrize("cell", DECODE_CELLS)
 def test_decoding_step_opcheck(cell):
     args = make_layer(cell, 1, 2, 3, 5, torch.float32, requires_grad=False)

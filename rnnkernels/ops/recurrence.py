@@ -92,6 +92,18 @@ def _cell_step_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, cell):
             x.new_empty((B, H)) if cell == LSTM else x.new_empty((0,)))
 
 
+def _cell_step_backward(ctx, *grads):
+    raise RuntimeError("rnnkernels::cell_step is the decoding step without gradients and has no "
+                       "backward; a layer call that needs gradients runs the recurrence ops "
+                       "(rnnkernels.ops.lstm / gru / rnn and the modules choose them)")
+
+
+# A direct call on tensors that require grad records a backward that says so, instead of
+# outputs that silently carry no gradient.
+_autograd.register_autograd("rnnkernels::cell_step", _cell_step_backward,
+                            lambda ctx, inputs, output: None)
+
+
 class _Projection(threading.local):
     """(gx, x, w_ih, b_ih, ln_weight_ih) of the :func:`projected_recurrence` call in flight on
     this thread."""
