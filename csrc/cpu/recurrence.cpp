@@ -221,6 +221,18 @@ void small_product_rows(int64_t n0, int64_t n1, int64_t N, int64_t K, const T* a
   }
 }
 
+// small_product_rows for M <= kSmallRows rows of a, chosen at run time.
+template <typename T>
+void small_product_range(int64_t M, int64_t n0, int64_t n1, int64_t N, int64_t K, const T* a,
+                         const T* w, int64_t ldw, const T* bias, T* out) {
+  switch (M) {
+    case 1: small_product_rows<T, 1>(n0, n1, N, K, a, w, ldw, bias, out); break;
+    case 2: small_product_rows<T, 2>(n0, n1, N, K, a, w, ldw, bias, out); break;
+    case 3: small_product_rows<T, 3>(n0, n1, N, K, a, w, ldw, bias, out); break;
+    default: small_product_rows<T, kSmallRows>(n0, n1, N, K, a, w, ldw, bias, out); break;
+  }
+}
+
 template <typename T>
 void small_product_nt(int64_t M, int64_t N, int64_t K, const T* a, const T* w, int64_t ldw,
                       const T* bias, T* out) {
@@ -228,13 +240,8 @@ void small_product_nt(int64_t M, int64_t N, int64_t K, const T* a, const T* w, i
                                               at::get_num_threads());
   const int64_t per = (N + threads - 1) / threads;
   at::parallel_for(0, threads, 1, [&](int64_t c0, int64_t c1) {
-    const int64_t n0 = std::min(N, c0 * per), n1 = std::min(N, c1 * per);
-    switch (M) {
-      case 1: small_product_rows<T, 1>(n0, n1, N, K, a, w, ldw, bias, out); break;
-      case 2: small_product_rows<T, 2>(n0, n1, N, K, a, w, ldw, bias, out); break;
-      case 3: small_product_rows<T, 3>(n0, n1, N, K, a, w, ldw, bias, out); break;
-      default: small_product_rows<T, kSmallRows>(n0, n1, N, K, a, w, ldw, bias, out); break;
-    }
+    small_product_range<T>(M, std::min(N, c0 * per), std::min(N, c1 * per), N, K, a, w, ldw,
+                           bias, out);
   });
 }
 
@@ -1499,7 +1506,7 @@ recurrence_bwd_cpu(
 
 // One step (T = 1) of a small batch without gradients: a decoding loop's call, fused into one
 // parallel region. Thread k of n owns the hidden units [u0, u1) (unit_range) and forms, for its
-// units' rows of every gate, x W_ih^T + b_ih and h W_hh^T + b_hh (small_product_rows), then the
+// units' rows of every gate, x W_ih^T + b_ih and h W_hh^T + b_hh (small_product_range), then the
 // cell's pointwise step on its units (forward_units). The split is the same on every call, so a
 // thread finds its rows of both matrices in its core's L2 from one token to the next (the fp32
 // GRU at hidden 256: 384 KB of each per thread of two), and no thread waits for another; the
@@ -1553,25 +1560,16 @@ std::tuple<Tensor, Tensor, Tensor> cell_step_cpu(const Tensor& x_in, const Tenso
     const T* bi = b_ih.defined() ? b_ih.data_ptr<T>() : nullptr;
     const T* bh = b_hh.defined() ? b_hh.data_ptr<T>() : nullptr;
     T* gh_p = gh.data_ptr<T>();
-    // rows [n0, n1) of out (B, G*H) = a (B, K) @ w^T + bias
-    auto rows = [&](int64_t n0, int64_t n1, int64_t K, const T* a, const T* w, const T* bias,
-                    T* out) {
-      switch (B) {
-        case 1: small_product_rows<T, 1>(n0, n1, GH, K, a, w, K, bias, out); break;
-        case 2: small_product_rows<T, 2>(n0, n1, GH, K, a, w, K, bias, out); break;
-        case 3: small_product_rows<T, 3>(n0, n1, GH, K, a, w, K, bias, out); break;
-        default: small_product_rows<T, kSmallRows>(n0, n1, GH, K, a, w, K, bias, out); break;
-      }
-    };
     const int64_t threads = std::clamp<int64_t>(B * GH * (I + H) / kMinProductWorkPerThread, 1,
                                                 at::get_num_threads());
     at::parallel_for(0, threads, 1, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
         const auto [u0, u1] = unit_range<T>(H, k, threads);
         for (int64_t g = 0; g < G && u1 > u0; ++g) {
-          rows(g * H + u0, g * H + u1, I, x.data_ptr<T>(), w_ih.data_ptr<T>(), bi,
-               gx.data_ptr<T>());
-          rows(g * H + u0, g * H + u1, H, h0.data_ptr<T>(), w_hh.data_ptr<T>(), bh, gh_p);
+          small_product_range<T>(B, g * H + u0, g * H + u1, GH, I, x.data_ptr<T>(),
+                                 w_ih.data_ptr<T>(), I, bi, gx.data_ptr<T>());
+          small_product_range<T>(B, g * H + u0, g * H + u1, GH, H, h0.data_ptr<T>(),
+                                 w_hh.data_ptr<T>(), H, bh, gh_p);
         }
         for (int64_t b = 0; b < B && u1 > u0; ++b) {
           forward_units(pb, step, b, u0, u1, gh_p + b * GH + u0, H);

@@ -134,8 +134,8 @@ struct Scan {
   const T* A;
   const T* B_fixed;  // (dim, N), null when grouped
   const T* C_fixed;
-  const T* B_var;  // grouped B (batch, G, N, L), null when fixed
-  const T* C_var;
+  const T* B_grouped;  // grouped B (batch, G, N, L), null when fixed
+  const T* C_grouped;
   const T* D;           // null without the skip term
   const T* delta_bias;  // null without a bias
   const T* x0;          // (batch, dim, N), null for a zero initial state
@@ -422,8 +422,8 @@ void forward_task(const Scan<S, T>& p, const Block& blk, S* out, T* last, T* ckp
     }
     if (ci + 1 < p.nchunks) prefetch_chunk_rows(p, blk, ci + 1, static_cast<const S*>(nullptr));
     discretise(p, blk, c, t0, len, s);
-    const T* B = kBvar ? p.at_step(p.B_var, blk.b, blk.g, t0) : c.B.data();
-    const T* C = kCvar ? p.at_step(p.C_var, blk.b, blk.g, t0) : c.C.data();
+    const T* B = kBvar ? p.at_step(p.B_grouped, blk.b, blk.g, t0) : c.B.data();
+    const T* C = kCvar ? p.at_step(p.C_grouped, blk.b, blk.g, t0) : c.C.data();
     forward_steps<T, kBvar, kCvar>(len, N, p.L, x.data(), c.A2.data(), B, C, s.dt.data(),
                                    s.du.data(), s.y.data());
     const V Dv = V::loadu(c.D.data());
@@ -500,8 +500,8 @@ void backward_task(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_
   StepLanes<T>& s = w.s;
   c.load(p, blk);
   discretise(p, blk, c, t0, len, s);
-  const T* B = kBvar ? p.at_step(p.B_var, blk.b, blk.g, t0) : c.B.data();
-  const T* C = kCvar ? p.at_step(p.C_var, blk.b, blk.g, t0) : c.C.data();
+  const T* B = kBvar ? p.at_step(p.B_grouped, blk.b, blk.g, t0) : c.B.data();
+  const T* C = kCvar ? p.at_step(p.C_grouped, blk.b, blk.g, t0) : c.C.data();
 
   // The state at the chunk's start, from its checkpoint (lanes past the block stay zero).
   std::fill(w.x.begin(), w.x.end(), T(0));
@@ -752,8 +752,8 @@ Tensor grouped_acc(const Tensor& M, at::ScalarType acc) {
 }
 
 template <typename S, typename T>
-Scan<S, T> make_scan(const Inputs& in, const Tensor& B_var, const Tensor& C_var, bool softplus,
-                     int64_t chunk_size) {
+Scan<S, T> make_scan(const Inputs& in, const Tensor& B_grouped, const Tensor& C_grouped,
+                     bool softplus, int64_t chunk_size) {
   auto ptr = [](const Tensor& t, bool use) { return use && t.defined() ? t.data_ptr() : nullptr; };
   Scan<S, T> p;
   p.batch = in.batch;
@@ -774,8 +774,8 @@ Scan<S, T> make_scan(const Inputs& in, const Tensor& B_var, const Tensor& C_var,
   p.A = static_cast<const T*>(ptr(in.A, true));
   p.B_fixed = static_cast<const T*>(ptr(in.B, !in.B_var));
   p.C_fixed = static_cast<const T*>(ptr(in.C, !in.C_var));
-  p.B_var = static_cast<const T*>(ptr(B_var, in.B_var));
-  p.C_var = static_cast<const T*>(ptr(C_var, in.C_var));
+  p.B_grouped = static_cast<const T*>(ptr(B_grouped, in.B_var));
+  p.C_grouped = static_cast<const T*>(ptr(C_grouped, in.C_var));
   p.D = static_cast<const T*>(ptr(in.D, true));
   p.delta_bias = static_cast<const T*>(ptr(in.delta_bias, true));
   p.x0 = static_cast<const T*>(ptr(in.x0, true));
@@ -810,12 +810,12 @@ std::tuple<Tensor, Tensor, Tensor> selective_scan_fwd_cpu(
   Tensor last = at::empty({in.batch, in.dim, in.N}, acc_opts);
   Tensor ckpt = save ? at::empty({in.batch, in.dim, nchunks, in.N}, acc_opts)
                      : at::empty({0}, acc_opts);
-  const Tensor B_var = in.B_var ? grouped_acc(in.B, at_) : Tensor();
-  const Tensor C_var = in.C_var ? grouped_acc(in.C, at_) : Tensor();
+  const Tensor B_grouped = in.B_var ? grouped_acc(in.B, at_) : Tensor();
+  const Tensor C_grouped = in.C_var ? grouped_acc(in.C, at_) : Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, u.scalar_type(), "selective_scan_fwd_cpu", [&] {
     using S = scalar_t;
     using T = std::conditional_t<std::is_same_v<S, double>, double, float>;
-    const Scan<S, T> p = make_scan<S, T>(in, B_var, C_var, delta_softplus, chunk_size);
+    const Scan<S, T> p = make_scan<S, T>(in, B_grouped, C_grouped, delta_softplus, chunk_size);
     S* out_p = out.data_ptr<S>();
     T* last_p = last.data_ptr<T>();
     T* ckpt_p = save ? ckpt.data_ptr<T>() : nullptr;
@@ -852,8 +852,8 @@ selective_scan_bwd_cpu(const Tensor& grad_out, const std::optional<Tensor>& grad
               "rnnkernels: selective_scan_bwd: grad_out must match u");
   const Tensor gout = contiguous_as(grad_out, st, "grad_out");
   const Tensor ckpt = checkpoints.contiguous();
-  const Tensor B_var = in.B_var ? grouped_acc(in.B, at_) : Tensor();
-  const Tensor C_var = in.C_var ? grouped_acc(in.C, at_) : Tensor();
+  const Tensor B_grouped = in.B_var ? grouped_acc(in.B, at_) : Tensor();
+  const Tensor C_grouped = in.C_var ? grouped_acc(in.C, at_) : Tensor();
 
   Tensor grad_u = at::empty_like(in.u), grad_delta = at::empty_like(in.u);
   Tensor grad_z = in.z.defined() ? at::empty_like(in.u) : at::empty({0}, u.options());
@@ -865,7 +865,7 @@ selective_scan_bwd_cpu(const Tensor& grad_out, const std::optional<Tensor>& grad
     using S = scalar_t;
     using T = std::conditional_t<std::is_same_v<S, double>, double, float>;
     constexpr int64_t W = Vec<T>::size();
-    const Scan<S, T> p = make_scan<S, T>(in, B_var, C_var, delta_softplus, chunk_size);
+    const Scan<S, T> p = make_scan<S, T>(in, B_grouped, C_grouped, delta_softplus, chunk_size);
     const int64_t tasks = p.tasks(), NW = p.N * W;
     Tensor h = at::zeros({tasks, NW}, acc_opts);
     if (given(grad_last_state)) {
