@@ -17,11 +17,11 @@ EXPLANATION = (
     "the row's time (below 1: what the variant costs). Every row was checked against a float64 "
     "reference before it was timed (`err`: norm-wise relative error of the worst result); a row"
     " whose results are wrong is REFUSED and posts no time. `peak mem`: peak memory allocated "
-    "during one call; `faults`: minor page faults per timed call (CPU: memory malloc got fresh from the"
-    " kernel, zeroed on first touch, which the step pays for; counted over the timed calls, "
-    "in the allocator state the case's interleaved contenders leave). Recurrences: useful FLOPs per "
-    "second and time per step; scans: bytes that must move (inputs read once, outputs written "
-    "once) per second, and that rate over the measured copy bandwidth.")
+    "during one call; `faults`: minor page faults per timed call (CPU: memory malloc got fresh "
+    "from the kernel, zeroed on first touch, which the step pays for; counted over the timed "
+    "calls, in the allocator state the case's interleaved contenders leave). Recurrences: useful "
+    "FLOPs per second and time per step; scans: bytes that must move (inputs read once, outputs "
+    "written once) per second, and that rate over the measured copy bandwidth.")
 
 
 def fmt_time(seconds: float | None) -> str:

@@ -499,14 +499,12 @@ def _decoding_step(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, backe
     dtype = x.dtype
     if (backend != "cpu" or x.shape[0] != 1 or x.shape[1] > DECODE_ROWS or w_hr is not None
             or lengths is not None or options is not NO_OPTIONS or cell == GRU_RESET_BEFORE
-            or dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled("cpu")
+            or dtype not in (torch.float32, torch.float64) or compute_dtype(x) != dtype
             or not _autograd.plain_eager()):
         return False
-    grad = torch.is_grad_enabled()
-    for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh):
-        if t is not None and (t.dtype != dtype or (grad and t.requires_grad)):
-            return False
-    return True
+    tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    return (all(t is None or t.dtype == dtype for t in tensors)
+            and not _autograd.needs_grad(*tensors))
 
 
 def run_layer(x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, w_hh: Tensor,
@@ -528,9 +526,8 @@ def run_layer(x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, w_hh: Tens
         return reference_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reverse,
                                options)
     if _decoding_step(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, backend, options):
-        with torch._C._AutoDispatchBelowAutograd():  # no gradient, plain eager: as _autograd.call
-            y, h_n, c_n = torch.ops.rnnkernels.cell_step.default(x[0], h0, c0, w_ih, w_hh, b_ih,
-                                                                  b_hh, cell)
+        y, h_n, c_n = _autograd.call(torch.ops.rnnkernels.cell_step.default, False, x[0], h0, c0,
+                                     w_ih, w_hh, b_ih, b_hh, cell)
         return y.unsqueeze(0), h_n, (c_n if cell == LSTM else None)
     y, h_n, c_n = projected_recurrence(x, w_ih, b_ih, h0, c0 if cell == LSTM else None, w_hh,
                                        b_hh, w_hr, lengths, cell, reverse, backend, options)
