@@ -133,13 +133,14 @@ DECODE_CELLS = [R.LSTM, R.GRU, R.RNN_TANH, R.RNN_RELU]
 
 
 @pytest.mark.parametrize("cell", DECODE_CELLS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch", [1, 3, 4])
 @pytest.mark.parametrize("bias", [True, False])
 def test_decoding_step(cell, dtype, batch, bias):
     """One step of at most DECODE_ROWS rows without gradients runs the fused cell_step op, with
-    the reference's outputs: hidden 257 (two threads' unit ranges, K not a multiple of the
-    vector width), input 7."""
+    the float64 reference's outputs: hidden 257 (two threads' unit ranges, K not a multiple of
+    the vector width; for bfloat16, weight rows that end mid-vector in the widening loads),
+    input 7."""
     args = make_layer(cell, 1, batch, 7, 257, dtype, bias=bias, requires_grad=False)
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -150,10 +151,20 @@ def test_decoding_step(cell, dtype, batch, bias):
         with torch.no_grad():
             outs = layer()
             assert ops_called(layer) == {"rnnkernels::cell_step"}
+            if dtype == torch.bfloat16:
+                # The same float math on the bfloat16 values as the float32 step: outputs equal
+                # to its outputs rounded (a wrong widened value, say past a row's end, differs).
+                f32 = {k: v.float() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+                exact = R.run_layer(f32["x"], f32["h0"], f32["c0"], f32["w_ih"], f32["w_hh"],
+                                    f32["b_ih"], f32["b_hh"], None, None, cell, False, "cpu")
+                for o, e in zip(outs, exact):
+                    if e is not None:
+                        assert torch.equal(o, e.to(dtype))
     finally:
         torch.set_num_threads(previous)
-    ref = reference_layer(args["x"], args["h0"], args["c0"], args["w_ih"], args["w_hh"],
-                          args["b_ih"], args["b_hh"], None, None, cell, False)
+    wide = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    ref = reference_layer(wide["x"], wide["h0"], wide["c0"], wide["w_ih"], wide["w_hh"],
+                          wide["b_ih"], wide["b_hh"], None, None, cell, False)
     for name, o, r in zip(("y", "h_n", "c_n"), outs, ref):
         if r is not None:
             assert o.dtype == dtype and o.shape == r.shape
@@ -210,8 +221,9 @@ def test_decoding_step_op_has_no_backward():
 
 
 @pytest.mark.parametrize("cell", DECODE_CELLS)
-def test_decoding_step_opcheck(cell):
-    args = make_layer(cell, 1, 2, 3, 5, torch.float32, requires_grad=False)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decoding_step_opcheck(cell, dtype):
+    args = make_layer(cell, 1, 2, 3, 5, dtype, requires_grad=False)
     torch.library.opcheck(torch.ops.rnnkernels.cell_step.default,
                           (args["x"][0], args["h0"], args["c0"], args["w_ih"], args["w_hh"],
                            args["b_ih"], args["b_hh"], cell))

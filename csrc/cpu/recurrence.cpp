@@ -91,12 +91,23 @@ struct VecMath {
   static V relu_grad(V y) { return V::blendv(V(T(0)), V(T(1)), y > V(T(0))); }
 };
 
+// The first n values of p as a vector of T (zero past n). bfloat16 to float on AVX-512 is one
+// widening and a shift (exact), not a loop over the values: the bfloat16 decoding step's
+// products read every weight through it.
 template <typename T, typename S>
 inline Vectorized<T> load(const S* p, int64_t n) {
   using V = Vectorized<T>;
   if constexpr (std::is_same_v<T, S>) {
     return n == V::size() ? V::loadu(p) : V::loadu(p, n);
   } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<S, c10::BFloat16> && std::is_same_v<T, float>) {
+      const __m256i bits =
+          n == V::size() ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                         : _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p);
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+    }
+#endif
     T tmp[V::size()];
     for (int64_t k = 0; k < n; ++k) tmp[k] = static_cast<T>(p[k]);
     return V::loadu(tmp, n);
@@ -188,9 +199,10 @@ constexpr int64_t kMinProductWorkPerThread = 131072;
 // and produces them for all M rows of a, four rows of w at a time with M x 4 vector
 // accumulators over K, reduced horizontally once per dot product. Memory traffic: w once, a
 // from L1.
-template <typename T, int MR>
-void small_product_rows(int64_t n0, int64_t n1, int64_t N, int64_t K, const T* a, const T* w,
-                        int64_t ldw, const T* bias, T* out) {
+// a and w may be stored in another type than the accumulation type T (bfloat16 for float).
+template <typename T, int MR, typename SA, typename SW>
+void small_product_rows(int64_t n0, int64_t n1, int64_t N, int64_t K, const SA* a, const SW* w,
+                        int64_t ldw, const SW* bias, T* out) {
   using V = Vectorized<T>;
   constexpr int64_t VS = V::size();
   constexpr int64_t kRows = 4;
@@ -214,7 +226,7 @@ void small_product_rows(int64_t n0, int64_t n1, int64_t N, int64_t K, const T* a
     }
     for (int m = 0; m < MR; ++m) {
       for (int64_t r = 0; r < rows; ++r) {
-        const T b = bias != nullptr ? bias[j0 + r] : T(0);
+        const T b = bias != nullptr ? static_cast<T>(bias[j0 + r]) : T(0);
         out[m * N + j0 + r] = b + at::vec::vec_reduce_all<T>(sum, acc[m][r]);
       }
     }
@@ -222,14 +234,14 @@ void small_product_rows(int64_t n0, int64_t n1, int64_t N, int64_t K, const T* a
 }
 
 // small_product_rows for M <= kSmallRows rows of a, chosen at run time.
-template <typename T>
-void small_product_range(int64_t M, int64_t n0, int64_t n1, int64_t N, int64_t K, const T* a,
-                         const T* w, int64_t ldw, const T* bias, T* out) {
+template <typename T, typename SA, typename SW>
+void small_product_range(int64_t M, int64_t n0, int64_t n1, int64_t N, int64_t K, const SA* a,
+                         const SW* w, int64_t ldw, const SW* bias, T* out) {
   switch (M) {
-    case 1: small_product_rows<T, 1>(n0, n1, N, K, a, w, ldw, bias, out); break;
-    case 2: small_product_rows<T, 2>(n0, n1, N, K, a, w, ldw, bias, out); break;
-    case 3: small_product_rows<T, 3>(n0, n1, N, K, a, w, ldw, bias, out); break;
-    default: small_product_rows<T, kSmallRows>(n0, n1, N, K, a, w, ldw, bias, out); break;
+    case 1: small_product_rows<T, 1, SA, SW>(n0, n1, N, K, a, w, ldw, bias, out); break;
+    case 2: small_product_rows<T, 2, SA, SW>(n0, n1, N, K, a, w, ldw, bias, out); break;
+    case 3: small_product_rows<T, 3, SA, SW>(n0, n1, N, K, a, w, ldw, bias, out); break;
+    default: small_product_rows<T, kSmallRows, SA, SW>(n0, n1, N, K, a, w, ldw, bias, out); break;
   }
 }
 
@@ -1511,7 +1523,10 @@ recurrence_bwd_cpu(
 // thread finds its rows of both matrices in its core's L2 from one token to the next (the fp32
 // GRU at hidden 256: 384 KB of each per thread of two), and no thread waits for another; the
 // separate projection (MKL's one-thread matrix-vector product, which streams all of W_ih
-// through one core) and recurrence op took two dispatches and two passes from L3.
+// through one core) and recurrence op took two dispatches and two passes from L3. bfloat16
+// inputs: the products read x and the weights as stored (widened in registers) and accumulate
+// in float; the state, the pre-activations and the cell's math are float (as in the
+// recurrence), the outputs rounded to bfloat16 at the end.
 std::tuple<Tensor, Tensor, Tensor> cell_step_cpu(const Tensor& x_in, const Tensor& h0_in,
                                                  const std::optional<Tensor>& c0_opt,
                                                  const Tensor& w_ih_in, const Tensor& w_hh_in,
@@ -1523,8 +1538,8 @@ std::tuple<Tensor, Tensor, Tensor> cell_step_cpu(const Tensor& x_in, const Tenso
               "rnnkernels: cell_step takes the LSTM, the GRU (reset after) and the RNN, got cell ",
               cell_id);
   const auto st = x_in.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble,
-              "rnnkernels: cell_step takes float32 or float64, got ", st);
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16,
+              "rnnkernels: cell_step takes float32, float64 or bfloat16, got ", st);
   TORCH_CHECK(x_in.dim() == 2 && w_ih_in.dim() == 2 && w_hh_in.dim() == 2 && h0_in.dim() == 2,
               "rnnkernels: cell_step: x, h0, w_ih and w_hh must be matrices");
   const int64_t B = x_in.size(0), I = x_in.size(1), G = num_gates(cell);
@@ -1546,19 +1561,25 @@ std::tuple<Tensor, Tensor, Tensor> cell_step_cpu(const Tensor& x_in, const Tenso
   const Tensor b_hh = given(b_hh_opt) ? same(*b_hh_opt) : Tensor();
   const Tensor c0 = cell == Cell::LSTM ? same(*c0_opt) : Tensor();
   TORCH_CHECK(cell != Cell::LSTM || c0.sizes() == h0.sizes(), "rnnkernels: cell_step: c0 (B, H)");
-  Tensor gx = at::empty({B, GH}, x.options()), gh = at::empty({B, GH}, x.options());
-  Tensor y = at::empty({B, H}, x.options()), h_n = at::empty({B, H}, x.options());
-  Tensor c_n = cell == Cell::LSTM ? at::empty({B, H}, x.options()) : at::empty({0}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(st, "cell_step_cpu", [&] {
-    using T = scalar_t;
+  // Pre-activations, state and outputs in the accumulation type (the same tensors as the
+  // inputs / outputs for float and double: no copies there).
+  const auto acc_type = st == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_opts = x.options().dtype(acc_type);
+  const Tensor h_in = h0.to(acc_type), c_in = c0.defined() ? c0.to(acc_type) : Tensor();
+  Tensor gx = at::empty({B, GH}, acc_opts), gh = at::empty({B, GH}, acc_opts);
+  Tensor y = at::empty({B, H}, acc_opts), h_n = at::empty({B, H}, acc_opts);
+  Tensor c_n = cell == Cell::LSTM ? at::empty({B, H}, acc_opts) : at::empty({0}, acc_opts);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, st, "cell_step_cpu", [&] {
+    using S = scalar_t;
+    using T = std::conditional_t<std::is_same_v<S, double>, double, float>;
     const Problem<T, T> pb{cell, 1, B, H, H, G, workspace_units(cell, false), false, false, false,
                            nullptr};
-    const FwdStep<T, T> step{gx.data_ptr<T>(), h0.data_ptr<T>(), h_n.data_ptr<T>(),
-                             c0.defined() ? c0.data_ptr<T>() : nullptr,
-                             c0.defined() ? c_n.data_ptr<T>() : nullptr, h_n.data_ptr<T>(),
+    const FwdStep<T, T> step{gx.data_ptr<T>(), h_in.data_ptr<T>(), h_n.data_ptr<T>(),
+                             c_in.defined() ? c_in.data_ptr<T>() : nullptr,
+                             c_in.defined() ? c_n.data_ptr<T>() : nullptr, h_n.data_ptr<T>(),
                              nullptr, y.data_ptr<T>(), nullptr};
-    const T* bi = b_ih.defined() ? b_ih.data_ptr<T>() : nullptr;
-    const T* bh = b_hh.defined() ? b_hh.data_ptr<T>() : nullptr;
+    const S* bi = b_ih.defined() ? b_ih.data_ptr<S>() : nullptr;
+    const S* bh = b_hh.defined() ? b_hh.data_ptr<S>() : nullptr;
     T* gh_p = gh.data_ptr<T>();
     const int64_t threads = std::clamp<int64_t>(B * GH * (I + H) / kMinProductWorkPerThread, 1,
                                                 at::get_num_threads());
@@ -1566,10 +1587,10 @@ std::tuple<Tensor, Tensor, Tensor> cell_step_cpu(const Tensor& x_in, const Tenso
       for (int64_t k = k0; k < k1; ++k) {
         const auto [u0, u1] = unit_range<T>(H, k, threads);
         for (int64_t g = 0; g < G && u1 > u0; ++g) {
-          small_product_range<T>(B, g * H + u0, g * H + u1, GH, I, x.data_ptr<T>(),
-                                 w_ih.data_ptr<T>(), I, bi, gx.data_ptr<T>());
-          small_product_range<T>(B, g * H + u0, g * H + u1, GH, H, h0.data_ptr<T>(),
-                                 w_hh.data_ptr<T>(), H, bh, gh_p);
+          small_product_range<T>(B, g * H + u0, g * H + u1, GH, I, x.data_ptr<S>(),
+                                 w_ih.data_ptr<S>(), I, bi, gx.data_ptr<T>());
+          small_product_range<T>(B, g * H + u0, g * H + u1, GH, H, h_in.data_ptr<T>(),
+                                 w_hh.data_ptr<S>(), H, bh, gh_p);
         }
         for (int64_t b = 0; b < B && u1 > u0; ++b) {
           forward_units(pb, step, b, u0, u1, gh_p + b * GH + u0, H);
@@ -1577,7 +1598,7 @@ std::tuple<Tensor, Tensor, Tensor> cell_step_cpu(const Tensor& x_in, const Tenso
       }
     });
   });
-  return {y, h_n, c_n};
+  return {y.to(st), h_n.to(st), c_n.to(st)};
 }
 
 TORCH_LIBRARY_IMPL(rnnkernels, CPU, m) {

@@ -493,13 +493,14 @@ DECODE_ROWS = 4
 def _decoding_step(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, backend,
                    options) -> bool:
     """Whether a layer call is one step (T = 1) of at most DECODE_ROWS rows that needs no
-    gradient, in plain eager float32 / float64 on the CPU kernels without projection, lengths,
-    cell options or the reset-before GRU: a decoding loop's call, which the fused cell_step op
-    runs (input projection, recurrent product and cell in one parallel region)."""
+    gradient, in plain eager float32 / float64 / bfloat16 on the CPU kernels without projection,
+    lengths, cell options or the reset-before GRU: a decoding loop's call, which the fused
+    cell_step op runs (input projection, recurrent product and cell in one parallel region)."""
     dtype = x.dtype
     if (backend != "cpu" or x.shape[0] != 1 or x.shape[1] > DECODE_ROWS or w_hr is not None
             or lengths is not None or options is not NO_OPTIONS or cell == GRU_RESET_BEFORE
-            or dtype not in (torch.float32, torch.float64) or compute_dtype(x) != dtype
+            or dtype not in (torch.float32, torch.float64, torch.bfloat16)
+            or compute_dtype(x) != dtype
             or not _autograd.plain_eager()):
         return False
     tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh)
