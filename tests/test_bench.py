@@ -304,6 +304,13 @@ def test_compare_refuses_wrong_shapes_nonfinite_and_local_garbage():
     assert verdict.err < tol and not verdict.ok and "largest deviation" in verdict.reason
     assert "returned 1 results" in check.compare(["y", "dx"], [expected], [expected, expected],
                                                  tol).reason
+    # At bfloat16's norm-wise tolerance the element-wise bound is capped: one element off by
+    # 0.6 max |expected| is refused although ELEMENT_FACTOR times the tolerance would be 1.
+    tol16 = check.tolerance("cpu", torch.bfloat16)
+    garbage = expected.clone()
+    garbage[5, 7] += 0.6 * expected.abs().max()
+    verdict = check.compare(["y"], [garbage], [expected], tol16)
+    assert verdict.err < tol16 and not verdict.ok and "largest deviation" in verdict.reason
 
 
 def test_peak_memory_counts_live_tensors_only():
