@@ -234,6 +234,35 @@ def test_bfloat16(cell, cpu_path):
     check_against_reference(cell, (6, 3, 5, 16), torch.bfloat16)
 
 
+@pytest.mark.parametrize("cell", [R.LSTM, R.GRU, R.RNN_TANH, R.RNN_RELU])
+@pytest.mark.parametrize("batch", [1, 5, 13, 32])
+def test_bfloat16_dot_products(cell, batch, monkeypatch):
+    """bfloat16 on a CPU with bfloat16 dot products (elsewhere both runs below take float
+    products): the persistent forward packs its W_hh slice in bfloat16 k-pairs and rounds the
+    state to bfloat16 for the product. Hidden 257 over two threads (K odd: the zero padding
+    pair, and the part of the state a thread gets from the other ending at it), batch 1, 5, 13
+    (row blocks of 1, 5, 5 + 4 + 4 rows) and 32 (two row groups). Against the float64
+    reference, and within about the rounding of the state of the same layer with float
+    products (RNNKERNELS_BF16_DOT=0). Outputs only: the backward's products stay float (its
+    gradients in bfloat16: test_bfloat16)."""
+    args = make_layer(cell, 6, batch, 7, 257, torch.bfloat16, requires_grad=False)
+    wide = {k: v.double() if v is not None else None for k, v in args.items()}
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            dot = run(args, cell)
+            monkeypatch.setenv("RNNKERNELS_BF16_DOT", "0")
+            products = run(args, cell)
+    finally:
+        torch.set_num_threads(previous)
+    ref = run(wide, cell, backend="reference")
+    for name, a, b, r in zip(("y", "h_n", "c_n"), dot, products, ref):
+        if r is not None:
+            assert_close(a, r, torch.bfloat16, msg=f"{name} of cell {cell}")
+            torch.testing.assert_close(a.float(), b.float(), atol=1e-2, rtol=1e-2)
+
+
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("reverse", [False, True])
 def test_lengths_and_reverse(cell, reverse, cpu_path):

@@ -9,9 +9,9 @@
 // kNV full vectors of a panel per k and broadcasts one value of A per row.
 //
 // Decomposition: panels outer (a panel, K * kNR values, stays in L2 while every row block of A
-// passes over it), row blocks of at most kMR rows inner; a block keeps kMR * kNV accumulators
-// in registers (24 of the 32 AVX-512 registers). Row blocks are balanced (M = 32 runs as
-// 6,6,5,5,5,5, not 6,6,6,6,6,2). Memory traffic per call: B once per row block from L2 (or L3
+// passes over it), row blocks of at most kPanelRows rows inner; a block keeps kPanelRows * kNV
+// accumulators in registers (24 of the 32 AVX-512 registers), the row blocks balanced
+// (for_each_register_block). Memory traffic per call: B once per row block from L2 (or L3
 // when a thread's slice exceeds its L2), A once per panel from L1/L2, C written once. Blocking k
 // into L1-sized pieces, so that B is read from L2 once per call, measured slower at M = 32: the
 // partial sums' loads and stores between pieces cost more than the re-reads they save.
@@ -23,9 +23,45 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace rnnkernels::cpu {
+
+// Rows per register block of the packed products below.
+constexpr int kPanelRows = 6;
+
+// The loop nest of the packed products: f(std::integral_constant<int, MR>{}, p, n0, cols, m0)
+// for every panel p (columns [n0, n0 + cols), kNR at most) and every row block (MR rows from
+// m0) of M rows. Row blocks are balanced (M = 32 runs as 6,6,5,5,5,5, not 6,6,6,6,6,2).
+template <int64_t kNR, typename F>
+void for_each_register_block(int64_t M, int64_t N, const F& f) {
+  const int64_t blocks = (M + kPanelRows - 1) / kPanelRows;
+  const int64_t base = M / blocks, extra = M % blocks;
+  for (int64_t p = 0; p * kNR < N; ++p) {
+    const int64_t n0 = p * kNR, cols = std::min(kNR, N - n0);
+    int64_t m0 = 0;
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const int64_t rows = base + (blk < extra ? 1 : 0);
+      switch (rows) {
+        case 1: f(std::integral_constant<int, 1>{}, p, n0, cols, m0); break;
+        case 2: f(std::integral_constant<int, 2>{}, p, n0, cols, m0); break;
+        case 3: f(std::integral_constant<int, 3>{}, p, n0, cols, m0); break;
+        case 4: f(std::integral_constant<int, 4>{}, p, n0, cols, m0); break;
+        case 5: f(std::integral_constant<int, 5>{}, p, n0, cols, m0); break;
+        default: f(std::integral_constant<int, kPanelRows>{}, p, n0, cols, m0); break;
+      }
+      m0 += rows;
+    }
+  }
+}
 
 template <typename T>
 class PackedPanels {
@@ -33,7 +69,6 @@ class PackedPanels {
   using V = at::vec::Vectorized<T>;
   static constexpr int64_t kNV = 4;                 // vectors per panel row
   static constexpr int64_t kNR = kNV * V::size();   // columns per panel
-  static constexpr int kMR = 6;                     // rows per register block
 
   // Columns [n0, n0 + count) of B as a strided view: B(k, n0 + j) = base[k * stride_k +
   // j * stride_n], with bias[j] added to column n0 + j of every row of C (bias null: none).
@@ -98,31 +133,14 @@ class PackedPanels {
   C10_NOINLINE void multiply(int64_t M, const T* a, int64_t lda, T* c, int64_t ldc,
                              const Ranges& ks, bool accumulate) const {
     if (M <= 0 || N_ <= 0) return;
-    const int64_t blocks = (M + kMR - 1) / kMR;
-    const int64_t base = M / blocks, extra = M % blocks;
     const T* d = data_.data_ptr<T>();
     const T* bias = bias_.defined() ? bias_.data_ptr<T>() : nullptr;
-    for (int64_t p = 0; p < panels_; ++p) {
-      const int64_t n0 = p * kNR;
-      const int64_t cols = std::min(kNR, N_ - n0);
-      int64_t m0 = 0;
-      for (int64_t blk = 0; blk < blocks; ++blk) {
-        const int64_t rows = base + (blk < extra ? 1 : 0);
-        const T* ab = a + m0 * lda;
-        T* cb = c + m0 * ldc + n0;
-        const T* pb = d + p * K_ * kNR;
-        const T* bb = bias && !accumulate ? bias + n0 : nullptr;
-        switch (rows) {
-          case 1: block<1>(ab, lda, pb, bb, cb, ldc, cols, ks, accumulate); break;
-          case 2: block<2>(ab, lda, pb, bb, cb, ldc, cols, ks, accumulate); break;
-          case 3: block<3>(ab, lda, pb, bb, cb, ldc, cols, ks, accumulate); break;
-          case 4: block<4>(ab, lda, pb, bb, cb, ldc, cols, ks, accumulate); break;
-          case 5: block<5>(ab, lda, pb, bb, cb, ldc, cols, ks, accumulate); break;
-          default: block<6>(ab, lda, pb, bb, cb, ldc, cols, ks, accumulate); break;
-        }
-        m0 += rows;
-      }
-    }
+    for_each_register_block<kNR>(M, N_, [&](auto mr, int64_t p, int64_t n0, int64_t cols,
+                                            int64_t m0) {
+      block<decltype(mr)::value>(a + m0 * lda, lda, d + p * K_ * kNR,
+                                 bias && !accumulate ? bias + n0 : nullptr, c + m0 * ldc + n0,
+                                 ldc, cols, ks, accumulate);
+    });
   }
 
  private:
@@ -168,5 +186,131 @@ class PackedPanels {
   int64_t K_, N_, panels_;
   at::Tensor data_, bias_;
 };
+
+#if defined(CPU_CAPABILITY_AVX512) && defined(__x86_64__)
+#define RNNKERNELS_BF16_DOT 1
+#define RNNKERNELS_BF16_TARGET __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl")))
+
+// Whether this CPU has AVX-512's bfloat16 dot products (vdpbf16ps), unless
+// RNNKERNELS_BF16_DOT=0 turns them off (the tests run both).
+inline bool bf16_dot_available() {
+  const char* env = std::getenv("RNNKERNELS_BF16_DOT");
+  if (env != nullptr && std::string(env) == "0") return false;
+  return __builtin_cpu_supports("avx512bf16");
+}
+
+// PackedPanels for a bfloat16 B (weights stored in bfloat16; given here as their exact float
+// values), multiplied by a float A rounded to bfloat16, with float accumulation: vdpbf16ps adds
+// two products per lane, so a k-pair of a panel row takes the instructions a single k takes in
+// float, and B takes half the bytes (the persistent recurrence's W_hh slice: half the L2
+// stream of batch-1 inference). Panels of kNR columns hold k-pairs: B(2p, n) and B(2p + 1, n)
+// side by side, K padded to even with zeros. A is rounded into a per-object buffer, the k
+// ranges a call reads at a time (a step's own part before the others' state has arrived).
+class PackedPanelsBF16 {
+ public:
+  static constexpr int64_t kNV = 4;           // float accumulator vectors per panel row
+  static constexpr int64_t kNR = kNV * 16;    // columns per panel
+  using Columns = PackedPanels<float>::Columns;
+  using Ranges = PackedPanels<float>::Ranges;
+
+  PackedPanelsBF16(int64_t K, int64_t N, int64_t M, const std::vector<Columns>& runs)
+      : K_(K), Kp_((K + 1) / 2), N_(N), panels_((N + kNR - 1) / kNR), M_(M) {
+    const auto bf16 = at::TensorOptions().dtype(at::kBFloat16);
+    data_ = at::zeros({std::max<int64_t>(1, panels_ * Kp_ * kNR * 2)}, bf16);
+    c10::BFloat16* d = data_.data_ptr<c10::BFloat16>();
+    for (const Columns& r : runs) {
+      for (int64_t j = 0; j < r.count; ++j) {
+        const int64_t n = r.n0 + j, p = n / kNR, col = n - p * kNR;
+        for (int64_t k = 0; k < K; ++k) {
+          d[((p * Kp_ + k / 2) * kNR + col) * 2 + (k & 1)] =
+              c10::BFloat16(r.base[k * r.stride_k + j * r.stride_n]);
+        }
+      }
+      if (r.bias != nullptr) {
+        if (!bias_.defined()) bias_ = at::zeros({panels_ * kNR}, at::kFloat);
+        std::copy(r.bias, r.bias + r.count, bias_.data_ptr<float>() + r.n0);
+      }
+    }
+    a_ = at::zeros({std::max<int64_t>(1, M * Kp_ * 2)}, bf16);
+  }
+
+  // As PackedPanels::multiply, A (M x K, row stride lda) float: the columns of A in ks are
+  // rounded to bfloat16 first (ranges start at even k; an odd end takes the zero padding).
+  RNNKERNELS_BF16_TARGET C10_NOINLINE void multiply(int64_t M, const float* a, int64_t lda,
+                                                    float* c, int64_t ldc, const Ranges& ks,
+                                                    bool accumulate) {
+    if (M <= 0 || N_ <= 0) return;
+    TORCH_INTERNAL_ASSERT(M <= M_);
+    uint16_t* ab = reinterpret_cast<uint16_t*>(a_.data_ptr<c10::BFloat16>());
+    const int64_t lda2 = Kp_ * 2;
+    for (int r = 0; r < ks.count; ++r) {
+      TORCH_INTERNAL_ASSERT(ks.begin[r] % 2 == 0 && (ks.end[r] % 2 == 0 || ks.end[r] == K_));
+      for (int64_t m = 0; m < M; ++m) {
+        for (int64_t k = ks.begin[r]; k < ks.end[r]; k += 16) {
+          const int64_t n = std::min<int64_t>(16, ks.end[r] - k);
+          const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
+          const __m512 v = _mm512_maskz_loadu_ps(mask, a + m * lda + k);
+          _mm256_mask_storeu_epi16(ab + m * lda2 + k, mask,
+                                   (__m256i)_mm512_cvtneps_pbh(v));
+        }
+      }
+    }
+    const uint16_t* d = reinterpret_cast<const uint16_t*>(data_.data_ptr<c10::BFloat16>());
+    const float* bias = bias_.defined() ? bias_.data_ptr<float>() : nullptr;
+    for_each_register_block<kNR>(M, N_, [&](auto mr, int64_t p, int64_t n0, int64_t cols,
+                                            int64_t m0) RNNKERNELS_BF16_TARGET {
+      block<decltype(mr)::value>(ab + m0 * lda2, lda2, d + p * Kp_ * kNR * 2,
+                                 bias && !accumulate ? bias + n0 : nullptr, c + m0 * ldc + n0,
+                                 ldc, cols, ks, accumulate);
+    });
+  }
+
+ private:
+  template <int MR>
+  RNNKERNELS_BF16_TARGET C10_ALWAYS_INLINE void block(const uint16_t* a, int64_t lda,
+                                                      const uint16_t* panel, const float* bias,
+                                                      float* c, int64_t ldc, int64_t cols,
+                                                      const Ranges& ks, bool accumulate) const {
+    __m512 acc[MR][kNV];
+    for (int64_t v = 0; v < kNV; ++v) {
+      const int64_t n = std::clamp<int64_t>(cols - v * 16, 0, 16);
+      const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
+      for (int m = 0; m < MR; ++m) {
+        if (accumulate) {
+          acc[m][v] = _mm512_maskz_loadu_ps(mask, c + m * ldc + v * 16);
+        } else {
+          acc[m][v] = bias ? _mm512_loadu_ps(bias + v * 16) : _mm512_setzero_ps();
+        }
+      }
+    }
+    for (int r = 0; r < ks.count; ++r) {
+      for (int64_t kp = ks.begin[r] / 2; kp < (ks.end[r] + 1) / 2; ++kp) {
+        const uint16_t* bk = panel + kp * kNR * 2;
+        __m512i b[kNV];
+        for (int64_t v = 0; v < kNV; ++v) b[v] = _mm512_loadu_si512(bk + v * 32);
+        for (int m = 0; m < MR; ++m) {
+          int32_t pair;
+          std::memcpy(&pair, a + m * lda + kp * 2, sizeof(pair));
+          const __m512i av = _mm512_set1_epi32(pair);
+          for (int64_t v = 0; v < kNV; ++v) {
+            acc[m][v] = _mm512_dpbf16_ps(acc[m][v], (__m512bh)av, (__m512bh)b[v]);
+          }
+        }
+      }
+    }
+    for (int m = 0; m < MR; ++m) {
+      for (int64_t v = 0; v < kNV; ++v) {
+        const int64_t n = std::clamp<int64_t>(cols - v * 16, 0, 16);
+        if (n == 0) break;
+        _mm512_mask_storeu_ps(c + m * ldc + v * 16, static_cast<__mmask16>((1u << n) - 1),
+                              acc[m][v]);
+      }
+    }
+  }
+
+  int64_t K_, Kp_, N_, panels_, M_;
+  at::Tensor data_, bias_, a_;
+};
+#endif
 
 }  // namespace rnnkernels::cpu

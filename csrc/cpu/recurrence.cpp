@@ -32,6 +32,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <optional>
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
@@ -1202,11 +1203,35 @@ void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor&
       runs.push_back({g * nk, nk, w_p + (g * H + u0) * P, 1, P,
                       bias_p != nullptr ? bias_p + g * H + u0 : nullptr});
     }
-    const PackedPanels<T> w_own(P, nk > 0 ? G * nk : 0, runs);
     typename PackedPanels<T>::Ranges own, others;  // the state's units: this thread's, the rest
     own.add(u0, u1);
     others.add(0, u0);
     others.add(u1, P);
+    // The thread's slice, packed once; product(h, ks, accumulate) adds the state's units ks
+    // times it to gh. bfloat16 weights on a CPU with bfloat16 dot products: the slice packed in
+    // bfloat16 and the state rounded to it for the product (as torch's bfloat16 matmuls round
+    // their inputs).
+    std::optional<PackedPanels<T>> w_own;
+#ifdef RNNKERNELS_BF16_DOT
+    std::optional<PackedPanelsBF16> w16;
+    if constexpr (std::is_same_v<S, c10::BFloat16>) {
+      if (bf16_dot_available()) w16.emplace(P, nk > 0 ? G * nk : 0, b1 - b0, runs);
+    }
+    if (!w16) w_own.emplace(P, nk > 0 ? G * nk : 0, runs);
+#else
+    w_own.emplace(P, nk > 0 ? G * nk : 0, runs);
+#endif
+    auto product = [&](const T* h, const typename PackedPanels<T>::Ranges& ks, bool accumulate) {
+#ifdef RNNKERNELS_BF16_DOT
+      if constexpr (std::is_same_v<T, float>) {
+        if (w16) {
+          w16->multiply(b1 - b0, h + b0 * P, P, gh_p + b0 * ldg, ldg, ks, accumulate);
+          return;
+        }
+      }
+#endif
+      w_own->multiply(b1 - b0, h + b0 * P, P, gh_p + b0 * ldg, ldg, ks, accumulate);
+    };
     for (int64_t s = 0; s < pb.steps; ++s) {
       const int64_t t = pb.time(s);
       const FwdStep<S, T> st{gx_p + t * B * GH, hs_p + pb.slot_in(s) * B * P,
@@ -1220,11 +1245,9 @@ void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor&
         // State units [u0, u1) are this thread's own (written by it in the step before): their
         // part of the product first, then the others' once they have arrived. (Software
         // prefetch of the state or of the next step's gx rows measured slower.)
-        w_own.multiply(b1 - b0, st.hin + b0 * P, P, gh_p + b0 * ldg, ldg, own, false);
+        product(st.hin, own, false);
         flags.wait_others(k, s - 1, j0, j1);
-        if (others.count > 0) {
-          w_own.multiply(b1 - b0, st.hin + b0 * P, P, gh_p + b0 * ldg, ldg, others, true);
-        }
+        if (others.count > 0) product(st.hin, others, true);
         for (int64_t b = b0; b < b1; ++b) {
           if (pb.masked(t, b)) {
             forward_masked_units(pb, st, b, u0, u1);
