@@ -21,6 +21,8 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include "lanes.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
@@ -219,12 +221,23 @@ class PackedPanelsBF16 {
     data_ = at::zeros({std::max<int64_t>(1, panels_ * Kp_ * kNR * 2)}, bf16);
     c10::BFloat16* d = data_.data_ptr<c10::BFloat16>();
     for (const Columns& r : runs) {
-      for (int64_t j = 0; j < r.count; ++j) {
+      for (int64_t j = 0; j < r.count;) {
         const int64_t n = r.n0 + j, p = n / kNR, col = n - p * kNR;
-        for (int64_t k = 0; k < K; ++k) {
-          d[((p * Kp_ + k / 2) * kNR + col) * 2 + (k & 1)] =
-              c10::BFloat16(r.base[k * r.stride_k + j * r.stride_n]);
+        // Whole tiles of 16 columns that are rows of W: 16 x 16 k-pairs at a time (pack_tiles);
+        // the rest value by value.
+        int64_t k0 = 0;
+        const bool tile = r.stride_k == 1 && col % 16 == 0 && j + 16 <= r.count;
+        if (tile) {
+          k0 = pack_tiles(r.base + j * r.stride_n, r.stride_n, d + (p * Kp_ * kNR + col) * 2);
         }
+        const int64_t width = tile ? 16 : 1;
+        for (int64_t i = 0; i < width; ++i) {
+          for (int64_t k = k0; k < K; ++k) {
+            d[((p * Kp_ + k / 2) * kNR + col + i) * 2 + (k & 1)] =
+                c10::BFloat16(r.base[k * r.stride_k + (j + i) * r.stride_n]);
+          }
+        }
+        j += width;
       }
       if (r.bias != nullptr) {
         if (!bias_.defined()) bias_ = at::zeros({panels_ * kNR}, at::kFloat);
@@ -232,6 +245,25 @@ class PackedPanelsBF16 {
       }
     }
     a_ = at::zeros({std::max<int64_t>(1, M * Kp_ * 2)}, bf16);
+  }
+
+  // Columns [col, col + 16) of a panel from 16 rows of W (src, row stride ld, contiguous in k):
+  // per 32 values of k, each row's 32 floats rounded to 16 bfloat16 pairs (one vector of 32-bit
+  // pairs), the 16 x 16 tile of pairs transposed in registers and stored as 16 rows of the panel.
+  // Returns the k up to which it packed (a multiple of 32); the caller packs the rest.
+  RNNKERNELS_BF16_TARGET int64_t pack_tiles(const float* src, int64_t ld,
+                                            c10::BFloat16* dst) const {
+    int64_t k = 0;
+    for (; k + 32 <= K_; k += 32) {
+      __m512 t[16];
+      for (int i = 0; i < 16; ++i) {
+        const float* row = src + i * ld + k;
+        t[i] = (__m512)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(row + 16), _mm512_loadu_ps(row));
+      }
+      lanes::transpose16(t);
+      for (int q = 0; q < 16; ++q) _mm512_storeu_ps(dst + (k / 2 + q) * kNR * 2, t[q]);
+    }
+    return k;
   }
 
   // As PackedPanels::multiply, A (M x K, row stride lda) float: the columns of A in ks are
