@@ -94,12 +94,22 @@ void transpose_tile(Vec<T>* r) {
   }
 }
 
-// The first n values of p as a vector (zero past n), converted to T.
+// The first n values of p as a vector (zero past n), converted to T. bfloat16 to float on
+// AVX-512 is one widening and a shift (exact), not a loop over the values: the recurrences'
+// bfloat16 products and pointwise passes and the scans' bfloat16 gathers read through it.
 template <typename T, typename S>
 Vec<T> load_as(const S* p, int64_t n) {
   if constexpr (std::is_same_v<S, T>) {
     return Vec<T>::loadu(p, n);
   } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<S, c10::BFloat16> && std::is_same_v<T, float>) {
+      const __m256i bits =
+          n == Vec<T>::size() ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                              : _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p);
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+    }
+#endif
     T buf[Vec<T>::size()] = {};
     for (int64_t k = 0; k < n; ++k) buf[k] = static_cast<T>(p[k]);
     return Vec<T>::loadu(buf);

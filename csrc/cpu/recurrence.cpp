@@ -32,8 +32,8 @@
 
 #include <algorithm>
 #include <atomic>
-#include <optional>
 #include <cstdlib>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -46,6 +46,7 @@
 #endif
 
 #include "../recurrence_weight_grads.h"
+#include "lanes.h"
 #include "panel_gemm.h"
 #include "vec_math.h"
 #include "rnnkernels/cells.h"
@@ -54,6 +55,8 @@ namespace rnnkernels::cpu {
 
 using at::Tensor;
 using at::vec::Vectorized;
+using lanes::load_as;
+using lanes::store_as;
 
 namespace {
 
@@ -91,45 +94,6 @@ struct VecMath {
   static V relu(V x) { return at::vec::maximum(x, V(T(0))); }
   static V relu_grad(V y) { return V::blendv(V(T(0)), V(T(1)), y > V(T(0))); }
 };
-
-// The first n values of p as a vector of T (zero past n). bfloat16 to float on AVX-512 is one
-// widening and a shift (exact), not a loop over the values: the bfloat16 decoding step's
-// products read every weight through it.
-template <typename T, typename S>
-inline Vectorized<T> load(const S* p, int64_t n) {
-  using V = Vectorized<T>;
-  if constexpr (std::is_same_v<T, S>) {
-    return n == V::size() ? V::loadu(p) : V::loadu(p, n);
-  } else {
-#if defined(CPU_CAPABILITY_AVX512)
-    if constexpr (std::is_same_v<S, c10::BFloat16> && std::is_same_v<T, float>) {
-      const __m256i bits =
-          n == V::size() ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
-                         : _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p);
-      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-    }
-#endif
-    T tmp[V::size()];
-    for (int64_t k = 0; k < n; ++k) tmp[k] = static_cast<T>(p[k]);
-    return V::loadu(tmp, n);
-  }
-}
-
-template <typename T, typename S>
-inline void store(S* p, Vectorized<T> v, int64_t n) {
-  using V = Vectorized<T>;
-  if constexpr (std::is_same_v<T, S>) {
-    if (n == V::size()) {
-      v.store(p);
-    } else {
-      v.store(p, n);
-    }
-  } else {
-    T tmp[V::size()];
-    v.store(tmp);
-    for (int64_t k = 0; k < n; ++k) p[k] = static_cast<S>(tmp[k]);
-  }
-}
 
 template <typename T, typename S>
 inline void store_scalar_row(S* dst, const T* src, int64_t n) {
@@ -218,10 +182,10 @@ void small_product_rows(int64_t n0, int64_t n1, int64_t N, int64_t K, const SA* 
       const int64_t n = std::min(VS, K - k);
       V wv[kRows];
       for (int64_t r = 0; r < kRows; ++r) {
-        wv[r] = r < rows ? load<T>(w + (j0 + r) * ldw + k, n) : V(T(0));
+        wv[r] = r < rows ? load_as<T>(w + (j0 + r) * ldw + k, n) : V(T(0));
       }
       for (int m = 0; m < MR; ++m) {
-        const V av = load<T>(a + m * K + k, n);
+        const V av = load_as<T>(a + m * K + k, n);
         for (int64_t r = 0; r < kRows; ++r) acc[m][r] = at::vec::fmadd(av, wv[r], acc[m][r]);
       }
     }
@@ -297,7 +261,7 @@ struct FwdStep {
 // The zoneout weights of n units at offset k of a step's draws, or the evaluation weight.
 template <typename T>
 inline Vectorized<T> zoneout_weight(const T* draws, T p, int64_t k, int64_t n) {
-  return draws ? load<T>(draws + k, n) : Vectorized<T>(p);
+  return draws ? load_as<T>(draws + k, n) : Vectorized<T>(p);
 }
 
 // The LSTM's gates and c_t (h from c_t unnormalised) of units [j, j + n) of one row.
@@ -309,13 +273,13 @@ inline void lstm_units(const Problem<S, T>& pb, const S* gxr, const T* g, int64_
   using V = Vectorized<T>;
   using M = VecMath<T>;
   const int64_t H = pb.hidden;
-  const V pi = load<T>(gxr + j, n) + load<T>(g, n);
-  const V pf = load<T>(gxr + H + j, n) + load<T>(g + gstride, n);
-  const V pg = load<T>(gxr + 2 * H + j, n) + load<T>(g + 2 * gstride, n);
-  const V po = load<T>(gxr + 3 * H + j, n) + load<T>(g + 3 * gstride, n);
+  const V pi = load_as<T>(gxr + j, n) + load_as<T>(g, n);
+  const V pf = load_as<T>(gxr + H + j, n) + load_as<T>(g + gstride, n);
+  const V pg = load_as<T>(gxr + 2 * H + j, n) + load_as<T>(g + 2 * gstride, n);
+  const V po = load_as<T>(gxr + 3 * H + j, n) + load_as<T>(g + 3 * gstride, n);
   if (pb.peep) {
-    lstm_peephole_forward<V, M>(pi, pf, pg, po, cp, load<T>(pb.peep + j, n),
-                                load<T>(pb.peep + H + j, n), load<T>(pb.peep + 2 * H + j, n), i,
+    lstm_peephole_forward<V, M>(pi, pf, pg, po, cp, load_as<T>(pb.peep + j, n),
+                                load_as<T>(pb.peep + H + j, n), load_as<T>(pb.peep + 2 * H + j, n), i,
                                 f, gg, o, c, h);
   } else {
     lstm_forward<V, M>(pi, pf, pg, po, cp, i, f, gg, o, c, h);
@@ -343,68 +307,68 @@ void forward_units(const Problem<S, T>& pb, const FwdStep<S, T>& st, int64_t b, 
     switch (pb.cell) {
       case Cell::LSTM: {
         V i, f, gg, o, c, h;
-        const V cp = load<T>(st.cin + b * H + j, n);
+        const V cp = load_as<T>(st.cin + b * H + j, n);
         lstm_units(pb, gxr, g, gstride, j, n, cp, i, f, gg, o, c, h);
-        if (pb.projected && wsr) store<T>(wsr + 5 * H + j, h, n);
+        if (pb.projected && wsr) store_as(wsr + 5 * H + j, h, n);
         if (zoneout) {  // h of a projected LSTM is zoned out after the projection
           c = zoneout_forward(zoneout_weight(st.zc, pb.zoneout_p, b * H + j, n), cp, c);
           if (!pb.projected) {
             h = zoneout_forward(zoneout_weight(st.zh, pb.zoneout_p, b * P + j, n),
-                                load<T>(hprev + j, n), h);
+                                load_as<T>(hprev + j, n), h);
           }
         }
-        store<T>(st.cout + b * H + j, c, n);
-        store<T>(st.hfull + b * H + j, h, n);
+        store_as(st.cout + b * H + j, c, n);
+        store_as(st.hfull + b * H + j, h, n);
         if (wsr) {  // with zoneout, slot 4 holds the state c, from which the backward recomputes
-          store<T>(wsr + j, i, n);
-          store<T>(wsr + H + j, f, n);
-          store<T>(wsr + 2 * H + j, gg, n);
-          store<T>(wsr + 3 * H + j, o, n);
-          store<T>(wsr + 4 * H + j, c, n);
+          store_as(wsr + j, i, n);
+          store_as(wsr + H + j, f, n);
+          store_as(wsr + 2 * H + j, gg, n);
+          store_as(wsr + 3 * H + j, o, n);
+          store_as(wsr + 4 * H + j, c, n);
         }
-        if (yr) store<T>(yr + j, h, n);
+        if (yr) store_as(yr + j, h, n);
         break;
       }
       case Cell::GRU: {
         V r, z, nn, h;
-        const V hn = load<T>(g + 2 * gstride, n);
-        const V hp = load<T>(hprev + j, n);
-        gru_forward<V, M>(load<T>(gxr + j, n), load<T>(gxr + H + j, n),
-                          load<T>(gxr + 2 * H + j, n), load<T>(g, n), load<T>(g + gstride, n), hn,
+        const V hn = load_as<T>(g + 2 * gstride, n);
+        const V hp = load_as<T>(hprev + j, n);
+        gru_forward<V, M>(load_as<T>(gxr + j, n), load_as<T>(gxr + H + j, n),
+                          load_as<T>(gxr + 2 * H + j, n), load_as<T>(g, n), load_as<T>(g + gstride, n), hn,
                           hp, r, z, nn, h);
         if (zoneout) h = zoneout_forward(zoneout_weight(st.zh, pb.zoneout_p, b * P + j, n), hp, h);
-        store<T>(st.hout + b * H + j, h, n);
+        store_as(st.hout + b * H + j, h, n);
         if (wsr) {
-          store<T>(wsr + j, r, n);
-          store<T>(wsr + H + j, z, n);
-          store<T>(wsr + 2 * H + j, nn, n);
-          store<T>(wsr + 3 * H + j, hn, n);
+          store_as(wsr + j, r, n);
+          store_as(wsr + H + j, z, n);
+          store_as(wsr + 2 * H + j, nn, n);
+          store_as(wsr + 3 * H + j, hn, n);
         }
-        if (yr) store<T>(yr + j, h, n);
+        if (yr) store_as(yr + j, h, n);
         break;
       }
       case Cell::GRU_RESET_BEFORE: {  // phase 1; phase 2 in forward_batched
         V r, z, v;
         const T* hrec = (st.hrec ? st.hrec : st.hin) + b * P;
-        gru_rb_forward_gates<V, M>(load<T>(gxr + j, n), load<T>(gxr + H + j, n), load<T>(g, n),
-                                   load<T>(g + gstride, n), load<T>(hrec + j, n), r, z, v);
-        store<T>(st.v + b * H + j, v, n);
+        gru_rb_forward_gates<V, M>(load_as<T>(gxr + j, n), load_as<T>(gxr + H + j, n), load_as<T>(g, n),
+                                   load_as<T>(g + gstride, n), load_as<T>(hrec + j, n), r, z, v);
+        store_as(st.v + b * H + j, v, n);
         if (wsr) {
-          store<T>(wsr + j, r, n);
-          store<T>(wsr + H + j, z, n);
-          store<T>(wsr + 3 * H + j, v, n);
+          store_as(wsr + j, r, n);
+          store_as(wsr + H + j, z, n);
+          store_as(wsr + 3 * H + j, v, n);
         }
         break;
       }
       case Cell::RNN_TANH:
       case Cell::RNN_RELU: {
-        const V hc = rnn_forward<V, M>(load<T>(gxr + j, n) + load<T>(g, n), relu);
+        const V hc = rnn_forward<V, M>(load_as<T>(gxr + j, n) + load_as<T>(g, n), relu);
         const V h = zoneout ? zoneout_forward(zoneout_weight(st.zh, pb.zoneout_p, b * P + j, n),
-                                              load<T>(hprev + j, n), hc)
+                                              load_as<T>(hprev + j, n), hc)
                             : hc;
-        store<T>(st.hout + b * H + j, h, n);
-        if (wsr) store<T>(wsr + j, hc, n);
-        if (yr) store<T>(yr + j, h, n);
+        store_as(st.hout + b * H + j, h, n);
+        if (wsr) store_as(wsr + j, hc, n);
+        if (yr) store_as(yr + j, h, n);
         break;
       }
     }
@@ -420,12 +384,12 @@ std::pair<T, T> row_mean_rstd(const T* x, int64_t n) {
   constexpr int64_t VS = V::size();
   auto sum = [](const V& a, const V& b) { return a + b; };
   V s(T(0));
-  for (int64_t j = 0; j < n; j += VS) s = s + load<T>(x + j, std::min(VS, n - j));
+  for (int64_t j = 0; j < n; j += VS) s = s + load_as<T>(x + j, std::min(VS, n - j));
   const T mean = at::vec::vec_reduce_all<T>(sum, s) / T(n);
   const V m(mean);
   V q(T(0));
   for (int64_t j = 0; j < n; j += VS) {
-    const V d = load<T>(x + j, std::min(VS, n - j)) - m;
+    const V d = load_as<T>(x + j, std::min(VS, n - j)) - m;
     q = q + d * d;
   }
   // the zero-filled lanes of a partial last vector each added mean^2
@@ -445,9 +409,9 @@ void layer_norm_gates(const Problem<S, T>& pb, T* gh, T* raw) {
   if (raw) std::copy(gh, gh + GH, raw);
   for (int64_t j = 0; j < GH; j += VS) {
     const int64_t n = std::min(VS, GH - j);
-    V y = (load<T>(gh + j, n) - V(mean)) * V(rstd) * load<T>(pb.ln_hh + j, n);
-    if (pb.ln_bias_hh) y = y + load<T>(pb.ln_bias_hh + j, n);
-    store<T>(gh + j, y, n);
+    V y = (load_as<T>(gh + j, n) - V(mean)) * V(rstd) * load_as<T>(pb.ln_hh + j, n);
+    if (pb.ln_bias_hh) y = y + load_as<T>(pb.ln_bias_hh + j, n);
+    store_as(gh + j, y, n);
   }
 }
 
@@ -464,9 +428,9 @@ void layer_norm_gates_backward(const Problem<S, T>& pb, const T* raw, const T* d
   V s1(T(0)), s2(T(0));
   for (int64_t j = 0; j < GH; j += VS) {
     const int64_t n = std::min(VS, GH - j);
-    const V xh = (load<T>(raw + j, n) - V(mean)) * V(rstd);
-    const V dxh = load<T>(dy + j, n) * load<T>(pb.ln_hh + j, n);  // zero past n
-    store<T>(xhat + j, xh, n);
+    const V xh = (load_as<T>(raw + j, n) - V(mean)) * V(rstd);
+    const V dxh = load_as<T>(dy + j, n) * load_as<T>(pb.ln_hh + j, n);  // zero past n
+    store_as(xhat + j, xh, n);
     s1 = s1 + dxh;
     s2 = s2 + dxh * xh;
   }
@@ -474,9 +438,9 @@ void layer_norm_gates_backward(const Problem<S, T>& pb, const T* raw, const T* d
   const V m2(at::vec::vec_reduce_all<T>(sum, s2) / T(GH));
   for (int64_t j = 0; j < GH; j += VS) {
     const int64_t n = std::min(VS, GH - j);
-    store<T>(dx + j,
-             layer_norm_backward(load<T>(dy + j, n) * load<T>(pb.ln_hh + j, n),
-                                 load<T>(xhat + j, n), V(rstd), m1, m2),
+    store_as(dx + j,
+             layer_norm_backward(load_as<T>(dy + j, n) * load_as<T>(pb.ln_hh + j, n),
+                                 load_as<T>(xhat + j, n), V(rstd), m1, m2),
              n);
   }
 }
@@ -499,36 +463,36 @@ void forward_lstm_ln_row(const Problem<S, T>& pb, const FwdStep<S, T>& st, int64
   for (int64_t j = 0; j < H; j += VS) {
     const int64_t n = std::min(VS, H - j);
     V i, f, gg, o, c, h;
-    lstm_units(pb, gxr, gh + j, H, j, n, load<T>(st.cin + b * H + j, n), i, f, gg, o, c, h);
-    store<T>(cn + j, c, n);
-    store<T>(on + j, o, n);
+    lstm_units(pb, gxr, gh + j, H, j, n, load_as<T>(st.cin + b * H + j, n), i, f, gg, o, c, h);
+    store_as(cn + j, c, n);
+    store_as(on + j, o, n);
     if (wsr) {
-      store<T>(wsr + j, i, n);
-      store<T>(wsr + H + j, f, n);
-      store<T>(wsr + 2 * H + j, gg, n);
-      store<T>(wsr + 3 * H + j, o, n);
+      store_as(wsr + j, i, n);
+      store_as(wsr + H + j, f, n);
+      store_as(wsr + 2 * H + j, gg, n);
+      store_as(wsr + 3 * H + j, o, n);
     }
   }
   const auto [mean, rstd] = row_mean_rstd(cn, H);
   for (int64_t j = 0; j < H; j += VS) {
     const int64_t n = std::min(VS, H - j);
-    const V c = load<T>(cn + j, n);
-    const V u = (c - V(mean)) * V(rstd) * load<T>(pb.ln_c + j, n) + load<T>(pb.ln_bias_c + j, n);
-    V h = load<T>(on + j, n) * M::tanh_(u);
+    const V c = load_as<T>(cn + j, n);
+    const V u = (c - V(mean)) * V(rstd) * load_as<T>(pb.ln_c + j, n) + load_as<T>(pb.ln_bias_c + j, n);
+    V h = load_as<T>(on + j, n) * M::tanh_(u);
     V cs = c;
-    if (pb.projected && wsr) store<T>(wsr + 5 * H + j, h, n);
+    if (pb.projected && wsr) store_as(wsr + 5 * H + j, h, n);
     if (pb.zoneout()) {
       cs = zoneout_forward(zoneout_weight(st.zc, pb.zoneout_p, b * H + j, n),
-                           load<T>(st.cin + b * H + j, n), c);
+                           load_as<T>(st.cin + b * H + j, n), c);
       if (!pb.projected) {
         h = zoneout_forward(zoneout_weight(st.zh, pb.zoneout_p, b * P + j, n),
-                            load<T>(st.hin + b * P + j, n), h);
+                            load_as<T>(st.hin + b * P + j, n), h);
       }
     }
-    store<T>(st.cout + b * H + j, cs, n);
-    store<T>(st.hfull + b * H + j, h, n);
-    if (wsr) store<T>(wsr + 4 * H + j, cs, n);
-    if (yr) store<T>(yr + j, h, n);
+    store_as(st.cout + b * H + j, cs, n);
+    store_as(st.hfull + b * H + j, h, n);
+    if (wsr) store_as(wsr + 4 * H + j, cs, n);
+    if (yr) store_as(yr + j, h, n);
   }
 }
 
@@ -588,8 +552,8 @@ void backward_units(const Problem<S, T>& pb, const BwdStep<S, T>& st, int64_t b,
   const bool zoneout = pb.zoneout();
   for (int64_t j = u0; j < u1; j += VS) {
     const int64_t n = std::min(VS, u1 - j);
-    V dH = load<T>(dhr + j, n);
-    if (gyr) dH = dH + load<T>(gyr + j, n);
+    V dH = load_as<T>(dhr + j, n);
+    if (gyr) dH = dH + load_as<T>(gyr + j, n);
     V dzo = M::zero();  // the part of dH that zoneout passes straight to h_{t-1}
     if (zoneout && !pb.projected) {  // projected: done on the projected state by the caller
       zoneout_backward(zoneout_weight(st.zh, pb.zoneout_p, b * P + j, n), dH, dH, dzo);
@@ -597,11 +561,11 @@ void backward_units(const Problem<S, T>& pb, const BwdStep<S, T>& st, int64_t b,
     switch (pb.cell) {
       case Cell::LSTM: {
         V di, df, dg, do_, dcp;
-        const V i = load<T>(wsr + j, n), f = load<T>(wsr + H + j, n);
-        const V gg = load<T>(wsr + 2 * H + j, n), o = load<T>(wsr + 3 * H + j, n);
-        V c = load<T>(wsr + 4 * H + j, n);
-        const V cp = load<T>(st.cprev + b * st.cprev_stride + j, n);
-        V dcin = load<T>(st.dc + b * H + j, n);
+        const V i = load_as<T>(wsr + j, n), f = load_as<T>(wsr + H + j, n);
+        const V gg = load_as<T>(wsr + 2 * H + j, n), o = load_as<T>(wsr + 3 * H + j, n);
+        V c = load_as<T>(wsr + 4 * H + j, n);
+        const V cp = load_as<T>(st.cprev + b * st.cprev_stride + j, n);
+        V dcin = load_as<T>(st.dc + b * H + j, n);
         V dc_carry = M::zero();
         if (zoneout) {  // slot 4 holds the zoned-out state: the cell's own c_t is recomputed
           c = f * cp + i * gg;
@@ -609,47 +573,47 @@ void backward_units(const Problem<S, T>& pb, const BwdStep<S, T>& st, int64_t b,
                            dc_carry);
         }
         if (pb.peep) {
-          lstm_peephole_backward<V, M>(dH, dcin, i, f, gg, o, c, cp, load<T>(pb.peep + j, n),
-                                       load<T>(pb.peep + H + j, n),
-                                       load<T>(pb.peep + 2 * H + j, n), di, df, dg, do_, dcp);
+          lstm_peephole_backward<V, M>(dH, dcin, i, f, gg, o, c, cp, load_as<T>(pb.peep + j, n),
+                                       load_as<T>(pb.peep + H + j, n),
+                                       load_as<T>(pb.peep + 2 * H + j, n), di, df, dg, do_, dcp);
         } else {
           lstm_backward<V, M>(dH, dcin, i, f, gg, o, c, cp, di, df, dg, do_, dcp);
         }
-        store<T>(dghr + j, di, n);
-        store<T>(dghr + H + j, df, n);
-        store<T>(dghr + 2 * H + j, dg, n);
-        store<T>(dghr + 3 * H + j, do_, n);
-        store<T>(st.dc + b * H + j, dcp + dc_carry, n);
-        if (!pb.projected) store<T>(dhdr + j, dzo, n);
+        store_as(dghr + j, di, n);
+        store_as(dghr + H + j, df, n);
+        store_as(dghr + 2 * H + j, dg, n);
+        store_as(dghr + 3 * H + j, do_, n);
+        store_as(st.dc + b * H + j, dcp + dc_carry, n);
+        if (!pb.projected) store_as(dhdr + j, dzo, n);
         break;
       }
       case Cell::GRU: {
         V dxr, dxz, dxn, dhn, direct;
-        gru_backward<V, M>(dH, load<T>(wsr + j, n), load<T>(wsr + H + j, n),
-                           load<T>(wsr + 2 * H + j, n), load<T>(wsr + 3 * H + j, n),
-                           load<T>(hprev + j, n), dxr, dxz, dxn, dhn, direct);
-        store<T>(dghr + j, dxr, n);
-        store<T>(dghr + H + j, dxz, n);
-        store<T>(dghr + 2 * H + j, dhn, n);
-        store<T>(dgxr + j, dxr, n);
-        store<T>(dgxr + H + j, dxz, n);
-        store<T>(dgxr + 2 * H + j, dxn, n);
-        store<T>(dhdr + j, direct + dzo, n);
+        gru_backward<V, M>(dH, load_as<T>(wsr + j, n), load_as<T>(wsr + H + j, n),
+                           load_as<T>(wsr + 2 * H + j, n), load_as<T>(wsr + 3 * H + j, n),
+                           load_as<T>(hprev + j, n), dxr, dxz, dxn, dhn, direct);
+        store_as(dghr + j, dxr, n);
+        store_as(dghr + H + j, dxz, n);
+        store_as(dghr + 2 * H + j, dhn, n);
+        store_as(dgxr + j, dxr, n);
+        store_as(dgxr + H + j, dxz, n);
+        store_as(dgxr + 2 * H + j, dxn, n);
+        store_as(dhdr + j, direct + dzo, n);
         break;
       }
       case Cell::GRU_RESET_BEFORE: {  // phase A; phase B in backward_batched
         V dn, dz, direct;
-        gru_rb_backward_out<V, M>(dH, load<T>(wsr + H + j, n), load<T>(wsr + 2 * H + j, n),
-                                  load<T>(hprev + j, n), dn, dz, direct);
-        store<T>(dghr + H + j, dz, n);
-        store<T>(dghr + 2 * H + j, dn, n);
-        store<T>(dhdr + j, direct + dzo, n);
+        gru_rb_backward_out<V, M>(dH, load_as<T>(wsr + H + j, n), load_as<T>(wsr + 2 * H + j, n),
+                                  load_as<T>(hprev + j, n), dn, dz, direct);
+        store_as(dghr + H + j, dz, n);
+        store_as(dghr + 2 * H + j, dn, n);
+        store_as(dhdr + j, direct + dzo, n);
         break;
       }
       case Cell::RNN_TANH:
       case Cell::RNN_RELU: {
-        store<T>(dghr + j, rnn_backward<V, M>(dH, load<T>(wsr + j, n), relu), n);
-        store<T>(dhdr + j, dzo, n);
+        store_as(dghr + j, rnn_backward<V, M>(dH, load_as<T>(wsr + j, n), relu), n);
+        store_as(dhdr + j, dzo, n);
         break;
       }
     }
@@ -678,16 +642,16 @@ void backward_lstm_ln_row(const Problem<S, T>& pb, const BwdStep<S, T>& st, int6
   const bool zoneout = pb.zoneout();
   for (int64_t j = 0; j < H; j += VS) {
     const int64_t n = std::min(VS, H - j);
-    store<T>(cn + j,
-             load<T>(wsr + H + j, n) * load<T>(cpr + j, n) +
-                 load<T>(wsr + j, n) * load<T>(wsr + 2 * H + j, n),
+    store_as(cn + j,
+             load_as<T>(wsr + H + j, n) * load_as<T>(cpr + j, n) +
+                 load_as<T>(wsr + j, n) * load_as<T>(wsr + 2 * H + j, n),
              n);
   }
   const auto [mean, rstd] = row_mean_rstd(cn, H);
   // dH of the cell's h (zoneout's direct share split off) and what the cell needs of it
   auto cell_dh = [&](int64_t j, int64_t n, V& dzo) {
-    V dH = load<T>(dhr + j, n);
-    if (gyr) dH = dH + load<T>(gyr + j, n);
+    V dH = load_as<T>(dhr + j, n);
+    if (gyr) dH = dH + load_as<T>(gyr + j, n);
     dzo = M::zero();
     if (zoneout && !pb.projected) {
       zoneout_backward(zoneout_weight(st.zh, pb.zoneout_p, b * P + j, n), dH, dH, dzo);
@@ -700,14 +664,14 @@ void backward_lstm_ln_row(const Problem<S, T>& pb, const BwdStep<S, T>& st, int6
     const int64_t n = std::min(VS, H - j);
     V dzo;
     const V dH = cell_dh(j, n, dzo);
-    const V xh = (load<T>(cn + j, n) - V(mean)) * V(rstd);
-    const V gamma = load<T>(pb.ln_c + j, n);
-    const V tu = M::tanh_(xh * gamma + load<T>(pb.ln_bias_c + j, n));
-    const V du = dH * load<T>(wsr + 3 * H + j, n) * (M::one() - tu * tu);  // zero past n
+    const V xh = (load_as<T>(cn + j, n) - V(mean)) * V(rstd);
+    const V gamma = load_as<T>(pb.ln_c + j, n);
+    const V tu = M::tanh_(xh * gamma + load_as<T>(pb.ln_bias_c + j, n));
+    const V du = dH * load_as<T>(wsr + 3 * H + j, n) * (M::one() - tu * tu);  // zero past n
     const V dxh = du * gamma;
-    store<T>(dxh_row + j, dxh, n);
-    store<T>(dlnr + j, du * xh, n);
-    store<T>(dlnr + H + j, du, n);
+    store_as(dxh_row + j, dxh, n);
+    store_as(dlnr + j, du * xh, n);
+    store_as(dlnr + H + j, du, n);
     s1 = s1 + dxh;
     s2 = s2 + dxh * xh;
   }
@@ -717,28 +681,28 @@ void backward_lstm_ln_row(const Problem<S, T>& pb, const BwdStep<S, T>& st, int6
     const int64_t n = std::min(VS, H - j);
     V dzo;
     const V dH = cell_dh(j, n, dzo);
-    const V i = load<T>(wsr + j, n), f = load<T>(wsr + H + j, n);
-    const V gg = load<T>(wsr + 2 * H + j, n), o = load<T>(wsr + 3 * H + j, n);
-    const V cp = load<T>(cpr + j, n);
-    const V xh = (load<T>(cn + j, n) - V(mean)) * V(rstd);
-    const V tu = M::tanh_(xh * load<T>(pb.ln_c + j, n) + load<T>(pb.ln_bias_c + j, n));
+    const V i = load_as<T>(wsr + j, n), f = load_as<T>(wsr + H + j, n);
+    const V gg = load_as<T>(wsr + 2 * H + j, n), o = load_as<T>(wsr + 3 * H + j, n);
+    const V cp = load_as<T>(cpr + j, n);
+    const V xh = (load_as<T>(cn + j, n) - V(mean)) * V(rstd);
+    const V tu = M::tanh_(xh * load_as<T>(pb.ln_c + j, n) + load_as<T>(pb.ln_bias_c + j, n));
     const V do_ = dH * tu * o * (M::one() - o);
-    V dc = load<T>(st.dc + b * H + j, n);
+    V dc = load_as<T>(st.dc + b * H + j, n);
     V dc_carry = M::zero();
     if (zoneout) {
       zoneout_backward(zoneout_weight(st.zc, pb.zoneout_p, b * H + j, n), dc, dc, dc_carry);
     }
-    V dct = dc + layer_norm_backward(load<T>(dxh_row + j, n), xh, V(rstd), m1, m2);
-    if (pb.peep) dct = dct + do_ * load<T>(pb.peep + 2 * H + j, n);
+    V dct = dc + layer_norm_backward(load_as<T>(dxh_row + j, n), xh, V(rstd), m1, m2);
+    if (pb.peep) dct = dct + do_ * load_as<T>(pb.peep + 2 * H + j, n);
     V di, df, dg, dcp;
     lstm_gates_backward<V, M>(dct, i, f, gg, cp, di, df, dg, dcp);
-    if (pb.peep) dcp = dcp + di * load<T>(pb.peep + j, n) + df * load<T>(pb.peep + H + j, n);
-    store<T>(dghr + j, di, n);
-    store<T>(dghr + H + j, df, n);
-    store<T>(dghr + 2 * H + j, dg, n);
-    store<T>(dghr + 3 * H + j, do_, n);
-    store<T>(st.dc + b * H + j, dcp + dc_carry, n);
-    if (!pb.projected) store<T>(st.dhd + b * P + j, dzo, n);
+    if (pb.peep) dcp = dcp + di * load_as<T>(pb.peep + j, n) + df * load_as<T>(pb.peep + H + j, n);
+    store_as(dghr + j, di, n);
+    store_as(dghr + H + j, df, n);
+    store_as(dghr + 2 * H + j, dg, n);
+    store_as(dghr + 3 * H + j, do_, n);
+    store_as(st.dc + b * H + j, dcp + dc_carry, n);
+    if (!pb.projected) store_as(st.dhd + b * P + j, dzo, n);
   }
 }
 
@@ -872,17 +836,17 @@ void forward_batched(const Problem<S, T>& pb, const Tensor& gx, const Tensor& w,
         const S* gxr = st.gx + b * GH;
         for (int64_t j = 0; j < H; j += VS) {
           const int64_t n = std::min(VS, H - j);
-          const V z = M::sigmoid(load<T>(gxr + H + j, n) + load<T>(gh_p + b * ghs + H + j, n));
+          const V z = M::sigmoid(load_as<T>(gxr + H + j, n) + load_as<T>(gh_p + b * ghs + H + j, n));
           V nn, h;
-          const V hp = load<T>(hprev + j, n);
-          gru_rb_forward_out<V, M>(load<T>(gxr + 2 * H + j, n), load<T>(ghv_p + b * H + j, n), z,
+          const V hp = load_as<T>(hprev + j, n);
+          gru_rb_forward_out<V, M>(load_as<T>(gxr + 2 * H + j, n), load_as<T>(ghv_p + b * H + j, n), z,
                                    hp, nn, h);
           if (pb.zoneout()) {
             h = zoneout_forward(zoneout_weight(st.zh, pb.zoneout_p, b * P + j, n), hp, h);
           }
-          store<T>(hout_p + b * H + j, h, n);
-          if (st.ws) store<T>(st.ws + b * KH + 2 * H + j, nn, n);
-          store<T>(yr + j, h, n);
+          store_as(hout_p + b * H + j, h, n);
+          if (st.ws) store_as(st.ws + b * KH + 2 * H + j, nn, n);
+          store_as(yr + j, h, n);
         }
       });
     }
@@ -899,8 +863,8 @@ void forward_batched(const Problem<S, T>& pb, const Tensor& gx, const Tensor& w,
         if (pb.zoneout()) {
           for (int64_t j = 0; j < P; j += VS) {
             const int64_t n = std::min(VS, P - j);
-            store<T>(hr + j, zoneout_forward(zoneout_weight(st.zh, pb.zoneout_p, b * P + j, n),
-                                             load<T>(st.hin + b * P + j, n), load<T>(hr + j, n)),
+            store_as(hr + j, zoneout_forward(zoneout_weight(st.zh, pb.zoneout_p, b * P + j, n),
+                                             load_as<T>(st.hin + b * P + j, n), load_as<T>(hr + j, n)),
                      n);
           }
         }
@@ -965,10 +929,10 @@ void backward_batched(const Problem<S, T>& pb, const Tensor& grad_y, const Tenso
         for (int64_t j = 0; j < P; j += VS) {
           const int64_t n = std::min(VS, P - j);
           V dnext, dprev;
-          zoneout_backward(zoneout_weight(zh, pb.zoneout_p, b * P + j, n), load<T>(d + j, n),
+          zoneout_backward(zoneout_weight(zh, pb.zoneout_p, b * P + j, n), load_as<T>(d + j, n),
                            dnext, dprev);
-          store<T>(rec + j, dnext, n);
-          store<T>(direct + j, dprev, n);
+          store_as(rec + j, dnext, n);
+          store_as(direct + j, dprev, n);
         }
       });
       at::mm_out(dhfull, dhp.select(0, t), w_hr);
@@ -1002,14 +966,14 @@ void backward_batched(const Problem<S, T>& pb, const Tensor& grad_y, const Tenso
         for (int64_t j = 0; j < H; j += VS) {
           const int64_t n = std::min(VS, H - j);
           V dr;
-          V direct = load<T>(dhd_p + b * P + j, n);
+          V direct = load_as<T>(dhd_p + b * P + j, n);
           // v = r * (h * mask): the mask scales both of v's factors' gradients alike
-          V dvr = load<T>(dv_p + b * H + j, n);
-          if (mask) dvr = dvr * load<T>(mask + j, n);
-          gru_rb_backward_gates<V, VecMath<T>>(dvr, load<T>(wsr + j, n), load<T>(hprev + j, n),
+          V dvr = load_as<T>(dv_p + b * H + j, n);
+          if (mask) dvr = dvr * load_as<T>(mask + j, n);
+          gru_rb_backward_gates<V, VecMath<T>>(dvr, load_as<T>(wsr + j, n), load_as<T>(hprev + j, n),
                                                dr, direct);
-          store<T>(dghr + j, dr, n);
-          store<T>(dhd_p + b * P + j, direct, n);
+          store_as(dghr + j, dr, n);
+          store_as(dhd_p + b * P + j, direct, n);
         }
       });
     }
