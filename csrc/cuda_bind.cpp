@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "cuda/recurrence.h"
+#include "recurrence_checks.h"
 #include "recurrence_weight_grads.h"
 #include "cuda/scan.h"
 
@@ -51,7 +52,7 @@ void check(cudaError_t err, const char* what) {
 
 cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream().stream(); }
 
-bool given(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
+using checks::given;
 
 // The CUDA recurrence kernels implement no cell option (peephole, zoneout, recurrent dropout,
 // layer norm):
@@ -148,7 +149,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_fwd_cuda(
     const std::optional<Tensor>& recurrent_dropout_mask,
     const std::optional<Tensor>& ln_weight_hh, const std::optional<Tensor>& ln_weight_c,
     const std::optional<Tensor>& ln_bias_c) {
-  TORCH_CHECK(cell_id >= 0 && cell_id <= 4, "rnnkernels: unknown cell ", cell_id);
+  checks::check_recurrence_fwd(gx_in, h0, c0, w_hh, b_hh, w_hr, lengths_opt, cell_id, w_peep,
+                               zoneout_mask, zoneout_mask_c, recurrent_dropout_mask, ln_weight_hh,
+                               ln_weight_c, ln_bias_c);
   check_no_cell_options(
       {&w_peep, &zoneout_mask, &zoneout_mask_c, &recurrent_dropout_mask, &ln_weight_hh,
        &ln_weight_c, &ln_bias_c},
@@ -268,7 +271,9 @@ recurrence_bwd_cuda(
     const std::optional<Tensor>& recurrent_dropout_mask,
     const std::optional<Tensor>& ln_weight_hh, const std::optional<Tensor>& ln_weight_c,
     const std::optional<Tensor>& ln_bias_c) {
-  TORCH_CHECK(cell_id >= 0 && cell_id <= 4, "rnnkernels: unknown cell ", cell_id);
+  checks::check_recurrence_bwd(grad_y_opt, grad_hn, grad_cn, c0, w_hh, w_hr, lengths_opt, hs_in,
+                               ws_in, cell_id, w_peep, zoneout_mask, zoneout_mask_c,
+                               recurrent_dropout_mask, ln_weight_hh, ln_weight_c, ln_bias_c);
   check_no_cell_options(
       {&w_peep, &zoneout_mask, &zoneout_mask_c, &recurrent_dropout_mask, &ln_weight_hh,
        &ln_weight_c, &ln_bias_c},
@@ -485,6 +490,12 @@ selective_scan_bwd_cuda(const Tensor& grad_out, const std::optional<Tensor>& gra
                      chunk_size, keep);
   const auto f32_opts = u.options().dtype(at::kFloat);
   const int64_t batch = p.in.batch, dim = p.in.dim, L = p.in.length, N = p.in.n_state;
+  TORCH_CHECK(grad_out.sizes() == u.sizes(), "rnnkernels: selective_scan_bwd: grad_out must "
+              "match u, (batch, dim, L) = ", u.sizes(), ", got ", grad_out.sizes());
+  TORCH_CHECK(!given(grad_last_state) ||
+                  grad_last_state->sizes() == at::IntArrayRef({batch, dim, N}),
+              "rnnkernels: selective_scan_bwd: grad_last_state must be (batch, dim, N) = (",
+              batch, ", ", dim, ", ", N, ")");
   const Tensor gout = grad_out.to(u.scalar_type()).contiguous();
   const Tensor glast = given(grad_last_state) ? f32(*grad_last_state) : Tensor();
   const Tensor ckpt = checkpoints.contiguous();

@@ -45,6 +45,7 @@
 #include <immintrin.h>
 #endif
 
+#include "../recurrence_checks.h"
 #include "../recurrence_weight_grads.h"
 #include "lanes.h"
 #include "panel_gemm.h"
@@ -1307,7 +1308,7 @@ Tensor acc(const Tensor& t, at::ScalarType acc_type) {
   return t.defined() ? t.to(acc_type).contiguous() : t;
 }
 
-bool given(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
+using checks::given;
 
 // Gradient of the (3, H) peephole weights: sums over steps and rows of di * c_{t-1},
 // df * c_{t-1} and do * c_t, from the gate gradients dgh (T, B, 4H) and the cell states in ws
@@ -1369,8 +1370,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_fwd_cpu(
     const std::optional<Tensor>& recurrent_dropout_mask,
     const std::optional<Tensor>& ln_weight_hh, const std::optional<Tensor>& ln_weight_c,
     const std::optional<Tensor>& ln_bias_c) {
+  checks::check_recurrence_fwd(gx_in, h0, c0_opt, w_hh, b_hh_opt, w_hr_opt, lengths_opt, cell_id,
+                               w_peep, zoneout_mask, zoneout_mask_c, recurrent_dropout_mask,
+                               ln_weight_hh, ln_weight_c, ln_bias_c);
   const Cell cell = static_cast<Cell>(cell_id);
-  TORCH_CHECK(cell_id >= 0 && cell_id <= 4, "rnnkernels: unknown cell ", cell_id);
   const Tensor gx = gx_in.contiguous();
   const int64_t T_ = gx.size(0), B = gx.size(1), P = h0.size(1);
   const int64_t G = num_gates(cell), H = gx.size(2) / G;
@@ -1430,7 +1433,10 @@ recurrence_bwd_cpu(
     double zoneout, const std::optional<Tensor>& recurrent_dropout_mask,
     const std::optional<Tensor>& ln_weight_hh, const std::optional<Tensor>& ln_weight_c,
     const std::optional<Tensor>& ln_bias_c) {
-  TORCH_CHECK(cell_id >= 0 && cell_id <= 4, "rnnkernels: unknown cell ", cell_id);
+  checks::check_recurrence_bwd(grad_y_opt, grad_hn_opt, grad_cn_opt, c0_opt, w_hh, w_hr_opt,
+                               lengths_opt, hs_in, ws_in, cell_id, w_peep, zoneout_mask,
+                               zoneout_mask_c, recurrent_dropout_mask, ln_weight_hh, ln_weight_c,
+                               ln_bias_c);
   const Cell cell = static_cast<Cell>(cell_id);
   const Tensor hs = hs_in.contiguous(), ws = ws_in.contiguous();
   const int64_t T_ = ws.size(0), B = ws.size(1), P = hs.size(2);

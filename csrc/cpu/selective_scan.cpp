@@ -850,6 +850,10 @@ selective_scan_bwd_cpu(const Tensor& grad_out, const std::optional<Tensor>& grad
               "chunk_size), N) in the state dtype; call selective_scan_fwd with save=True");
   TORCH_CHECK(grad_out.sizes() == u.sizes(),
               "rnnkernels: selective_scan_bwd: grad_out must match u");
+  TORCH_CHECK(!given(grad_last_state) ||
+                  grad_last_state->sizes() == at::IntArrayRef({in.batch, in.dim, in.N}),
+              "rnnkernels: selective_scan_bwd: grad_last_state must be (batch, dim, N) = (",
+              in.batch, ", ", in.dim, ", ", in.N, ")");
   const Tensor gout = contiguous_as(grad_out, st, "grad_out");
   const Tensor ckpt = checkpoints.contiguous();
   const Tensor B_grouped = in.B_var ? grouped_acc(in.B, at_) : Tensor();
