@@ -15,6 +15,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from .. import _validate
+
 BLOCK_R = 16
 BLOCK_T = 64
 
@@ -79,6 +81,7 @@ def _linear_scan_bwd_kernel(gh_ptr, a_ptr, h_ptr, h0_ptr, ga_ptr, gb_ptr, gh0_pt
 @triton_op("rnnkernels::linear_scan_fwd_triton", mutates_args=())
 def linear_scan_fwd_triton(a: Tensor, b: Tensor, initial_state: Tensor | None) -> Tensor:
     """h (batch, channels, T) from a, b (batch, channels, T) and h0 (batch, channels)."""
+    _validate.linear_scan_op("linear_scan_fwd_triton", a, {"b": b}, initial_state)
     a, b = a.contiguous(), b.contiguous()
     h = torch.empty_like(a)
     rows, steps = a.shape[0] * a.shape[1], a.shape[2]
@@ -93,6 +96,8 @@ def linear_scan_fwd_triton(a: Tensor, b: Tensor, initial_state: Tensor | None) -
 def linear_scan_bwd_triton(grad_h: Tensor, a: Tensor, h: Tensor, initial_state: Tensor | None
                            ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_a, grad_b, grad_initial_state); the last is empty (0,) without an initial state."""
+    _validate.linear_scan_op("linear_scan_bwd_triton", a, {"grad_h": grad_h, "h": h},
+                             initial_state)
     grad_h, a, h = grad_h.contiguous(), a.contiguous(), h.contiguous()
     grad_a, grad_b = torch.empty_like(a), torch.empty_like(a)
     rows, steps = a.shape[0] * a.shape[1], a.shape[2]

@@ -42,7 +42,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from .. import _kernels
+from .. import _kernels, _validate
 from ..ops.recurrence import (
     GRU,
     GRU_RESET_BEFORE,
@@ -755,6 +755,9 @@ def recurrence_fwd_triton(gx: Tensor, h0: Tensor, c0: Tensor | None, w_hh: Tenso
     gx: (T, B, G*H); h0: (B, P); c0: (B, H) (LSTM); w_hh: (G*H, P); b_hh: (G*H,); w_hr: (P, H);
     lengths: (B,) int64. Returns y (T, B, P), h_n (B, P), c_n (B, H) or (0,), hs (T+1, B, P)
     and ws (T, B, K*H) in fp32 (both (0,) without save)."""
+    _validate.choice("recurrence_fwd_triton: cell", cell, list(NUM_GATES))
+    _validate.recurrence_fwd_op("recurrence_fwd_triton", gx, h0, c0, w_hh, b_hh, w_hr, lengths,
+                                gates=NUM_GATES[cell], lstm=cell == LSTM)
     T, B, GH = gx.shape
     G = NUM_GATES[cell]
     H = GH // G
@@ -808,6 +811,10 @@ def recurrence_bwd_triton(grad_y: Tensor | None, grad_h_n: Tensor | None,
     """``recurrence_bwd`` in Triton: same arguments and outputs, from the hs / ws of
     :func:`recurrence_fwd_triton`. Returns grad_gx (T, B, G*H), grad_h0 (B, P), grad_c0 (B, H)
     or (0,), grad_w_hh (G*H, P), grad_b_hh (G*H,), grad_w_hr (P, H) or (0,)."""
+    _validate.choice("recurrence_bwd_triton: cell", cell, list(NUM_GATES))
+    _validate.recurrence_bwd_op("recurrence_bwd_triton", grad_y, grad_h_n, grad_c_n, c0, w_hh,
+                                w_hr, lengths, hs, ws, gates=NUM_GATES[cell], lstm=cell == LSTM,
+                                workspace_units=workspace_units(cell, w_hr is not None))
     T, B = ws.shape[0], ws.shape[1]
     GH, P = w_hh.shape
     G = NUM_GATES[cell]

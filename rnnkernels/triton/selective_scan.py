@@ -24,6 +24,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from .. import _validate
+
 # Register budget of one program's state tile: BLOCK_D * BLOCK_N <= STATE_TILE.
 STATE_TILE = 1024
 MAX_BLOCK_D = 32
@@ -241,6 +243,8 @@ def selective_scan_fwd_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C:
                               initial_state: Tensor | None, chunk_size: int, save: bool
                               ) -> tuple[Tensor, Tensor, Tensor]:
     """The forward of rnnkernels::selective_scan_fwd (same arguments and results) in Triton."""
+    _validate.selective_scan_op("selective_scan_fwd_triton", u, delta, A, B, C, D, z, delta_bias,
+                                initial_state)
     lay = _layout(u, A, B, C)
     flags = _flags(B, C, D, z, delta_bias, delta_softplus, initial_state)
     nchunks = triton.cdiv(lay["L"], chunk_size)
@@ -267,6 +271,14 @@ def selective_scan_bwd_triton(grad_out: Tensor, grad_last_state: Tensor | None, 
                               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                                          Tensor, Tensor]:
     """The backward of rnnkernels::selective_scan_bwd (same arguments and results) in Triton."""
+    op = "selective_scan_bwd_triton"
+    _validate.selective_scan_op(op, u, delta, A, B, C, D, z, delta_bias, initial_state)
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    _validate.op_tensor(op, "grad_out", grad_out, (batch, dim, L), u)
+    _validate.op_optional(op, "grad_last_state", grad_last_state, (batch, dim, N), u)
+    _validate.op_tensor(op, "checkpoints", checkpoints,
+                        (batch, dim, triton.cdiv(L, chunk_size), N), u)
     lay = _layout(u, A, B, C)
     flags = _flags(B, C, D, z, delta_bias, delta_softplus, initial_state)
     batch, dim, L, N, G, blocks = (lay[key] for key in ("batch", "dim", "L", "N", "G", "blocks"))
