@@ -15,11 +15,12 @@ namespace rnnkernels {
 
 // hs: (T+1, B, P) states (slot layout of csrc/cpu/recurrence.cpp); ws: (T, B, K*H) workspace;
 // dgh: (T, B, G*H) gradients of gh = h W_hh^T + b_hh; dhp: (T, B, P) gradients of the projected
-// state (projected LSTM only, else undefined). Returns dW_hh, db_hh, dW_hr (empty (0,) without
-// projection) in dtype out_type.
+// state (projected LSTM only, else undefined); db: db_hh when the caller has summed dgh already,
+// else undefined. Returns dW_hh, db_hh, dW_hr (empty (0,) without projection) in dtype out_type.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrence_weight_grads(
     Cell cell, const at::Tensor& hs, const at::Tensor& ws, const at::Tensor& dgh,
-    const at::Tensor& dhp, int64_t H, bool reverse, at::ScalarType out_type) {
+    const at::Tensor& dhp, int64_t H, bool reverse, at::ScalarType out_type,
+    const at::Tensor& db = at::Tensor()) {
   const int64_t T = ws.size(0), B = ws.size(1), P = hs.size(2), GH = dgh.size(2);
   const at::Tensor hp = hs.narrow(0, reverse ? 1 : 0, T).reshape({T * B, P});
   const at::Tensor dgh2 = dgh.view({T * B, GH});
@@ -40,7 +41,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrence_weight_grads(
     cpu::mm_tn_out(dw_hr, dhp.view({T * B, P}), hfull);
     dw_hr = dw_hr.to(out_type);
   }
-  return {dw.to(out_type), dgh2.sum(0).to(out_type), dw_hr};
+  return {dw.to(out_type), (db.defined() ? db : dgh2.sum(0)).to(out_type), dw_hr};
 }
 
 }  // namespace rnnkernels

@@ -407,7 +407,16 @@ def projected_recurrence(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, h0: Tenso
                          ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`recurrence` of gx = :func:`input_projection` of x (T, B, I), whose autograd saves
     x, w_ih, b_ih (and ln_weight_ih) instead of gx for second-order gradients (no memory beyond
-    what the projection's backward keeps)."""
+    what the projection's backward keeps).
+
+    In the cells whose input and recurrent pre-activations add in every gate (all but the
+    reset-after GRU, whose b_hn is scaled by r), b_ih joins b_hh as the recurrence's one bias
+    (b_ih + b_hh) instead of entering the projection: the backward then sums the gradient of
+    the pre-activations, (T, B, G*H), over steps and rows once for both biases instead of
+    twice (each sum a pass over all of it)."""
+    if cell != GRU and b_ih is not None:
+        b_hh = b_ih if b_hh is None else b_ih + b_hh
+        b_ih = None
     gx = input_projection(x, w_ih, b_ih, options.ln_weight_ih)
     if torch.compiler.is_compiling():
         # A compiled graph keeps what its traced backward reads, and that (first order) reads
