@@ -53,17 +53,22 @@ const c10::TypedOperatorHandle<LinearPointwise>* linear_pointwise() {
   return op ? &*op : nullptr;
 }
 
-// x^T (cols x rows, contiguous) of a contiguous float x (rows x cols): blocks of W rows of x
-// become W-wide column blocks of x^T through the in-register tile transposes of lanes.h.
-at::Tensor transposed(const at::Tensor& x) {
+// xt (cols x rows, contiguous) = x^T of a contiguous float x (rows x cols): blocks of W rows of
+// x become W-wide column blocks of x^T through the in-register tile transposes of lanes.h
+// (an ATen copy of a transposed view, element by element, took several times as long).
+void transpose_into(at::Tensor& xt, const at::Tensor& x) {
   const int64_t rows = x.size(0), cols = x.size(1);
-  at::Tensor xt = at::empty({cols, rows}, x.options());
   const float* src = x.data_ptr<float>();
   float* dst = xt.data_ptr<float>();
   constexpr int64_t W = lanes::Vec<float>::size();
   at::parallel_for(0, (rows + W - 1) / W, 16, [&](int64_t k0, int64_t k1) {
     lanes::transpose_blocks(dst, src, rows, cols, k0, k1);
   });
+}
+
+at::Tensor transposed(const at::Tensor& x) {
+  at::Tensor xt = at::empty({x.size(1), x.size(0)}, x.options());
+  transpose_into(xt, x);
   return xt;
 }
 
@@ -89,12 +94,16 @@ void mm_tn_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   // b^T a as X W^T with X = b^T (N, R) and W = a^T (M, R): oneDNN reads W as a transposed
   // view in place but copies a strided X into a contiguous one (an ATen strided copy, slower
   // than lanes.h's tile transposes), so X is transposed here; the (N, M) result is transposed
-  // into out.
+  // into out, the same way where out is contiguous.
   const at::Tensor x = b.is_contiguous() ? transposed(b) : b.t();
   const at::Tensor bt_a = linear_pointwise()->call(x, a.t(), std::nullopt, "none",
                                                    c10::List<std::optional<at::Scalar>>(),
                                                    std::nullopt);
-  out.copy_(bt_a.t());
+  if (out.is_contiguous() && bt_a.is_contiguous()) {
+    transpose_into(out, bt_a);
+  } else {
+    out.copy_(bt_a.t());
+  }
 }
 
 at::Tensor mm_tn_cpu(const at::Tensor& a, const at::Tensor& b) {
