@@ -203,8 +203,8 @@ struct Lanes {
   }
 };
 
-// Per-chunk lanes (chunk x W each) of one block: u, v = delta + bias, dt, du = dt u, y, z and
-// the gradients.
+// Per-chunk lanes (chunk x W each) of one block: u, v = delta + bias (in the backward with
+// softplus: softplus'(v)), dt, du = dt u, y, z and the gradients.
 template <typename T>
 struct StepLanes {
   Buffer<T> u, v, dt, du, y, z, g, gu, gdt;
@@ -214,8 +214,9 @@ struct StepLanes {
         g(chunk * Vec<T>::size()), gu(chunk * Vec<T>::size()), gdt(chunk * Vec<T>::size()) {}
 };
 
-// Loads u, delta (and z) of a block's chunk and forms v, dt and du.
-template <typename S, typename T>
+// Loads u, delta (and z) of a block's chunk and forms dt and du; for the backward (kGrad) also
+// d dt / d v in s.v when dt = softplus(v).
+template <bool kGrad, typename S, typename T>
 void discretise(const Scan<S, T>& p, const Block& blk, const Lanes<T>& c, int64_t t0,
                 int64_t len, StepLanes<T>& s) {
   using V = Vec<T>;
@@ -227,8 +228,14 @@ void discretise(const Scan<S, T>& p, const Block& blk, const Lanes<T>& c, int64_
   const V bias = V::loadu(c.bias.data());
   for (int64_t t = 0; t < len; ++t) {
     const V v = V::loadu(&s.v[t * W]) + bias;
-    const V dt = p.softplus ? fast_softplus(v) : v;
-    v.store(&s.v[t * W]);
+    V dt = v;
+    if (p.softplus && kGrad) {
+      V derivative;
+      dt = fast_softplus(v, &derivative);
+      derivative.store(&s.v[t * W]);
+    } else if (p.softplus) {
+      dt = fast_softplus(v);
+    }
     dt.store(&s.dt[t * W]);
     (dt * V::loadu(&s.u[t * W])).store(&s.du[t * W]);
   }
@@ -421,7 +428,7 @@ void forward_task(const Scan<S, T>& p, const Block& blk, S* out, T* last, T* ckp
       }
     }
     if (ci + 1 < p.nchunks) prefetch_chunk_rows(p, blk, ci + 1, static_cast<const S*>(nullptr));
-    discretise(p, blk, c, t0, len, s);
+    discretise<false>(p, blk, c, t0, len, s);
     const T* B = kBvar ? p.at_step(p.B_grouped, blk.b, blk.g, t0) : c.B.data();
     const T* C = kCvar ? p.at_step(p.C_grouped, blk.b, blk.g, t0) : c.C.data();
     forward_steps<T, kBvar, kCvar>(len, N, p.L, x.data(), c.A2.data(), B, C, s.dt.data(),
@@ -499,7 +506,7 @@ void backward_task(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_
   Lanes<T>& c = w.c;
   StepLanes<T>& s = w.s;
   c.load(p, blk);
-  discretise(p, blk, c, t0, len, s);
+  discretise<true>(p, blk, c, t0, len, s);
   const T* B = kBvar ? p.at_step(p.B_grouped, blk.b, blk.g, t0) : c.B.data();
   const T* C = kCvar ? p.at_step(p.C_grouped, blk.b, blk.g, t0) : c.C.data();
 
@@ -572,15 +579,11 @@ void backward_task(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_
   }
 
   V dbias = V::loadu(gr.carried.dbias + i * W);
-  const V threshold(static_cast<T>(kSoftplusThreshold));
   for (int64_t t = 0; t < len; ++t) {
     const V s1 = V::loadu(&w.s1[t * W]), dt = V::loadu(&s.dt[t * W]);
     at::vec::fmadd(V::loadu(&s.g[t * W]), Dv, dt * s1).store(&s.gu[t * W]);
     V gdt = at::vec::fmadd(V::loadu(&s.u[t * W]), s1, V::loadu(&w.s2[t * W]));
-    if (p.softplus) {
-      const V v = V::loadu(&s.v[t * W]);
-      gdt = V::blendv(gdt * fast_sigmoid<T>(v), gdt, v > threshold);
-    }
+    if (p.softplus) gdt = gdt * V::loadu(&s.v[t * W]);  // softplus'(v), from discretise
     dbias = dbias + gdt;
     gdt.store(&s.gdt[t * W]);
   }

@@ -16,14 +16,16 @@ using at::vec::Vectorized;
 
 // exp, inlined (the LSTM's pointwise pass takes five per unit vector). Cody-Waite reduction
 // x = n ln2 + r, |r| <= ln2 / 2, Taylor series of e^r to r^7 (truncation < 2e-9 relative), and
-// 2^n applied by scalef, which also gives inf / 0 past the float range. About 1 ulp; NaN
-// propagates. Float on AVX-512 only; elsewhere at::vec's exp.
+// 2^n applied by scalef, which also gives inf / 0 past the float range. About 1 ulp. NaN
+// propagates through the clamp: vmaxps / vminps return their second operand when either is
+// NaN, so x goes second (the same values as a clamp with x first and a NaN blend after it, two
+// operations fewer). Float on AVX-512 only; elsewhere at::vec's exp.
 template <typename T>
 C10_ALWAYS_INLINE Vectorized<T> fast_exp(Vectorized<T> x) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<T, float>) {
     const __m512 v = x;
-    const __m512 xc = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-104.f)), _mm512_set1_ps(90.f));
+    const __m512 xc = _mm512_min_ps(_mm512_set1_ps(90.f), _mm512_max_ps(_mm512_set1_ps(-104.f), v));
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), xc);
@@ -36,8 +38,7 @@ C10_ALWAYS_INLINE Vectorized<T> fast_exp(Vectorized<T> x) {
     q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.5f));
     q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.f));
     q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.f));
-    const __m512 e = _mm512_scalef_ps(q, n);
-    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), e, v);
+    return _mm512_scalef_ps(q, n);
   }
 #endif
   return x.exp();
@@ -86,13 +87,20 @@ constexpr double kSoftplusThreshold = 20.0;
 // 2 atanh(s), s = e / (2 + e) in [0, 1/3], by its odd series to s^13 (truncation < 2e-8
 // relative): exact to a few ulp with no cancellation for v << 0 (where it is e^v), v itself
 // for v >> 0 (as torch's threshold gives), NaN for NaN. Float on AVX-512; elsewhere at::vec's
-// log1p(exp(v)) with torch's threshold.
+// log1p(exp(v)) with torch's threshold. With `derivative`, also softplus'(v) = sigmoid(v)
+// there, from the same e^-|v| (1 / (1 + e) for v >= 0, e / (1 + e) below), and 1 above torch's
+// threshold, as torch's softplus backward.
 template <typename T>
-C10_ALWAYS_INLINE Vectorized<T> fast_softplus(Vectorized<T> v) {
+C10_ALWAYS_INLINE Vectorized<T> fast_softplus(Vectorized<T> v, Vectorized<T>* derivative = nullptr) {
   using V = Vectorized<T>;
+  const V threshold(static_cast<T>(kSoftplusThreshold));
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<T, float>) {
     const V e = fast_exp<T>(v.abs().neg());
+    if (derivative != nullptr) {
+      const V sig = V::blendv(e, V(1.f), v >= V(0.f)) / (V(1.f) + e);
+      *derivative = V::blendv(sig, V(1.f), v > threshold);
+    }
     const V s = e / (V(2.f) + e);
     const V s2 = s * s;
     V q = at::vec::fmadd(s2, V(2.f / 13.f), V(2.f / 11.f));
@@ -104,7 +112,8 @@ C10_ALWAYS_INLINE Vectorized<T> fast_softplus(Vectorized<T> v) {
     return V(_mm512_max_ps(_mm512_setzero_ps(), v)) + s * q;
   }
 #endif
-  return V::blendv(v.exp().log1p(), v, v > V(static_cast<T>(kSoftplusThreshold)));
+  if (derivative != nullptr) *derivative = V::blendv(fast_sigmoid<T>(v), V(T(1)), v > threshold);
+  return V::blendv(v.exp().log1p(), v, v > threshold);
 }
 
 }  // namespace rnnkernels::cpu
