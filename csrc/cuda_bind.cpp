@@ -149,9 +149,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_fwd_cuda(
     const std::optional<Tensor>& recurrent_dropout_mask,
     const std::optional<Tensor>& ln_weight_hh, const std::optional<Tensor>& ln_weight_c,
     const std::optional<Tensor>& ln_bias_c) {
-  checks::check_recurrence_fwd(gx_in, h0, c0, w_hh, b_hh, w_hr, lengths_opt, cell_id, w_peep,
-                               zoneout_mask, zoneout_mask_c, recurrent_dropout_mask, ln_weight_hh,
-                               ln_weight_c, ln_bias_c);
+  checks::check_recurrence_fwd(gx_in, h0, c0, w_hh, b_hh, w_hr, lengths_opt, cell_id,
+                               {w_peep, zoneout_mask, zoneout_mask_c, recurrent_dropout_mask,
+                                ln_weight_hh, ln_weight_c, ln_bias_c});
   check_no_cell_options(
       {&w_peep, &zoneout_mask, &zoneout_mask_c, &recurrent_dropout_mask, &ln_weight_hh,
        &ln_weight_c, &ln_bias_c},
@@ -272,8 +272,9 @@ recurrence_bwd_cuda(
     const std::optional<Tensor>& ln_weight_hh, const std::optional<Tensor>& ln_weight_c,
     const std::optional<Tensor>& ln_bias_c) {
   checks::check_recurrence_bwd(grad_y_opt, grad_hn, grad_cn, c0, w_hh, w_hr, lengths_opt, hs_in,
-                               ws_in, cell_id, w_peep, zoneout_mask, zoneout_mask_c,
-                               recurrent_dropout_mask, ln_weight_hh, ln_weight_c, ln_bias_c);
+                               ws_in, cell_id,
+                               {w_peep, zoneout_mask, zoneout_mask_c, recurrent_dropout_mask,
+                                ln_weight_hh, ln_weight_c, ln_bias_c});
   check_no_cell_options(
       {&w_peep, &zoneout_mask, &zoneout_mask_c, &recurrent_dropout_mask, &ln_weight_hh,
        &ln_weight_c, &ln_bias_c},

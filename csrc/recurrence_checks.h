@@ -37,18 +37,22 @@ struct Sizes {
   int64_t T, B, H, P, G;
 };
 
+// The cell-option arguments of both ops (each absent one nullopt).
+struct CellOptionArgs {
+  const std::optional<at::Tensor>& w_peep;
+  const std::optional<at::Tensor>& zoneout_mask;
+  const std::optional<at::Tensor>& zoneout_mask_c;
+  const std::optional<at::Tensor>& recurrent_dropout_mask;
+  const std::optional<at::Tensor>& ln_weight_hh;
+  const std::optional<at::Tensor>& ln_weight_c;
+  const std::optional<at::Tensor>& ln_bias_c;
+};
+
 // The arguments both ops take besides their own: c0, w_hh, w_hr, lengths and the cell options.
 inline void check_common(const char* op, const Sizes& s, Cell cell, const at::Tensor& like,
                          const std::optional<at::Tensor>& c0, const at::Tensor& w_hh,
                          const std::optional<at::Tensor>& w_hr,
-                         const std::optional<at::Tensor>& lengths,
-                         const std::optional<at::Tensor>& w_peep,
-                         const std::optional<at::Tensor>& zoneout_mask,
-                         const std::optional<at::Tensor>& zoneout_mask_c,
-                         const std::optional<at::Tensor>& recurrent_dropout_mask,
-                         const std::optional<at::Tensor>& ln_weight_hh,
-                         const std::optional<at::Tensor>& ln_weight_c,
-                         const std::optional<at::Tensor>& ln_bias_c) {
+                         const std::optional<at::Tensor>& lengths, const CellOptionArgs& o) {
   TORCH_CHECK(!given(w_hr) || cell == Cell::LSTM, "rnnkernels: ", op,
               ": w_hr (the projection) is an LSTM option");
   TORCH_CHECK(given(w_hr) || s.P == s.H, "rnnkernels: ", op, ": the state has ", s.P,
@@ -64,13 +68,13 @@ inline void check_common(const char* op, const Sizes& s, Cell cell, const at::Te
                 like.device(), ", got ", lengths->scalar_type(), " of shape ", lengths->sizes(),
                 " on ", lengths->device());
   }
-  expect(op, "w_peep", w_peep, {3, s.H}, like);
-  expect(op, "zoneout_mask", zoneout_mask, {s.T, s.B, s.P}, like);
-  expect(op, "zoneout_mask_c", zoneout_mask_c, {s.T, s.B, s.H}, like);
-  expect(op, "recurrent_dropout_mask", recurrent_dropout_mask, {s.B, s.P}, like);
-  expect(op, "ln_weight_hh", ln_weight_hh, {s.G * s.H}, like);
-  expect(op, "ln_weight_c", ln_weight_c, {s.H}, like);
-  expect(op, "ln_bias_c", ln_bias_c, {s.H}, like);
+  expect(op, "w_peep", o.w_peep, {3, s.H}, like);
+  expect(op, "zoneout_mask", o.zoneout_mask, {s.T, s.B, s.P}, like);
+  expect(op, "zoneout_mask_c", o.zoneout_mask_c, {s.T, s.B, s.H}, like);
+  expect(op, "recurrent_dropout_mask", o.recurrent_dropout_mask, {s.B, s.P}, like);
+  expect(op, "ln_weight_hh", o.ln_weight_hh, {s.G * s.H}, like);
+  expect(op, "ln_weight_c", o.ln_weight_c, {s.H}, like);
+  expect(op, "ln_bias_c", o.ln_bias_c, {s.H}, like);
 }
 
 inline Cell checked_cell(const char* op, int64_t cell_id) {
@@ -84,13 +88,7 @@ inline void check_recurrence_fwd(const at::Tensor& gx, const at::Tensor& h0,
                                  const std::optional<at::Tensor>& b_hh,
                                  const std::optional<at::Tensor>& w_hr,
                                  const std::optional<at::Tensor>& lengths, int64_t cell_id,
-                                 const std::optional<at::Tensor>& w_peep,
-                                 const std::optional<at::Tensor>& zoneout_mask,
-                                 const std::optional<at::Tensor>& zoneout_mask_c,
-                                 const std::optional<at::Tensor>& recurrent_dropout_mask,
-                                 const std::optional<at::Tensor>& ln_weight_hh,
-                                 const std::optional<at::Tensor>& ln_weight_c,
-                                 const std::optional<at::Tensor>& ln_bias_c) {
+                                 const CellOptionArgs& options) {
   constexpr const char* op = "recurrence_fwd";
   const Cell cell = checked_cell(op, cell_id);
   const int64_t G = num_gates(cell);
@@ -102,8 +100,7 @@ inline void check_recurrence_fwd(const at::Tensor& gx, const at::Tensor& h0,
   const Sizes s{gx.size(0), gx.size(1), gx.size(2) / G, h0.size(1), G};
   expect(op, "h0", h0, {s.B, s.P}, gx);
   expect(op, "b_hh", b_hh, {s.G * s.H}, gx);
-  check_common(op, s, cell, gx, c0, w_hh, w_hr, lengths, w_peep, zoneout_mask, zoneout_mask_c,
-               recurrent_dropout_mask, ln_weight_hh, ln_weight_c, ln_bias_c);
+  check_common(op, s, cell, gx, c0, w_hh, w_hr, lengths, options);
 }
 
 // recurrence_bwd: ws (T, B, K*H), w_hh (G*H, P) and the forward's hs (T+1, B, P) set the sizes.
@@ -114,13 +111,7 @@ inline void check_recurrence_bwd(const std::optional<at::Tensor>& grad_y,
                                  const std::optional<at::Tensor>& w_hr,
                                  const std::optional<at::Tensor>& lengths, const at::Tensor& hs,
                                  const at::Tensor& ws, int64_t cell_id,
-                                 const std::optional<at::Tensor>& w_peep,
-                                 const std::optional<at::Tensor>& zoneout_mask,
-                                 const std::optional<at::Tensor>& zoneout_mask_c,
-                                 const std::optional<at::Tensor>& recurrent_dropout_mask,
-                                 const std::optional<at::Tensor>& ln_weight_hh,
-                                 const std::optional<at::Tensor>& ln_weight_c,
-                                 const std::optional<at::Tensor>& ln_bias_c) {
+                                 const CellOptionArgs& options) {
   constexpr const char* op = "recurrence_bwd";
   const Cell cell = checked_cell(op, cell_id);
   const int64_t G = num_gates(cell);
@@ -130,9 +121,8 @@ inline void check_recurrence_bwd(const std::optional<at::Tensor>& grad_y,
               ": hs and ws must be the forward's (T+1, B, P) and (T, B, K*H), got ", hs.sizes(),
               " and ", ws.sizes());
   const Sizes s{ws.size(0), ws.size(1), w_hh.size(0) / G, w_hh.size(1), G};
-  check_common(op, s, cell, ws, c0, w_hh, w_hr, lengths, w_peep, zoneout_mask, zoneout_mask_c,
-               recurrent_dropout_mask, ln_weight_hh, ln_weight_c, ln_bias_c);
-  const int64_t K = workspace_units(cell, given(w_hr), given(ln_weight_hh));
+  check_common(op, s, cell, ws, c0, w_hh, w_hr, lengths, options);
+  const int64_t K = workspace_units(cell, given(w_hr), given(options.ln_weight_hh));
   expect(op, "ws", ws, {s.T, s.B, K * s.H}, ws);
   expect(op, "hs", hs, {s.T + 1, s.B, s.P}, ws);
   TORCH_CHECK(hs.scalar_type() == ws.scalar_type(), "rnnkernels: ", op,

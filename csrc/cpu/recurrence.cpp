@@ -280,8 +280,8 @@ inline void lstm_units(const Problem<S, T>& pb, const S* gxr, const T* g, int64_
   const V po = load_as<T>(gxr + 3 * H + j, n) + load_as<T>(g + 3 * gstride, n);
   if (pb.peep) {
     lstm_peephole_forward<V, M>(pi, pf, pg, po, cp, load_as<T>(pb.peep + j, n),
-                                load_as<T>(pb.peep + H + j, n), load_as<T>(pb.peep + 2 * H + j, n), i,
-                                f, gg, o, c, h);
+                                load_as<T>(pb.peep + H + j, n),
+                                load_as<T>(pb.peep + 2 * H + j, n), i, f, gg, o, c, h);
   } else {
     lstm_forward<V, M>(pi, pf, pg, po, cp, i, f, gg, o, c, h);
   }
@@ -335,8 +335,8 @@ void forward_units(const Problem<S, T>& pb, const FwdStep<S, T>& st, int64_t b, 
         const V hn = load_as<T>(g + 2 * gstride, n);
         const V hp = load_as<T>(hprev + j, n);
         gru_forward<V, M>(load_as<T>(gxr + j, n), load_as<T>(gxr + H + j, n),
-                          load_as<T>(gxr + 2 * H + j, n), load_as<T>(g, n), load_as<T>(g + gstride, n), hn,
-                          hp, r, z, nn, h);
+                          load_as<T>(gxr + 2 * H + j, n), load_as<T>(g, n),
+                          load_as<T>(g + gstride, n), hn, hp, r, z, nn, h);
         if (zoneout) h = zoneout_forward(zoneout_weight(st.zh, pb.zoneout_p, b * P + j, n), hp, h);
         store_as(st.hout + b * H + j, h, n);
         if (wsr) {
@@ -351,8 +351,9 @@ void forward_units(const Problem<S, T>& pb, const FwdStep<S, T>& st, int64_t b, 
       case Cell::GRU_RESET_BEFORE: {  // phase 1; phase 2 in forward_batched
         V r, z, v;
         const T* hrec = (st.hrec ? st.hrec : st.hin) + b * P;
-        gru_rb_forward_gates<V, M>(load_as<T>(gxr + j, n), load_as<T>(gxr + H + j, n), load_as<T>(g, n),
-                                   load_as<T>(g + gstride, n), load_as<T>(hrec + j, n), r, z, v);
+        gru_rb_forward_gates<V, M>(load_as<T>(gxr + j, n), load_as<T>(gxr + H + j, n),
+                                   load_as<T>(g, n), load_as<T>(g + gstride, n),
+                                   load_as<T>(hrec + j, n), r, z, v);
         store_as(st.v + b * H + j, v, n);
         if (wsr) {
           store_as(wsr + j, r, n);
@@ -478,7 +479,8 @@ void forward_lstm_ln_row(const Problem<S, T>& pb, const FwdStep<S, T>& st, int64
   for (int64_t j = 0; j < H; j += VS) {
     const int64_t n = std::min(VS, H - j);
     const V c = load_as<T>(cn + j, n);
-    const V u = (c - V(mean)) * V(rstd) * load_as<T>(pb.ln_c + j, n) + load_as<T>(pb.ln_bias_c + j, n);
+    const V u =
+        (c - V(mean)) * V(rstd) * load_as<T>(pb.ln_c + j, n) + load_as<T>(pb.ln_bias_c + j, n);
     V h = load_as<T>(on + j, n) * M::tanh_(u);
     V cs = c;
     if (pb.projected && wsr) store_as(wsr + 5 * H + j, h, n);
@@ -837,11 +839,12 @@ void forward_batched(const Problem<S, T>& pb, const Tensor& gx, const Tensor& w,
         const S* gxr = st.gx + b * GH;
         for (int64_t j = 0; j < H; j += VS) {
           const int64_t n = std::min(VS, H - j);
-          const V z = M::sigmoid(load_as<T>(gxr + H + j, n) + load_as<T>(gh_p + b * ghs + H + j, n));
+          const V z =
+              M::sigmoid(load_as<T>(gxr + H + j, n) + load_as<T>(gh_p + b * ghs + H + j, n));
           V nn, h;
           const V hp = load_as<T>(hprev + j, n);
-          gru_rb_forward_out<V, M>(load_as<T>(gxr + 2 * H + j, n), load_as<T>(ghv_p + b * H + j, n), z,
-                                   hp, nn, h);
+          gru_rb_forward_out<V, M>(load_as<T>(gxr + 2 * H + j, n),
+                                   load_as<T>(ghv_p + b * H + j, n), z, hp, nn, h);
           if (pb.zoneout()) {
             h = zoneout_forward(zoneout_weight(st.zh, pb.zoneout_p, b * P + j, n), hp, h);
           }
@@ -864,8 +867,9 @@ void forward_batched(const Problem<S, T>& pb, const Tensor& gx, const Tensor& w,
         if (pb.zoneout()) {
           for (int64_t j = 0; j < P; j += VS) {
             const int64_t n = std::min(VS, P - j);
-            store_as(hr + j, zoneout_forward(zoneout_weight(st.zh, pb.zoneout_p, b * P + j, n),
-                                             load_as<T>(st.hin + b * P + j, n), load_as<T>(hr + j, n)),
+            store_as(hr + j,
+                     zoneout_forward(zoneout_weight(st.zh, pb.zoneout_p, b * P + j, n),
+                                     load_as<T>(st.hin + b * P + j, n), load_as<T>(hr + j, n)),
                      n);
           }
         }
@@ -971,8 +975,8 @@ void backward_batched(const Problem<S, T>& pb, const Tensor& grad_y, const Tenso
           // v = r * (h * mask): the mask scales both of v's factors' gradients alike
           V dvr = load_as<T>(dv_p + b * H + j, n);
           if (mask) dvr = dvr * load_as<T>(mask + j, n);
-          gru_rb_backward_gates<V, VecMath<T>>(dvr, load_as<T>(wsr + j, n), load_as<T>(hprev + j, n),
-                                               dr, direct);
+          gru_rb_backward_gates<V, VecMath<T>>(dvr, load_as<T>(wsr + j, n),
+                                               load_as<T>(hprev + j, n), dr, direct);
           store_as(dghr + j, dr, n);
           store_as(dhd_p + b * P + j, direct, n);
         }
@@ -1384,8 +1388,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_fwd_cpu(
     const std::optional<Tensor>& ln_weight_hh, const std::optional<Tensor>& ln_weight_c,
     const std::optional<Tensor>& ln_bias_c) {
   checks::check_recurrence_fwd(gx_in, h0, c0_opt, w_hh, b_hh_opt, w_hr_opt, lengths_opt, cell_id,
-                               w_peep, zoneout_mask, zoneout_mask_c, recurrent_dropout_mask,
-                               ln_weight_hh, ln_weight_c, ln_bias_c);
+                               {w_peep, zoneout_mask, zoneout_mask_c, recurrent_dropout_mask,
+                                ln_weight_hh, ln_weight_c, ln_bias_c});
   const Cell cell = static_cast<Cell>(cell_id);
   const Tensor gx = gx_in.contiguous();
   const int64_t T_ = gx.size(0), B = gx.size(1), P = h0.size(1);
@@ -1447,9 +1451,9 @@ recurrence_bwd_cpu(
     const std::optional<Tensor>& ln_weight_hh, const std::optional<Tensor>& ln_weight_c,
     const std::optional<Tensor>& ln_bias_c) {
   checks::check_recurrence_bwd(grad_y_opt, grad_hn_opt, grad_cn_opt, c0_opt, w_hh, w_hr_opt,
-                               lengths_opt, hs_in, ws_in, cell_id, w_peep, zoneout_mask,
-                               zoneout_mask_c, recurrent_dropout_mask, ln_weight_hh, ln_weight_c,
-                               ln_bias_c);
+                               lengths_opt, hs_in, ws_in, cell_id,
+                               {w_peep, zoneout_mask, zoneout_mask_c, recurrent_dropout_mask,
+                                ln_weight_hh, ln_weight_c, ln_bias_c});
   const Cell cell = static_cast<Cell>(cell_id);
   const Tensor hs = hs_in.contiguous(), ws = ws_in.contiguous();
   const int64_t T_ = ws.size(0), B = ws.size(1), P = hs.size(2);

@@ -91,7 +91,8 @@ constexpr double kSoftplusThreshold = 20.0;
 // there, from the same e^-|v| (1 / (1 + e) for v >= 0, e / (1 + e) below), and 1 above torch's
 // threshold, as torch's softplus backward.
 template <typename T>
-C10_ALWAYS_INLINE Vectorized<T> fast_softplus(Vectorized<T> v, Vectorized<T>* derivative = nullptr) {
+C10_ALWAYS_INLINE Vectorized<T> fast_softplus(Vectorized<T> v,
+                                               Vectorized<T>* derivative = nullptr) {
   using V = Vectorized<T>;
   const V threshold(static_cast<T>(kSoftplusThreshold));
 #if defined(CPU_CAPABILITY_AVX512)
