@@ -80,6 +80,9 @@ TORCH_LIBRARY(rnnkernels, m) {
   // ---- whether float32 CPU matmuls of the recurrences go through oneDNN on this machine
   // (csrc/cpu/onednn_matmul.h); the Python input projection follows the C++ kernels' choice.
   m.def("onednn_matmul_preferred() -> bool");
+  m.def("cpu_cache_bytes() -> int");
+  m.def("cpu_cache_set_limit(int limit_bytes) -> int");
+  m.def("cpu_cache_empty() -> int");
   // a^T b for a (R, M) and b (R, N) of one dtype on the CPU: a weight gradient's reduction over
   // R rows (the input projection's, from Python), through oneDNN where it is preferred.
   m.def("mm_tn(Tensor a, Tensor b) -> Tensor");

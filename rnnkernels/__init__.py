@@ -1,7 +1,9 @@
 """rnnkernels: fused recurrence and selective-scan kernels for PyTorch.
 
 ``rnnkernels.nn`` has drop-in modules (LSTM, GRU, RNN), ``rnnkernels.ops`` the functional
-forms; :func:`set_backend` / :func:`use_backend` force a backend.
+forms; :func:`set_backend` / :func:`use_backend` force a backend; :func:`cpu_cache_bytes`,
+:func:`set_cpu_cache_limit` and :func:`empty_cpu_cache` manage the cache of large CPU buffers
+the recurrence ops reuse from call to call.
 """
 
 from . import (
@@ -10,6 +12,8 @@ from . import (
     ops,
 )
 from ._backend import set_backend, use_backend
+from ._cpu_cache import cpu_cache_bytes, empty_cpu_cache, set_cpu_cache_limit
 
 __version__ = "0.1.0"
-__all__ = ["nn", "ops", "set_backend", "use_backend", "__version__"]
+__all__ = ["nn", "ops", "set_backend", "use_backend", "cpu_cache_bytes", "set_cpu_cache_limit",
+           "empty_cpu_cache", "__version__"]

@@ -13,6 +13,7 @@
 #endif
 
 #include "lanes.h"
+#include "workspace_cache.h"
 
 namespace rnnkernels::cpu {
 
@@ -67,7 +68,7 @@ void transpose_into(at::Tensor& xt, const at::Tensor& x) {
 }
 
 at::Tensor transposed(const at::Tensor& x) {
-  at::Tensor xt = at::empty({x.size(1), x.size(0)}, x.options());
+  at::Tensor xt = cached_empty({x.size(1), x.size(0)}, x.options());
   transpose_into(xt, x);
   return xt;
 }

@@ -50,6 +50,7 @@
 #include "lanes.h"
 #include "panel_gemm.h"
 #include "vec_math.h"
+#include "workspace_cache.h"
 #include "rnnkernels/cells.h"
 
 namespace rnnkernels::cpu {
@@ -1399,10 +1400,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_fwd_cpu(
   const auto acc_opts = gx.options().dtype(acc_type);
 
   Tensor lengths = lengths_opt.has_value() ? lengths_opt->contiguous() : Tensor();
-  Tensor y = at::empty({T_, B, P}, gx.options());
-  Tensor hs = at::empty({save ? T_ + 1 : 2, B, P}, acc_opts);
+  Tensor y = cached_empty({T_, B, P}, gx.options());
+  Tensor hs = cached_empty({save ? T_ + 1 : 2, B, P}, acc_opts);
   const int64_t K = workspace_units(cell, projected, given(ln_weight_hh));
-  Tensor ws = save ? at::empty({T_, B, K * H}, acc_opts) : at::empty({0}, acc_opts);
+  Tensor ws = save ? cached_empty({T_, B, K * H}, acc_opts) : at::empty({0}, acc_opts);
   Tensor c_n = cell == Cell::LSTM ? at::empty({B, H}, gx.options()) : at::empty({0}, gx.options());
   const Tensor rdrop = given(recurrent_dropout_mask) ? acc(*recurrent_dropout_mask, acc_type)
                                                      : Tensor();
@@ -1472,16 +1473,16 @@ recurrence_bwd_cpu(
     dc = given(grad_cn_opt) ? grad_cn_opt->to(acc_type).clone(at::MemoryFormat::Contiguous)
                             : at::zeros({B, H}, acc_opts);
   }
-  Tensor dgx = at::empty({T_, B, GH}, ws.options().dtype(st));
-  Tensor dgh = (st == acc_type && cell != Cell::GRU) ? dgx : at::empty({T_, B, GH}, acc_opts);
-  Tensor dhp = projected ? at::empty({T_, B, P}, acc_opts) : Tensor();
+  Tensor dgx = cached_empty({T_, B, GH}, ws.options().dtype(st));
+  Tensor dgh = (st == acc_type && cell != Cell::GRU) ? dgx : cached_empty({T_, B, GH}, acc_opts);
+  Tensor dhp = projected ? cached_empty({T_, B, P}, acc_opts) : Tensor();
   const Tensor w = acc(w_hh, acc_type);
   const Tensor rdrop = given(recurrent_dropout_mask) ? acc(*recurrent_dropout_mask, acc_type)
                                                      : Tensor();
   const bool ln = given(ln_weight_hh);
-  Tensor dgraw = ln ? at::empty({T_, B, GH}, acc_opts) : Tensor();
-  Tensor xhat = ln ? at::empty({T_, B, GH}, acc_opts) : Tensor();
-  Tensor dln = ln && cell == Cell::LSTM ? at::zeros({T_, B, 2 * H}, acc_opts) : Tensor();
+  Tensor dgraw = ln ? cached_empty({T_, B, GH}, acc_opts) : Tensor();
+  Tensor xhat = ln ? cached_empty({T_, B, GH}, acc_opts) : Tensor();
+  Tensor dln = ln && cell == Cell::LSTM ? cached_empty({T_, B, 2 * H}, acc_opts).zero_() : Tensor();
   Tensor db_summed;  // db_hh when the backward adds it up (persistent path)
 
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, st, "recurrence_bwd_cpu", [&] {

@@ -1,0 +1,186 @@
+#include "workspace_cache.h"
+
+#include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <list>
+#include <mutex>
+#include <new>
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <sys/mman.h>
+#define RNNKERNELS_CACHE_MMAP 1
+#endif
+
+namespace rnnkernels::cpu {
+
+namespace {
+
+// Buffers are whole multiples of a huge page, mapped on their own: a freed buffer's pages never
+// return to malloc's heap, and where the kernel has transparent huge pages on request, their
+// first touch takes one fault per 2 MiB instead of one per 4 KiB.
+constexpr size_t kGranule = size_t{2} << 20;
+
+struct Block {
+  void* ptr;
+  size_t bytes;
+};
+
+void* map_bytes(size_t bytes) {
+#ifdef RNNKERNELS_CACHE_MMAP
+  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return nullptr;
+#ifdef MADV_HUGEPAGE
+  madvise(p, bytes, MADV_HUGEPAGE);  // a hint: where refused, 4 KiB pages serve as well
+#endif
+  return p;
+#else
+  return c10::alloc_cpu(bytes);
+#endif
+}
+
+void unmap_bytes(void* p, size_t bytes) {
+#ifdef RNNKERNELS_CACHE_MMAP
+  munmap(p, bytes);
+#else
+  (void)bytes;
+  c10::free_cpu(p);
+#endif
+}
+
+class Cache {
+ public:
+  Block* take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      // the most recently freed buffer of this size: the likeliest still in a cache
+      for (auto it = free_.rbegin(); it != free_.rend(); ++it) {
+        if ((*it)->bytes == bytes) {
+          Block* b = *it;
+          free_.erase(std::next(it).base());
+          cached_ -= bytes;
+          return b;
+        }
+      }
+    }
+    void* p = map_bytes(bytes);
+    if (p == nullptr) {
+      // out of address space or memory: give back what is cached and try once more
+      empty();
+      p = map_bytes(bytes);
+      TORCH_CHECK(p != nullptr, "rnnkernels: out of memory allocating ", bytes, " bytes");
+    }
+    return new Block{p, bytes};
+  }
+
+  void give_back(Block* b) {
+    std::list<Block*> released;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      free_.push_back(b);
+      cached_ += b->bytes;
+      trim_locked(limit_, released);
+    }
+    release(released);
+  }
+
+  int64_t cached() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return static_cast<int64_t>(cached_);
+  }
+
+  int64_t set_limit(int64_t limit) {
+    std::list<Block*> released;
+    int64_t previous;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      previous = static_cast<int64_t>(limit_);
+      if (limit >= 0) {
+        limit_ = static_cast<size_t>(limit);
+        trim_locked(limit_, released);
+      }
+    }
+    release(released);
+    return previous;
+  }
+
+  int64_t empty() {
+    std::list<Block*> released;
+    size_t before;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      before = cached_;
+      trim_locked(0, released);
+    }
+    release(released);
+    return static_cast<int64_t>(before);
+  }
+
+ private:
+  // Moves the least recently freed buffers into `out` until the cache holds at most `limit`.
+  void trim_locked(size_t limit, std::list<Block*>& out) {
+    while (cached_ > limit) {
+      cached_ -= free_.front()->bytes;
+      out.splice(out.end(), free_, free_.begin());
+    }
+  }
+
+  static void release(std::list<Block*>& blocks) {
+    for (Block* b : blocks) {
+      unmap_bytes(b->ptr, b->bytes);
+      delete b;
+    }
+  }
+
+  std::mutex mutex_;
+  std::list<Block*> free_;  // least recently freed first
+  size_t cached_ = 0;
+  size_t limit_ = static_cast<size_t>(kDefaultLimitBytes);
+};
+
+// Never destroyed: tensors that outlive static destruction still free into it safely.
+Cache& cache() {
+  static Cache* c = new Cache();
+  return *c;
+}
+
+void free_block(void* ctx) { cache().give_back(static_cast<Block*>(ctx)); }
+
+class CacheAllocator final : public c10::Allocator {
+ public:
+  c10::DataPtr allocate(size_t n) override {
+    if (n < static_cast<size_t>(kMinCachedBytes)) return c10::GetCPUAllocator()->allocate(n);
+    const size_t bytes = (n + kGranule - 1) / kGranule * kGranule;
+    Block* b = cache().take(bytes);
+    return {b->ptr, b, &free_block, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+};
+
+}  // namespace
+
+at::Tensor cached_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  TORCH_INTERNAL_ASSERT(options.device().is_cpu());
+  static CacheAllocator allocator;
+  return at::detail::empty_generic(sizes, &allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   c10::typeMetaToScalarType(options.dtype()),
+                                   c10::MemoryFormat::Contiguous);
+}
+
+int64_t cache_cached_bytes() { return cache().cached(); }
+int64_t cache_set_limit(int64_t limit_bytes) { return cache().set_limit(limit_bytes); }
+int64_t cache_empty() { return cache().empty(); }
+
+}  // namespace rnnkernels::cpu
+
+// No tensor argument to dispatch on: the one kernel serves every device.
+TORCH_LIBRARY_IMPL(rnnkernels, CompositeExplicitAutograd, m) {
+  m.impl("cpu_cache_bytes", &rnnkernels::cpu::cache_cached_bytes);
+  m.impl("cpu_cache_set_limit", &rnnkernels::cpu::cache_set_limit);
+  m.impl("cpu_cache_empty", &rnnkernels::cpu::cache_empty);
+}

@@ -1,0 +1,36 @@
+"""The cache of large CPU buffers behind the recurrence ops (csrc/cpu/workspace_cache.h).
+
+The CPU recurrence ops take their large buffers (outputs, the states and gates the backward
+reads, the gate gradients) from a cache that keeps freed buffers for the next call of the same
+size, as the CUDA caching allocator does on a GPU: without it, glibc gives buffers of that size
+back to the kernel when freed, and every training step pays a page fault per 4 KiB to have them
+zeroed again. Buffers under 1 MiB come from torch's allocator as usual. The cache holds at most
+a limit of free bytes (256 MiB unless set), releasing the least recently freed beyond it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (registers the ops)
+
+
+def cpu_cache_bytes() -> int:
+    """Bytes of freed buffers the CPU cache holds for reuse (buffers in use not counted)."""
+    return int(torch.ops.rnnkernels.cpu_cache_bytes())
+
+
+def set_cpu_cache_limit(nbytes: int) -> int:
+    """Sets how many bytes of freed buffers the CPU cache may hold (0 turns caching off),
+    releases those beyond it, and returns the previous limit."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int):
+        raise TypeError(f"nbytes must be an int, got {type(nbytes).__name__}")
+    if nbytes < 0:
+        raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+    return int(torch.ops.rnnkernels.cpu_cache_set_limit(nbytes))
+
+
+def empty_cpu_cache() -> int:
+    """Releases every freed buffer the CPU cache holds to the system; returns the bytes
+    released. Buffers still in use by tensors are untouched."""
+    return int(torch.ops.rnnkernels.cpu_cache_empty())

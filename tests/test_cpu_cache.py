@@ -1,0 +1,119 @@
+"""The cache of large CPU buffers behind the recurrence ops (rnnkernels.cpu_cache_bytes,
+set_cpu_cache_limit, empty_cpu_cache): freed buffers are kept and reused, buffers in use never
+are, the limit holds, and results do not depend on whether a buffer came from the cache."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from conftest import assert_close
+
+import rnnkernels
+
+# An LSTM whose output (T, B, H) and saved gates (T, B, 4H) are 1 MiB and more in float32: the
+# buffers the cache serves (smaller ones come from torch's allocator).
+T, B, I, H = 64, 32, 24, 128
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    limit = rnnkernels.set_cpu_cache_limit(256 << 20)
+    rnnkernels.empty_cpu_cache()
+    yield
+    rnnkernels.set_cpu_cache_limit(limit)
+    rnnkernels.empty_cpu_cache()
+
+
+def _models():
+    ours = rnnkernels.nn.LSTM(I, H)
+    ref = torch.nn.LSTM(I, H).double()
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+def _train_step(model, x, gy):
+    x = x.detach().requires_grad_()
+    y, _ = model(x)
+    grads = torch.autograd.grad(y, [x, *model.parameters()], gy)
+    return [y.detach(), *grads]
+
+
+def test_training_steps_reuse_cached_buffers_with_the_same_results():
+    ours, ref = _models()
+    x, gy = torch.randn(T, B, I), torch.randn(T, B, H)
+    first = _train_step(ours, x, gy)
+    cached = rnnkernels.cpu_cache_bytes()
+    assert cached >= 4 * T * B * H * 4  # at least the saved gates came back to the cache
+    second = _train_step(ours, x, gy)
+    assert rnnkernels.cpu_cache_bytes() == cached  # the second step took no new buffer
+    expected = _train_step(ref, x.double(), gy.double())
+    for a, b, e in zip(first, second, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert_close(a, e, torch.float32, scale=8)
+
+
+def test_buffers_in_use_are_neither_reused_nor_released():
+    ours, _ = _models()
+    with torch.no_grad():
+        y1, _ = ours(torch.randn(T, B, I))
+        kept = y1.clone()
+        del _
+        y2, _ = ours(torch.randn(T, B, I))  # same sizes: would take y1's buffer were it free
+        assert y2.data_ptr() != y1.data_ptr()
+        rnnkernels.empty_cpu_cache()
+        assert rnnkernels.cpu_cache_bytes() == 0
+        torch.testing.assert_close(y1, kept, rtol=0, atol=0)
+        y1.add_(1.0)  # still writable memory of its own
+        torch.testing.assert_close(y1, kept + 1.0, rtol=0, atol=0)
+
+
+def test_limit_bounds_the_cache_and_zero_turns_it_off():
+    ours, ref = _models()
+    x, gy = torch.randn(T, B, I), torch.randn(T, B, H)
+    assert rnnkernels.set_cpu_cache_limit(0) == 256 << 20
+    results = _train_step(ours, x, gy)
+    assert rnnkernels.cpu_cache_bytes() == 0
+    expected = _train_step(ref, x.double(), gy.double())
+    for a, e in zip(results, expected):
+        assert_close(a, e, torch.float32, scale=8)
+
+    limit = 5 << 20
+    rnnkernels.set_cpu_cache_limit(limit)
+    _train_step(ours, x, gy)
+    assert 0 < rnnkernels.cpu_cache_bytes() <= limit
+    rnnkernels.set_cpu_cache_limit(2 << 20)  # lowering the limit releases what is beyond it
+    assert rnnkernels.cpu_cache_bytes() <= 2 << 20
+    released = rnnkernels.empty_cpu_cache()
+    assert released >= 0 and rnnkernels.cpu_cache_bytes() == 0
+
+
+@pytest.mark.parametrize("bad, error", [(-1, ValueError), (1.5, TypeError), (True, TypeError),
+                                        ("1", TypeError)])
+def test_bad_limit_raises_named_error(bad, error):
+    with pytest.raises(error, match="nbytes"):
+        rnnkernels.set_cpu_cache_limit(bad)
+
+
+def test_concurrent_calls_from_threads_get_their_own_buffers():
+    ours, _ = _models()
+    inputs = [torch.randn(T, B, I) for _ in range(4)]
+    with torch.no_grad():
+        expected = [ours(x)[0] for x in inputs]
+    results: list[list[torch.Tensor]] = [[] for _ in inputs]
+
+    def run(k: int) -> None:
+        with torch.no_grad():
+            for _ in range(5):
+                results[k].append(ours(inputs[k])[0])
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k, outs in enumerate(results):
+        assert len(outs) == 5
+        for y in outs:
+            torch.testing.assert_close(y, expected[k], rtol=0, atol=0)
