@@ -3,7 +3,7 @@
 ``rnnkernels.nn`` has drop-in modules (LSTM, GRU, RNN), ``rnnkernels.ops`` the functional
 forms; :func:`set_backend` / :func:`use_backend` force a backend; :func:`cpu_cache_bytes`,
 :func:`set_cpu_cache_limit` and :func:`empty_cpu_cache` manage the cache of large CPU buffers
-the recurrence ops reuse from call to call.
+the ops reuse from call to call.
 """
 
 from . import (

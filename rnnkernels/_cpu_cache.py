@@ -1,7 +1,7 @@
-"""The cache of large CPU buffers behind the recurrence ops (csrc/cpu/workspace_cache.h).
+"""The cache of large CPU buffers behind the CPU ops (csrc/cpu/workspace_cache.h).
 
-The CPU recurrence ops take their large buffers (outputs, the states and gates the backward
-reads, the gate gradients) from a cache that keeps freed buffers for the next call of the same
+The CPU ops take their large buffers (outputs, the states and gates a recurrence's backward
+reads, gate and input gradients) from a cache that keeps freed buffers for the next call of the same
 size, as the CUDA caching allocator does on a GPU: without it, glibc gives buffers of that size
 back to the kernel when freed, and every training step pays a page fault per 4 KiB to have them
 zeroed again. Buffers under 1 MiB come from torch's allocator as usual. The cache holds at most

@@ -117,3 +117,43 @@ def test_concurrent_calls_from_threads_get_their_own_buffers():
         assert len(outs) == 5
         for y in outs:
             torch.testing.assert_close(y, expected[k], rtol=0, atol=0)
+
+
+def _scan_step(op: str):
+    """A training step of a CPU scan whose (batch, dim, L) tensors are 1 MiB in float32: its
+    results (outputs and every input gradient)."""
+    batch, dim, L, N = 2, 64, 2048, 4
+    gen = torch.Generator().manual_seed(3)
+    if op == "linear_scan":
+        a = torch.rand(batch, dim, L, generator=gen) * 0.9
+        inputs = [a, torch.randn(batch, dim, L, generator=gen)]
+        fn = rnnkernels.ops.linear_scan
+    else:
+        inputs = [torch.randn(batch, dim, L, generator=gen),            # u
+                  torch.randn(batch, dim, L, generator=gen) * 0.5,      # delta
+                  -torch.rand(dim, N, generator=gen) - 0.5,             # A
+                  torch.randn(batch, N, L, generator=gen),              # B
+                  torch.randn(batch, N, L, generator=gen),              # C
+                  torch.randn(batch, dim, L, generator=gen)]            # z
+
+        def fn(u, delta, A, B, C, z):
+            return rnnkernels.ops.selective_scan(u, delta, A, B, C, z=z, delta_softplus=True)
+    inputs = [t.requires_grad_() for t in inputs]
+    out = fn(*inputs)
+    grads = torch.autograd.grad(out, inputs, torch.randn(out.shape, generator=gen))
+    return [out.detach(), *grads]
+
+
+@pytest.mark.parametrize("op", ["selective_scan", "linear_scan"])
+def test_scans_reuse_cached_buffers_with_the_same_results(op):
+    with rnnkernels.use_backend("cpu"):
+        first = [t.clone() for t in _scan_step(op)]  # the step's own tensors freed
+        cached = rnnkernels.cpu_cache_bytes()
+        assert cached >= 2 << 20  # the output and the input gradients came back to the cache
+        second = [t.clone() for t in _scan_step(op)]
+        assert rnnkernels.cpu_cache_bytes() == cached
+        rnnkernels.set_cpu_cache_limit(0)
+        uncached = _scan_step(op)
+    for a, b, c in zip(first, second, uncached):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, c, rtol=0, atol=0)

@@ -21,6 +21,7 @@
 #include <type_traits>
 
 #include "lanes.h"
+#include "workspace_cache.h"
 
 namespace rnnkernels::cpu {
 
@@ -137,7 +138,7 @@ Tensor linear_scan_fwd_cpu(const Tensor& a_in, const Tensor& b_in,
   const Tensor a = a_in.contiguous(), b = b_in.contiguous();
   const Tensor h0 = given(initial_state) ? initial_state->contiguous() : Tensor();
   const int64_t rows = a.size(0) * a.size(1), T_ = a.size(2);
-  Tensor h = at::empty_like(a);
+  Tensor h = cached_empty(a.sizes(), a.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, a.scalar_type(), "linear_scan_fwd_cpu", [&] {
     using S = scalar_t;
     using T = std::conditional_t<std::is_same_v<S, double>, double, float>;
@@ -160,7 +161,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_scan_bwd_cpu(
   const Tensor gh = grad_h_in.contiguous(), a = a_in.contiguous(), h = h_in.contiguous();
   const Tensor h0 = given(initial_state) ? initial_state->contiguous() : Tensor();
   const int64_t rows = a.size(0) * a.size(1), T_ = a.size(2);
-  Tensor ga = at::empty_like(a), gb = at::empty_like(a);
+  Tensor ga = cached_empty(a.sizes(), a.options()), gb = cached_empty(a.sizes(), a.options());
   Tensor gh0 = h0.defined() ? at::empty_like(h0) : at::empty({0}, a.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, a.scalar_type(), "linear_scan_bwd_cpu", [&] {
     using S = scalar_t;

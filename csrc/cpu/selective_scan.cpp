@@ -42,6 +42,7 @@
 
 #include "lanes.h"
 #include "vec_math.h"
+#include "workspace_cache.h"
 
 namespace rnnkernels::cpu {
 
@@ -809,9 +810,9 @@ std::tuple<Tensor, Tensor, Tensor> selective_scan_fwd_cpu(
   const auto at_ = acc_type(u.scalar_type());
   const auto acc_opts = u.options().dtype(at_);
   const int64_t nchunks = (in.L + chunk_size - 1) / chunk_size;
-  Tensor out = at::empty({in.batch, in.dim, in.L}, u.options());
+  Tensor out = cached_empty({in.batch, in.dim, in.L}, u.options());
   Tensor last = at::empty({in.batch, in.dim, in.N}, acc_opts);
-  Tensor ckpt = save ? at::empty({in.batch, in.dim, nchunks, in.N}, acc_opts)
+  Tensor ckpt = save ? cached_empty({in.batch, in.dim, nchunks, in.N}, acc_opts)
                      : at::empty({0}, acc_opts);
   const Tensor B_grouped = in.B_var ? grouped_acc(in.B, at_) : Tensor();
   const Tensor C_grouped = in.C_var ? grouped_acc(in.C, at_) : Tensor();
@@ -862,8 +863,10 @@ selective_scan_bwd_cpu(const Tensor& grad_out, const std::optional<Tensor>& grad
   const Tensor B_grouped = in.B_var ? grouped_acc(in.B, at_) : Tensor();
   const Tensor C_grouped = in.C_var ? grouped_acc(in.C, at_) : Tensor();
 
-  Tensor grad_u = at::empty_like(in.u), grad_delta = at::empty_like(in.u);
-  Tensor grad_z = in.z.defined() ? at::empty_like(in.u) : at::empty({0}, u.options());
+  Tensor grad_u = cached_empty(in.u.sizes(), in.u.options());
+  Tensor grad_delta = cached_empty(in.u.sizes(), in.u.options());
+  Tensor grad_z = in.z.defined() ? cached_empty(in.u.sizes(), in.u.options())
+                                 : at::empty({0}, u.options());
   Tensor grad_B = in.B_var ? at::empty_like(in.B) : Tensor();
   Tensor grad_C = in.C_var ? at::empty_like(in.C) : Tensor();
   Tensor grad_D, grad_bias, grad_A, grad_x0;

@@ -1,14 +1,17 @@
-// A cache of the large CPU buffers the recurrence ops allocate on every call (the saved gates
-// and states of the forward, the gate gradients of the backward: tens of MiB in a training
-// step). glibc hands buffers that large out of fresh mmap-ed or trimmed heap pages, whose first
-// touch costs a page fault each (a B = 32, T = 128, H = 256 LSTM training step took 16000 of them,
-// a third of its time, whenever the heap's state had it give those pages back); this cache keeps
-// freed buffers and gives them to the next call of the same size, the way the CUDA caching
-// allocator does on a GPU, so that a training loop's steps after the first touch no new page.
+// A cache of the large CPU buffers the ops allocate on every call: a recurrence's output, saved
+// gates and states and gate gradients (tens of MiB in a training step), a scan's output and input
+// gradients. glibc serves buffers that large from fresh mmap-ed pages, or from heap pages it
+// hands back to the kernel when the top of the heap is freed (which it does depends on the
+// heap's state), and the first touch of each such 4 KiB page costs a page fault that has the
+// kernel zero it: in that state an LSTM training step (B = 32, T = 128, H = 256) took 16000
+// faults, and the selective scan's ran at half its speed. This cache keeps freed buffers and
+// gives them to the next call of the same size, the way the CUDA caching allocator does on a
+// GPU, so that a training loop's steps after the first touch no new page.
 //
 // Buffers of kMinCachedBytes and more come from here, smaller ones from torch's CPU allocator.
 // Freed buffers stay cached while the cached bytes stay within a limit (default
-// kDefaultLimitBytes, settable); past it they go back to the system. Thread-safe.
+// kDefaultLimitBytes, settable); past it the least recently freed go back to the system.
+// Thread-safe.
 #pragma once
 
 #include <ATen/ATen.h>
