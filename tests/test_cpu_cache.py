@@ -157,3 +157,14 @@ def test_scans_reuse_cached_buffers_with_the_same_results(op):
     for a, b, c in zip(first, second, uncached):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
         torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
+def test_cached_buffers_show_in_the_memory_profiler():
+    ours, _ = _models()
+    x = torch.randn(T, B, I, requires_grad=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:
+        y, _ = ours(x)
+    usage = {e.name: e.cpu_memory_usage for e in prof.events()}
+    # y (T, B, H) and the saved gates (T, B, 4H) of the forward, at the least
+    assert usage["rnnkernels::recurrence_fwd"] >= 5 * T * B * H * 4

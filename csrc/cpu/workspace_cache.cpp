@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <list>
 #include <mutex>
 #include <new>
@@ -53,29 +54,35 @@ void unmap_bytes(void* p, size_t bytes) {
 class Cache {
  public:
   Block* take(size_t bytes) {
+    Block* b = nullptr;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       // the most recently freed buffer of this size: the likeliest still in a cache
       for (auto it = free_.rbegin(); it != free_.rend(); ++it) {
         if ((*it)->bytes == bytes) {
-          Block* b = *it;
+          b = *it;
           free_.erase(std::next(it).base());
           cached_ -= bytes;
-          return b;
+          break;
         }
       }
     }
-    void* p = map_bytes(bytes);
-    if (p == nullptr) {
-      // out of address space or memory: give back what is cached and try once more
-      empty();
-      p = map_bytes(bytes);
-      TORCH_CHECK(p != nullptr, "rnnkernels: out of memory allocating ", bytes, " bytes");
+    if (b == nullptr) {
+      void* p = map_bytes(bytes);
+      if (p == nullptr) {
+        // out of address space or memory: give back what is cached and try once more
+        empty();
+        p = map_bytes(bytes);
+        TORCH_CHECK(p != nullptr, "rnnkernels: out of memory allocating ", bytes, " bytes");
+      }
+      b = new Block{p, bytes};
     }
-    return new Block{p, bytes};
+    report(b, static_cast<int64_t>(bytes));
+    return b;
   }
 
   void give_back(Block* b) {
+    report(b, -static_cast<int64_t>(b->bytes));
     std::list<Block*> released;
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -127,6 +134,17 @@ class Cache {
     }
   }
 
+  // Buffers handed out and returned, to torch's profiler when it records memory (as torch's
+  // CPU allocator reports its own), with the bytes in use and those in use or cached.
+  void report(const Block* b, int64_t delta) {
+    const int64_t in_use = in_use_.fetch_add(delta, std::memory_order_relaxed) + delta;
+    if (c10::memoryProfilingEnabled()) {
+      c10::reportMemoryUsageToProfiler(b->ptr, delta, static_cast<size_t>(in_use),
+                                       static_cast<size_t>(in_use + cached()),
+                                       c10::Device(c10::DeviceType::CPU));
+    }
+  }
+
   static void release(std::list<Block*>& blocks) {
     for (Block* b : blocks) {
       unmap_bytes(b->ptr, b->bytes);
@@ -137,6 +155,7 @@ class Cache {
   std::mutex mutex_;
   std::list<Block*> free_;  // least recently freed first
   size_t cached_ = 0;
+  std::atomic<int64_t> in_use_{0};
   size_t limit_ = static_cast<size_t>(kDefaultLimitBytes);
 };
 
