@@ -82,9 +82,9 @@ class PackedPanels {
     const T* bias;
   };
 
-  // B (K x N) from column runs that cover [0, N) once. Runs with stride_k == 1 (rows of W as columns of B) are packed by 16 x 16 tile
-  // transposes, runs with stride_n == 1 by row copies: packing costs about one pass over B,
-  // which matters because it happens on every op call.
+  // B (K x N) from column runs that cover [0, N) once. Runs with stride_k == 1 (rows of W as
+  // columns of B) are packed by 16 x 16 tile transposes, runs with stride_n == 1 by row copies:
+  // packing costs about one pass over B, which matters because it happens on every op call.
   PackedPanels(int64_t K, int64_t N, const std::vector<Columns>& runs)
       : K_(K), N_(N), panels_((N + kNR - 1) / kNR) {
     data_ = at::zeros({std::max<int64_t>(1, panels_ * K * kNR)},
@@ -101,7 +101,9 @@ class PackedPanels {
                                     static_cast<int>(K));
         } else {
           for (int64_t k = 0; k < K; ++k) {
-            for (int64_t j = 0; j < cols; ++j) dst[k * kNR + j] = src[k * r.stride_k + j * r.stride_n];
+            for (int64_t j = 0; j < cols; ++j) {
+              dst[k * kNR + j] = src[k * r.stride_k + j * r.stride_n];
+            }
           }
         }
         j0 += cols;

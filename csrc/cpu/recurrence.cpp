@@ -135,12 +135,15 @@ struct Problem {
   bool masked(int64_t t, int64_t b) const { return lengths != nullptr && t >= lengths[b]; }
   // State slots (see header comment).
   int64_t slot_in(int64_t s) const { return save ? (reverse ? steps - s : s) : (s & 1); }
-  int64_t slot_out(int64_t s) const { return save ? (reverse ? steps - 1 - s : s + 1) : ((s + 1) & 1); }
+  int64_t slot_out(int64_t s) const {
+    return save ? (reverse ? steps - 1 - s : s + 1) : ((s + 1) & 1);
+  }
 };
 
 template <typename F>
 inline void parallel_rows(int64_t batch, int64_t units_per_row, const F& f) {
-  const int64_t grain = std::max<int64_t>(1, kMinUnitsPerTask / std::max<int64_t>(1, units_per_row));
+  const int64_t grain =
+      std::max<int64_t>(1, kMinUnitsPerTask / std::max<int64_t>(1, units_per_row));
   at::parallel_for(0, batch, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) f(b);
   });
@@ -516,7 +519,9 @@ void forward_masked_units(const Problem<S, T>& pb, const FwdStep<S, T>& st, int6
     T* wsr = st.ws + b * KH;
     for (int64_t k = 0; k < pb.wsu; ++k) std::fill(wsr + k * H + u0, wsr + k * H + u1, T(0));
     // the backward reads the carried cell state of a masked step as the next step's c_prev
-    if (pb.cell == Cell::LSTM) std::copy(st.cin + b * H + u0, st.cin + b * H + u1, wsr + 4 * H + u0);
+    if (pb.cell == Cell::LSTM) {
+      std::copy(st.cin + b * H + u0, st.cin + b * H + u1, wsr + 4 * H + u0);
+    }
   }
 }
 
@@ -1014,7 +1019,8 @@ void backward_batched(const Problem<S, T>& pb, const Tensor& grad_y, const Tenso
 // touch disjoint rows of them). With one thread per group (a training batch on few cores)
 // there is no barrier at all: each thread keeps the whole W_hh.
 
-constexpr int kSpinsBeforeYield = 1024;  // then yield, so an oversubscribed machine still progresses
+// Spins before a waiting thread yields, so that an oversubscribed machine still progresses.
+constexpr int kSpinsBeforeYield = 1024;
 
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(_M_X64)
@@ -1060,8 +1066,9 @@ class StepFlags {
 };
 
 // Runs body(k, n, flags) on every thread of one parallel region, k in [0, n), with no more
-// threads than the step's work keeps busy. The team size is what at::parallel_for actually gets (1 inside another parallel region), read from the chunk
-// it hands to the first thread, so no thread waits for one that does not exist.
+// threads than the step's work keeps busy. The team size is what at::parallel_for actually gets
+// (1 inside another parallel region), read from the chunk it hands to the first thread, so no
+// thread waits for one that does not exist.
 // Matmul work (multiply-adds) per step below which a thread is not worth a barrier per step.
 constexpr int64_t kMinStepWorkPerThread = 32768;
 
@@ -1339,8 +1346,8 @@ Tensor peephole_grad(const Tensor& dgh, const Tensor& ws, const Tensor& c0, int6
   const Tensor first = c0.unsqueeze(0);
   const Tensor cprev = reverse ? at::cat({state.narrow(0, 1, T - 1), first})
                                : at::cat({first, state.narrow(0, 0, T - 1)});
-  const Tensor c = zoneout ? ws.narrow(2, H, H) * cprev + ws.narrow(2, 0, H) * ws.narrow(2, 2 * H, H)
-                           : state;
+  const Tensor c =
+      zoneout ? ws.narrow(2, H, H) * cprev + ws.narrow(2, 0, H) * ws.narrow(2, 2 * H, H) : state;
   const auto sum = [](const Tensor& t) { return t.sum(at::IntArrayRef{0, 1}); };
   return at::stack({sum(dgh.narrow(2, 0, H) * cprev), sum(dgh.narrow(2, H, H) * cprev),
                     sum(dgh.narrow(2, 3 * H, H) * c)});

@@ -57,14 +57,19 @@ class Cache {
     Block* b = nullptr;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      // the most recently freed buffer of this size: the likeliest still in a cache
-      for (auto it = free_.rbegin(); it != free_.rend(); ++it) {
-        if ((*it)->bytes == bytes) {
-          b = *it;
-          free_.erase(std::next(it).base());
-          cached_ -= bytes;
-          break;
-        }
+      // The smallest free buffer of at least this size and at most twice it (calls whose sizes
+      // vary, as sequence lengths do, reuse each other's; pages a call does not touch cost no
+      // memory), of those the most recently freed: the likeliest still in a CPU cache.
+      auto best = free_.end();
+      for (auto it = free_.begin(); it != free_.end(); ++it) {
+        const size_t have = (*it)->bytes;
+        const bool fits = have >= bytes && have / 2 <= bytes;
+        if (fits && (best == free_.end() || have <= (*best)->bytes)) best = it;
+      }
+      if (best != free_.end()) {
+        b = *best;
+        free_.erase(best);
+        cached_ -= b->bytes;
       }
     }
     if (b == nullptr) {
@@ -77,7 +82,7 @@ class Cache {
       }
       b = new Block{p, bytes};
     }
-    report(b, static_cast<int64_t>(bytes));
+    report(b, static_cast<int64_t>(b->bytes));
     return b;
   }
 
