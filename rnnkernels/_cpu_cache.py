@@ -21,8 +21,9 @@ def cpu_cache_bytes() -> int:
 
 
 def set_cpu_cache_limit(nbytes: int) -> int:
-    """Sets how many bytes of freed buffers the CPU cache may hold (0 turns caching off),
-    releases those beyond it, and returns the previous limit."""
+    """Sets how many bytes of freed buffers the CPU cache may hold (0 turns the cache off: the
+    ops' buffers then come from torch's allocator), releases those beyond it, and returns the
+    previous limit."""
     if isinstance(nbytes, bool) or not isinstance(nbytes, int):
         raise TypeError(f"nbytes must be an int, got {type(nbytes).__name__}")
     if nbytes < 0:

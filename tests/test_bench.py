@@ -473,3 +473,73 @@ def test_page_faults_counted_over_the_timed_calls():
         rounds=2)
     assert fresh.faults_per_call >= (1 << 26) / 4096 * 0.9
     assert reused.faults_per_call < fresh.faults_per_call
+
+
+def _small_cache_effect_configs(monkeypatch):
+    from bench import configs
+
+    rec = configs.RECURRENCE["cpu"]
+    monkeypatch.setitem(configs.RECURRENCE, "cpu", configs.SuiteConfig(
+        train={"T": 5, "B": 3, "I": 7, "H": 9}, inference=rec.inference, sweeps={}))
+    small = {"batch": 1, "dim": 16, "L": 9, "N": 4}
+    monkeypatch.setitem(configs.SELECTIVE_SCAN, "cpu",
+                        configs.SuiteConfig(train=small, inference=small, sweeps={}))
+
+
+def test_cache_effect_rows(capsys, monkeypatch):
+    """python -m bench.cache_effect's rows of one allocator state: ours with and without the
+    cache and torch.nn (recurrences), each checked, with times, faults and the ratio to ours
+    without the cache (at small shapes)."""
+    import rnnkernels
+    from bench import cache_effect
+
+    _small_cache_effect_configs(monkeypatch)
+    assert cache_effect.main(["--rows", "default", "--case", "gru,selective_scan",
+                              "--min-time", "0.02"]) == 0
+    rows = [[c.strip() for c in line.split("|")[1:-1]]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [(r[0], r[2]) for r in rows] == [
+        ("gru", "rnnkernels (cpu), cached"), ("gru", "rnnkernels (cpu), no cache"),
+        ("gru", "GRU"), ("selective_scan", "rnnkernels (cpu), cached"),
+        ("selective_scan", "rnnkernels (cpu), no cache")]
+    ms = {(r[0], r[2]): float(r[3].removesuffix(" ms")) for r in rows}
+    for case, state, name, median, faults, ratio in rows:
+        assert state == "default" and ms[case, name] > 0 and float(faults) >= 0
+        uncached = ms[case, "rnnkernels (cpu), no cache"]
+        assert float(ratio.removesuffix("x")) == pytest.approx(uncached / ms[case, name],
+                                                               rel=0.02, abs=0.01)
+    assert rnnkernels.set_cpu_cache_limit(256 << 20) == 256 << 20  # left at its default
+
+
+def test_cache_effect_refuses_a_wrong_result(monkeypatch):
+    from bench import cache_effect
+
+    _small_cache_effect_configs(monkeypatch)
+    steps = cache_effect.recurrence_steps
+
+    def wrong(suite):
+        timed, expected = steps(suite)
+        return timed, [expected[0] + 1, *expected[1:]]
+
+    monkeypatch.setattr(cache_effect, "recurrence_steps", wrong)
+    with pytest.raises(RuntimeError, match="is wrong"):
+        cache_effect.measure("lstm", 0.01)
+
+
+def test_cache_effect_runs_each_state_in_a_fresh_process(capsys, monkeypatch):
+    """The parent prints the header and runs one child per allocator state, the returning one
+    with glibc's mmap threshold fixed in its environment."""
+    import platform
+
+    from bench import cache_effect
+
+    calls = []
+    monkeypatch.setattr(cache_effect, "run_child", lambda cmd, env: calls.append((cmd, env)))
+    assert cache_effect.main(["--case", "lstm", "--min-time", "0.5"]) == 0
+    assert "| case | allocator |" in capsys.readouterr().out
+    states = [cmd[cmd.index("--rows") + 1] for cmd, _ in calls]
+    glibc = platform.libc_ver()[0] == "glibc"
+    assert states == (["default", "returning"] if glibc else ["default"])
+    for cmd, env in calls:
+        assert cmd[cmd.index("--case") + 1] == "lstm" and cmd[cmd.index("--min-time") + 1] == "0.5"
+        assert ("MALLOC_MMAP_THRESHOLD_" in env) == (cmd[cmd.index("--rows") + 1] == "returning")

@@ -98,6 +98,8 @@ class Cache {
     release(released);
   }
 
+  bool enabled() const { return limit_.load(std::memory_order_relaxed) > 0; }
+
   int64_t cached() {
     std::lock_guard<std::mutex> lock(mutex_);
     return static_cast<int64_t>(cached_);
@@ -108,7 +110,7 @@ class Cache {
     int64_t previous;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      previous = static_cast<int64_t>(limit_);
+      previous = static_cast<int64_t>(limit_.load());
       if (limit >= 0) {
         limit_ = static_cast<size_t>(limit);
         trim_locked(limit_, released);
@@ -161,7 +163,7 @@ class Cache {
   std::list<Block*> free_;  // least recently freed first
   size_t cached_ = 0;
   std::atomic<int64_t> in_use_{0};
-  size_t limit_ = static_cast<size_t>(kDefaultLimitBytes);
+  std::atomic<size_t> limit_{static_cast<size_t>(kDefaultLimitBytes)};
 };
 
 // Never destroyed: tensors that outlive static destruction still free into it safely.
@@ -175,7 +177,10 @@ void free_block(void* ctx) { cache().give_back(static_cast<Block*>(ctx)); }
 class CacheAllocator final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t n) override {
-    if (n < static_cast<size_t>(kMinCachedBytes)) return c10::GetCPUAllocator()->allocate(n);
+    // Small buffers, and every buffer while the cache is off (limit 0), from torch's allocator.
+    if (n < static_cast<size_t>(kMinCachedBytes) || !cache().enabled()) {
+      return c10::GetCPUAllocator()->allocate(n);
+    }
     const size_t bytes = (n + kGranule - 1) / kGranule * kGranule;
     Block* b = cache().take(bytes);
     return {b->ptr, b, &free_block, c10::Device(c10::DeviceType::CPU)};

@@ -10,8 +10,8 @@
 //
 // Buffers of kMinCachedBytes and more come from here, smaller ones from torch's CPU allocator.
 // Freed buffers stay cached while the cached bytes stay within a limit (default
-// kDefaultLimitBytes, settable); past it the least recently freed go back to the system.
-// Thread-safe.
+// kDefaultLimitBytes, settable); past it the least recently freed go back to the system. With
+// the limit at 0 the cache is off: every buffer comes from torch's CPU allocator. Thread-safe.
 #pragma once
 
 #include <ATen/ATen.h>

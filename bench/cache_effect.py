@@ -1,0 +1,172 @@
+"""python -m bench.cache_effect: what the CPU ops' buffer cache buys, side by side in one run.
+
+The CPU ops take their buffers of 1 MiB and more from a cache of freed buffers
+(csrc/cpu/workspace_cache.h). This tool times the training steps of the LSTM and the GRU at the
+recurrence suites' main shape and of the selective scan at its suite's: ours with the cache (the
+default) and without it (``rnnkernels.set_cpu_cache_limit(0)``: every buffer from torch's
+allocator, as before the cache), and torch.nn's module for the recurrences, in turns
+(:func:`bench.timing.interleaved_times`), with the minor page faults per call, each allocator
+state in a fresh process:
+
+- default: glibc's dynamic thresholds (a freed buffer of up to 32 MiB raises the mmap threshold
+  above its size, after which buffers of that size come from the heap; whether the heap gives
+  their pages back to the kernel when they are freed depends on what else lies on it);
+- returning: glibc's mmap threshold fixed at its initial 128 KiB (``MALLOC_MMAP_THRESHOLD_``),
+  so that a buffer of 128 KiB and more that no free heap memory can hold is mapped when
+  allocated and unmapped when freed, and a step pays a page fault per 4 KiB of it on every
+  call. (Free heap memory that the expected values' computation left behind can hold the
+  scan's 1 MiB buffers: whether they fault depends on that.)
+
+Every step's results are checked before it is timed: against float64 (torch.nn's module in
+float64 for the recurrences, the PyTorch loop in float64 for the scan), and ours with and
+without the cache bit for bit equal. The returning state needs glibc; elsewhere it is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+import rnnkernels
+from rnnkernels import ops
+
+from . import configs, env
+from .check import compare, tolerance
+from .loops import selective_scan_loop
+from .recurrence import FAMILIES
+from .scans import _train_step as scan_train_step
+from .scans import selective_scan_inputs
+from .timing import interleaved_times
+
+# The allocator states, each the environment of a fresh process (glibc reads these at start).
+STATES = {"default": {}, "returning": {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}}
+CACHE_LIMIT = 256 << 20  # the cache's default limit (kDefaultLimitBytes)
+CASES = ("lstm", "gru", "selective_scan")
+
+Step = Callable[[], list[Tensor]]
+
+
+def _with_cache(step: Step, on: bool) -> Step:
+    """``step`` with the cache on (its default limit) or off (limit 0, releasing what it held)."""
+    def run() -> list[Tensor]:
+        rnnkernels.set_cpu_cache_limit(CACHE_LIMIT if on else 0)
+        return step()
+    return run
+
+
+def _module_step(module: torch.nn.Module, x: Tensor, gy: Tensor) -> Step:
+    def step() -> list[Tensor]:
+        y, _ = module(x)
+        return [y, *torch.autograd.grad(y, [x, *module.parameters()], gy)]
+    return step
+
+
+def recurrence_steps(suite: str) -> tuple[dict[str, Step], list[Tensor]]:
+    """The training steps of ``suite`` at the cpu profile's shape: ours, torch.nn's; and the
+    float64 results they are checked against."""
+    d = configs.RECURRENCE["cpu"].train
+    family = FAMILIES[suite]
+    gen = torch.Generator().manual_seed(0)
+    ours = family.ours(d["I"], d["H"])
+    theirs = family.torch(d["I"], d["H"])
+    theirs.load_state_dict(ours.state_dict())
+    f64 = family.torch(d["I"], d["H"]).double()
+    f64.load_state_dict(ours.state_dict())
+    x = torch.randn(d["T"], d["B"], d["I"], generator=gen, requires_grad=True)
+    gy = torch.randn(d["T"], d["B"], d["H"], generator=gen)
+    expected = _module_step(f64, x.detach().double().requires_grad_(), gy.double())()
+    return {"rnnkernels (cpu)": _module_step(ours, x, gy),
+            family.torch.__name__: _module_step(theirs, x, gy)}, expected
+
+
+def scan_steps() -> tuple[dict[str, Step], list[Tensor]]:
+    """The selective scan's training step at the cpu profile's shape (a Mamba block's call:
+    variable B and C, D, z, delta_bias, softplus) and its float64 results."""
+    dims = configs.SELECTIVE_SCAN["cpu"].train
+    inputs, grad_out = selective_scan_inputs(dims, "cpu", torch.float32,
+                                             torch.Generator().manual_seed(0), True)
+
+    def ours(*a: Tensor) -> Tensor:
+        return ops.selective_scan(*a[:5], D=a[5], z=a[6], delta_bias=a[7], delta_softplus=True)
+
+    f64 = [t.detach().double().requires_grad_() for t in inputs]
+    expected = scan_train_step(lambda *a: selective_scan_loop(*a, delta_softplus=True), f64,
+                               grad_out.double(), None)()
+    return {"rnnkernels (cpu)": scan_train_step(ours, inputs, grad_out, None)}, expected
+
+
+def measure(case: str, min_time_s: float) -> list[tuple[str, float, float]]:
+    """(contender, median seconds, faults per call) of ``case``'s steps, after their check."""
+    steps, expected = scan_steps() if case == "selective_scan" else recurrence_steps(case)
+    ours = steps.pop("rnnkernels (cpu)")
+    timed = {"rnnkernels (cpu), cached": _with_cache(ours, True),
+             "rnnkernels (cpu), no cache": _with_cache(ours, False), **steps}
+    results = {name: [t.detach() for t in step()] for name, step in timed.items()}
+    names = [f"result {i}" for i in range(len(expected))]
+    for name, got in results.items():
+        verdict = compare(names, got, expected, tolerance("cpu", torch.float32))
+        if not verdict.ok:
+            raise RuntimeError(f"{case}: {name} is wrong: {verdict.reason}")
+    for a, b in zip(results["rnnkernels (cpu), cached"], results["rnnkernels (cpu), no cache"]):
+        if not torch.equal(a, b):
+            raise RuntimeError(f"{case}: ours with and without the cache differ")
+    timings = interleaved_times(list(timed.values()), "cpu", min_time_s)
+    rnnkernels.set_cpu_cache_limit(CACHE_LIMIT)
+    return [(name, t.median_s, t.faults_per_call or 0.0) for name, t in zip(timed, timings)]
+
+
+def run_child(cmd: list[str], environment: dict[str, str]) -> None:
+    subprocess.run(cmd, env=environment, check=True)
+
+
+def print_rows(state: str, cases: list[str], min_time_s: float) -> None:
+    """The table rows of ``cases`` in this process's allocator state."""
+    for case in cases:
+        rows = measure(case, min_time_s)
+        uncached = dict((n, s) for n, s, _ in rows)["rnnkernels (cpu), no cache"]
+        for name, seconds, faults in rows:
+            print(f"| {case} | {state} | {name} | {seconds * 1e3:.3g} ms | {faults:.0f} | "
+                  f"{uncached / seconds:.2f}x |", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.cache_effect",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--case", default=",".join(CASES),
+                   help=f"comma-separated among {', '.join(CASES)}")
+    p.add_argument("--min-time", type=float, default=2.0,
+                   help="seconds each contender is timed, over all rounds (default 2)")
+    p.add_argument("--rows", choices=sorted(STATES), help=argparse.SUPPRESS)  # a child's part
+    args = p.parse_args(argv)
+    cases = [c.strip() for c in args.case.split(",") if c.strip()]
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        p.error(f"unknown case(s) {', '.join(unknown)}; choose among {', '.join(CASES)}")
+    if args.rows:
+        print_rows(args.rows, cases, args.min_time)
+        return 0
+    print(f"# What the CPU buffer cache buys\n\n{env.cpu_model()}, {torch.get_num_threads()} "
+          f"threads, float32, torch {torch.__version__}, commit {env.commit()}\n")
+    print("Training steps; `faults`: minor page faults per call; each allocator state in a fresh "
+          "process (`python -m bench.cache_effect --help`).\n")
+    print("| case | allocator | contender | median | faults | vs no cache |")
+    print("|---|---|---|---|---|---|", flush=True)
+    glibc = platform.libc_ver()[0] == "glibc"
+    for state, variables in STATES.items():
+        if variables and not glibc:
+            print(f"\nNot glibc: the {state} state was not run.")
+            continue
+        run_child([sys.executable, "-m", "bench.cache_effect", "--rows", state, "--case",
+                   ",".join(cases), "--min-time", str(args.min_time)], {**os.environ, **variables})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
