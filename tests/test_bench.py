@@ -487,27 +487,41 @@ def _small_cache_effect_configs(monkeypatch):
 
 
 def test_cache_effect_rows(capsys, monkeypatch):
-    """python -m bench.cache_effect's rows of one allocator state: ours with and without the
-    cache and torch.nn (recurrences), each checked, with times, faults and the ratio to ours
-    without the cache (at small shapes)."""
+    """python -m bench.cache_effect at small shapes, its children run in this process: per
+    allocator state, ours with and without the cache and torch.nn (recurrences), each checked,
+    with times, faults and the ratio to ours without the cache."""
+    import platform
+
     import rnnkernels
     from bench import cache_effect
 
     _small_cache_effect_configs(monkeypatch)
-    assert cache_effect.main(["--rows", "default", "--case", "gru,selective_scan",
-                              "--min-time", "0.02"]) == 0
+    children = []
+
+    def child(cmd, env):
+        children.append((cmd, env))
+        assert cache_effect.main(cmd[3:]) == 0
+
+    monkeypatch.setattr(cache_effect, "run_child", child)
+    assert cache_effect.main(["--case", "gru,selective_scan", "--min-time", "0.02"]) == 0
     rows = [[c.strip() for c in line.split("|")[1:-1]]
-            for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
-    assert [(r[0], r[2]) for r in rows] == [
-        ("gru", "rnnkernels (cpu), cached"), ("gru", "rnnkernels (cpu), no cache"),
-        ("gru", "GRU"), ("selective_scan", "rnnkernels (cpu), cached"),
-        ("selective_scan", "rnnkernels (cpu), no cache")]
-    ms = {(r[0], r[2]): float(r[3].removesuffix(" ms")) for r in rows}
-    for case, state, name, median, faults, ratio in rows:
-        assert state == "default" and ms[case, name] > 0 and float(faults) >= 0
-        uncached = ms[case, "rnnkernels (cpu), no cache"]
-        assert float(ratio.removesuffix("x")) == pytest.approx(uncached / ms[case, name],
+            for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and not line.startswith("| case")]
+    states = ["default", "returning"] if platform.libc_ver()[0] == "glibc" else ["default"]
+    assert [(r[1], r[0], r[2]) for r in rows] == [
+        (state, case, name) for state in states
+        for case, names in (("gru", ("cached", "no cache", "GRU")),
+                            ("selective_scan", ("cached", "no cache")))
+        for name in (n if n == "GRU" else f"rnnkernels (cpu), {n}" for n in names)]
+    ms = {(r[1], r[0], r[2]): float(r[3].removesuffix(" ms")) for r in rows}
+    for case, state, name, _, faults, ratio in rows:
+        assert ms[state, case, name] > 0 and float(faults) >= 0
+        uncached = ms[state, case, "rnnkernels (cpu), no cache"]
+        assert float(ratio.removesuffix("x")) == pytest.approx(uncached / ms[state, case, name],
                                                                rel=0.02, abs=0.01)
+    for cmd, env in children:
+        returning = cmd[cmd.index("--rows") + 1] == "returning"
+        assert ("MALLOC_MMAP_THRESHOLD_" in env) == returning
     assert rnnkernels.set_cpu_cache_limit(256 << 20) == 256 << 20  # left at its default
 
 
@@ -515,31 +529,6 @@ def test_cache_effect_refuses_a_wrong_result(monkeypatch):
     from bench import cache_effect
 
     _small_cache_effect_configs(monkeypatch)
-    steps = cache_effect.recurrence_steps
-
-    def wrong(suite):
-        timed, expected = steps(suite)
-        return timed, [expected[0] + 1, *expected[1:]]
-
-    monkeypatch.setattr(cache_effect, "recurrence_steps", wrong)
+    expected = cache_effect.case_steps("lstm")[1]()
     with pytest.raises(RuntimeError, match="is wrong"):
-        cache_effect.measure("lstm", 0.01)
-
-
-def test_cache_effect_runs_each_state_in_a_fresh_process(capsys, monkeypatch):
-    """The parent prints the header and runs one child per allocator state, the returning one
-    with glibc's mmap threshold fixed in its environment."""
-    import platform
-
-    from bench import cache_effect
-
-    calls = []
-    monkeypatch.setattr(cache_effect, "run_child", lambda cmd, env: calls.append((cmd, env)))
-    assert cache_effect.main(["--case", "lstm", "--min-time", "0.5"]) == 0
-    assert "| case | allocator |" in capsys.readouterr().out
-    states = [cmd[cmd.index("--rows") + 1] for cmd, _ in calls]
-    glibc = platform.libc_ver()[0] == "glibc"
-    assert states == (["default", "returning"] if glibc else ["default"])
-    for cmd, env in calls:
-        assert cmd[cmd.index("--case") + 1] == "lstm" and cmd[cmd.index("--min-time") + 1] == "0.5"
-        assert ("MALLOC_MMAP_THRESHOLD_" in env) == (cmd[cmd.index("--rows") + 1] == "returning")
+        cache_effect.measure("lstm", 0.01, [expected[0] + 1, *expected[1:]])
