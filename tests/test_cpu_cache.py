@@ -4,6 +4,9 @@ are, the limit holds, and results do not depend on whether a buffer came from th
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -181,3 +184,45 @@ def test_cached_buffers_show_in_the_memory_profiler():
     usage = {e.name: e.cpu_memory_usage for e in prof.events()}
     # y (T, B, H) and the saved gates (T, B, 4H) of the forward, at the least
     assert usage["rnnkernels::recurrence_fwd"] >= 5 * T * B * H * 4
+
+
+FORK_SCRIPT = """
+import os, threading
+import torch, rnnkernels
+torch.set_num_threads(1)  # no OpenMP team for the forked children to inherit
+lstm = rnnkernels.nn.LSTM(24, 128)
+x = torch.randn(64, 32, 24)  # output (64, 32, 128): 1 MiB, a cached buffer
+stop = threading.Event()
+
+def work():
+    with torch.no_grad():
+        while not stop.is_set():
+            lstm(x)
+
+thread = threading.Thread(target=work)
+thread.start()
+statuses = []
+for _ in range(20):
+    pid = os.fork()
+    if pid == 0:
+        with torch.no_grad():
+            y, _ = lstm(x)
+        os._exit(0 if tuple(y.shape) == (64, 32, 128) and rnnkernels.cpu_cache_bytes() >= 0 else 1)
+    statuses.append(os.waitpid(pid, 0)[1])
+stop.set()
+thread.join()
+with torch.no_grad():
+    lstm(x)
+print(statuses)
+raise SystemExit(0 if all(s == 0 for s in statuses) else 1)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_fork_while_another_thread_allocates():
+    """Forked children allocate from the cache, and the parent goes on, while another thread of
+    the parent keeps allocating and freeing cached buffers (the cache's fork handlers take its
+    lock around fork and release it on both sides)."""
+    result = subprocess.run([sys.executable, "-c", FORK_SCRIPT], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr

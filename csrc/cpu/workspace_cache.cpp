@@ -11,6 +11,7 @@
 #include <new>
 
 #if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
 #include <sys/mman.h>
 #define RNNKERNELS_CACHE_MMAP 1
 #endif
@@ -99,6 +100,8 @@ class Cache {
   }
 
   bool enabled() const { return limit_.load(std::memory_order_relaxed) > 0; }
+  void lock() { mutex_.lock(); }
+  void unlock() { mutex_.unlock(); }
 
   int64_t cached() {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -166,9 +169,25 @@ class Cache {
   std::atomic<size_t> limit_{static_cast<size_t>(kDefaultLimitBytes)};
 };
 
+Cache& cache();
+
+#ifdef RNNKERNELS_CACHE_MMAP
+// fork() with the mutex held by another thread would leave it locked forever in the child (a
+// DataLoader worker forked while a training thread allocates): the forking thread takes it
+// around the fork, and parent and child each release their copy.
+void lock_for_fork() { cache().lock(); }
+void unlock_after_fork() { cache().unlock(); }
+#endif
+
 // Never destroyed: tensors that outlive static destruction still free into it safely.
 Cache& cache() {
-  static Cache* c = new Cache();
+  static Cache* c = [] {
+    auto* created = new Cache();
+#ifdef RNNKERNELS_CACHE_MMAP
+    pthread_atfork(&lock_for_fork, &unlock_after_fork, &unlock_after_fork);
+#endif
+    return created;
+  }();
   return *c;
 }
 
