@@ -49,16 +49,15 @@ from .timing import interleaved_times
 
 # The allocator states, each the environment of a fresh process (glibc reads these at start).
 STATES = {"default": {}, "returning": {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}}
-CACHE_LIMIT = 256 << 20  # the cache's default limit (kDefaultLimitBytes)
 CASES = ("lstm", "gru", "selective_scan")
 
 Step = Callable[[], list[Tensor]]
 
 
-def _with_cache(step: Step, on: bool) -> Step:
-    """``step`` with the cache on (its default limit) or off (limit 0, releasing what it held)."""
+def _with_cache(step: Step, limit: int) -> Step:
+    """``step`` with the cache's limit at ``limit`` (0: off, releasing what it held)."""
     def run() -> list[Tensor]:
-        rnnkernels.set_cpu_cache_limit(CACHE_LIMIT if on else 0)
+        rnnkernels.set_cpu_cache_limit(limit)
         return step()
     return run
 
@@ -117,19 +116,22 @@ def measure(case: str, min_time_s: float, expected: list[Tensor]
     against ``expected`` (float64)."""
     steps, _ = case_steps(case)
     ours = steps.pop("rnnkernels (cpu)")
-    timed = {"rnnkernels (cpu), cached": _with_cache(ours, True),
-             "rnnkernels (cpu), no cache": _with_cache(ours, False), **steps}
-    results = {name: [t.detach() for t in step()] for name, step in timed.items()}
-    names = [f"result {i}" for i in range(len(expected))]
-    for name, got in results.items():
-        verdict = compare(names, got, expected, tolerance("cpu", torch.float32))
-        if not verdict.ok:
-            raise RuntimeError(f"{case}: {name} is wrong: {verdict.reason}")
-    for a, b in zip(results["rnnkernels (cpu), cached"], results["rnnkernels (cpu), no cache"]):
-        if not torch.equal(a, b):
-            raise RuntimeError(f"{case}: ours with and without the cache differ")
-    timings = interleaved_times(list(timed.values()), "cpu", min_time_s)
-    rnnkernels.set_cpu_cache_limit(CACHE_LIMIT)
+    limit = rnnkernels.set_cpu_cache_limit(0)  # the process's limit, restored at the end
+    try:
+        timed = {"rnnkernels (cpu), cached": _with_cache(ours, limit),
+                 "rnnkernels (cpu), no cache": _with_cache(ours, 0), **steps}
+        results = {name: [t.detach() for t in step()] for name, step in timed.items()}
+        names = [f"result {i}" for i in range(len(expected))]
+        for name, got in results.items():
+            verdict = compare(names, got, expected, tolerance("cpu", torch.float32))
+            if not verdict.ok:
+                raise RuntimeError(f"{case}: {name} is wrong: {verdict.reason}")
+        for a, b in zip(*(results[f"rnnkernels (cpu), {m}"] for m in ("cached", "no cache"))):
+            if not torch.equal(a, b):
+                raise RuntimeError(f"{case}: ours with and without the cache differ")
+        timings = interleaved_times(list(timed.values()), "cpu", min_time_s)
+    finally:
+        rnnkernels.set_cpu_cache_limit(limit)
     return [(name, t.median_s, t.faults_per_call or 0.0) for name, t in zip(timed, timings)]
 
 

@@ -532,3 +532,6 @@ def test_cache_effect_refuses_a_wrong_result(monkeypatch):
     expected = cache_effect.case_steps("lstm")[1]()
     with pytest.raises(RuntimeError, match="is wrong"):
         cache_effect.measure("lstm", 0.01, [expected[0] + 1, *expected[1:]])
+    import rnnkernels
+
+    assert rnnkernels.set_cpu_cache_limit(256 << 20) == 256 << 20  # restored after the refusal

@@ -4,11 +4,9 @@
 #include <c10/core/CPUAllocator.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <atomic>
 #include <list>
 #include <mutex>
-#include <new>
 
 #if defined(__unix__) || defined(__APPLE__)
 #include <pthread.h>
