@@ -1490,7 +1490,7 @@ recurrence_bwd_cpu(
   Tensor dgraw = ln ? cached_empty({T_, B, GH}, acc_opts) : Tensor();
   Tensor xhat = ln ? cached_empty({T_, B, GH}, acc_opts) : Tensor();
   Tensor dln = ln && cell == Cell::LSTM ? cached_empty({T_, B, 2 * H}, acc_opts).zero_() : Tensor();
-  Tensor db_summed;  // db_hh when the backward adds it up (persistent path)
+  Tensor db_summed;  // db_hh when summed before the weight gradients (persistent path, or LN)
 
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, st, "recurrence_bwd_cpu", [&] {
     using S = scalar_t;
@@ -1511,7 +1511,8 @@ recurrence_bwd_cpu(
   });
 
   // W_hh multiplied the dropped-out states; with layer normalisation it produced the raw
-  // pre-activations, and b_hh was added to the normalised ones
+  // pre-activations, and b_hh was added to the normalised ones (db_hh sums dgh, not dgraw)
+  if (ln) db_summed = dgh.sum(at::IntArrayRef{0, 1});
   auto [dw, db, dw_hr] = recurrence_weight_grads(cell, rdrop.defined() ? hs * rdrop : hs, ws,
                                                  ln ? dgraw : dgh, projected ? dhp : Tensor(), H,
                                                  reverse, st, db_summed);
@@ -1520,7 +1521,6 @@ recurrence_bwd_cpu(
   const auto none = [&] { return at::empty({0}, w_hh.options()); };
   Tensor dln_hh = none(), dln_c = none(), dln_bias_c = none();
   if (ln) {
-    db = sum_tb(dgh);
     dln_hh = sum_tb(dgh * xhat);
     if (cell == Cell::LSTM) {
       dln_c = sum_tb(dln.narrow(2, 0, H));
