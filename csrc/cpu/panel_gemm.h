@@ -6,7 +6,8 @@
 // (a copy of the whole slice per step) and, inside the recurrence's thread team, meets nested
 // threading; together that cost as much as the multiply-adds. Here B is packed once into
 // column panels of kNR columns, K-major inside a panel and zero-padded, so the inner loop reads
-// kNV full vectors of a panel per k and broadcasts one value of A per row.
+// kNV full vectors of a panel per k and broadcasts one value of A per row; where the product is
+// formed in parts over k, each part's rows are stored together (KLayout).
 //
 // Decomposition: panels outer (a panel, K * kNR values, stays in L2 while every row block of A
 // passes over it), row blocks of at most kPanelRows rows inner; a block keeps kPanelRows * kNV
@@ -65,12 +66,106 @@ void for_each_register_block(int64_t M, int64_t N, const F& f) {
   }
 }
 
+// Half-open ranges of k (rows of a packed B), at most kMaxRanges.
+struct KRanges {
+  static constexpr int kMaxRanges = 8;
+  int64_t begin[kMaxRanges], end[kMaxRanges];
+  int count = 0;
+  void add(int64_t b, int64_t e) {
+    TORCH_INTERNAL_ASSERT(count < kMaxRanges);
+    if (e > b) {
+      begin[count] = b;
+      end[count++] = e;
+    }
+  }
+};
+
+// Where the rows of a packed B lie. The products that form a step's matmul in parts (a thread's
+// own part of the state first, the others' once they have arrived) each read a set of k ranges
+// (a group); the rows of a group are stored panel by panel ([panel][the group's ranges in
+// order][k]), so that one part's product reads one run of memory. Stored panel by panel over all
+// of K instead, a part read K / 2 rows of each panel and jumped to the next: at batch 1, where a
+// step's product streams a quarter to half a MB of B from L2 at the core's load rate, that cost
+// 25-60% more than one run (a standalone timing of the product, 512 columns by K = 256 in two
+// parts of 128: 3.0-3.9 us per step in the panel-major layout, 2.5 in this one, as in one part).
+// Rows are in units of `row` k values (1, or a k-pair for bfloat16 dot products).
+class KLayout {
+ public:
+  // A run of rows k in [begin, end) (in rows): row k of panel p at offset + p * pstride +
+  // (k - begin) * row_size values of the packed data.
+  struct Segment {
+    int64_t begin, end, offset, pstride;
+  };
+  // Pieces of a product's k ranges, each within one segment.
+  static constexpr int kMaxPieces = 4 * KRanges::kMaxRanges;
+  struct Piece {
+    int64_t begin, end;
+    const Segment* seg;
+  };
+  struct Pieces {
+    Piece piece[kMaxPieces];
+    int count = 0;
+  };
+
+  // rows: the rows of a panel; groups: ranges of rows that partition [0, rows) (empty: one
+  // group of all rows); row_size: values per row of a panel.
+  KLayout(int64_t rows, int64_t panels, int64_t row_size, const std::vector<KRanges>& groups) {
+    int64_t offset = 0, covered = 0;
+    auto add_group = [&](const KRanges& g) {
+      int64_t len = 0;
+      for (int r = 0; r < g.count; ++r) len += g.end[r] - g.begin[r];
+      int64_t prefix = 0;
+      for (int r = 0; r < g.count; ++r) {
+        segs_.push_back({g.begin[r], g.end[r], offset + prefix * row_size, len * row_size});
+        prefix += g.end[r] - g.begin[r];
+      }
+      offset += panels * len * row_size;
+      covered += len;
+    };
+    if (groups.empty()) {
+      KRanges all;
+      all.add(0, rows);
+      add_group(all);
+    } else {
+      for (const KRanges& g : groups) add_group(g);
+    }
+    std::sort(segs_.begin(), segs_.end(),
+              [](const Segment& a, const Segment& b) { return a.begin < b.begin; });
+    for (size_t i = 0; i < segs_.size(); ++i) {
+      TORCH_INTERNAL_ASSERT(segs_[i].begin == (i == 0 ? 0 : segs_[i - 1].end),
+                            "KLayout: the groups must partition the rows");
+    }
+    TORCH_INTERNAL_ASSERT(covered == rows && (rows == 0 || segs_.back().end == rows),
+                          "KLayout: the groups must partition the rows");
+  }
+
+  const std::vector<Segment>& segments() const { return segs_; }
+
+  // ks (in rows) split at segment boundaries, in ks's order.
+  Pieces pieces(const KRanges& ks) const {
+    Pieces out;
+    for (int r = 0; r < ks.count; ++r) {
+      for (const Segment& sg : segs_) {
+        const int64_t b = std::max(ks.begin[r], sg.begin), e = std::min(ks.end[r], sg.end);
+        if (b >= e) continue;
+        TORCH_INTERNAL_ASSERT(out.count < kMaxPieces);
+        out.piece[out.count++] = {b, e, &sg};
+      }
+    }
+    return out;
+  }
+
+ private:
+  std::vector<Segment> segs_;
+};
+
 template <typename T>
 class PackedPanels {
  public:
   using V = at::vec::Vectorized<T>;
   static constexpr int64_t kNV = 4;                 // vectors per panel row
   static constexpr int64_t kNR = kNV * V::size();   // columns per panel
+  using Ranges = KRanges;
 
   // Columns [n0, n0 + count) of B as a strided view: B(k, n0 + j) = base[k * stride_k +
   // j * stride_n], with bias[j] added to column n0 + j of every row of C (bias null: none).
@@ -82,11 +177,13 @@ class PackedPanels {
     const T* bias;
   };
 
-  // B (K x N) from column runs that cover [0, N) once. Runs with stride_k == 1 (rows of W as
+  // B (K x N) from column runs that cover [0, N) once, with its k ranges laid out for the
+  // products over `groups` (KLayout; empty: one group). Runs with stride_k == 1 (rows of W as
   // columns of B) are packed by 16 x 16 tile transposes, runs with stride_n == 1 by row copies:
   // packing costs about one pass over B, which matters because it happens on every op call.
-  PackedPanels(int64_t K, int64_t N, const std::vector<Columns>& runs)
-      : K_(K), N_(N), panels_((N + kNR - 1) / kNR) {
+  PackedPanels(int64_t K, int64_t N, const std::vector<Columns>& runs,
+               const std::vector<Ranges>& groups = {})
+      : K_(K), N_(N), panels_((N + kNR - 1) / kNR), layout_(K, panels_, kNR, groups) {
     data_ = at::zeros({std::max<int64_t>(1, panels_ * K * kNR)},
                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
     T* d = data_.data_ptr<T>();
@@ -94,15 +191,18 @@ class PackedPanels {
       for (int64_t j0 = 0; j0 < r.count;) {
         const int64_t n = r.n0 + j0, p = n / kNR;
         const int64_t cols = std::min(r.count - j0, (p + 1) * kNR - n);
-        const T* src = r.base + j0 * r.stride_n;
-        T* dst = d + p * K * kNR + (n - p * kNR);
-        if (r.stride_k == 1) {
-          at::vec::transpose_mxn<T>(src, r.stride_n, dst, kNR, static_cast<int>(cols),
-                                    static_cast<int>(K));
-        } else {
-          for (int64_t k = 0; k < K; ++k) {
-            for (int64_t j = 0; j < cols; ++j) {
-              dst[k * kNR + j] = src[k * r.stride_k + j * r.stride_n];
+        for (const KLayout::Segment& sg : layout_.segments()) {
+          const T* src = r.base + j0 * r.stride_n + sg.begin * r.stride_k;
+          T* dst = d + sg.offset + p * sg.pstride + (n - p * kNR);
+          const int64_t rows = sg.end - sg.begin;
+          if (r.stride_k == 1) {
+            at::vec::transpose_mxn<T>(src, r.stride_n, dst, kNR, static_cast<int>(cols),
+                                      static_cast<int>(rows));
+          } else {
+            for (int64_t k = 0; k < rows; ++k) {
+              for (int64_t j = 0; j < cols; ++j) {
+                dst[k * kNR + j] = src[k * r.stride_k + j * r.stride_n];
+              }
             }
           }
         }
@@ -116,20 +216,6 @@ class PackedPanels {
     }
   }
 
-  // Half-open ranges of k, at most kMaxRanges.
-  static constexpr int kMaxRanges = 8;
-  struct Ranges {
-    int64_t begin[kMaxRanges], end[kMaxRanges];
-    int count = 0;
-    void add(int64_t b, int64_t e) {
-      TORCH_INTERNAL_ASSERT(count < kMaxRanges);
-      if (e > b) {
-        begin[count] = b;
-        end[count++] = e;
-      }
-    }
-  };
-
   // C[m * ldc + n] = sum over the k in ks of A[m * lda + k] * B(k, n) [+ bias(n)] for m < M,
   // n < N; with accumulate, added to C instead of replacing it (and without the bias), so that
   // a product can be formed in parts as their inputs become ready.
@@ -139,18 +225,18 @@ class PackedPanels {
     if (M <= 0 || N_ <= 0) return;
     const T* d = data_.data_ptr<T>();
     const T* bias = bias_.defined() ? bias_.data_ptr<T>() : nullptr;
+    const KLayout::Pieces pieces = layout_.pieces(ks);
     for_each_register_block<kNR>(M, N_, [&](auto mr, int64_t p, int64_t n0, int64_t cols,
                                             int64_t m0) {
-      block<decltype(mr)::value>(a + m0 * lda, lda, d + p * K_ * kNR,
-                                 bias && !accumulate ? bias + n0 : nullptr, c + m0 * ldc + n0,
-                                 ldc, cols, ks, accumulate);
+      block<decltype(mr)::value>(a + m0 * lda, lda, d, p, bias && !accumulate ? bias + n0 : nullptr,
+                                 c + m0 * ldc + n0, ldc, cols, pieces, accumulate);
     });
   }
 
  private:
   template <int MR>
-  void block(const T* a, int64_t lda, const T* panel, const T* bias, T* c, int64_t ldc,
-             int64_t cols, const Ranges& ks, bool accumulate) const {
+  void block(const T* a, int64_t lda, const T* d, int64_t p, const T* bias, T* c, int64_t ldc,
+             int64_t cols, const KLayout::Pieces& pieces, bool accumulate) const {
     constexpr int64_t VS = V::size();
     V acc[MR][kNV];
     for (int64_t v = 0; v < kNV; ++v) {
@@ -163,9 +249,10 @@ class PackedPanels {
         }
       }
     }
-    for (int r = 0; r < ks.count; ++r) {
-      for (int64_t k = ks.begin[r]; k < ks.end[r]; ++k) {
-        const T* bk = panel + k * kNR;
+    for (int r = 0; r < pieces.count; ++r) {
+      const KLayout::Piece& pc = pieces.piece[r];
+      const T* bk = d + pc.seg->offset + p * pc.seg->pstride + (pc.begin - pc.seg->begin) * kNR;
+      for (int64_t k = pc.begin; k < pc.end; ++k, bk += kNR) {
         V b[kNV];
         for (int64_t v = 0; v < kNV; ++v) b[v] = V::loadu(bk + v * VS);
         for (int m = 0; m < MR; ++m) {
@@ -188,6 +275,7 @@ class PackedPanels {
   }
 
   int64_t K_, N_, panels_;
+  KLayout layout_;
   at::Tensor data_, bias_;
 };
 
@@ -217,8 +305,11 @@ class PackedPanelsBF16 {
   using Columns = PackedPanels<float>::Columns;
   using Ranges = PackedPanels<float>::Ranges;
 
-  PackedPanelsBF16(int64_t K, int64_t N, int64_t M, const std::vector<Columns>& runs)
-      : K_(K), Kp_((K + 1) / 2), N_(N), panels_((N + kNR - 1) / kNR), M_(M) {
+  // As PackedPanels, with groups of k ranges that start at even k (and end at even k or K).
+  PackedPanelsBF16(int64_t K, int64_t N, int64_t M, const std::vector<Columns>& runs,
+                   const std::vector<Ranges>& groups = {})
+      : K_(K), Kp_((K + 1) / 2), N_(N), panels_((N + kNR - 1) / kNR), M_(M),
+        layout_(Kp_, panels_, kNR * 2, pair_groups(groups)) {
     const auto bf16 = at::TensorOptions().dtype(at::kBFloat16);
     data_ = at::zeros({std::max<int64_t>(1, panels_ * Kp_ * kNR * 2)}, bf16);
     c10::BFloat16* d = data_.data_ptr<c10::BFloat16>();
@@ -227,16 +318,18 @@ class PackedPanelsBF16 {
         const int64_t n = r.n0 + j, p = n / kNR, col = n - p * kNR;
         // Whole tiles of 16 columns that are rows of W: 16 x 16 k-pairs at a time (pack_tiles);
         // the rest value by value.
-        int64_t k0 = 0;
         const bool tile = r.stride_k == 1 && col % 16 == 0 && j + 16 <= r.count;
-        if (tile) {
-          k0 = pack_tiles(r.base + j * r.stride_n, r.stride_n, d + (p * Kp_ * kNR + col) * 2);
-        }
         const int64_t width = tile ? 16 : 1;
-        for (int64_t i = 0; i < width; ++i) {
-          for (int64_t k = k0; k < K; ++k) {
-            d[((p * Kp_ + k / 2) * kNR + col + i) * 2 + (k & 1)] =
-                c10::BFloat16(r.base[k * r.stride_k + (j + i) * r.stride_n]);
+        for (const KLayout::Segment& sg : layout_.segments()) {
+          c10::BFloat16* dst = d + sg.offset + p * sg.pstride + col * 2;
+          const int64_t kb = 2 * sg.begin, ke = std::min(K, 2 * sg.end);
+          const int64_t k0 =
+              kb + (tile ? pack_tiles(r.base + j * r.stride_n + kb, r.stride_n, ke - kb, dst) : 0);
+          for (int64_t i = 0; i < width; ++i) {
+            for (int64_t k = k0; k < ke; ++k) {
+              dst[((k - kb) / 2 * kNR + i) * 2 + (k & 1)] =
+                  c10::BFloat16(r.base[k * r.stride_k + (j + i) * r.stride_n]);
+            }
           }
         }
         j += width;
@@ -249,14 +342,15 @@ class PackedPanelsBF16 {
     a_ = at::zeros({std::max<int64_t>(1, M * Kp_ * 2)}, bf16);
   }
 
-  // Columns [col, col + 16) of a panel from 16 rows of W (src, row stride ld, contiguous in k):
-  // per 32 values of k, each row's 32 floats rounded to 16 bfloat16 pairs (one vector of 32-bit
-  // pairs), the 16 x 16 tile of pairs transposed in registers and stored as 16 rows of the panel.
-  // Returns the k up to which it packed (a multiple of 32); the caller packs the rest.
-  RNNKERNELS_BF16_TARGET int64_t pack_tiles(const float* src, int64_t ld,
-                                            c10::BFloat16* dst) const {
+  // Columns [col, col + 16) of a run of panel rows from 16 rows of W (src, row stride ld,
+  // contiguous in k, len values of k): per 32 values of k, each row's 32 floats rounded to 16
+  // bfloat16 pairs (one vector of 32-bit pairs), the 16 x 16 tile of pairs transposed in
+  // registers and stored as 16 rows of the panel. Returns the k up to which it packed (a
+  // multiple of 32); the caller packs the rest.
+  RNNKERNELS_BF16_TARGET static int64_t pack_tiles(const float* src, int64_t ld, int64_t len,
+                                                   c10::BFloat16* dst) {
     int64_t k = 0;
-    for (; k + 32 <= K_; k += 32) {
+    for (; k + 32 <= len; k += 32) {
       __m512 t[16];
       for (int i = 0; i < 16; ++i) {
         const float* row = src + i * ld + k;
@@ -291,20 +385,34 @@ class PackedPanelsBF16 {
     }
     const uint16_t* d = reinterpret_cast<const uint16_t*>(data_.data_ptr<c10::BFloat16>());
     const float* bias = bias_.defined() ? bias_.data_ptr<float>() : nullptr;
+    const KLayout::Pieces pieces = layout_.pieces(pairs(ks));
     for_each_register_block<kNR>(M, N_, [&](auto mr, int64_t p, int64_t n0, int64_t cols,
                                             int64_t m0) RNNKERNELS_BF16_TARGET {
-      block<decltype(mr)::value>(ab + m0 * lda2, lda2, d + p * Kp_ * kNR * 2,
+      block<decltype(mr)::value>(ab + m0 * lda2, lda2, d, p,
                                  bias && !accumulate ? bias + n0 : nullptr, c + m0 * ldc + n0,
-                                 ldc, cols, ks, accumulate);
+                                 ldc, cols, pieces, accumulate);
     });
   }
 
  private:
+  // Ranges of k as ranges of k-pairs.
+  static Ranges pairs(const Ranges& ks) {
+    Ranges out;
+    for (int r = 0; r < ks.count; ++r) out.add(ks.begin[r] / 2, (ks.end[r] + 1) / 2);
+    return out;
+  }
+  static std::vector<Ranges> pair_groups(const std::vector<Ranges>& groups) {
+    std::vector<Ranges> out;
+    for (const Ranges& g : groups) out.push_back(pairs(g));
+    return out;
+  }
+
   template <int MR>
   RNNKERNELS_BF16_TARGET C10_ALWAYS_INLINE void block(const uint16_t* a, int64_t lda,
-                                                      const uint16_t* panel, const float* bias,
-                                                      float* c, int64_t ldc, int64_t cols,
-                                                      const Ranges& ks, bool accumulate) const {
+                                                      const uint16_t* d, int64_t p,
+                                                      const float* bias, float* c, int64_t ldc,
+                                                      int64_t cols, const KLayout::Pieces& pieces,
+                                                      bool accumulate) const {
     __m512 acc[MR][kNV];
     for (int64_t v = 0; v < kNV; ++v) {
       const int64_t n = std::clamp<int64_t>(cols - v * 16, 0, 16);
@@ -317,9 +425,11 @@ class PackedPanelsBF16 {
         }
       }
     }
-    for (int r = 0; r < ks.count; ++r) {
-      for (int64_t kp = ks.begin[r] / 2; kp < (ks.end[r] + 1) / 2; ++kp) {
-        const uint16_t* bk = panel + kp * kNR * 2;
+    for (int r = 0; r < pieces.count; ++r) {
+      const KLayout::Piece& pc = pieces.piece[r];
+      const uint16_t* bk =
+          d + pc.seg->offset + p * pc.seg->pstride + (pc.begin - pc.seg->begin) * kNR * 2;
+      for (int64_t kp = pc.begin; kp < pc.end; ++kp, bk += kNR * 2) {
         __m512i b[kNV];
         for (int64_t v = 0; v < kNV; ++v) b[v] = _mm512_loadu_si512(bk + v * 32);
         for (int m = 0; m < MR; ++m) {
@@ -343,6 +453,7 @@ class PackedPanelsBF16 {
   }
 
   int64_t K_, Kp_, N_, panels_, M_;
+  KLayout layout_;
   at::Tensor data_, bias_, a_;
 };
 #endif

@@ -1192,11 +1192,13 @@ void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor&
 #ifdef RNNKERNELS_BF16_DOT
     std::optional<PackedPanelsBF16> w16;
     if constexpr (std::is_same_v<S, c10::BFloat16>) {
-      if (bf16_dot_available()) w16.emplace(P, nk > 0 ? G * nk : 0, b1 - b0, runs);
+      if (bf16_dot_available()) {
+        w16.emplace(P, nk > 0 ? G * nk : 0, b1 - b0, runs, std::vector{own, others});
+      }
     }
-    if (!w16) w_own.emplace(P, nk > 0 ? G * nk : 0, runs);
+    if (!w16) w_own.emplace(P, nk > 0 ? G * nk : 0, runs, std::vector{own, others});
 #else
-    w_own.emplace(P, nk > 0 ? G * nk : 0, runs);
+    w_own.emplace(P, nk > 0 ? G * nk : 0, runs, std::vector{own, others});
 #endif
     auto product = [&](const T* h, const typename PackedPanels<T>::Ranges& ks, bool accumulate) {
 #ifdef RNNKERNELS_BF16_DOT
@@ -1264,14 +1266,15 @@ Tensor backward_persistent(const Problem<S, T>& pb, const Tensor& grad_y, const 
     const int64_t nk = u1 - u0;
     Tensor part = at::empty({B, std::max<int64_t>(nk, 1)}, dh.options());
     T* part_p = part.data_ptr<T>();
-    // The thread's columns of W_hh, packed once: dgh_t @ W_hh[:, own units] is one panel GEMM.
-    const PackedPanels<T> w_own(GH, nk, {{0, nk, w_p + u0, P, 1, nullptr}});
     typename PackedPanels<T>::Ranges own, others;  // rows of dgh: this thread's units', the rest
     for (int64_t g = 0; g < pb.gates; ++g) {
       own.add(g * H + u0, g * H + u1);
       others.add(g * H, g * H + u0);
       others.add(g * H + u1, (g + 1) * H);
     }
+    // The thread's columns of W_hh, packed once: dgh_t @ W_hh[:, own units] is one panel GEMM.
+    const PackedPanels<T> w_own(GH, nk, {{0, nk, w_p + u0, P, 1, nullptr}},
+                                std::vector{own, others});
     T* db_p = db_parts_p + k * GH;
     for (int64_t i = 0; i < pb.steps; ++i) {
       const int64_t s = pb.steps - 1 - i;
