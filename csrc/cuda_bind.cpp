@@ -52,8 +52,6 @@ void check(cudaError_t err, const char* what) {
 
 cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream().stream(); }
 
-using checks::given;
-
 // The CUDA recurrence kernels implement no cell option (peephole, zoneout, recurrent dropout,
 // layer norm):
 // rnnkernels.ops runs the reference on the GPU instead, so only a direct call of the op gets

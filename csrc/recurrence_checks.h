@@ -9,11 +9,10 @@
 
 #include <optional>
 
+#include "given.h"
 #include "rnnkernels/cells.h"
 
 namespace rnnkernels::checks {
-
-inline bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 // t: the sizes `sizes`, a floating dtype, like's device.
 inline void expect(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef sizes,

@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "../given.h"
 #include "lanes.h"
 #include "workspace_cache.h"
 
@@ -39,8 +40,6 @@ using lanes::Vec;
 
 // Steps per chunk: the backward's three (kChunk, W) buffers take 12 KiB of L1 in float.
 constexpr int64_t kChunk = 64;
-
-bool given(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
 
 void check_inputs(const Tensor& a, const Tensor& other, const char* name,
                   const std::optional<Tensor>& h0) {

@@ -1336,8 +1336,6 @@ Tensor acc(const Tensor& t, at::ScalarType acc_type) {
   return t.defined() ? t.to(acc_type).contiguous() : t;
 }
 
-using checks::given;
-
 // Gradient of the (3, H) peephole weights: sums over steps and rows of di * c_{t-1},
 // df * c_{t-1} and do * c_t, from the gate gradients dgh (T, B, 4H) and the cell states in ws
 // (slot 4 holds the state c_t, and for a masked step the carried c, which is the next step's

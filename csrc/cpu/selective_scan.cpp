@@ -40,6 +40,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../given.h"
 #include "lanes.h"
 #include "vec_math.h"
 #include "workspace_cache.h"
@@ -680,8 +681,6 @@ Tensor sum_over_batch(const Scan<S, T>& p, const Tensor& lanes, int64_t cols) {
 }
 
 // ------------------------------------------------------------------------------ bindings
-
-bool given(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
 
 at::ScalarType acc_type(at::ScalarType st) {
   return st == at::kDouble ? at::kDouble : at::kFloat;
