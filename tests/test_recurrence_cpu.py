@@ -270,6 +270,24 @@ def test_lengths_and_reverse(cell, reverse, cpu_path):
     check_against_reference(cell, (7, 4, 3, 9), torch.float64, lengths=lengths, reverse=reverse)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cell", [R.LSTM, R.GRU, R.RNN_TANH])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_row_groups_skip_rows_past_length(cell, reverse, dtype, monkeypatch):
+    """Row groups of one thread multiply, forward and backward, only the rows within their
+    length at each step (ActiveRows in recurrence.cpp): groups of 5 rows with some, all and none
+    of them past their lengths at a step; bfloat16 through the bfloat16 panels where the CPU has
+    them."""
+    monkeypatch.setenv("RNNKERNELS_CPU_RECURRENCE", "rows")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        lengths = torch.tensor([9, 2, 5, 1, 7, 3, 3, 1, 2, 1])
+        check_against_reference(cell, (9, 10, 6, 40), dtype, lengths=lengths, reverse=reverse)
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("lengths", [None, torch.tensor([2, 5, 4])])
 def test_lstm_projection(reverse, lengths):

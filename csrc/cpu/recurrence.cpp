@@ -9,7 +9,8 @@
 // - batched (everything else): per step one ATen GEMM on all threads, then the pointwise pass
 //   split over batch rows.
 // A decoding call (one step of a few rows without gradients) has its own op, cell_step, with the
-// input projection fused in (see there).
+// input projection fused in (see there). With lengths, a persistent row group of one thread
+// multiplies only the rows within their length at each step (ActiveRows).
 // Cell options (Problem: peephole, zoneout, recurrent dropout, layer normalisation) are fused
 // into the batched path's pointwise pass; layer normalisation needs whole rows (its statistics
 // span all gates, or all units of c), which the batched path's rows give. ws then also holds
@@ -1155,6 +1156,46 @@ Share share_of(const Problem<S, T>& pb, int64_t k, int64_t n) {
   return {b0, b0 + rows + (g < extra ? 1 : 0), u0, u1, g * per, (g + 1) * per};
 }
 
+// The rows of a thread's share that are within their length at a step, for a row group of one
+// thread (a training batch: the thread owns all units of its rows, so no other thread's part of
+// the product is pending): gather(t, src) copies those rows of src (row stride width) into a
+// block and says whether any row is past its length, in which case the step's product runs on
+// the block (count() rows) instead of on all the share's rows, and row r of its result belongs
+// to the r-th such row. A padded batch (PackedSequence) then multiplies only its rows' valid
+// steps, as cuDNN's packed layout does.
+template <typename T>
+class ActiveRows {
+ public:
+  template <typename S>
+  ActiveRows(const Problem<S, T>& pb, int64_t b0, int64_t b1, int64_t group_threads,
+             int64_t width)
+      : lengths_(group_threads == 1 ? pb.lengths : nullptr), b0_(b0), b1_(b1), width_(width) {
+    if (lengths_ != nullptr) {
+      block_ = at::empty({std::max<int64_t>(b1 - b0, 1), width},
+                         at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+    }
+  }
+
+  bool gather(int64_t t, const T* src) {
+    if (lengths_ == nullptr) return false;
+    count_ = 0;
+    for (int64_t b = b0_; b < b1_; ++b) count_ += t < lengths_[b] ? 1 : 0;
+    if (count_ == b1_ - b0_) return false;
+    T* dst = block_.data_ptr<T>();
+    for (int64_t b = b0_, r = 0; b < b1_; ++b) {
+      if (t < lengths_[b]) std::copy(src + b * width_, src + (b + 1) * width_, dst + r++ * width_);
+    }
+    return true;
+  }
+  int64_t count() const { return count_; }
+  const T* data() const { return block_.data_ptr<T>(); }
+
+ private:
+  const int64_t* lengths_;
+  int64_t b0_, b1_, width_, count_ = 0;
+  Tensor block_;
+};
+
 template <typename S, typename T>
 void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor& w,
                         const Tensor& bias, Tensor& y, Tensor& hs, Tensor& ws, Tensor& cbuf) {
@@ -1200,17 +1241,23 @@ void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor&
 #else
     w_own.emplace(P, nk > 0 ? G * nk : 0, runs, std::vector{own, others});
 #endif
-    auto product = [&](const T* h, const typename PackedPanels<T>::Ranges& ks, bool accumulate) {
+    // m rows of states a (row stride P) times the slice, into gh's rows from b0 on.
+    auto multiply = [&](int64_t m, const T* a, const typename PackedPanels<T>::Ranges& ks,
+                        bool accumulate) {
 #ifdef RNNKERNELS_BF16_DOT
       if constexpr (std::is_same_v<T, float>) {
         if (w16) {
-          w16->multiply(b1 - b0, h + b0 * P, P, gh_p + b0 * ldg, ldg, ks, accumulate);
+          w16->multiply(m, a, P, gh_p + b0 * ldg, ldg, ks, accumulate);
           return;
         }
       }
 #endif
-      w_own->multiply(b1 - b0, h + b0 * P, P, gh_p + b0 * ldg, ldg, ks, accumulate);
+      w_own->multiply(m, a, P, gh_p + b0 * ldg, ldg, ks, accumulate);
     };
+    auto product = [&](const T* h, const typename PackedPanels<T>::Ranges& ks, bool accumulate) {
+      multiply(b1 - b0, h + b0 * P, ks, accumulate);
+    };
+    ActiveRows<T> active(pb, b0, b1, j1 - j0, P);
     for (int64_t s = 0; s < pb.steps; ++s) {
       const int64_t t = pb.time(s);
       const FwdStep<S, T> st{gx_p + t * B * GH, hs_p + pb.slot_in(s) * B * P,
@@ -1220,7 +1267,17 @@ void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor&
                              hs_p + pb.slot_out(s) * B * P,
                              ws_p != nullptr ? ws_p + t * B * KH : nullptr, y_p + t * B * P,
                              nullptr};
-      if (nk > 0) {
+      if (nk > 0 && active.gather(t, st.hin)) {
+        // Rows past their length skip the product: the others' states, gathered, in one block.
+        if (active.count() > 0) multiply(active.count(), active.data(), own, false);
+        for (int64_t b = b0, r = 0; b < b1; ++b) {
+          if (pb.masked(t, b)) {
+            forward_masked_units(pb, st, b, u0, u1);
+          } else {
+            forward_units(pb, st, b, u0, u1, gh_p + (b0 + r++) * ldg, nk);
+          }
+        }
+      } else if (nk > 0) {
         // State units [u0, u1) are this thread's own (written by it in the step before): their
         // part of the product first, then the others' once they have arrived. (Software
         // prefetch of the state or of the next step's gx rows measured slower.)
@@ -1276,6 +1333,7 @@ Tensor backward_persistent(const Problem<S, T>& pb, const Tensor& grad_y, const 
     const PackedPanels<T> w_own(GH, nk, {{0, nk, w_p + u0, P, 1, nullptr}},
                                 std::vector{own, others});
     T* db_p = db_parts_p + k * GH;
+    ActiveRows<T> active(pb, b0, b1, j1 - j0, GH);
     for (int64_t i = 0; i < pb.steps; ++i) {
       const int64_t s = pb.steps - 1 - i;
       const int64_t t = pb.time(s);
@@ -1299,6 +1357,20 @@ Tensor backward_persistent(const Problem<S, T>& pb, const Tensor& grad_y, const 
       }
       flags.arrive(k, i);
       if (nk == 0) continue;
+      if (active.gather(t, st.dgh)) {
+        // Rows past their length have dgh = 0 and dh_{t-1} = their direct part: the others'
+        // dgh, gathered, in one block.
+        if (active.count() > 0) {
+          w_own.multiply(active.count(), active.data(), GH, part_p + b0 * nk, nk, own, false);
+        }
+        for (int64_t b = b0, r = 0; b < b1; ++b) {
+          const T* add = pb.masked(t, b) ? nullptr : part_p + (b0 + r++) * nk;
+          for (int64_t u = 0; u < nk; ++u) {
+            dh_p[b * P + u0 + u] = dhd_p[b * P + u0 + u] + (add != nullptr ? add[u] : T(0));
+          }
+        }
+        continue;
+      }
       // dh_{t-1}[:, own units] = direct part + dgh_t @ W_hh[:, own units], over the own rows of
       // dgh_t first, then the others' once they have arrived
       w_own.multiply(b1 - b0, st.dgh + b0 * GH, GH, part_p + b0 * nk, nk, own, false);
