@@ -1267,28 +1267,25 @@ void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor&
                              hs_p + pb.slot_out(s) * B * P,
                              ws_p != nullptr ? ws_p + t * B * KH : nullptr, y_p + t * B * P,
                              nullptr};
-      if (nk > 0 && active.gather(t, st.hin)) {
-        // Rows past their length skip the product: the others' states, gathered, in one block.
-        if (active.count() > 0) multiply(active.count(), active.data(), own, false);
-        for (int64_t b = b0, r = 0; b < b1; ++b) {
-          if (pb.masked(t, b)) {
-            forward_masked_units(pb, st, b, u0, u1);
-          } else {
-            forward_units(pb, st, b, u0, u1, gh_p + (b0 + r++) * ldg, nk);
-          }
+      if (nk > 0) {
+        // With rows past their length (a row group of one thread), the product runs on the
+        // states of the rows within their length only, gathered into one block (ActiveRows).
+        const bool compact = active.gather(t, st.hin);
+        if (compact) {
+          if (active.count() > 0) multiply(active.count(), active.data(), own, false);
+        } else {
+          // State units [u0, u1) are this thread's own (written by it in the step before):
+          // their part of the product first, then the others' once they have arrived.
+          // (Software prefetch of the state or of the next step's gx rows measured slower.)
+          product(st.hin, own, false);
+          flags.wait_others(k, s - 1, j0, j1);
+          if (others.count > 0) product(st.hin, others, true);
         }
-      } else if (nk > 0) {
-        // State units [u0, u1) are this thread's own (written by it in the step before): their
-        // part of the product first, then the others' once they have arrived. (Software
-        // prefetch of the state or of the next step's gx rows measured slower.)
-        product(st.hin, own, false);
-        flags.wait_others(k, s - 1, j0, j1);
-        if (others.count > 0) product(st.hin, others, true);
-        for (int64_t b = b0; b < b1; ++b) {
+        for (int64_t b = b0, r = b0; b < b1; ++b) {
           if (pb.masked(t, b)) {
             forward_masked_units(pb, st, b, u0, u1);
           } else {
-            forward_units(pb, st, b, u0, u1, gh_p + b * ldg, nk);
+            forward_units(pb, st, b, u0, u1, gh_p + (compact ? r++ : b) * ldg, nk);
           }
         }
       } else {
@@ -1357,30 +1354,28 @@ Tensor backward_persistent(const Problem<S, T>& pb, const Tensor& grad_y, const 
       }
       flags.arrive(k, i);
       if (nk == 0) continue;
-      if (active.gather(t, st.dgh)) {
-        // Rows past their length have dgh = 0 and dh_{t-1} = their direct part: the others'
-        // dgh, gathered, in one block.
+      // dh_{t-1}[:, own units] = direct part + dgh_t @ W_hh[:, own units], over the own rows of
+      // dgh_t first, then the others' once they have arrived. With rows past their length (a
+      // row group of one thread: no others' part), over the dgh rows within their length only,
+      // gathered into one block (ActiveRows); the rows past it have dgh = 0, so dh_{t-1} = their
+      // direct part.
+      const bool compact = active.gather(t, st.dgh);
+      if (compact) {
         if (active.count() > 0) {
           w_own.multiply(active.count(), active.data(), GH, part_p + b0 * nk, nk, own, false);
         }
-        for (int64_t b = b0, r = 0; b < b1; ++b) {
-          const T* add = pb.masked(t, b) ? nullptr : part_p + (b0 + r++) * nk;
-          for (int64_t u = 0; u < nk; ++u) {
-            dh_p[b * P + u0 + u] = dhd_p[b * P + u0 + u] + (add != nullptr ? add[u] : T(0));
-          }
+      } else {
+        w_own.multiply(b1 - b0, st.dgh + b0 * GH, GH, part_p + b0 * nk, nk, own, false);
+        flags.wait_others(k, i, j0, j1);
+        if (others.count > 0) {
+          w_own.multiply(b1 - b0, st.dgh + b0 * GH, GH, part_p + b0 * nk, nk, others, true);
         }
-        continue;
       }
-      // dh_{t-1}[:, own units] = direct part + dgh_t @ W_hh[:, own units], over the own rows of
-      // dgh_t first, then the others' once they have arrived
-      w_own.multiply(b1 - b0, st.dgh + b0 * GH, GH, part_p + b0 * nk, nk, own, false);
-      flags.wait_others(k, i, j0, j1);
-      if (others.count > 0) {
-        w_own.multiply(b1 - b0, st.dgh + b0 * GH, GH, part_p + b0 * nk, nk, others, true);
-      }
-      for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t b = b0, r = b0; b < b1; ++b) {
+        const T* add = !compact ? part_p + b * nk
+                                : (pb.masked(t, b) ? nullptr : part_p + r++ * nk);
         for (int64_t u = 0; u < nk; ++u) {
-          dh_p[b * P + u0 + u] = dhd_p[b * P + u0 + u] + part_p[b * nk + u];
+          dh_p[b * P + u0 + u] = dhd_p[b * P + u0 + u] + (add != nullptr ? add[u] : T(0));
         }
       }
     }

@@ -43,23 +43,26 @@ def _packed_rows(packed: PackedSequence, device: torch.device) -> Tensor:
     return (t_idx * int(bs[0]) + b_idx).to(device)
 
 
-def _pad(packed: PackedSequence) -> tuple[Tensor, Tensor]:
+def _pad(packed: PackedSequence) -> tuple[Tensor, Tensor, Tensor]:
     """pad_packed_sequence(packed): the padded input (T, B, *) (zeros past each length) and the
-    lengths (B,) (int64 on the CPU), in the caller's batch order."""
+    lengths (B,) (int64 on the CPU), in the caller's batch order, and the _packed_rows that
+    pack the output again (_pack_like)."""
     bs, data = packed.batch_sizes, packed.data
     T, B, feature = len(bs), int(bs[0]), tuple(data.shape[1:])
-    x = data.new_zeros((T * B,) + feature).index_copy(0, _packed_rows(packed, data.device), data)
+    rows = _packed_rows(packed, data.device)
+    x = data.new_zeros((T * B,) + feature).index_copy(0, rows, data)
     sorted_lengths = (bs.unsqueeze(1) > torch.arange(B)).sum(0)
     lengths = sorted_lengths if packed.sorted_indices is None else \
         torch.empty_like(sorted_lengths).index_copy_(0, packed.sorted_indices.cpu(),
                                                     sorted_lengths)
-    return x.view((T, B) + feature), lengths
+    return x.view((T, B) + feature), lengths, rows
 
 
-def _pack_like(y: Tensor, like: PackedSequence) -> PackedSequence:
-    """Pack time-major padded y (T, B, *) with the batch sizes and order of ``like``."""
-    rows = y.reshape((-1,) + tuple(y.shape[2:])).index_select(0, _packed_rows(like, y.device))
-    return PackedSequence(rows, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
+def _pack_like(y: Tensor, like: PackedSequence, rows: Tensor) -> PackedSequence:
+    """Pack time-major padded y (T, B, *) with the batch sizes and order of ``like``, whose
+    _packed_rows are ``rows``."""
+    data = y.reshape((-1,) + tuple(y.shape[2:])).index_select(0, rows)
+    return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
 
 
 @functools.cache
@@ -236,7 +239,7 @@ class RNNBase(nn.Module):
             if lengths is not None:
                 raise ValueError("lengths must not be given with a PackedSequence input, which "
                                  "carries its own lengths")
-            x, lengths = _pad(input)
+            x, lengths, packed_rows = _pad(input)
             batched = True
         else:
             x = _validate.tensor("input", input, floating=True)
@@ -319,7 +322,7 @@ class RNNBase(nn.Module):
         h_n = stack(h_n)
         c_n = stack(c_n) if is_lstm else None
         if packed:
-            output = _pack_like(output, input)
+            output = _pack_like(output, input, packed_rows)
         elif not batched:
             output = output.squeeze(1)
             h_n = h_n.squeeze(1)
