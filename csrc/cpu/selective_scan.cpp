@@ -59,7 +59,7 @@ using lanes::task_grain;
 using lanes::Vec;
 
 // Partial sums a cross-task reduction adds before it is worth a parallel region.
-constexpr int64_t kMinReduceWork = 1 << 16;
+constexpr int64_t kMinReduceWork = 1 << 15;
 // Supers (the backward's tasks) the blocks of all (batch row, group) pairs are split into, at
 // least, where there are as many blocks: enough to keep 8 threads busy, few enough that the
 // lane sums of grouped dB / dC, done once per super and chunk, cost little.
@@ -291,14 +291,15 @@ void forward_steps(int64_t len, int64_t N, int64_t ld, T* x, const T* A, const T
 // - the recomputation of the NB states from the chunk's start x0 (N x W) into xs ((len + 1) x
 //   NB x W), with exp(dt A) kept in as (len x NB x W) (stored and read back: measured faster
 //   than forming it again in the reverse pass), and with kY, C_t . x_t of the NB states added
-//   to y (len x W);
+//   to y (len x W), or stored there by the first states (n0 = 0);
 // - the reverse recurrence, with their dL/dx, dA and state in registers: h (N x W) holds dL/dx
 //   after the chunk on entry and before it on exit; g: dL/dy per step (len x W). Sums over the
 //   chunk are added to dA (N x W) and, when fixed, to dB / dC (N x W); when grouped, each
 //   step's per-lane terms are added to dB / dC (len x N x W), or stored there with kFirst (the
 //   first block of a super: no buffer to clear beforehand); when both are grouped, as one folded
 //   vector in dB (fold). Grouped B / C are read as in forward_states. Per step, sum_n h B and
-//   sum_n h A a x_prev of the NB states are added to s1 / s2 (len x W).
+//   sum_n h A a x_prev of the NB states are added to s1 / s2 (len x W), or stored there by the
+//   first states.
 // Two states at a time measured faster than four or eight (whose registers spill) and than the
 // whole state at every step (the earlier design: its states and per-state sums, 66 KB per block
 // and chunk, were read back from L2).
@@ -316,7 +317,7 @@ void backward_states(int64_t len, int64_t N, int64_t ld, int64_t n0, const T* x0
   }
   for (int64_t t = 0; t < len; ++t) {
     const V dtv = V::loadu(dt + t * W), duv = V::loadu(du + t * W);
-    V yv = kY ? V::loadu(y + t * W) : V(T(0));
+    V yv = kY && n0 > 0 ? V::loadu(y + t * W) : V(T(0));
     for (int j = 0; j < NB; ++j) {
       const int64_t n = n0 + j;
       const V a = fast_exp2<T>(dtv * Ar[j]);
@@ -338,7 +339,8 @@ void backward_states(int64_t len, int64_t N, int64_t ld, int64_t n0, const T* x0
   }
   for (int64_t t = len - 1; t >= 0; --t) {
     const V gv = V::loadu(g + t * W), dtv = V::loadu(dt + t * W), duv = V::loadu(du + t * W);
-    V s1v = V::loadu(s1 + t * W), s2v = V::loadu(s2 + t * W);
+    V s1v = n0 > 0 ? V::loadu(s1 + t * W) : V(T(0));
+    V s2v = n0 > 0 ? V::loadu(s2 + t * W) : V(T(0));
     for (int j = 0; j < NB; ++j) {
       const int64_t n = n0 + j;
       const V Bn = kBvar ? V(B[n * ld + t]) : V::loadu(B + n * W);
@@ -481,14 +483,16 @@ struct Grads {
 constexpr int kStates = 2;
 
 // Buffers of one thread's backward tasks over one chunk (dB holds the folded dB / dC terms when
-// B and C are both grouped, and dC is then empty).
+// B and C are both grouped, and dC is then empty), and the constants of a super's blocks (c,
+// loaded once per super, not once per block and chunk).
 template <typename T>
 struct BackwardWork {
-  Lanes<T> c;
+  std::vector<Lanes<T>> c;
   StepLanes<T> s;
   Buffer<T> x, xs, as, s1, s2, dB, dC;
-  BackwardWork(int64_t chunk, int64_t N, bool B_var, bool C_var)
-      : c(N), s(chunk), x(N * Vec<T>::size()), xs((chunk + 1) * kStates * Vec<T>::size()),
+  BackwardWork(int64_t chunk, int64_t N, int64_t blocks_per_super, bool B_var, bool C_var)
+      : c(blocks_per_super, Lanes<T>(N)), s(chunk), x(N * Vec<T>::size()),
+        xs((chunk + 1) * kStates * Vec<T>::size()),
         as(chunk * kStates * Vec<T>::size()),
         s1(chunk * Vec<T>::size()), s2(chunk * Vec<T>::size()),
         dB(B_var ? chunk * N * Vec<T>::size() : 0),
@@ -498,26 +502,21 @@ struct BackwardWork {
 // first: the super's first block, whose grouped dB / dC terms are stored into w, not added.
 template <typename S, typename T, bool kBvar, bool kCvar>
 void backward_task(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_t ci, bool first,
-                   BackwardWork<T>& w) {
+                   const Lanes<T>& c, BackwardWork<T>& w) {
   using V = Vec<T>;
   constexpr int64_t W = V::size();
   const Block blk = block_of(p, i);
   const int64_t N = p.N, NW = N * W;
   const int64_t t0 = ci * p.chunk, len = std::min(p.chunk, p.L - t0);
   const int64_t off = (blk.b * p.dim + blk.d0) * p.L + t0;
-  Lanes<T>& c = w.c;
   StepLanes<T>& s = w.s;
-  c.load(p, blk);
   discretise<true>(p, blk, c, t0, len, s);
   const T* B = kBvar ? p.at_step(p.B_grouped, blk.b, blk.g, t0) : c.B.data();
   const T* C = kCvar ? p.at_step(p.C_grouped, blk.b, blk.g, t0) : c.C.data();
 
-  // The state at the chunk's start, from its checkpoint (lanes past the block stay zero).
-  std::fill(w.x.begin(), w.x.end(), T(0));
-  for (int64_t j = 0; j < blk.nc; ++j) {
-    const T* src = gr.ckpt + ((blk.b * p.dim + blk.d0 + j) * p.nchunks + ci) * N;
-    for (int64_t n = 0; n < N; ++n) w.x[n * W + j] = src[n];
-  }
+  // The state at the chunk's start, from its checkpoint (lanes past the block zero).
+  gather_lanes(w.x.data(), gr.ckpt + ((blk.b * p.dim + blk.d0) * p.nchunks + ci) * N,
+               p.nchunks * N, blk.nc, N);
 
   // Through the gate and the skip term: g becomes dL/dy; gdt (as scratch) the factor of
   // dL/dz that multiplies y + D u, which the recomputation gives.
@@ -540,9 +539,6 @@ void backward_task(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_
   // over L.
   T* dB = kBvar ? w.dB.data() : gr.carried.dB + i * NW;
   T* dC = kCvar ? w.dC.data() : gr.carried.dC + i * NW;
-  std::fill(w.s1.begin(), w.s1.begin() + len * W, T(0));
-  std::fill(w.s2.begin(), w.s2.begin() + len * W, T(0));
-  if (p.z != nullptr) std::fill(s.y.begin(), s.y.begin() + len * W, T(0));
   auto run_states = [&](auto keep_y, auto store_first) {
     constexpr bool kY = decltype(keep_y)::value, kFirst = decltype(store_first)::value;
     int64_t n0 = 0;
@@ -613,6 +609,7 @@ void backward_super(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t s, Backw
     if constexpr (kCvar) std::fill(gr.dC_part + s * n, gr.dC_part + (s + 1) * n, T(0));
     return;
   }
+  for (int64_t i = first; i < last; ++i) w.c[i - first].load(p, block_of(p, i));
   for (int64_t ci = p.nchunks - 1; ci >= 0; --ci) {
     const int64_t t0 = ci * p.chunk, len = std::min(p.chunk, p.L - t0);
     for (int64_t i = first; i < last; ++i) {
@@ -621,7 +618,7 @@ void backward_super(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t s, Backw
       } else if (ci > 0) {
         prefetch_chunk_rows(p, block_of(p, first), ci - 1, gr.grad_out);
       }
-      backward_task<S, T, kBvar, kCvar>(p, gr, i, ci, i == first, w);
+      backward_task<S, T, kBvar, kCvar>(p, gr, i, ci, i == first, w.c[i - first], w);
     }
     const int64_t at = (s * p.L + t0) * p.N;
     if constexpr (kBvar && kCvar) {
@@ -650,9 +647,13 @@ void reduce_grouped(const Scan<S, T>& p, const T* part, S* grad) {
         at::vec::map2([](V a, V b) { return a + b; }, acc.data(), acc.data(), src + k * block,
                       block);
       }
-      for (int64_t n = 0; n < p.N; ++n) {
-        S* dst = grad + (i * p.N + n) * p.L;
-        for (int64_t t = 0; t < p.L; ++t) dst[t] = static_cast<S>(acc[t * p.N + n]);
+      S* dst = grad + i * p.N * p.L;
+      if constexpr (std::is_same_v<S, T>) {
+        lanes::transpose_blocks(dst, acc.data(), p.L, p.N, 0, (p.L + V::size() - 1) / V::size());
+      } else {
+        for (int64_t n = 0; n < p.N; ++n) {
+          for (int64_t t = 0; t < p.L; ++t) dst[n * p.L + t] = static_cast<S>(acc[t * p.N + n]);
+        }
       }
     }
   });
@@ -912,7 +913,7 @@ selective_scan_bwd_cpu(const Tensor& grad_out, const std::optional<Tensor>& grad
       at::parallel_for(0, p.supers(),
                        task_grain(blocks_per_super * p.L * p.N * Vec<T>::size()),
                        [&](int64_t s0, int64_t s1) {
-        BackwardWork<T> w(p.chunk, p.N, kBvar, kCvar);
+        BackwardWork<T> w(p.chunk, p.N, blocks_per_super, kBvar, kCvar);
         for (int64_t s = s0; s < s1; ++s) backward_super<S, T, kBvar, kCvar>(p, gr, s, w);
       });
       if constexpr (kBvar) reduce_grouped(p, gr.dB_part, gB);
