@@ -44,12 +44,6 @@ C10_ALWAYS_INLINE Vectorized<T> fast_exp(Vectorized<T> x) {
   return x.exp();
 }
 
-// 1 / (1 + e^-x) on fast_exp.
-template <typename T>
-C10_ALWAYS_INLINE Vectorized<T> fast_sigmoid(Vectorized<T> x) {
-  return Vectorized<T>(T(1)) / (Vectorized<T>(T(1)) + fast_exp<T>(x.neg()));
-}
-
 // 2^y for float on AVX-512 in 8 vector operations: f = y - round(y) in [-1/2, 1/2] by one
 // vreduceps and n = y - f (exact), 2^f = 1 + f q(f) with q of degree 4 fitted for the least
 // maximal relative error on |f| <= 1/2 (3 ulp evaluated in float), times 2^n by scalef. No
@@ -80,16 +74,26 @@ C10_ALWAYS_INLINE Vectorized<T> fast_exp2(Vectorized<T> y) {
   return (y * Vectorized<T>(static_cast<T>(0.69314718055994530942))).exp();
 }
 
+// 1 / (1 + e^-x), e^-x as fast_exp2 of -x log2(e) (3 ulp; 9 operations against fast_exp's
+// 14): 0 for x -> -inf, 1 for x -> inf, NaN for NaN.
+template <typename T>
+C10_ALWAYS_INLINE Vectorized<T> fast_sigmoid(Vectorized<T> x) {
+  using V = Vectorized<T>;
+  return V(T(1)) / (V(T(1)) + fast_exp2<T>(x * V(static_cast<T>(-1.44269504088896340736))));
+}
+
 // softplus(v) = v above this, as in torch.nn.functional.softplus and mamba_ssm.
 constexpr double kSoftplusThreshold = 20.0;
 
 // softplus(v) = log(1 + e^v) = max(v, 0) + log1p(e^-|v|), log1p(e) for e in [0, 1] as
-// 2 atanh(s), s = e / (2 + e) in [0, 1/3], by its odd series to s^13 (truncation < 2e-8
-// relative): exact to a few ulp with no cancellation for v << 0 (where it is e^v), v itself
-// for v >> 0 (as torch's threshold gives), NaN for NaN. Float on AVX-512; elsewhere at::vec's
-// log1p(exp(v)) with torch's threshold. With `derivative`, also softplus'(v) = sigmoid(v)
-// there, from the same e^-|v| (1 / (1 + e) for v >= 0, e / (1 + e) below), and 1 above torch's
-// threshold, as torch's softplus backward.
+// 2 atanh(s) = s P(s^2), s = e / (2 + e) in [0, 1/3], P of degree 4 in s^2 fitted for the least
+// maximal relative error on [0, 1/9] (4e-9; the odd series of atanh needs degree 6 for that):
+// exact to a few ulp with no cancellation for v << 0 (where it is e^v), v itself for v >> 0 (as
+// torch's threshold gives), NaN for NaN. e^-|v| is fast_exp2 of -|v| log2(e) (3 ulp, 8
+// operations against fast_exp's 14). Float on AVX-512; elsewhere at::vec's log1p(exp(v)) with
+// torch's threshold. With `derivative`, also softplus'(v) = sigmoid(v) there, from the same
+// e^-|v| (1 / (1 + e) for v >= 0, e / (1 + e) below), and 1 above torch's threshold, as torch's
+// softplus backward.
 template <typename T>
 C10_ALWAYS_INLINE Vectorized<T> fast_softplus(Vectorized<T> v,
                                                Vectorized<T>* derivative = nullptr) {
@@ -97,20 +101,19 @@ C10_ALWAYS_INLINE Vectorized<T> fast_softplus(Vectorized<T> v,
   const V threshold(static_cast<T>(kSoftplusThreshold));
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<T, float>) {
-    const V e = fast_exp<T>(v.abs().neg());
+    const V minus_abs(_mm512_or_ps(v, _mm512_set1_ps(-0.f)));  // -|v|: the sign bit set
+    const V e = fast_exp2<T>(minus_abs * V(1.44269504088896341f));
     if (derivative != nullptr) {
       const V sig = V::blendv(e, V(1.f), v >= V(0.f)) / (V(1.f) + e);
       *derivative = V::blendv(sig, V(1.f), v > threshold);
     }
     const V s = e / (V(2.f) + e);
     const V s2 = s * s;
-    V q = at::vec::fmadd(s2, V(2.f / 13.f), V(2.f / 11.f));
-    q = at::vec::fmadd(s2, q, V(2.f / 9.f));
-    q = at::vec::fmadd(s2, q, V(2.f / 7.f));
-    q = at::vec::fmadd(s2, q, V(2.f / 5.f));
-    q = at::vec::fmadd(s2, q, V(2.f / 3.f));
-    q = at::vec::fmadd(s2, q, V(2.f));
-    return V(_mm512_max_ps(_mm512_setzero_ps(), v)) + s * q;
+    V q = at::vec::fmadd(s2, V(0.28178349480387166f), V(0.27960599514595547f));
+    q = at::vec::fmadd(s2, q, V(0.4002491051884238f));
+    q = at::vec::fmadd(s2, q, V(0.6666631467568231f));
+    q = at::vec::fmadd(s2, q, V(2.000000007921489f));
+    return at::vec::fmadd(s, q, V(_mm512_max_ps(_mm512_setzero_ps(), v)));
   }
 #endif
   if (derivative != nullptr) *derivative = V::blendv(fast_sigmoid<T>(v), V(T(1)), v > threshold);
