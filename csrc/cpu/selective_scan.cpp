@@ -659,23 +659,31 @@ void reduce_grouped(const Scan<S, T>& p, const T* part, S* grad) {
   });
 }
 
-// out (dim, cols) (or (dim,) when cols is 0) = sum over batch of per-lane sums (tasks, cols, W),
-// batch row after batch row.
+// out (dim, cols) (or (dim,) when cols is 0) = sum over batch of per-lane sums (tasks, cols, W):
+// per block of a batch row, its lanes added batch row after batch row, then transposed into
+// the block's rows of out.
 template <typename S, typename T>
 Tensor sum_over_batch(const Scan<S, T>& p, const Tensor& lanes, int64_t cols) {
-  constexpr int64_t W = Vec<T>::size();
+  using V = Vec<T>;
+  constexpr int64_t W = V::size();
   const std::vector<int64_t> shape =
       cols == 0 ? std::vector<int64_t>{p.dim} : std::vector<int64_t>{p.dim, cols};
-  Tensor out = at::zeros(shape, lanes.options());
-  const int64_t n_cols = std::max<int64_t>(cols, 1);
+  Tensor out = at::empty(shape, lanes.options());
+  const int64_t n_cols = std::max<int64_t>(cols, 1), size = n_cols * W;
+  const int64_t per_row = p.G * p.blocks_per_group;  // the tasks of one batch row
   const T* src = lanes.data_ptr<T>();
   T* dst = out.data_ptr<T>();
-  for (int64_t i = 0; i < p.tasks(); ++i) {
+  Buffer<T> acc(size);
+  for (int64_t i = 0; i < per_row; ++i) {
+    std::copy(src + i * size, src + (i + 1) * size, acc.begin());
+    for (int64_t b = 1; b < p.batch; ++b) {
+      at::vec::map2([](V a, V c) { return a + c; }, acc.data(), acc.data(),
+                    src + (b * per_row + i) * size, size);
+    }
     const Block blk = block_of(p, i);
-    for (int64_t j = 0; j < blk.nc; ++j) {
-      for (int64_t n = 0; n < n_cols; ++n) {
-        dst[(blk.d0 + j) * n_cols + n] += src[(i * n_cols + n) * W + j];
-      }
+    for (int64_t n0 = 0; n0 < n_cols; n0 += W) {
+      gather_lanes(dst + blk.d0 * n_cols + n0, acc.data() + n0 * W, W,
+                   std::min(W, n_cols - n0), blk.nc, n_cols);
     }
   }
   return out;
