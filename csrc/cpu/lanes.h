@@ -6,10 +6,12 @@
 // onednn_matmul.cpp (transpose_blocks).
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstddef>
 #include <new>
 #include <tuple>
@@ -211,6 +213,25 @@ constexpr int64_t kMinTaskWork = int64_t{1} << 15;
 // at::parallel_for's grain for tasks of work_per_task each: at least kMinTaskWork per thread.
 inline int64_t task_grain(int64_t work_per_task) {
   return std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work_per_task));
+}
+
+// Runs f(work, i) for every task i in [0, n) on at::parallel_for's threads (as many as n / grain
+// keeps busy), handing the tasks out one at a time from a shared counter instead of in equal
+// contiguous ranges, so that a core that runs slower (a busy neighbour on a shared machine) takes
+// fewer of them. work = make_work(), once per thread: its buffers. Which thread runs a task does
+// not change the task's results.
+template <typename MakeWork, typename F>
+void for_each_task(int64_t n, int64_t grain, const MakeWork& make_work, const F& f) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / grain);
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    auto work = make_work();
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
+         i = next.fetch_add(1, std::memory_order_relaxed)) {
+      f(work, i);
+    }
+  });
 }
 
 // A prefetch of p's cache line into L2 (prefetcht1). As inline asm, because GCC counts a

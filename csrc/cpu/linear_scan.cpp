@@ -120,15 +120,15 @@ void backward_block(const S* gh, const S* a, const S* h, const S* h0, S* ga, S* 
   if (gh0 != nullptr) store_as(gh0 + r0, carry, nc);
 }
 
-// Blocks of W rows over the threads, with enough elements per task that a small scan stays on
-// the calling thread instead of paying for a parallel region.
+// Blocks of W rows over the threads (lanes::for_each_task), with enough elements per task that a
+// small scan stays on the calling thread instead of paying for a parallel region.
 template <typename T, typename F>
 void for_row_blocks(int64_t rows, int64_t steps, const F& f) {
   constexpr int64_t W = Vec<T>::size();
   const int64_t blocks = (rows + W - 1) / W;
-  at::parallel_for(0, blocks, task_grain(W * steps), [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) f(k * W, std::min(W, rows - k * W));
-  });
+  lanes::for_each_task(
+      blocks, task_grain(W * steps), [] { return 0; },
+      [&](int, int64_t k) { f(k * W, std::min(W, rows - k * W)); });
 }
 
 Tensor linear_scan_fwd_cpu(const Tensor& a_in, const Tensor& b_in,

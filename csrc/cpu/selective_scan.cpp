@@ -3,11 +3,11 @@
 //   dt_t = softplus(delta_t + delta_bias) (or without softplus / bias).
 //
 // Decomposition. A task owns a block of W channels (W = the SIMD width: 16 floats with AVX-512) of
-// one batch row inside one group of B/C, one channel per vector lane; tasks run under
-// at::parallel_for. The block's state is N vectors (lane j = channel j), so every operation of the
-// recurrence, including the sums over N (y_t = C_t . x_t and the backward's sums), is a plain
-// vector operation, with no horizontal reduction in the time loop; the exp(dt A) of each (step,
-// state, channel) is one lane of a vector exp. Grouped B_t and C_t are shared by the block's
+// one batch row inside one group of B/C, one channel per vector lane; the threads take tasks one at
+// a time (lanes::for_each_task). The block's state is N vectors (lane j = channel j), so every
+// operation of the recurrence, including the sums over N (y_t = C_t . x_t and the backward's sums),
+// is a plain vector operation, with no horizontal reduction in the time loop; the exp(dt A) of each
+// (step, state, channel) is one lane of a vector exp. Grouped B_t and C_t are shared by the block's
 // channels: one broadcast scalar per (step, state), read in place from the (N, L) rows of their
 // (batch, G, N, L) layout (a block's chunk reads one run of steps per state). Per chunk, the
 // block's rows of u, delta, z (and grad_out) are transposed into (chunk, W) lanes and the results
@@ -17,18 +17,18 @@
 // never stored.
 //
 // Memory. The forward reads u, delta, z, B and C once and writes out once; with save it also writes
-// the state at every chunk start (checkpoints (batch, dim, ceil(L / chunk), N)). The backward is
-// one at::parallel_for over supers (runs of consecutive blocks of one batch row and group, at least
-// kMinSupers in all); a super walks the chunks in reverse, and for each chunk each of its blocks,
-// two states at a time, recomputes the chunk's states from the checkpoint into an L1 buffer and
-// runs the reverse recurrence on them (backward_states), carrying dL/dx across chunk boundaries in
-// a per-block buffer, so the working memory does not grow with L. Gradients that sum over channels
-// (grouped B/C) are added per lane over the super's blocks and summed over the lanes into (L, N)
-// partials per super (as many values as the gradient itself when there are at least kMinSupers
-// (batch row, group) pairs, at most kMinSupers times as many), reduced over the group's supers at
-// the end; gradients that sum over batch and L (A, fixed B/C, D, delta_bias) are kept per lane
-// across chunks and reduced over batch at the end. Every sum runs in a fixed order, so results do
-// not depend on the number of threads.
+// the state at every chunk start (checkpoints (batch, dim, ceil(L / chunk), N)). The backward's
+// tasks are supers (runs of consecutive blocks of one batch row and group, at least kMinSupers in
+// all), handed out the same way; a super walks the chunks in reverse, and for each chunk each of
+// its blocks, two states at a time, recomputes the chunk's states from the checkpoint into an L1
+// buffer and runs the reverse recurrence on them (backward_states), carrying dL/dx across chunk
+// boundaries in a per-block buffer, so the working memory does not grow with L. Gradients that sum
+// over channels (grouped B/C) are added per lane over the super's blocks and summed over the lanes
+// into (L, N) partials per super (as many values as the gradient itself when there are at least
+// kMinSupers (batch row, group) pairs, at most kMinSupers times as many), reduced over the group's
+// supers at the end; gradients that sum over batch and L (A, fixed B/C, D, delta_bias) are kept per
+// lane across chunks and reduced over batch at the end. Every sum runs in a fixed order, so results
+// do not depend on the number of threads or on which thread ran a task.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -833,13 +833,12 @@ std::tuple<Tensor, Tensor, Tensor> selective_scan_fwd_cpu(
     T* ckpt_p = save ? ckpt.data_ptr<T>() : nullptr;
     with_forms(in.B_var, in.C_var, [&](auto b_var, auto c_var) {
       const int64_t grain = task_grain(p.L * p.N * Vec<T>::size());
-      at::parallel_for(0, p.tasks(), grain, [&](int64_t i0, int64_t i1) {
-        ForwardWork<T> w(p.chunk, p.N);
-        for (int64_t i = i0; i < i1; ++i) {
-          forward_task<S, T, decltype(b_var)::value, decltype(c_var)::value>(
-              p, block_of(p, i), out_p, last_p, ckpt_p, w);
-        }
-      });
+      lanes::for_each_task(
+          p.tasks(), grain, [&] { return ForwardWork<T>(p.chunk, p.N); },
+          [&](ForwardWork<T>& w, int64_t i) {
+            forward_task<S, T, decltype(b_var)::value, decltype(c_var)::value>(
+                p, block_of(p, i), out_p, last_p, ckpt_p, w);
+          });
     });
   });
   return {out, last, ckpt};
@@ -918,12 +917,10 @@ selective_scan_bwd_cpu(const Tensor& grad_out, const std::optional<Tensor>& grad
       constexpr bool kBvar = decltype(b_var)::value, kCvar = decltype(c_var)::value;
       const int64_t blocks_per_super = (p.blocks_per_group + p.supers_per_group - 1) /
                                        p.supers_per_group;
-      at::parallel_for(0, p.supers(),
-                       task_grain(blocks_per_super * p.L * p.N * Vec<T>::size()),
-                       [&](int64_t s0, int64_t s1) {
-        BackwardWork<T> w(p.chunk, p.N, blocks_per_super, kBvar, kCvar);
-        for (int64_t s = s0; s < s1; ++s) backward_super<S, T, kBvar, kCvar>(p, gr, s, w);
-      });
+      lanes::for_each_task(
+          p.supers(), task_grain(blocks_per_super * p.L * p.N * Vec<T>::size()),
+          [&] { return BackwardWork<T>(p.chunk, p.N, blocks_per_super, kBvar, kCvar); },
+          [&](BackwardWork<T>& w, int64_t s) { backward_super<S, T, kBvar, kCvar>(p, gr, s, w); });
       if constexpr (kBvar) reduce_grouped(p, gr.dB_part, gB);
       if constexpr (kCvar) reduce_grouped(p, gr.dC_part, gC);
     });
