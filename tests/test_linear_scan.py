@@ -71,6 +71,24 @@ def test_cpu_non_contiguous():
     check(a_t, b_t, h0[:, :])
 
 
+@pytest.mark.parametrize("threads", [2, 3, 4])
+def test_deterministic_across_thread_counts(threads):
+    """Bit for bit the single-thread result, forward and backward, with the threads taking the
+    256 row blocks one at a time, more threads than cores included."""
+    a, b, h0 = make_inputs(batch=2, channels=2048, T=32, dtype=torch.float32)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        h_one, grads_one = run_with_grads(linear_scan, a, b, h0)
+        torch.set_num_threads(threads)
+        h_many, grads_many = run_with_grads(linear_scan, a, b, h0)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(h_one, h_many)
+    for one, many in zip(grads_one, grads_many):
+        assert torch.equal(one, many)
+
+
 def test_chunked_equals_one_pass():
     a, b, h0 = make_inputs(2, 3, 20)
     h, grads = run_with_grads(linear_scan, a, b, h0)
