@@ -3,7 +3,7 @@
 // vector lane with no horizontal work. W x W tiles are transposed in registers; on AVX-512,
 // whole float tiles take the 16 x 16 shuffle network, the rest (partial blocks and tails, other
 // types) a generic tile with zero lanes. Shared by the CPU scan kernels and the transpose of
-// onednn_matmul.cpp (transpose_blocks).
+// onednn_matmul.cpp (transpose_blocks); also the scans' task scheduling (for_each_task).
 #pragma once
 
 #include <ATen/Parallel.h>
