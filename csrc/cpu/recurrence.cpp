@@ -1196,14 +1196,34 @@ class ActiveRows {
   Tensor block_;
 };
 
+// Batch-1 inference from x instead of gx (recurrence_infer): each thread computes the input
+// projection of its units' rows of W_ih itself, a block of RowProjection::kSteps steps ahead,
+// interleaved with its recurrent products (RowProjection), into ring: gx of the block being
+// run and of the next one ((2 * kSteps, G*H); a thread writes and reads its own columns only).
+struct FusedInput {
+  const float* x;     // (T, 1, I)
+  const float* w_ih;  // (G*H, I)
+  const float* b_ih;  // (G*H,) or null
+  int64_t I;
+  float* ring;
+};
+
 template <typename S, typename T>
 void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor& w,
-                        const Tensor& bias, Tensor& y, Tensor& hs, Tensor& ws, Tensor& cbuf) {
+                        const Tensor& bias, Tensor& y, Tensor& hs, Tensor& ws, Tensor& cbuf,
+                        const FusedInput* fused = nullptr) {
   const int64_t B = pb.batch, H = pb.hidden, P = pb.out, G = pb.gates, GH = G * H, KH = pb.wsu * H;
   const T* w_p = w.data_ptr<T>();
   const T* bias_p = bias.defined() ? bias.data_ptr<T>() : nullptr;
+  TORCH_INTERNAL_ASSERT(fused == nullptr || (B == 1 && !pb.save && pb.lengths == nullptr));
+#ifdef RNNKERNELS_FUSED_INPUT
+  constexpr bool kFusable = std::is_same_v<S, float> && std::is_same_v<T, float>;
+  constexpr int kSteps = RowProjection::kSteps;
+#else
+  TORCH_INTERNAL_ASSERT(fused == nullptr);
+#endif
   // The step's buffers, as raw pointers taken once (see BwdBuffers)
-  const S* gx_p = gx.data_ptr<S>();
+  const S* gx_p = fused == nullptr ? gx.data_ptr<S>() : nullptr;
   T* hs_p = hs.data_ptr<T>();
   T* c_p = pb.cell == Cell::LSTM ? cbuf.data_ptr<T>() : nullptr;
   T* ws_p = pb.save ? ws.data_ptr<T>() : nullptr;
@@ -1258,9 +1278,51 @@ void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor&
       multiply(b1 - b0, h + b0 * P, ks, accumulate);
     };
     ActiveRows<T> active(pb, b0, b1, j1 - j0, P);
+#ifdef RNNKERNELS_FUSED_INPUT
+    // Fused input: the thread's rows of W_ih (those of its units in every gate), packed once.
+    std::optional<RowProjection> xp;
+    if constexpr (kFusable) {
+      if (fused != nullptr && nk > 0) {
+        std::vector<PackedPanels<float>::Columns> runs_ih;
+        std::vector<int64_t> dest;
+        for (int64_t g = 0; g < G; ++g) {
+          runs_ih.push_back({g * nk, nk, fused->w_ih + (g * H + u0) * fused->I, 1, fused->I,
+                             fused->b_ih != nullptr ? fused->b_ih + g * H + u0 : nullptr});
+          for (int64_t j = 0; j < nk; ++j) dest.push_back(g * H + u0 + j);
+        }
+        xp.emplace(fused->I, G * nk, runs_ih, std::move(dest));
+      }
+    }
+    // Begins the projection of block blk (steps [blk * kSteps, ...)) into its ring slot.
+    auto begin_block = [&](int64_t blk) {
+      const float* rows[kSteps];
+      const int count = static_cast<int>(std::min<int64_t>(kSteps, pb.steps - blk * kSteps));
+      for (int r = 0; r < count; ++r) rows[r] = fused->x + pb.time(blk * kSteps + r) * fused->I;
+      xp->begin_block(rows, count, fused->ring + (blk & 1) * kSteps * GH, GH);
+    };
+    if (xp) {
+      begin_block(0);
+      xp->run(xp->units_left());
+    }
+#endif
     for (int64_t s = 0; s < pb.steps; ++s) {
       const int64_t t = pb.time(s);
-      const FwdStep<S, T> st{gx_p + t * B * GH, hs_p + pb.slot_in(s) * B * P,
+      const S* gx_t = gx_p + t * B * GH;
+#ifdef RNNKERNELS_FUSED_INPUT
+      // The projection's units this step: its share of the next block's (none in the last).
+      int64_t due = 0;
+      if constexpr (kFusable) {
+        if (xp) {
+          const int64_t blk = s / kSteps, r = s % kSteps;
+          if (r == 0 && (blk + 1) * kSteps < pb.steps) begin_block(blk + 1);
+          if ((blk + 1) * kSteps < pb.steps) {
+            due = xp->units_left() - xp->units_per_block() * (kSteps - 1 - r) / kSteps;
+          }
+          gx_t = fused->ring + (blk & 1) * kSteps * GH + r * GH;
+        }
+      }
+#endif
+      const FwdStep<S, T> st{gx_t, hs_p + pb.slot_in(s) * B * P,
                              hs_p + pb.slot_out(s) * B * P,
                              c_p != nullptr ? c_p + (s & 1) * B * H : nullptr,
                              c_p != nullptr ? c_p + ((s + 1) & 1) * B * H : nullptr,
@@ -1277,9 +1339,25 @@ void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor&
           // State units [u0, u1) are this thread's own (written by it in the step before):
           // their part of the product first, then the others' once they have arrived.
           // (Software prefetch of the state or of the next step's gx rows measured slower.)
-          product(st.hin, own, false);
-          flags.wait_others(k, s - 1, j0, j1);
-          if (others.count > 0) product(st.hin, others, true);
+          bool done = false;
+#ifdef RNNKERNELS_FUSED_INPUT
+          if constexpr (kFusable) {
+            if (xp) {  // the own part takes its share of the step's units, the others' the rest
+              due -= xp->multiply_row(*w_own, st.hin, gh_p, own, false, due * nk / P);
+              flags.wait_others(k, s - 1, j0, j1);
+              if (others.count > 0) {
+                due -= xp->multiply_row(*w_own, st.hin, gh_p, others, true, due);
+              }
+              xp->run(due);
+              done = true;
+            }
+          }
+#endif
+          if (!done) {
+            product(st.hin, own, false);
+            flags.wait_others(k, s - 1, j0, j1);
+            if (others.count > 0) product(st.hin, others, true);
+          }
         }
         for (int64_t b = b0, r = b0; b < b1; ++b) {
           if (pb.masked(t, b)) {
@@ -1688,8 +1766,86 @@ std::tuple<Tensor, Tensor, Tensor> cell_step_cpu(const Tensor& x_in, const Tenso
   return {y.to(st), h_n.to(st), c_n.to(st)};
 }
 
+// A layer's forward without gradients from its input x (T, B, I): y (T, B, H), h_n and c_n as
+// recurrence_fwd's. At batch 1 in float32 with more than one step (inference on a sequence),
+// the persistent path computes the input projection itself, fused into its steps (FusedInput):
+// a separate projection GEMM over all steps cost a third of the forward (the fp32 LSTM at
+// hidden 256, T = 256, 2 threads) and keeps half of the multiply-add units idle while the
+// recurrent products stream W_hh from L2. Elsewhere: the projection as one GEMM, then
+// recurrence_fwd.
+std::tuple<Tensor, Tensor, Tensor> recurrence_infer_cpu(const Tensor& x_in, const Tensor& h0_in,
+                                                        const std::optional<Tensor>& c0_opt,
+                                                        const Tensor& w_ih_in,
+                                                        const Tensor& w_hh_in,
+                                                        const std::optional<Tensor>& b_ih_opt,
+                                                        const std::optional<Tensor>& b_hh_opt,
+                                                        int64_t cell_id, bool reverse) {
+  const Cell cell = static_cast<Cell>(cell_id);
+  TORCH_CHECK(cell_id >= 0 && cell_id <= 4 && cell != Cell::GRU_RESET_BEFORE,
+              "rnnkernels: recurrence_infer takes the LSTM, the GRU (reset after) and the RNN, "
+              "got cell ", cell_id);
+  const auto st = x_in.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16,
+              "rnnkernels: recurrence_infer takes float32, float64 or bfloat16, got ", st);
+  TORCH_CHECK(x_in.dim() == 3 && w_ih_in.dim() == 2 && w_hh_in.dim() == 2 && h0_in.dim() == 2,
+              "rnnkernels: recurrence_infer: x (T, B, I), h0 (B, H), w_ih and w_hh matrices");
+  const int64_t T_ = x_in.size(0), B = x_in.size(1), I = x_in.size(2), G = num_gates(cell);
+  const int64_t GH = w_ih_in.size(0), H = GH / G;
+  auto bias_ok = [&](const std::optional<Tensor>& b) { return !given(b) || b->numel() == GH; };
+  TORCH_CHECK(T_ >= 1 && B >= 1 && GH == G * H && w_ih_in.sizes() == at::IntArrayRef({GH, I}) &&
+                  w_hh_in.sizes() == at::IntArrayRef({GH, H}) &&
+                  h0_in.sizes() == at::IntArrayRef({B, H}) && bias_ok(b_ih_opt) &&
+                  bias_ok(b_hh_opt) &&
+                  (cell != Cell::LSTM || (given(c0_opt) && c0_opt->sizes() == h0_in.sizes())),
+              "rnnkernels: recurrence_infer: x (T >= 1, B >= 1, I), h0 (B, H), c0 (B, H) for the "
+              "LSTM, w_ih (G*H, I), w_hh (G*H, H), b_ih and b_hh (G*H,)");
+  auto same = [&](const Tensor& t) {
+    TORCH_CHECK(t.scalar_type() == st, "rnnkernels: recurrence_infer: every tensor must have "
+                "dtype ", st);
+    return t.contiguous();
+  };
+  const Tensor x = same(x_in), h0 = same(h0_in), w_ih = same(w_ih_in), w_hh = same(w_hh_in);
+  const Tensor b_ih = given(b_ih_opt) ? same(*b_ih_opt) : Tensor();
+  const Tensor b_hh = given(b_hh_opt) ? same(*b_hh_opt) : Tensor();
+  const Tensor c0 = cell == Cell::LSTM ? same(*c0_opt) : Tensor();
+  Problem<float, float> pb{cell, T_, B, H, H, G, workspace_units(cell, false), reverse, false,
+                           false, nullptr};
+#ifdef RNNKERNELS_FUSED_INPUT
+  const bool fuse = st == at::kFloat && B == 1 && use_persistent(pb);
+#else
+  const bool fuse = false;
+#endif
+  if (!fuse) {
+    const Tensor gx = at::linear(x, w_ih, b_ih);
+    auto [y, h_n, c_n, hs, ws] = recurrence_fwd_cpu(
+        gx, h0, cell == Cell::LSTM ? std::optional<Tensor>(c0) : std::nullopt, w_hh,
+        b_hh.defined() ? std::optional<Tensor>(b_hh) : std::nullopt, std::nullopt, std::nullopt,
+        cell_id, reverse, false, std::nullopt, std::nullopt, std::nullopt, 0.0, std::nullopt,
+        std::nullopt, std::nullopt, std::nullopt);
+    return {y, h_n, c_n};
+  }
+#ifdef RNNKERNELS_FUSED_INPUT
+  Tensor y = at::empty({T_, 1, H}, x.options());
+  Tensor hs = at::empty({2, 1, H}, x.options());
+  hs.select(0, pb.slot_in(0)).copy_(h0);
+  Tensor cbuf, ws = at::empty({0}, x.options());
+  if (cell == Cell::LSTM) {
+    cbuf = at::empty({2, 1, H}, x.options());
+    cbuf.select(0, 0).copy_(c0);
+  }
+  Tensor ring = at::empty({2 * RowProjection::kSteps, GH}, x.options());
+  const FusedInput fused{x.data_ptr<float>(), w_ih.data_ptr<float>(),
+                                b_ih.defined() ? b_ih.data_ptr<float>() : nullptr, I,
+                                ring.data_ptr<float>()};
+  forward_persistent<float, float>(pb, Tensor(), w_hh, b_hh, y, hs, ws, cbuf, &fused);
+  Tensor c_n = cell == Cell::LSTM ? cbuf.select(0, T_ & 1).clone() : at::empty({0}, x.options());
+  return {y, hs.select(0, pb.slot_out(T_ - 1)).clone(), c_n};
+#endif
+}
+
 TORCH_LIBRARY_IMPL(rnnkernels, CPU, m) {
   m.impl("recurrence_fwd", &recurrence_fwd_cpu);
+  m.impl("recurrence_infer", &recurrence_infer_cpu);
   m.impl("cell_step", &cell_step_cpu);
   m.impl("recurrence_bwd", &recurrence_bwd_cpu);
 }
