@@ -40,7 +40,9 @@ def _train_step(model, x, gy):
     x = x.detach().requires_grad_()
     y, _ = model(x)
     grads = torch.autograd.grad(y, [x, *model.parameters()], gy)
-    return [y.detach(), *grads]
+    # a copy of y: y itself would keep its cached buffer from the next step (as a training loop
+    # that drops y does not)
+    return [y.detach().clone(), *grads]
 
 
 def test_training_steps_reuse_cached_buffers_with_the_same_results():

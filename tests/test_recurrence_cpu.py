@@ -229,6 +229,120 @@ def test_decoding_step_opcheck(cell, dtype):
                            args["b_ih"], args["b_hh"], cell))
 
 
+SEQUENCE_SHAPES = [  # T, B = 1, I, H
+    (2, 1, 7, 257),    # two threads; the second's units (113) end panels mid-vector
+    (17, 1, 37, 29),   # one thread; the last block of the projection holds one step
+    (40, 1, 256, 64),  # three blocks, the last partial
+    (33, 1, 5, 48),    # I far below H: fewer projection units per step than product slots
+    (20, 1, 300, 16),  # I above H: the projection's units beyond the slots run on their own
+    (16, 1, 9, 130),   # exactly one block: nothing to project ahead
+]
+
+
+@pytest.mark.parametrize("cell", DECODE_CELLS)
+@pytest.mark.parametrize("shape", SEQUENCE_SHAPES)
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_sequence_inference(cell, shape, reverse, threads):
+    """A float32 layer call on one row of more than one step without gradients runs the
+    recurrence_infer op (the input projection fused into the steps) with the float64
+    reference's outputs."""
+    T, B, I, H = shape
+    args = make_layer(cell, T, B, I, H, torch.float32, bias=threads != 3, requires_grad=False)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        def layer():
+            return R.run_layer(args["x"], args["h0"], args["c0"], args["w_ih"], args["w_hh"],
+                               args["b_ih"], args["b_hh"], None, None, cell, reverse, "cpu")
+        outs = layer()
+        assert ops_called(layer) == {"rnnkernels::recurrence_infer"}
+    finally:
+        torch.set_num_threads(previous)
+    wide = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    ref = reference_layer(wide["x"], wide["h0"], wide["c0"], wide["w_ih"], wide["w_hh"],
+                          wide["b_ih"], wide["b_hh"], None, None, cell, reverse)
+    for name, o, r in zip(("y", "h_n", "c_n"), outs, ref):
+        if r is not None:
+            assert o.dtype == torch.float32 and o.shape == r.shape
+            assert_close(o, r, torch.float32, msg=f"{name} of cell {cell}")
+
+
+def test_sequence_inference_only_where_it_applies():
+    """recurrence_infer takes float32 calls of one row and more than one step without
+    gradients; gradients, more rows, one step, another dtype, lengths or the reset-before GRU
+    take the other ops."""
+    def called(cell, T, B, requires_grad=False, dtype=torch.float32, lengths=None):
+        args = make_layer(cell, T, B, 3, 8, dtype, requires_grad=requires_grad)
+        return ops_called(lambda: R.run_layer(
+            args["x"], args["h0"], args["c0"], args["w_ih"], args["w_hh"], args["b_ih"],
+            args["b_hh"], None, lengths, cell, False, "cpu"))
+
+    assert called(R.LSTM, 5, 1) == {"rnnkernels::recurrence_infer"}
+    for kwargs in [dict(cell=R.LSTM, T=5, B=1, requires_grad=True),
+                   dict(cell=R.LSTM, T=5, B=2), dict(cell=R.LSTM, T=1, B=1),
+                   dict(cell=R.GRU, T=5, B=1, dtype=torch.float64),
+                   dict(cell=R.GRU, T=5, B=1, lengths=torch.tensor([4])),
+                   dict(cell=R.GRU_RESET_BEFORE, T=5, B=1)]:
+        assert "rnnkernels::recurrence_infer" not in called(**kwargs), kwargs
+
+
+@pytest.mark.parametrize("cell", DECODE_CELLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_sequence_inference_op_other_inputs(cell, dtype, batch):
+    """Called directly with inputs the Python side sends elsewhere (more rows, float64,
+    bfloat16), the op projects with one matmul and runs the recurrence op: the reference's
+    outputs all the same."""
+    args = make_layer(cell, 6, batch, 5, 20, dtype, requires_grad=False)
+    outs = torch.ops.rnnkernels.recurrence_infer(args["x"], args["h0"], args["c0"], args["w_ih"],
+                                                 args["w_hh"], args["b_ih"], args["b_hh"], cell,
+                                                 False)
+    wide = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    ref = reference_layer(wide["x"], wide["h0"], wide["c0"], wide["w_ih"], wide["w_hh"],
+                          wide["b_ih"], wide["b_hh"], None, None, cell, False)
+    for name, o, r in zip(("y", "h_n", "c_n"), outs, ref):
+        if r is not None:
+            assert o.dtype == dtype and o.shape == r.shape
+            assert_close(o, r, dtype, msg=f"{name} of cell {cell}")
+
+
+def test_sequence_inference_op_refuses_bad_arguments():
+    """Called directly with arguments the Python side never passes, the op raises instead of
+    reading out of bounds: an LSTM without c0, a short bias, a matrix for x, no steps, the
+    reset-before GRU, mixed dtypes."""
+    args = make_layer(R.LSTM, 4, 1, 3, 5, torch.float32, requires_grad=False)
+    base = [args["x"], args["h0"], args["c0"], args["w_ih"], args["w_hh"], args["b_ih"],
+            args["b_hh"], R.LSTM, False]
+    op = torch.ops.rnnkernels.recurrence_infer
+    bad = [(2, None), (5, args["b_ih"][:-1]), (0, args["x"][0]), (0, args["x"][:0]),
+           (7, R.GRU_RESET_BEFORE), (4, args["w_hh"].double())]
+    for i, value in bad:
+        call = list(base)
+        call[i] = value
+        with pytest.raises(RuntimeError, match="recurrence_infer"):
+            op(*call)
+
+
+def test_sequence_inference_op_has_no_backward():
+    args = make_layer(R.GRU, 3, 1, 3, 5, torch.float32)
+    y, h, _ = torch.ops.rnnkernels.recurrence_infer(args["x"], args["h0"], None, args["w_ih"],
+                                                    args["w_hh"], args["b_ih"], args["b_hh"],
+                                                    R.GRU, False)
+    assert h.requires_grad
+    with pytest.raises(RuntimeError, match="no backward"):
+        h.sum().backward()
+
+
+@pytest.mark.parametrize("cell", DECODE_CELLS)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_sequence_inference_opcheck(cell, batch):
+    args = make_layer(cell, 5, batch, 3, 20, torch.float32, requires_grad=False)
+    torch.library.opcheck(torch.ops.rnnkernels.recurrence_infer.default,
+                          (args["x"], args["h0"], args["c0"], args["w_ih"], args["w_hh"],
+                           args["b_ih"], args["b_hh"], cell, True))
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_bfloat16(cell, cpu_path):
     check_against_reference(cell, (6, 3, 5, 16), torch.bfloat16)

@@ -184,9 +184,17 @@ class PackedPanels {
   PackedPanels(int64_t K, int64_t N, const std::vector<Columns>& runs,
                const std::vector<Ranges>& groups = {})
       : K_(K), N_(N), panels_((N + kNR - 1) / kNR), layout_(K, panels_, kNR, groups) {
-    data_ = at::zeros({std::max<int64_t>(1, panels_ * K * kNR)},
+    // Every value is written below but the padding columns of a last partial panel: only
+    // those are cleared (clearing all of a 512 KB slice cost about 28 us per call).
+    data_ = at::empty({std::max<int64_t>(1, panels_ * K * kNR)},
                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
     T* d = data_.data_ptr<T>();
+    if (N % kNR != 0) {
+      for (const KLayout::Segment& sg : layout_.segments()) {
+        T* last = d + sg.offset + (panels_ - 1) * sg.pstride;
+        std::fill(last, last + (sg.end - sg.begin) * kNR, T(0));
+      }
+    }
     for (const Columns& r : runs) {
       for (int64_t j0 = 0; j0 < r.count;) {
         const int64_t n = r.n0 + j0, p = n / kNR;

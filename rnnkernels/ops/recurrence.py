@@ -3,9 +3,11 @@
 Every function takes time-major input x (T, B, I) and the layer's weights in torch.nn's layout,
 computes the input projection for all steps as one GEMM (``x @ w_ih^T + b_ih``) and runs the
 sequential part in the backend chosen by :mod:`rnnkernels._backend`. Autograd flows through the
-input projection as usual and through the recurrence by the registered backward op. A decoding
-call on the CPU (one step of at most DECODE_ROWS rows, no gradient) runs both in one fused op
-instead (:func:`_decoding_step`).
+input projection as usual and through the recurrence by the registered backward op. On the CPU
+a call without gradients runs both in one fused op instead where one applies
+(:func:`_inference_op`): a decoding step (one step of at most DECODE_ROWS rows) and inference
+on a sequence of one row in float32, whose input projection rides along with the recurrent
+products (csrc/cpu/panel_gemm.h, RowProjection).
 
 Second order (``create_graph=True``, Hessian-vector products, gradient penalties): the first
 order stays the fused backward op; a backward whose result must be differentiable recomputes the
@@ -92,16 +94,26 @@ def _cell_step_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, cell):
             x.new_empty((B, H)) if cell == LSTM else x.new_empty((0,)))
 
 
-def _cell_step_backward(ctx, *grads):
-    raise RuntimeError("rnnkernels::cell_step is the decoding step without gradients and has no "
-                       "backward; a layer call that needs gradients runs the recurrence ops "
-                       "(rnnkernels.ops.lstm / gru / rnn and the modules choose them)")
+@torch.library.register_fake("rnnkernels::recurrence_infer")
+def _recurrence_infer_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, cell, reverse):
+    B, H = h0.shape
+    return (x.new_empty((x.shape[0], B, H)), x.new_empty((B, H)),
+            x.new_empty((B, H)) if cell == LSTM else x.new_empty((0,)))
+
+
+def _no_backward(name: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"rnnkernels::{name} runs a layer without gradients and has no "
+                           "backward; a layer call that needs gradients runs the recurrence ops "
+                           "(rnnkernels.ops.lstm / gru / rnn and the modules choose them)")
+    return backward
 
 
 # A direct call on tensors that require grad records a backward that says so, instead of
 # outputs that silently carry no gradient.
-_autograd.register_autograd("rnnkernels::cell_step", _cell_step_backward,
-                            lambda ctx, inputs, output: None)
+for _name in ("cell_step", "recurrence_infer"):
+    _autograd.register_autograd(f"rnnkernels::{_name}", _no_backward(_name),
+                                lambda ctx, inputs, output: None)
 
 
 class _Projection(threading.local):
@@ -542,22 +554,30 @@ def reference_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reve
 DECODE_ROWS = 4
 
 
-def _decoding_step(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, backend,
-                   options) -> bool:
-    """Whether a layer call is one step (T = 1) of at most DECODE_ROWS rows that needs no
-    gradient, in plain eager float32 / float64 / bfloat16 on the CPU kernels without projection,
-    lengths, cell options or the reset-before GRU: a decoding loop's call, which the fused
-    cell_step op runs (input projection, recurrent product and cell in one parallel region)."""
+def _inference_op(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, backend, options):
+    """The fused op for a layer call that needs no gradient, in plain eager mode on the CPU
+    kernels without projection, lengths, cell options or the reset-before GRU, or None:
+    ``cell_step`` for one step (T = 1) of at most DECODE_ROWS rows in float32 / float64 /
+    bfloat16 (a decoding loop's call: input projection, recurrent product and cell in one
+    parallel region), ``recurrence_infer`` for more steps of one row in float32 (inference on a
+    sequence: the input projection fused into the recurrence's steps)."""
     dtype = x.dtype
-    if (backend != "cpu" or x.shape[0] != 1 or x.shape[1] > DECODE_ROWS or w_hr is not None
-            or lengths is not None or options is not NO_OPTIONS or cell == GRU_RESET_BEFORE
-            or dtype not in (torch.float32, torch.float64, torch.bfloat16)
-            or compute_dtype(x) != dtype
-            or not _autograd.plain_eager()):
-        return False
+    T, B = x.shape[0], x.shape[1]
+    if T == 1 and B <= DECODE_ROWS:
+        op, dtypes = torch.ops.rnnkernels.cell_step.default, (torch.float32, torch.float64,
+                                                              torch.bfloat16)
+    elif T > 1 and B == 1:
+        op, dtypes = torch.ops.rnnkernels.recurrence_infer.default, (torch.float32,)
+    else:
+        return None
+    if (backend != "cpu" or w_hr is not None or lengths is not None
+            or options is not NO_OPTIONS or cell == GRU_RESET_BEFORE or dtype not in dtypes
+            or compute_dtype(x) != dtype or not _autograd.plain_eager()):
+        return None
     tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh)
-    return (all(t is None or t.dtype == dtype for t in tensors)
-            and not _autograd.needs_grad(*tensors))
+    if any(t is not None and t.dtype != dtype for t in tensors) or _autograd.needs_grad(*tensors):
+        return None
+    return op
 
 
 def run_layer(x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, w_hh: Tensor,
@@ -578,10 +598,13 @@ def run_layer(x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, w_hh: Tens
     if backend == "reference":
         return reference_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reverse,
                                options)
-    if _decoding_step(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, backend, options):
-        y, h_n, c_n = _autograd.call(torch.ops.rnnkernels.cell_step.default, False, x[0], h0, c0,
-                                     w_ih, w_hh, b_ih, b_hh, cell)
+    op = _inference_op(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, backend, options)
+    if op is torch.ops.rnnkernels.cell_step.default:
+        y, h_n, c_n = _autograd.call(op, False, x[0], h0, c0, w_ih, w_hh, b_ih, b_hh, cell)
         return y.unsqueeze(0), h_n, (c_n if cell == LSTM else None)
+    if op is not None:
+        y, h_n, c_n = _autograd.call(op, False, x, h0, c0, w_ih, w_hh, b_ih, b_hh, cell, reverse)
+        return y, h_n, (c_n if cell == LSTM else None)
     y, h_n, c_n = projected_recurrence(x, w_ih, b_ih, h0, c0 if cell == LSTM else None, w_hh,
                                        b_hh, w_hr, lengths, cell, reverse, backend, options)
     return y, h_n, (c_n if cell == LSTM else None)
