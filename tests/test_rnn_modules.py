@@ -84,6 +84,26 @@ def test_decoding_loop_matches_torch(mode):
             assert_close(a, b, torch.float64)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_sequence_inference_matches_torch(mode):
+    """A float32 sequence of one row without gradients (each layer and direction the fused
+    recurrence_infer op): two layers, bidirectional, batch_first, a non-contiguous input, the
+    unbatched form too; outputs and states as torch.nn's in float64."""
+    ref, ours = pair(mode, 5, 40, num_layers=2, bidirectional=True, batch_first=True,
+                     dtype=torch.float32)
+    ref = ref.double()
+    h = torch.randn(4, 1, 40)
+    state = (h, torch.randn_like(h)) if mode == "LSTM" else h
+    x = torch.randn(1, 5, 37)[:, :, 3:35:2].transpose(1, 2)  # (1, 16, 5), strided
+    wide = tuple(s.double() for s in state) if mode == "LSTM" else state.double()
+    with torch.no_grad():
+        for a, b in zip(flat(ours(x, state)), flat(ref(x.double(), wide))):
+            assert_close(a, b, torch.float32)
+        x = torch.randn(23, 5)
+        for a, b in zip(flat(ours(x)), flat(ref(x.double()))):
+            assert_close(a, b, torch.float32)
+
+
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_lstm_proj_size(bidirectional):
     ref, ours = pair("LSTM", 6, 10, num_layers=2, proj_size=4, bidirectional=bidirectional)
