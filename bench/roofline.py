@@ -8,12 +8,15 @@ A CPU recurrence cannot be faster than the work it must do at the rate this mach
   (T*B x H) @ (H x G*H) matmul, timed here with MKL (torch.mm) and oneDNN, the faster counted:
   the machine's rate on the big, efficient shape; the per-step recurrent matmuls have only B
   rows and run below it.
-- inference at batch 1: the input projection (one (T x H) @ (H x G*H) matmul, timed here),
-  then per step a matrix-vector product that reads all of W_hh (G*H*H values). Split over the
-  threads, each thread reads its slice per step from its own core's cache; the floor is T times
-  the slice's bytes over the rate at which each core streams a buffer of that size with every
-  thread streaming at once, measured by a small C++ probe (compiled on first use with
-  torch.utils.cpp_extension; AVX-512 or AVX2 as the compiler's -march=native gives).
+- inference at batch 1: per step a matrix-vector product that reads all of W_hh (G*H*H
+  values) and the step's input projection (G*H*I multiply-adds; the kernel computes it in the
+  recurrence's shadow, csrc/cpu/panel_gemm.h, RowProjection). Split over the threads, each
+  thread reads its slice of W_hh per step from its own core's cache and does its share of the
+  multiply-adds; the floor is T times the larger of the two: the slice's bytes over the rate at
+  which each core streams a buffer of that size with every thread streaming at once, and the
+  share's multiply-adds over the rate at which each core runs independent vector multiply-adds
+  with every thread running them at once. Both rates from small C++ probes (compiled on first
+  use with torch.utils.cpp_extension; AVX-512 or AVX2 as the compiler's -march=native gives).
 
 - selective scan training step (forward + backward): every state update x = exp(dt A) x + dt B u
   of the batch * dim * L * N takes exp(dt A) at least twice, once in the forward and once in the
@@ -95,6 +98,34 @@ double stream_seconds(int64_t bytes, int64_t passes, int64_t threads) {
   });
 }
 
+// Seconds for every one of `threads` threads to run `fmas / threads` vector multiply-adds of
+// W lanes (counted in lanes), all threads at once: 16 independent accumulators, so that the
+// multiply-add units, not their latency, are the limit.
+double fma_seconds(int64_t fmas, int64_t threads) {
+  using V = at::vec::Vectorized<float>;
+  constexpr int64_t W = V::size(), kAcc = 16;
+  const int64_t iters = std::max<int64_t>(1, fmas / threads / (W * kAcc));
+  std::vector<float> sink(threads);
+  return slowest_thread_seconds(threads, [&](int64_t k) {
+    V acc[kAcc];
+    for (int j = 0; j < kAcc; ++j) acc[j] = V(1e-3f * static_cast<float>(j));
+    const V a(0.999f), b(1e-4f);
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int64_t i = 0; i < iters; ++i) {
+      for (int j = 0; j < kAcc; ++j) acc[j] = at::vec::fmadd(acc[j], a, b);
+    }
+    const auto t1 = std::chrono::steady_clock::now();
+    float s = 0;
+    for (int j = 0; j < kAcc; ++j) {
+      float lanes[W];
+      acc[j].store(lanes);
+      for (float v : lanes) s += v;
+    }
+    sink[k] = s;
+    return std::chrono::duration<double>(t1 - t0).count();
+  });
+}
+
 // Seconds for every one of `threads` threads to run `updates / threads` selective-scan state
 // updates x = exp(dt A) x + b, a vector of W lanes at a time, four independent states per
 // thread (as the CPU kernel keeps them), dt cycling through 64 vectors in L1.
@@ -147,7 +178,8 @@ def _compiled_probes():
         capability = torch.backends.cpu.get_cpu_capability()
         defines = _CAPABILITY_DEFINES.get(capability, ["-DCPU_CAPABILITY=DEFAULT"])
         _probes = load_inline("rnnkernels_bench_roofline", cpp_sources=_PROBES,
-                              functions=["stream_seconds", "exp_update_seconds"],
+                              functions=["stream_seconds", "exp_update_seconds",
+                                         "fma_seconds"],
                               extra_include_paths=[str(_CPU_SOURCES)],
                               extra_cflags=["-O3", "-march=native", *defines], verbose=False)
     return _probes
@@ -186,6 +218,14 @@ def stream_rate(slice_bytes: int, threads: int, min_bytes: float = 1e9) -> float
     passes = max(1, int(min_bytes / max(slice_bytes, 1)))
     seconds = min(probe.stream_seconds(slice_bytes, passes, threads) for _ in range(5))
     return slice_bytes * passes / seconds
+
+
+def fma_rate(threads: int, fmas: float = 4e9) -> float:
+    """Multiply-adds (lanes) per second one core runs with ``threads`` threads running them at
+    once: the best of five runs."""
+    probe = _compiled_probes()
+    seconds = min(probe.fma_seconds(int(fmas), threads) for _ in range(5))
+    return fmas / threads / seconds
 
 
 def mm_seconds(rows: int, inner: int, cols: int) -> float:
@@ -228,16 +268,16 @@ def torch_nn_seconds(suite: str) -> dict[str, float]:
 
 def floors(suite: str, threads: int) -> dict[str, float]:
     """Seconds of the training-step and batch-1 inference floors of ``suite`` at the cpu
-    profile's shapes, and the per-core stream rate used."""
+    profile's shapes, and the per-core stream and multiply-add rates used."""
     G = FAMILIES[suite].gates
     train, infer = configs.RECURRENCE["cpu"].train, configs.RECURRENCE["cpu"].inference
     H, TB = train["H"], train["T"] * train["B"]
     train_floor = 6 * mm_seconds(TB, H, G * H)
-    Hi, T = infer["H"], infer["T"]
+    Hi, Ii, T = infer["H"], infer["I"], infer["T"]
     w_bytes = G * Hi * Hi * 4
-    rate = stream_rate(w_bytes // threads, threads)
-    infer_floor = mm_seconds(T, Hi, G * Hi) + T * (w_bytes / threads) / rate
-    return {"train": train_floor, "inference": infer_floor, "rate": rate}
+    rate, fmas = stream_rate(w_bytes // threads, threads), fma_rate(threads)
+    per_step = max((w_bytes / threads) / rate, G * Hi * (Hi + Ii) / threads / fmas)
+    return {"train": train_floor, "inference": T * per_step, "rate": rate, "fma": fmas}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,19 +296,21 @@ def main(argv: list[str] | None = None) -> int:
           f"float32, torch {torch.__version__}, commit {env.commit()}\n")
     print("Baseline: torch.nn's module for the recurrences, the PyTorch loop for the scan, timed "
           "in this run.\n")
-    print("| case | floor | per-core stream rate | baseline | largest speed-up | target |")
-    print("|---|---|---|---|---|---|")
+    print("| case | floor | per-core stream rate | per-core multiply-adds | baseline | "
+          "largest speed-up | target |")
+    print("|---|---|---|---|---|---|---|")
     for suite in suites:
         if suite == "selective_scan":
             floor, loop = scan_floor(threads), scan_loop_seconds()
-            print(f"| Selective scan train | {floor * 1e3:.3g} ms | - | {loop * 1e3:.4g} ms | "
+            print(f"| Selective scan train | {floor * 1e3:.3g} ms | - | - | {loop * 1e3:.4g} ms | "
                   f"{loop / floor:.2f}x | {SELECTIVE_SCAN_CPU_TARGET:g}x |")
             continue
         f, theirs = floors(suite, threads), torch_nn_seconds(suite)
         title = FAMILIES[suite].title
         for mode, target in zip(("train", "inference"), CPU_TARGETS[suite]):
             rate = f"{f['rate'] / 1e9:.0f} GB/s" if mode == "inference" else "-"
-            print(f"| {title} {mode} | {f[mode] * 1e3:.2f} ms | {rate} | "
+            fma = f"{f['fma'] / 1e9:.0f} G/s" if mode == "inference" else "-"
+            print(f"| {title} {mode} | {f[mode] * 1e3:.2f} ms | {rate} | {fma} | "
                   f"{theirs[mode] * 1e3:.2f} ms | {theirs[mode] / f[mode]:.2f}x | {target}x |")
     return 0
 

@@ -405,16 +405,17 @@ def test_a_backend_that_fell_back_posts_no_time():
 
 
 def test_roofline_floors(capsys):
-    """python -m bench.roofline: the stream probe compiles and measures; each case's largest
-    speed-up is torch.nn's time over the floor."""
+    """python -m bench.roofline: the stream and multiply-add probes compile and measure; each
+    case's largest speed-up is torch.nn's time over the floor."""
     from bench import roofline
 
     assert roofline.stream_rate(64 << 10, 1, min_bytes=1e7) > 1e9
+    assert roofline.fma_rate(1, fmas=1e8) > 1e9
     assert roofline.main(["--suite", "rnn"]) == 0
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in capsys.readouterr().out.splitlines() if line.startswith("| RNN")}
     assert set(rows) == {"RNN train", "RNN inference"}
-    for floor, _, theirs, best, _ in rows.values():
+    for floor, _, _, theirs, best, _ in rows.values():
         floor_ms, theirs_ms = float(floor.removesuffix(" ms")), float(theirs.removesuffix(" ms"))
         assert floor_ms > 0 and theirs_ms > 0
         assert float(best.removesuffix("x")) == pytest.approx(theirs_ms / floor_ms, rel=0.05)
@@ -434,7 +435,7 @@ def test_roofline_scan_floor(capsys, monkeypatch):
     rows = [[c.strip() for c in line.split("|")[2:-1]]
             for line in capsys.readouterr().out.splitlines() if line.startswith("| Selective")]
     assert len(rows) == 1
-    floor, _, loop, best, target = rows[0]
+    floor, _, _, loop, best, target = rows[0]
     floor_ms, loop_ms = float(floor.removesuffix(" ms")), float(loop.removesuffix(" ms"))
     assert floor_ms > 0 and loop_ms > 0 and target == "100x"
     assert float(best.removesuffix("x")) == pytest.approx(loop_ms / floor_ms, rel=0.05)
