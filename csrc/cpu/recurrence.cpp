@@ -9,7 +9,9 @@
 // - batched (everything else): per step one ATen GEMM on all threads, then the pointwise pass
 //   split over batch rows.
 // A decoding call (one step of a few rows without gradients) has its own op, cell_step, with the
-// input projection fused in (see there). With lengths, a persistent row group of one thread
+// input projection fused in (see there); so has inference on a sequence of one row in float32,
+// recurrence_infer, whose persistent team computes the input projection inside its steps
+// (FusedInput). With lengths, a persistent row group of one thread
 // multiplies only the rows within their length at each step (ActiveRows).
 // Cell options (Problem: peephole, zoneout, recurrent dropout, layer normalisation) are fused
 // into the batched path's pointwise pass; layer normalisation needs whole rows (its statistics
@@ -17,8 +19,9 @@
 // the raw h W_hh^T (G*H per row), and the backward keeps the gradient of it and its normalised
 // value ((T, B, G*H) each) and, for the LSTM, the cell-normalisation terms ((T, B, 2H)) for the
 // parameter-gradient reductions after the loop.
-// The input projection and the weight gradients are single GEMMs over all steps, outside the
-// loop (the input projection in Python, the weight gradients at the end of the backward).
+// Otherwise the input projection and the weight gradients are single GEMMs over all steps,
+// outside the loop (the input projection in Python, the weight gradients at the end of the
+// backward).
 //
 // Memory. hs (T+1, B, P) holds the recurrent state before every step in the accumulation type;
 // slot t is the state before time t for the forward direction and slot t+1 for the reverse one,
@@ -1808,39 +1811,34 @@ std::tuple<Tensor, Tensor, Tensor> recurrence_infer_cpu(const Tensor& x_in, cons
   const Tensor b_ih = given(b_ih_opt) ? same(*b_ih_opt) : Tensor();
   const Tensor b_hh = given(b_hh_opt) ? same(*b_hh_opt) : Tensor();
   const Tensor c0 = cell == Cell::LSTM ? same(*c0_opt) : Tensor();
-  Problem<float, float> pb{cell, T_, B, H, H, G, workspace_units(cell, false), reverse, false,
-                           false, nullptr};
 #ifdef RNNKERNELS_FUSED_INPUT
-  const bool fuse = st == at::kFloat && B == 1 && use_persistent(pb);
-#else
-  const bool fuse = false;
-#endif
-  if (!fuse) {
-    const Tensor gx = at::linear(x, w_ih, b_ih);
-    auto [y, h_n, c_n, hs, ws] = recurrence_fwd_cpu(
-        gx, h0, cell == Cell::LSTM ? std::optional<Tensor>(c0) : std::nullopt, w_hh,
-        b_hh.defined() ? std::optional<Tensor>(b_hh) : std::nullopt, std::nullopt, std::nullopt,
-        cell_id, reverse, false, std::nullopt, std::nullopt, std::nullopt, 0.0, std::nullopt,
-        std::nullopt, std::nullopt, std::nullopt);
-    return {y, h_n, c_n};
+  const Problem<float, float> pb{cell, T_, B, H, H, G, workspace_units(cell, false), reverse,
+                                 false, false, nullptr};
+  if (st == at::kFloat && B == 1 && use_persistent(pb)) {
+    Tensor y = at::empty({T_, 1, H}, x.options());
+    Tensor hs = at::empty({2, 1, H}, x.options());
+    hs.select(0, pb.slot_in(0)).copy_(h0);
+    Tensor cbuf, ws = at::empty({0}, x.options());
+    if (cell == Cell::LSTM) {
+      cbuf = at::empty({2, 1, H}, x.options());
+      cbuf.select(0, 0).copy_(c0);
+    }
+    Tensor ring = at::empty({2 * RowProjection::kSteps, GH}, x.options());
+    const FusedInput fused{x.data_ptr<float>(), w_ih.data_ptr<float>(),
+                           b_ih.defined() ? b_ih.data_ptr<float>() : nullptr, I,
+                           ring.data_ptr<float>()};
+    forward_persistent<float, float>(pb, Tensor(), w_hh, b_hh, y, hs, ws, cbuf, &fused);
+    Tensor c_n = cell == Cell::LSTM ? cbuf.select(0, T_ & 1).clone() : at::empty({0}, x.options());
+    return {y, hs.select(0, pb.slot_out(T_ - 1)).clone(), c_n};
   }
-#ifdef RNNKERNELS_FUSED_INPUT
-  Tensor y = at::empty({T_, 1, H}, x.options());
-  Tensor hs = at::empty({2, 1, H}, x.options());
-  hs.select(0, pb.slot_in(0)).copy_(h0);
-  Tensor cbuf, ws = at::empty({0}, x.options());
-  if (cell == Cell::LSTM) {
-    cbuf = at::empty({2, 1, H}, x.options());
-    cbuf.select(0, 0).copy_(c0);
-  }
-  Tensor ring = at::empty({2 * RowProjection::kSteps, GH}, x.options());
-  const FusedInput fused{x.data_ptr<float>(), w_ih.data_ptr<float>(),
-                                b_ih.defined() ? b_ih.data_ptr<float>() : nullptr, I,
-                                ring.data_ptr<float>()};
-  forward_persistent<float, float>(pb, Tensor(), w_hh, b_hh, y, hs, ws, cbuf, &fused);
-  Tensor c_n = cell == Cell::LSTM ? cbuf.select(0, T_ & 1).clone() : at::empty({0}, x.options());
-  return {y, hs.select(0, pb.slot_out(T_ - 1)).clone(), c_n};
 #endif
+  const Tensor gx = at::linear(x, w_ih, b_ih);
+  auto [y, h_n, c_n, hs, ws] = recurrence_fwd_cpu(
+      gx, h0, cell == Cell::LSTM ? std::optional<Tensor>(c0) : std::nullopt, w_hh,
+      b_hh.defined() ? std::optional<Tensor>(b_hh) : std::nullopt, std::nullopt, std::nullopt,
+      cell_id, reverse, false, std::nullopt, std::nullopt, std::nullopt, 0.0, std::nullopt,
+      std::nullopt, std::nullopt, std::nullopt);
+  return {y, h_n, c_n};
 }
 
 TORCH_LIBRARY_IMPL(rnnkernels, CPU, m) {
