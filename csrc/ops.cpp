@@ -55,8 +55,8 @@ TORCH_LIBRARY(rnnkernels, m) {
   // ---- a layer's forward without gradients from its input (inference on a sequence; CPU):
   // x (T, B, I), h0 and c0 (B, H), w_ih (G*H, I), w_hh (G*H, H), b_ih, b_hh (G*H,), one dtype
   // (float32, float64 or bfloat16); cell as above but not the reset-before GRU. y (T, B, H);
-  // c_n is empty but for the LSTM. At batch 1 in float32 the input projection is fused into
-  // the recurrence's steps.
+  // c_n is empty but for the LSTM. At batch 1 in float32 from 16 steps on the input projection
+  // is fused into the recurrence's steps.
   m.def(
       "recurrence_infer(Tensor x, Tensor h0, Tensor? c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
       "Tensor? b_hh, int cell, bool reverse) -> (Tensor y, Tensor h_n, Tensor c_n)");

@@ -230,7 +230,8 @@ def test_decoding_step_opcheck(cell, dtype):
 
 
 SEQUENCE_SHAPES = [  # T, B = 1, I, H
-    (2, 1, 7, 257),    # two threads; the second's units (113) end panels mid-vector
+    (18, 1, 7, 257),   # two threads; the second's units (113) end panels mid-vector
+    (9, 1, 6, 64),     # below one block: the projection as one matmul
     (17, 1, 37, 29),   # one thread; the last block of the projection holds one step
     (40, 1, 256, 64),  # three blocks, the last partial
     (33, 1, 5, 48),    # I far below H: fewer projection units per step than product slots
@@ -245,8 +246,8 @@ SEQUENCE_SHAPES = [  # T, B = 1, I, H
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_sequence_inference(cell, shape, reverse, threads):
     """A float32 layer call on one row of more than one step without gradients runs the
-    recurrence_infer op (the input projection fused into the steps) with the float64
-    reference's outputs."""
+    recurrence_infer op (from 16 steps on the input projection fused into the steps) with the
+    float64 reference's outputs."""
     T, B, I, H = shape
     args = make_layer(cell, T, B, I, H, torch.float32, bias=threads != 3, requires_grad=False)
     previous = torch.get_num_threads()

@@ -1770,7 +1770,7 @@ std::tuple<Tensor, Tensor, Tensor> cell_step_cpu(const Tensor& x_in, const Tenso
 }
 
 // A layer's forward without gradients from its input x (T, B, I): y (T, B, H), h_n and c_n as
-// recurrence_fwd's. At batch 1 in float32 with more than one step (inference on a sequence),
+// recurrence_fwd's. At batch 1 in float32 with at least 16 steps (inference on a sequence),
 // the persistent path computes the input projection itself, fused into its steps (FusedInput):
 // a separate projection GEMM over all steps cost a third of the forward (the fp32 LSTM at
 // hidden 256, T = 256, 2 threads) and keeps half of the multiply-add units idle while the
@@ -1814,7 +1814,9 @@ std::tuple<Tensor, Tensor, Tensor> recurrence_infer_cpu(const Tensor& x_in, cons
 #ifdef RNNKERNELS_FUSED_INPUT
   const Problem<float, float> pb{cell, T_, B, H, H, G, workspace_units(cell, false), reverse,
                                  false, false, nullptr};
-  if (st == at::kFloat && B == 1 && use_persistent(pb)) {
+  // From one block of steps on: below it the whole projection would run before the first step,
+  // on a block padded to kSteps rows (measured slower than the GEMM up to about 8 steps).
+  if (st == at::kFloat && B == 1 && T_ >= RowProjection::kSteps && use_persistent(pb)) {
     Tensor y = at::empty({T_, 1, H}, x.options());
     Tensor hs = at::empty({2, 1, H}, x.options());
     hs.select(0, pb.slot_in(0)).copy_(h0);

@@ -6,8 +6,8 @@ sequential part in the backend chosen by :mod:`rnnkernels._backend`. Autograd fl
 input projection as usual and through the recurrence by the registered backward op. On the CPU
 a call without gradients runs both in one fused op instead where one applies
 (:func:`_inference_op`): a decoding step (one step of at most DECODE_ROWS rows) and inference
-on a sequence of one row in float32, whose input projection rides along with the recurrent
-products (csrc/cpu/panel_gemm.h, RowProjection).
+on a sequence of one row in float32, whose input projection (from 16 steps on) rides along with
+the recurrent products (csrc/cpu/panel_gemm.h, RowProjection).
 
 Second order (``create_graph=True``, Hessian-vector products, gradient penalties): the first
 order stays the fused backward op; a backward whose result must be differentiable recomputes the
@@ -560,7 +560,7 @@ def _inference_op(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, backen
     ``cell_step`` for one step (T = 1) of at most DECODE_ROWS rows in float32 / float64 /
     bfloat16 (a decoding loop's call: input projection, recurrent product and cell in one
     parallel region), ``recurrence_infer`` for more steps of one row in float32 (inference on a
-    sequence: the input projection fused into the recurrence's steps)."""
+    sequence: from 16 steps on, the input projection fused into the recurrence's steps)."""
     dtype = x.dtype
     T, B = x.shape[0], x.shape[1]
     if T == 1 and B <= DECODE_ROWS:
