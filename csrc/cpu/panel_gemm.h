@@ -297,6 +297,11 @@ class PackedPanels {
 };
 
 #if defined(CPU_CAPABILITY_AVX512) && defined(__x86_64__)
+// The mask of the first n of 16 float lanes (n clamped to [0, 16]).
+inline __mmask16 lane_mask(int64_t n) {
+  return static_cast<__mmask16>((1u << std::clamp<int64_t>(n, 0, 16)) - 1);
+}
+
 #define RNNKERNELS_FUSED_INPUT 1
 // The input projection of batch-1 inference in float32, x_t W^T + b for a thread's columns of
 // W's rows, computed one block of kSteps steps ahead in small pieces (units) that ride along
@@ -382,7 +387,7 @@ class RowProjection {
       const int64_t cols = std::min(kNR, w.cols() - p * kNR);
       __m512 acc[kNV];
       for (int64_t v = 0; v < kNV; ++v) {
-        const __mmask16 m = mask(cols - v * 16);
+        const __mmask16 m = lane_mask(cols - v * 16);
         acc[v] = accumulate ? _mm512_maskz_loadu_ps(m, c + p * kNR + v * 16)
                             : (bias ? _mm512_loadu_ps(bias + p * kNR + v * 16)
                                     : _mm512_setzero_ps());
@@ -415,7 +420,7 @@ class RowProjection {
         }
       }
       for (int64_t v = 0; v < kNV; ++v) {
-        _mm512_mask_storeu_ps(c + p * kNR + v * 16, mask(cols - v * 16), acc[v]);
+        _mm512_mask_storeu_ps(c + p * kNR + v * 16, lane_mask(cols - v * 16), acc[v]);
       }
     }
     k_ = (sx - xt_.data()) / kSteps;
@@ -424,9 +429,6 @@ class RowProjection {
   }
 
  private:
-  static __mmask16 mask(int64_t n) {
-    return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
-  }
   // W's row k_ of vector panel vp_.
   const float* w_row() const {
     constexpr int64_t kNR = Panels::kNR, kNV = Panels::kNV;
@@ -460,7 +462,7 @@ class RowProjection {
       float* row = out_ + r * ldo_;
       const __m512 v = _mm512_add_ps(_mm512_loadu_ps(acc_.data() + r * 16), b);
       if (contiguous_[vp_]) {
-        _mm512_mask_storeu_ps(row + dest_[j0], mask(n), v);
+        _mm512_mask_storeu_ps(row + dest_[j0], lane_mask(n), v);
       } else {
         float tmp[16];
         _mm512_storeu_ps(tmp, v);
@@ -481,9 +483,7 @@ class RowProjection {
   float* out_ = nullptr;
   int64_t ldo_ = 0, vp_ = 0, k_ = 0;
 };
-#endif
 
-#if defined(CPU_CAPABILITY_AVX512) && defined(__x86_64__)
 #define RNNKERNELS_BF16_DOT 1
 #define RNNKERNELS_BF16_TARGET __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl")))
 
@@ -579,8 +579,7 @@ class PackedPanelsBF16 {
       TORCH_INTERNAL_ASSERT(ks.begin[r] % 2 == 0 && (ks.end[r] % 2 == 0 || ks.end[r] == K_));
       for (int64_t m = 0; m < M; ++m) {
         for (int64_t k = ks.begin[r]; k < ks.end[r]; k += 16) {
-          const int64_t n = std::min<int64_t>(16, ks.end[r] - k);
-          const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
+          const __mmask16 mask = lane_mask(ks.end[r] - k);
           const __m512 v = _mm512_maskz_loadu_ps(mask, a + m * lda + k);
           _mm256_mask_storeu_epi16(ab + m * lda2 + k, mask,
                                    (__m256i)_mm512_cvtneps_pbh(v));
@@ -619,8 +618,7 @@ class PackedPanelsBF16 {
                                                       bool accumulate) const {
     __m512 acc[MR][kNV];
     for (int64_t v = 0; v < kNV; ++v) {
-      const int64_t n = std::clamp<int64_t>(cols - v * 16, 0, 16);
-      const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
+      const __mmask16 mask = lane_mask(cols - v * 16);
       for (int m = 0; m < MR; ++m) {
         if (accumulate) {
           acc[m][v] = _mm512_maskz_loadu_ps(mask, c + m * ldc + v * 16);
@@ -648,10 +646,8 @@ class PackedPanelsBF16 {
     }
     for (int m = 0; m < MR; ++m) {
       for (int64_t v = 0; v < kNV; ++v) {
-        const int64_t n = std::clamp<int64_t>(cols - v * 16, 0, 16);
-        if (n == 0) break;
-        _mm512_mask_storeu_ps(c + m * ldc + v * 16, static_cast<__mmask16>((1u << n) - 1),
-                              acc[m][v]);
+        if (cols <= v * 16) break;
+        _mm512_mask_storeu_ps(c + m * ldc + v * 16, lane_mask(cols - v * 16), acc[m][v]);
       }
     }
   }
