@@ -1684,6 +1684,53 @@ recurrence_bwd_cpu(
   return {dgx, dh.to(st), dc0, dw, db, dw_hr, dpeep, dln_hh, dln_c, dln_bias_c};
 }
 
+// The operands of the ops that run a layer call without gradients from its input (cell_step,
+// recurrence_infer), checked and made contiguous: x with x_dims dimensions, (..., B, I), none
+// empty, B at most max_rows (0: no bound); h0 (B, H); c0 (B, H) for the LSTM; w_ih (G*H, I);
+// w_hh (G*H, H); b_ih, b_hh (G*H,) or undefined; one dtype among float32, float64 and
+// bfloat16; any cell but the reset-before GRU. x_shape names x's shape in the messages.
+struct InferenceOperands {
+  Cell cell;
+  at::ScalarType st;
+  int64_t B, I, G, H;
+  Tensor x, h0, c0, w_ih, w_hh, b_ih, b_hh;
+};
+
+InferenceOperands inference_operands(const char* op, int64_t x_dims, int64_t max_rows,
+                                     const std::string& x_shape, const Tensor& x,
+                                     const Tensor& h0, const std::optional<Tensor>& c0,
+                                     const Tensor& w_ih, const Tensor& w_hh,
+                                     const std::optional<Tensor>& b_ih,
+                                     const std::optional<Tensor>& b_hh, int64_t cell_id) {
+  const Cell cell = static_cast<Cell>(cell_id);
+  TORCH_CHECK(cell_id >= 0 && cell_id <= 4 && cell != Cell::GRU_RESET_BEFORE, "rnnkernels: ", op,
+              " takes the LSTM, the GRU (reset after) and the RNN, got cell ", cell_id);
+  const auto st = x.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16, "rnnkernels: ", op,
+              " takes float32, float64 or bfloat16, got ", st);
+  TORCH_CHECK(x.dim() == x_dims && w_ih.dim() == 2 && w_hh.dim() == 2 && h0.dim() == 2,
+              "rnnkernels: ", op, ": x ", x_shape, ", h0 (B, H), w_ih and w_hh matrices");
+  const int64_t B = x.size(-2), I = x.size(-1), G = num_gates(cell);
+  const int64_t GH = w_ih.size(0), H = GH / G;
+  bool nonempty = true;
+  for (int64_t d = 0; d + 1 < x_dims; ++d) nonempty = nonempty && x.size(d) >= 1;
+  auto bias_ok = [&](const std::optional<Tensor>& b) { return !given(b) || b->numel() == GH; };
+  TORCH_CHECK(nonempty && (max_rows == 0 || B <= max_rows) && GH == G * H &&
+                  w_ih.sizes() == at::IntArrayRef({GH, I}) &&
+                  w_hh.sizes() == at::IntArrayRef({GH, H}) &&
+                  h0.sizes() == at::IntArrayRef({B, H}) && bias_ok(b_ih) && bias_ok(b_hh) &&
+                  (cell != Cell::LSTM || (given(c0) && c0->sizes() == h0.sizes())),
+              "rnnkernels: ", op, ": x ", x_shape, ", h0 (B, H), c0 (B, H) for the LSTM, w_ih "
+              "(G*H, I), w_hh (G*H, H), b_ih and b_hh (G*H,)");
+  auto same = [&](const Tensor& t) {
+    TORCH_CHECK(t.scalar_type() == st, "rnnkernels: ", op, ": every tensor must have dtype ", st);
+    return t.contiguous();
+  };
+  return {cell, st, B, I, G, H, same(x), same(h0),
+          cell == Cell::LSTM ? same(*c0) : Tensor(), same(w_ih), same(w_hh),
+          given(b_ih) ? same(*b_ih) : Tensor(), given(b_hh) ? same(*b_hh) : Tensor()};
+}
+
 // One step (T = 1) of a small batch without gradients: a decoding loop's call, fused into one
 // parallel region. Thread k of n owns the hidden units [u0, u1) (unit_range) and forms, for its
 // units' rows of every gate, x W_ih^T + b_ih and h W_hh^T + b_hh (small_product_range), then the
@@ -1701,34 +1748,14 @@ std::tuple<Tensor, Tensor, Tensor> cell_step_cpu(const Tensor& x_in, const Tenso
                                                  const std::optional<Tensor>& b_ih_opt,
                                                  const std::optional<Tensor>& b_hh_opt,
                                                  int64_t cell_id) {
-  const Cell cell = static_cast<Cell>(cell_id);
-  TORCH_CHECK(cell_id >= 0 && cell_id <= 4 && cell != Cell::GRU_RESET_BEFORE,
-              "rnnkernels: cell_step takes the LSTM, the GRU (reset after) and the RNN, got cell ",
-              cell_id);
-  const auto st = x_in.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16,
-              "rnnkernels: cell_step takes float32, float64 or bfloat16, got ", st);
-  TORCH_CHECK(x_in.dim() == 2 && w_ih_in.dim() == 2 && w_hh_in.dim() == 2 && h0_in.dim() == 2,
-              "rnnkernels: cell_step: x, h0, w_ih and w_hh must be matrices");
-  const int64_t B = x_in.size(0), I = x_in.size(1), G = num_gates(cell);
-  const int64_t GH = w_ih_in.size(0), H = GH / G;
-  auto bias_ok = [&](const std::optional<Tensor>& b) { return !given(b) || b->numel() == GH; };
-  TORCH_CHECK(B >= 1 && B <= kSmallRows && GH == G * H &&
-                  w_ih_in.sizes() == at::IntArrayRef({GH, I}) &&
-                  w_hh_in.sizes() == at::IntArrayRef({GH, H}) &&
-                  h0_in.sizes() == at::IntArrayRef({B, H}) && bias_ok(b_ih_opt) &&
-                  bias_ok(b_hh_opt) && (cell != Cell::LSTM || given(c0_opt)),
-              "rnnkernels: cell_step: x (B <= ", kSmallRows, ", I), h0 (B, H), c0 (B, H) for the "
-              "LSTM, w_ih (G*H, I), w_hh (G*H, H), b_ih and b_hh (G*H,)");
-  auto same = [&](const Tensor& t) {
-    TORCH_CHECK(t.scalar_type() == st, "rnnkernels: cell_step: every tensor must have dtype ", st);
-    return t.contiguous();
-  };
-  const Tensor x = same(x_in), h0 = same(h0_in), w_ih = same(w_ih_in), w_hh = same(w_hh_in);
-  const Tensor b_ih = given(b_ih_opt) ? same(*b_ih_opt) : Tensor();
-  const Tensor b_hh = given(b_hh_opt) ? same(*b_hh_opt) : Tensor();
-  const Tensor c0 = cell == Cell::LSTM ? same(*c0_opt) : Tensor();
-  TORCH_CHECK(cell != Cell::LSTM || c0.sizes() == h0.sizes(), "rnnkernels: cell_step: c0 (B, H)");
+  const InferenceOperands in =
+      inference_operands("cell_step", 2, kSmallRows, "(B <= " + std::to_string(kSmallRows) + ", I)",
+                         x_in, h0_in, c0_opt, w_ih_in, w_hh_in, b_ih_opt, b_hh_opt, cell_id);
+  const Cell cell = in.cell;
+  const auto st = in.st;
+  const int64_t B = in.B, I = in.I, G = in.G, H = in.H, GH = G * H;
+  const Tensor &x = in.x, &h0 = in.h0, &c0 = in.c0, &w_ih = in.w_ih, &w_hh = in.w_hh;
+  const Tensor &b_ih = in.b_ih, &b_hh = in.b_hh;
   // Pre-activations, state and outputs in the accumulation type (the same tensors as the
   // inputs / outputs for float and double: no copies there).
   const auto acc_type = st == at::kDouble ? at::kDouble : at::kFloat;
@@ -1783,34 +1810,14 @@ std::tuple<Tensor, Tensor, Tensor> recurrence_infer_cpu(const Tensor& x_in, cons
                                                         const std::optional<Tensor>& b_ih_opt,
                                                         const std::optional<Tensor>& b_hh_opt,
                                                         int64_t cell_id, bool reverse) {
-  const Cell cell = static_cast<Cell>(cell_id);
-  TORCH_CHECK(cell_id >= 0 && cell_id <= 4 && cell != Cell::GRU_RESET_BEFORE,
-              "rnnkernels: recurrence_infer takes the LSTM, the GRU (reset after) and the RNN, "
-              "got cell ", cell_id);
-  const auto st = x_in.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16,
-              "rnnkernels: recurrence_infer takes float32, float64 or bfloat16, got ", st);
-  TORCH_CHECK(x_in.dim() == 3 && w_ih_in.dim() == 2 && w_hh_in.dim() == 2 && h0_in.dim() == 2,
-              "rnnkernels: recurrence_infer: x (T, B, I), h0 (B, H), w_ih and w_hh matrices");
-  const int64_t T_ = x_in.size(0), B = x_in.size(1), I = x_in.size(2), G = num_gates(cell);
-  const int64_t GH = w_ih_in.size(0), H = GH / G;
-  auto bias_ok = [&](const std::optional<Tensor>& b) { return !given(b) || b->numel() == GH; };
-  TORCH_CHECK(T_ >= 1 && B >= 1 && GH == G * H && w_ih_in.sizes() == at::IntArrayRef({GH, I}) &&
-                  w_hh_in.sizes() == at::IntArrayRef({GH, H}) &&
-                  h0_in.sizes() == at::IntArrayRef({B, H}) && bias_ok(b_ih_opt) &&
-                  bias_ok(b_hh_opt) &&
-                  (cell != Cell::LSTM || (given(c0_opt) && c0_opt->sizes() == h0_in.sizes())),
-              "rnnkernels: recurrence_infer: x (T >= 1, B >= 1, I), h0 (B, H), c0 (B, H) for the "
-              "LSTM, w_ih (G*H, I), w_hh (G*H, H), b_ih and b_hh (G*H,)");
-  auto same = [&](const Tensor& t) {
-    TORCH_CHECK(t.scalar_type() == st, "rnnkernels: recurrence_infer: every tensor must have "
-                "dtype ", st);
-    return t.contiguous();
-  };
-  const Tensor x = same(x_in), h0 = same(h0_in), w_ih = same(w_ih_in), w_hh = same(w_hh_in);
-  const Tensor b_ih = given(b_ih_opt) ? same(*b_ih_opt) : Tensor();
-  const Tensor b_hh = given(b_hh_opt) ? same(*b_hh_opt) : Tensor();
-  const Tensor c0 = cell == Cell::LSTM ? same(*c0_opt) : Tensor();
+  const InferenceOperands in =
+      inference_operands("recurrence_infer", 3, 0, "(T >= 1, B >= 1, I)", x_in, h0_in, c0_opt,
+                         w_ih_in, w_hh_in, b_ih_opt, b_hh_opt, cell_id);
+  const Cell cell = in.cell;
+  const auto st = in.st;
+  const int64_t T_ = in.x.size(0), B = in.B, I = in.I, G = in.G, H = in.H, GH = G * H;
+  const Tensor &x = in.x, &h0 = in.h0, &c0 = in.c0, &w_ih = in.w_ih, &w_hh = in.w_hh;
+  const Tensor &b_ih = in.b_ih, &b_hh = in.b_hh;
 #ifdef RNNKERNELS_FUSED_INPUT
   const Problem<float, float> pb{cell, T_, B, H, H, G, workspace_units(cell, false), reverse,
                                  false, false, nullptr};
