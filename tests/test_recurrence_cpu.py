@@ -132,6 +132,18 @@ def ops_called(fn) -> set[str]:
 DECODE_CELLS = [R.LSTM, R.GRU, R.RNN_TANH, R.RNN_RELU]
 
 
+def assert_matches_reference(outs, args, cell, reverse, dtype):
+    """A layer call's (y, h_n, c_n) in dtype, with the float64 reference's shapes and values
+    (``args``: make_layer's, without a projection or lengths)."""
+    wide = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    ref = reference_layer(wide["x"], wide["h0"], wide["c0"], wide["w_ih"], wide["w_hh"],
+                          wide["b_ih"], wide["b_hh"], None, None, cell, reverse)
+    for name, o, r in zip(("y", "h_n", "c_n"), outs, ref):
+        if r is not None:
+            assert o.dtype == dtype and o.shape == r.shape
+            assert_close(o, r, dtype, msg=f"{name} of cell {cell}")
+
+
 @pytest.mark.parametrize("cell", DECODE_CELLS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch", [1, 3, 4])
@@ -162,13 +174,7 @@ def test_decoding_step(cell, dtype, batch, bias):
                         assert torch.equal(o, e.to(dtype))
     finally:
         torch.set_num_threads(previous)
-    wide = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
-    ref = reference_layer(wide["x"], wide["h0"], wide["c0"], wide["w_ih"], wide["w_hh"],
-                          wide["b_ih"], wide["b_hh"], None, None, cell, False)
-    for name, o, r in zip(("y", "h_n", "c_n"), outs, ref):
-        if r is not None:
-            assert o.dtype == dtype and o.shape == r.shape
-            assert_close(o, r, dtype, msg=f"{name} of cell {cell}")
+    assert_matches_reference(outs, args, cell, False, dtype)
     assert outs[0][0].data_ptr() != outs[1].data_ptr()  # y and h_n are separate tensors
 
 
@@ -260,13 +266,7 @@ def test_sequence_inference(cell, shape, reverse, threads):
         assert ops_called(layer) == {"rnnkernels::recurrence_infer"}
     finally:
         torch.set_num_threads(previous)
-    wide = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
-    ref = reference_layer(wide["x"], wide["h0"], wide["c0"], wide["w_ih"], wide["w_hh"],
-                          wide["b_ih"], wide["b_hh"], None, None, cell, reverse)
-    for name, o, r in zip(("y", "h_n", "c_n"), outs, ref):
-        if r is not None:
-            assert o.dtype == torch.float32 and o.shape == r.shape
-            assert_close(o, r, torch.float32, msg=f"{name} of cell {cell}")
+    assert_matches_reference(outs, args, cell, reverse, torch.float32)
 
 
 def test_sequence_inference_only_where_it_applies():
@@ -299,13 +299,7 @@ def test_sequence_inference_op_other_inputs(cell, dtype, batch):
     outs = torch.ops.rnnkernels.recurrence_infer(args["x"], args["h0"], args["c0"], args["w_ih"],
                                                  args["w_hh"], args["b_ih"], args["b_hh"], cell,
                                                  False)
-    wide = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
-    ref = reference_layer(wide["x"], wide["h0"], wide["c0"], wide["w_ih"], wide["w_hh"],
-                          wide["b_ih"], wide["b_hh"], None, None, cell, False)
-    for name, o, r in zip(("y", "h_n", "c_n"), outs, ref):
-        if r is not None:
-            assert o.dtype == dtype and o.shape == r.shape
-            assert_close(o, r, dtype, msg=f"{name} of cell {cell}")
+    assert_matches_reference(outs, args, cell, False, dtype)
 
 
 def test_sequence_inference_op_refuses_bad_arguments():
