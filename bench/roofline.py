@@ -98,6 +98,18 @@ double stream_seconds(int64_t bytes, int64_t passes, int64_t threads) {
   });
 }
 
+// The sum of every lane of n vectors: what a probe keeps of its results, so that the compiler
+// cannot drop the timed loop.
+float lane_sum(const at::vec::Vectorized<float>* v, int64_t n) {
+  float s = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    float lanes[at::vec::Vectorized<float>::size()];
+    v[j].store(lanes);
+    for (float x : lanes) s += x;
+  }
+  return s;
+}
+
 // Seconds for every one of `threads` threads to run `fmas / threads` vector multiply-adds of
 // W lanes (counted in lanes), all threads at once: 16 independent accumulators, so that the
 // multiply-add units, not their latency, are the limit.
@@ -115,13 +127,7 @@ double fma_seconds(int64_t fmas, int64_t threads) {
       for (int j = 0; j < kAcc; ++j) acc[j] = at::vec::fmadd(acc[j], a, b);
     }
     const auto t1 = std::chrono::steady_clock::now();
-    float s = 0;
-    for (int j = 0; j < kAcc; ++j) {
-      float lanes[W];
-      acc[j].store(lanes);
-      for (float v : lanes) s += v;
-    }
-    sink[k] = s;
+    sink[k] = lane_sum(acc, kAcc);
     return std::chrono::duration<double>(t1 - t0).count();
   });
 }
@@ -151,13 +157,7 @@ double exp_update_seconds(int64_t updates, int64_t threads) {
       }
     }
     const auto t1 = std::chrono::steady_clock::now();
-    float s = 0;
-    for (int j = 0; j < kStates; ++j) {
-      float lanes[W];
-      x[j].store(lanes);
-      for (float v : lanes) s += v;
-    }
-    sink[k] = s;
+    sink[k] = lane_sum(x, kStates);
     return std::chrono::duration<double>(t1 - t0).count();
   });
 }
