@@ -346,12 +346,10 @@ class RowProjection {
   int64_t units_per_block() const { return vpanels_ * K_; }
   int64_t units_left() const { return count_ == 0 ? 0 : (vpanels_ - vp_) * K_ - k_; }
 
-  // Begins a block of count <= kSteps rows: x row r at rows[r]; row r of the result goes to
-  // out + r * ldo (at the columns dest).
-  void begin_block(const float* const* rows, int count, float* out, int64_t ldo) {
-    for (int64_t k = 0; k < K_; ++k) {
-      for (int r = 0; r < kSteps; ++r) xt_[k * kSteps + r] = r < count ? rows[r][k] : 0.f;
-    }
+  // Begins a block of count <= kSteps rows: x row r at x + r * ldx (ldx may be negative); row r
+  // of the result goes to out + r * ldo (at the columns dest).
+  void begin_block(const float* x, int64_t ldx, int count, float* out, int64_t ldo) {
+    lanes::gather_lanes(xt_.data(), x, ldx, count, K_, kSteps);
     std::fill(acc_.begin(), acc_.end(), 0.f);
     count_ = count;
     out_ = out;
@@ -482,7 +480,8 @@ class RowProjection {
   Panels w_;
   std::vector<int64_t> dest_;
   std::vector<bool> contiguous_;
-  std::vector<float> xt_, acc_;
+  lanes::Buffer<float> xt_;
+  std::vector<float> acc_;
   const float *wdata_, *wbias_;  // w_'s packed data and bias (or null), read without calls
   int count_ = 0;
   float* out_ = nullptr;

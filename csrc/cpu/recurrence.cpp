@@ -1298,10 +1298,10 @@ void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor&
     }
     // Begins the projection of block blk (steps [blk * kSteps, ...)) into its ring slot.
     auto begin_block = [&](int64_t blk) {
-      const float* rows[kSteps];
       const int count = static_cast<int>(std::min<int64_t>(kSteps, pb.steps - blk * kSteps));
-      for (int r = 0; r < count; ++r) rows[r] = fused->x + pb.time(blk * kSteps + r) * fused->I;
-      xp->begin_block(rows, count, fused->ring + (blk & 1) * kSteps * GH, GH);
+      xp->begin_block(fused->x + pb.time(blk * kSteps) * fused->I,
+                      pb.reverse ? -fused->I : fused->I, count,
+                      fused->ring + (blk & 1) * kSteps * GH, GH);
     };
     if (xp) {
       begin_block(0);
