@@ -552,6 +552,12 @@ def reference_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reve
 
 # Batch rows up to which one step without gradients runs as the fused cell_step op.
 DECODE_ROWS = 4
+# The fused inference ops and the dtypes they take (looked up once: torch.ops' attribute chain
+# costs about a microsecond a call, and a decoding loop calls a layer once per token).
+_CELL_STEP = torch.ops.rnnkernels.cell_step.default
+_CELL_STEP_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+_RECURRENCE_INFER = torch.ops.rnnkernels.recurrence_infer.default
+_RECURRENCE_INFER_DTYPES = (torch.float32,)
 
 
 def _inference_op(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, backend, options):
@@ -561,21 +567,22 @@ def _inference_op(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, backen
     bfloat16 (a decoding loop's call: input projection, recurrent product and cell in one
     parallel region), ``recurrence_infer`` for more steps of one row in float32 (inference on a
     sequence: from 16 steps on, the input projection fused into the recurrence's steps)."""
-    dtype = x.dtype
     T, B = x.shape[0], x.shape[1]
     if T == 1 and B <= DECODE_ROWS:
-        op, dtypes = torch.ops.rnnkernels.cell_step.default, (torch.float32, torch.float64,
-                                                              torch.bfloat16)
+        op, dtypes = _CELL_STEP, _CELL_STEP_DTYPES
     elif T > 1 and B == 1:
-        op, dtypes = torch.ops.rnnkernels.recurrence_infer.default, (torch.float32,)
+        op, dtypes = _RECURRENCE_INFER, _RECURRENCE_INFER_DTYPES
     else:
         return None
+    dtype = x.dtype
     if (backend != "cpu" or w_hr is not None or lengths is not None
-            or options is not NO_OPTIONS or cell == GRU_RESET_BEFORE or dtype not in dtypes
-            or compute_dtype(x) != dtype or not _autograd.plain_eager()):
+            or options is not NO_OPTIONS or cell == GRU_RESET_BEFORE or dtype not in dtypes):
         return None
-    tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh)
-    if any(t is not None and t.dtype != dtype for t in tensors) or _autograd.needs_grad(*tensors):
+    for t in (h0, c0, w_ih, w_hh, b_ih, b_hh):
+        if t is not None and t.dtype != dtype:
+            return None
+    if (compute_dtype(x) != dtype or _autograd.needs_grad(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+            or not _autograd.plain_eager()):
         return None
     return op
 
@@ -599,7 +606,7 @@ def run_layer(x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, w_hh: Tens
         return reference_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reverse,
                                options)
     op = _inference_op(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, backend, options)
-    if op is torch.ops.rnnkernels.cell_step.default:
+    if op is _CELL_STEP:
         y, h_n, c_n = _autograd.call(op, False, x[0], h0, c0, w_ih, w_hh, b_ih, b_hh, cell)
         return y.unsqueeze(0), h_n, (c_n if cell == LSTM else None)
     if op is not None:
