@@ -93,8 +93,12 @@ def _reasons(family: str, device_type: str, dtype: torch.dtype,
 
 def choose(family: str, device: torch.device, dtype: torch.dtype) -> str:
     """The backend that runs ``family`` for an input on ``device`` with ``dtype``."""
-    name, warning = _decide(family, device.type, dtype, forced_backend(),
-                            _kernels.triton_interpreted())
+    forced = forced_backend()
+    # Whether the Triton interpreter is on matters only where a forced backend may run Triton
+    # on a CPU tensor (unforced, a CPU tensor never goes to Triton); an environment read costs
+    # about a microsecond, and a decoding loop asks once per token.
+    interpreted = forced is not None and device.type == "cpu" and _kernels.triton_interpreted()
+    name, warning = _decide(family, device.type, dtype, forced, interpreted)
     if warning is not None:
         warn_once(warning)
     return name
