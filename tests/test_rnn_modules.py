@@ -104,6 +104,46 @@ def test_sequence_inference_matches_torch(mode):
             assert_close(a, b, torch.float32)
 
 
+class _Scale(nn.Module):
+    def forward(self, w):
+        return 0.5 * w
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("T, B, grad", [(3, 2, True), (1, 1, False), (20, 1, False)])
+def test_weights_are_looked_up_on_every_call(mode, T, B, grad):
+    """A parametrized weight (torch.nn.utils.parametrize), a reassigned parameter and the
+    tensors of torch.func.functional_call are what the layer uses, on the training path, the
+    decoding step (T = 1, no gradient) and sequence inference (B = 1, no gradient)."""
+    from torch.nn.utils import parametrize
+
+    ref, ours = pair(mode, 5, 6, dtype=torch.float32)
+    ref = ref.double()
+    x = torch.randn(T, B, 5)
+
+    def check():
+        with torch.set_grad_enabled(grad):
+            for a, b in zip(flat(ours(x)), flat(ref(x.double()))):
+                assert_close(a, b, torch.float32)
+
+    parametrize.register_parametrization(ours, "weight_hh_l0", _Scale())
+    with torch.no_grad():
+        ref.weight_hh_l0.mul_(0.5)
+    check()
+    new_ih = torch.randn_like(ours.weight_ih_l0)
+    ours.weight_ih_l0 = nn.Parameter(new_ih.clone())
+    with torch.no_grad():
+        ref.weight_ih_l0.copy_(new_ih)
+    check()
+    bias = torch.randn_like(ours.bias_hh_l0)
+    with torch.set_grad_enabled(grad):
+        got = flat(torch.func.functional_call(ours, {"bias_hh_l0": bias}, (x,)))
+    with torch.no_grad():
+        ref.bias_hh_l0.copy_(bias)
+    for a, b in zip(got, flat(ref(x.double()))):
+        assert_close(a, b, torch.float32)
+
+
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_lstm_proj_size(bidirectional):
     ref, ours = pair("LSTM", 6, 10, num_layers=2, proj_size=4, bidirectional=bidirectional)
