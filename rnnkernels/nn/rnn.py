@@ -174,21 +174,21 @@ class RNNBase(nn.Module):
             return R.GRU if self.reset_after else R.GRU_RESET_BEFORE
         return R.RNN_TANH if self.mode == "RNN_TANH" else R.RNN_RELU
 
+    def _param(self, name: str, *default: None) -> Tensor | None:
+        """The tensor named ``name``, looked up on every call so that parametrizations and
+        reassigned parameters are seen: a registered parameter straight from _parameters
+        (nn.Module.__getattr__ costs about half a microsecond a name), anything else by
+        getattr (with ``default`` where given)."""
+        p = self._parameters.get(name)
+        return p if p is not None else getattr(self, name, *default)
+
     def _get(self, kind: str, layer: int, direction: int) -> Tensor | None:
-        return getattr(self, _param_name(kind, layer, direction), None)
+        return self._param(_param_name(kind, layer, direction), None)
 
     def _weights(self, layer: int, direction: int) -> tuple[Tensor | None, ...]:
-        """(w_ih, w_hh, b_ih, b_hh, w_hr) of a layer and direction, None where absent (looked
-        up by name on every call, so parametrizations and reassigned parameters are seen)."""
+        """(w_ih, w_hh, b_ih, b_hh, w_hr) of a layer and direction, None where absent."""
         ih, hh, bih, bhh, hr = _layer_names(layer, direction)
-        params = self._parameters
-
-        def get(name: str, *default: None) -> Tensor | None:
-            # A registered parameter straight from _parameters (nn.Module.__getattr__ costs
-            # about half a microsecond a name); a parametrized or reassigned one by getattr.
-            p = params.get(name)
-            return p if p is not None else getattr(self, name, *default)
-
+        get = self._param
         return (get(ih), get(hh), get(bih, None) if self.bias else None,
                 get(bhh, None) if self.bias else None, get(hr, None) if self.proj_size else None)
 
