@@ -344,3 +344,82 @@ def test_compile_fullgraph_with_lengths():
     y_eager, h_eager = m(x, lengths=lengths)
     torch.testing.assert_close(y, y_eager)
     torch.testing.assert_close(h, h_eager)
+
+
+@pytest.mark.parametrize("mode, kwargs", [
+    ("LSTM", dict(num_layers=2, bidirectional=True, proj_size=3)),
+    ("LSTM", dict(batch_first=True)),
+    ("GRU", dict(num_layers=2, bidirectional=True, batch_first=True)),
+    ("RNN", dict(num_layers=3, bias=False)),
+])
+def test_torch_nn_interface_beyond_forward(mode, kwargs):
+    """flatten_parameters, all_weights, _all_weights, _flat_weights and the argument checks
+    that subclasses of torch.nn's modules call: same results and exception types."""
+    ref, ours = pair(mode, 5, 7, **kwargs)
+    assert ours.flatten_parameters() is None
+    assert ours._all_weights == ref._all_weights
+    for a, b in zip(ref.all_weights, ours.all_weights, strict=True):
+        for p, q in zip(a, b, strict=True):
+            assert isinstance(q, nn.Parameter)
+            torch.testing.assert_close(q, p, atol=0, rtol=0)
+    for p, q in zip(ref._flat_weights, ours._flat_weights, strict=True):
+        torch.testing.assert_close(q, p, atol=0, rtol=0)
+
+    D, L = (2 if kwargs.get("bidirectional") else 1), kwargs.get("num_layers", 1)
+    P = kwargs.get("proj_size") or 7
+    x = torch.randn(4, 6, 5, dtype=torch.float64)  # (B, T) with batch_first, else (T, B)
+    B = x.shape[0] if kwargs.get("batch_first") else x.shape[1]
+    packed = pack_padded_sequence(torch.randn(6, 3, 5, dtype=torch.float64), [6, 4, 2])
+    for m in (ref, ours):
+        assert m.get_expected_hidden_size(x, None) == (L * D, B, P)
+        assert m.get_expected_hidden_size(packed.data, packed.batch_sizes) == (L * D, 3, P)
+    if mode == "LSTM":
+        for m in (ref, ours):
+            assert m.get_expected_cell_size(x, None) == (L * D, B, 7)
+    good = torch.randn(L * D, B, P, dtype=torch.float64)
+    state = (good, torch.randn(L * D, B, 7, dtype=torch.float64)) if mode == "LSTM" else good
+    bad_state = (good, good[:, :1]) if mode == "LSTM" else good[:, :1]
+    calls = [
+        (lambda m: m.check_forward_args(x, state, None), None),
+        (lambda m: m.check_forward_args(x, bad_state, None), RuntimeError),
+        (lambda m: m.check_forward_args(x[0], state, None), RuntimeError),
+        (lambda m: m.check_forward_args(x[..., :4], state, None), RuntimeError),
+        (lambda m: m.check_forward_args(x.float(), state, None), ValueError),
+        (lambda m: m.check_input(packed.data, packed.batch_sizes), None),
+    ]
+    for call, error in calls:
+        for m in (ref, ours):
+            if error is None:
+                assert call(m) is None
+            else:
+                with pytest.raises(error):
+                    call(m)
+    order = torch.tensor([2, 0, 1] + list(range(3, B)))
+    for a, b in zip(flat((x, ref.permute_hidden(state, order))),
+                    flat((x, ours.permute_hidden(state, order))), strict=True):
+        torch.testing.assert_close(b, a, atol=0, rtol=0)
+    assert ours.permute_hidden(state, None) is state
+
+
+def test_subclass_checking_its_arguments_as_torch_nn():
+    """A subclass written against torch.nn.LSTM's interface runs on ours unchanged."""
+    class Checked(rnnkernels.nn.LSTM):
+        def forward(self, input, hx):
+            self.check_forward_args(input, hx, None)
+            return super().forward(input, hx)
+
+    ref, ours = pair("LSTM", 4, 6)
+    checked = Checked(4, 6, dtype=torch.float64)
+    checked.load_state_dict(ours.state_dict())
+    x, hx = rand(5, 2, 4), (rand(1, 2, 6), rand(1, 2, 6))
+    compare(ref, checked, [x, hx], torch.float64)
+    with pytest.raises(RuntimeError, match=r"hidden\[1\]"):
+        checked(x, (hx[0], hx[1][:, :1]))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dropout_with_one_layer_warns_as_torch_nn(mode):
+    with pytest.warns(UserWarning, match="num_layers"):
+        getattr(nn, mode)(3, 4, dropout=0.5)
+    with pytest.warns(UserWarning, match="num_layers=1"):
+        getattr(rnnkernels.nn, mode)(3, 4, dropout=0.5)

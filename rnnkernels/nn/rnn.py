@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +98,10 @@ class RNNBase(nn.Module):
         if (not isinstance(dropout, (int, float)) or isinstance(dropout, bool)
                 or not 0 <= dropout <= 1):
             raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(f"dropout={dropout} has no effect with num_layers=1: dropout applies "
+                          "to the outputs of every layer but the last (as in torch.nn)",
+                          stacklevel=3)
         if not isinstance(proj_size, int) or proj_size < 0:
             raise ValueError(f"proj_size must be a non-negative integer, got {proj_size!r}")
         if proj_size and mode != "LSTM":
@@ -191,6 +196,73 @@ class RNNBase(nn.Module):
         get = self._param
         return (get(ih), get(hh), get(bih, None) if self.bias else None,
                 get(bhh, None) if self.bias else None, get(hr, None) if self.proj_size else None)
+
+    # ---------------------------------------------- the rest of torch.nn.RNNBase's interface
+    # For code written against torch.nn's modules: subclasses that check their arguments as
+    # torch.nn's forward does, loops over all_weights, flatten_parameters after moving a module.
+    # Same results and exception types as torch.nn's (RuntimeError for shapes, ValueError for a
+    # dtype).
+
+    def flatten_parameters(self) -> None:
+        """Nothing to do: torch.nn's copies the weights into one cuDNN buffer; the kernels here
+        read every parameter where it lies, on every call."""
+
+    @property
+    def _all_weights(self) -> list[list[str]]:
+        """The parameter names of each layer and direction, layer by layer."""
+        names = self._flat_weights_names
+        per = len(names) // (self.num_layers * (2 if self.bidirectional else 1))
+        return [names[i:i + per] for i in range(0, len(names), per)]
+
+    @property
+    def all_weights(self) -> list[list[Tensor]]:
+        """The parameters of each layer and direction, layer by layer."""
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    @property
+    def _flat_weights(self) -> list[Tensor]:
+        """The parameters in _flat_weights_names' order."""
+        return [getattr(self, name) for name in self._flat_weights_names]
+
+    def check_input(self, input: Tensor, batch_sizes: Tensor | None) -> None:
+        """That input is (T, B, input_size) (batch_sizes None) or a PackedSequence's data
+        (N, input_size), in the weights' dtype."""
+        dtype = self.weight_ih_l0.dtype
+        if input.dtype != dtype and not torch._C._is_any_autocast_enabled():
+            raise ValueError(f"input must have the weights' dtype {dtype}, got {input.dtype}")
+        dims = 2 if batch_sizes is not None else 3
+        if input.dim() != dims:
+            raise RuntimeError(f"input must have {dims} dimensions, got {input.dim()}")
+        if input.size(-1) != self.input_size:
+            raise RuntimeError(f"input.size(-1) must be input_size={self.input_size}, got "
+                               f"{input.size(-1)}")
+
+    def _expected_state_size(self, input: Tensor, batch_sizes: Tensor | None,
+                             features: int) -> tuple[int, int, int]:
+        if batch_sizes is not None:
+            rows = int(batch_sizes[0])
+        else:
+            rows = input.size(0) if self.batch_first else input.size(1)
+        return (self.num_layers * (2 if self.bidirectional else 1), rows, features)
+
+    def get_expected_hidden_size(self, input: Tensor,
+                                 batch_sizes: Tensor | None) -> tuple[int, int, int]:
+        """(num_layers * directions, batch, proj_size or hidden_size)."""
+        return self._expected_state_size(input, batch_sizes, self.proj_size or self.hidden_size)
+
+    def check_hidden_size(self, hx: Tensor, expected_hidden_size: tuple[int, int, int],
+                          msg: str = "Expected hidden size {}, got {}") -> None:
+        if hx.size() != expected_hidden_size:
+            raise RuntimeError(msg.format(expected_hidden_size, list(hx.size())))
+
+    def check_forward_args(self, input: Tensor, hidden: Tensor,
+                           batch_sizes: Tensor | None) -> None:
+        self.check_input(input, batch_sizes)
+        self.check_hidden_size(hidden, self.get_expected_hidden_size(input, batch_sizes))
+
+    def permute_hidden(self, hx: Tensor, permutation: Tensor | None) -> Tensor:
+        """hx with its batch rows (dimension 1) in the order permutation gives (None: as is)."""
+        return hx if permutation is None else hx.index_select(1, permutation)
 
     def _cell_options(self, layer: int, direction: int) -> R.CellOptions:
         if not (self.peephole or self.layer_norm or self.zoneout or self.recurrent_dropout):
@@ -371,6 +443,26 @@ class LSTM(RNNBase):
                 for name in self._flat_weights_names:
                     if name.startswith("bias_ih"):
                         getattr(self, name)[H:2 * H] += self.forget_bias
+
+    def get_expected_cell_size(self, input: Tensor,
+                               batch_sizes: Tensor | None) -> tuple[int, int, int]:
+        """(num_layers * directions, batch, hidden_size)."""
+        return self._expected_state_size(input, batch_sizes, self.hidden_size)
+
+    def check_forward_args(self, input: Tensor, hidden: tuple[Tensor, Tensor],
+                           batch_sizes: Tensor | None) -> None:
+        self.check_input(input, batch_sizes)
+        self.check_hidden_size(hidden[0], self.get_expected_hidden_size(input, batch_sizes),
+                               "Expected hidden[0] size {}, got {}")
+        self.check_hidden_size(hidden[1], self.get_expected_cell_size(input, batch_sizes),
+                               "Expected hidden[1] size {}, got {}")
+
+    def permute_hidden(self, hx: tuple[Tensor, Tensor],
+                       permutation: Tensor | None) -> tuple[Tensor, Tensor]:
+        if permutation is None:
+            return hx
+        return (super().permute_hidden(hx[0], permutation),
+                super().permute_hidden(hx[1], permutation))
 
     def forward(self, input, hx=None, *, lengths: Tensor | None = None):
         return self._forward(input, hx, lengths)
