@@ -4,6 +4,7 @@ equal to the full forward; compile; bad arguments."""
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -65,6 +66,25 @@ def test_state_dict_names_and_shapes_match_mamba_ssm(bias, conv_bias):
     m.load_state_dict(theirs)
     for k, v in m.state_dict().items():
         assert torch.equal(v, theirs[k]), k
+
+
+def test_constructor_takes_mamba_ssm_arguments_in_its_order():
+    """mamba_ssm's Mamba(d_model, d_state, d_conv, expand, dt_rank, dt_min, dt_max, dt_init,
+    dt_scale, dt_init_floor, conv_bias, bias, use_fast_path, layer_idx, device, dtype), written
+    out from its __init__; use_fast_path=False (common in user code) builds the same block."""
+    theirs = ["d_model", "d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max", "dt_init",
+              "dt_scale", "dt_init_floor", "conv_bias", "bias", "use_fast_path", "layer_idx",
+              "device", "dtype"]
+    params = inspect.signature(Mamba).parameters.values()
+    assert [p.name for p in params] == theirs
+    assert all(p.kind == p.POSITIONAL_OR_KEYWORD for p in params)
+    torch.manual_seed(0)
+    fast = Mamba(16, 4, 3, 2, "auto", 0.001, 0.1, "random", 1.0, 1e-4, True, False, True, 3)
+    torch.manual_seed(0)
+    slow = Mamba(16, d_state=4, d_conv=3, use_fast_path=False, layer_idx=3)
+    assert (fast.use_fast_path, slow.use_fast_path, slow.layer_idx) == (True, False, 3)
+    x = torch.randn(2, 5, 16)
+    torch.testing.assert_close(slow(x), fast(x), atol=0, rtol=0)
 
 
 def test_initialisation_as_mamba_ssm():

@@ -29,15 +29,17 @@ class Mamba(nn.Module):
     ("auto": ceil(d_model / 16)); dt_min, dt_max: range of softplus(dt_proj.bias) at
     initialisation (log-uniform, floored at dt_init_floor); dt_init ("random" or "constant") and
     dt_scale: initialisation of dt_proj.weight; conv_bias, bias: biases of conv1d and of
-    in_proj/out_proj. layer_idx names the layer's slot in an inference cache.
+    in_proj/out_proj; use_fast_path: taken for mamba_ssm's signature (its two paths, the fused
+    one and conv1d then the scan, compute the same block; this block has one path); layer_idx
+    names the layer's slot in an inference cache.
     """
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                  dt_rank: int | str = "auto", dt_min: float = 0.001, dt_max: float = 0.1,
                  dt_init: str = "random", dt_scale: float = 1.0, dt_init_floor: float = 1e-4,
-                 conv_bias: bool = True, bias: bool = False, *, layer_idx: int | None = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None
-                 ) -> None:
+                 conv_bias: bool = True, bias: bool = False, use_fast_path: bool = True,
+                 layer_idx: int | None = None, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         _validate.choice("dt_init", dt_init, ("random", "constant"))
         if not 1 <= d_state <= MAX_STATE:
@@ -50,6 +52,7 @@ class Mamba(nn.Module):
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
         self.d_inner = int(expand * d_model)
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.use_fast_path = use_fast_path
         self.layer_idx = layer_idx
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **factory)
