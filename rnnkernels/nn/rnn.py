@@ -217,12 +217,12 @@ class RNNBase(nn.Module):
     @property
     def all_weights(self) -> list[list[Tensor]]:
         """The parameters of each layer and direction, layer by layer."""
-        return [[getattr(self, name) for name in names] for names in self._all_weights]
+        return [[self._param(name) for name in names] for names in self._all_weights]
 
     @property
     def _flat_weights(self) -> list[Tensor]:
         """The parameters in _flat_weights_names' order."""
-        return [getattr(self, name) for name in self._flat_weights_names]
+        return [self._param(name) for name in self._flat_weights_names]
 
     def check_input(self, input: Tensor, batch_sizes: Tensor | None) -> None:
         """That input is (T, B, input_size) (batch_sizes None) or a PackedSequence's data
