@@ -98,9 +98,12 @@ def register_autograd(op: object, backward: Callable, setup_context: Callable) -
 
     with warnings.catch_warnings():
         # torch.library.triton_op already put a placeholder Autograd kernel on the Triton ops;
-        # replacing it is the point, not a mistake the warning should report.
+        # replacing it is the point, not a mistake the warning should report. torch 2.11's
+        # Library.impl refuses to replace a kernel registered from Python unless allow_override
+        # is given (2.13 allows it by default): without it, import failed there.
         warnings.filterwarnings("ignore", "(?s).*Overriding a previously registered kernel")
-        _library(fwd).impl(fwd, autograd_kernel, "Autograd", with_keyset=True)
+        _library(fwd).impl(fwd, autograd_kernel, "Autograd", with_keyset=True,
+                           allow_override=True)
 
 
 def plain_eager() -> bool:
