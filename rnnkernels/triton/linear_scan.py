@@ -13,9 +13,10 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from .. import _validate
+from . import launchable
 
 BLOCK_R = 16
 BLOCK_T = 64
@@ -87,7 +88,7 @@ def linear_scan_fwd_triton(a: Tensor, b: Tensor, initial_state: Tensor | None) -
     rows, steps = a.shape[0] * a.shape[1], a.shape[2]
     has_h0 = initial_state is not None
     h0 = initial_state.contiguous() if has_h0 else a
-    wrap_triton(_linear_scan_fwd_kernel)[(triton.cdiv(rows, BLOCK_R),)](
+    launchable(_linear_scan_fwd_kernel)[(triton.cdiv(rows, BLOCK_R),)](
         a, b, h0, h, rows, steps, HAS_H0=has_h0, BLOCK_R=BLOCK_R, BLOCK_T=BLOCK_T)
     return h
 
@@ -104,7 +105,7 @@ def linear_scan_bwd_triton(grad_h: Tensor, a: Tensor, h: Tensor, initial_state: 
     has_h0 = initial_state is not None
     h0 = initial_state.contiguous() if has_h0 else a
     grad_h0 = torch.empty_like(h0) if has_h0 else a.new_empty((0,))
-    wrap_triton(_linear_scan_bwd_kernel)[(triton.cdiv(rows, BLOCK_R),)](
+    launchable(_linear_scan_bwd_kernel)[(triton.cdiv(rows, BLOCK_R),)](
         grad_h, a, h, h0, grad_a, grad_b, grad_h0 if has_h0 else a, rows, steps, HAS_H0=has_h0,
         BLOCK_R=BLOCK_R, BLOCK_T=BLOCK_T)
     return grad_a, grad_b, grad_h0

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from .. import _kernels, _validate
 from ..ops.recurrence import (
@@ -52,6 +52,7 @@ from ..ops.recurrence import (
     register_recurrence,
     workspace_units,
 )
+from . import launchable
 
 _LSTM = tl.constexpr(LSTM)
 _GRU = tl.constexpr(GRU)
@@ -787,7 +788,7 @@ def recurrence_fwd_triton(gx: Tensor, h0: Tensor, c0: Tensor | None, w_hh: Tenso
     bar = torch.zeros((plan.NB,), device=gx.device, dtype=torch.int32)
     phases = (_F_GATES,) + ((_F_CANDIDATE,) if split else ()) + ((_F_PROJ,) if proj else ())
     for s_begin, s_end, mask in _launches(plan, T, phases, backward=False):
-        wrap_triton(_fwd_kernel)[(plan.NB, plan.NH)](
+        launchable(_fwd_kernel)[(plan.NB, plan.NH)](
             gx, hs, cs, w, b_hh.contiguous() if b_hh is not None else w,
             w_hr.contiguous() if proj else w, lengths.contiguous() if lengths is not None else w,
             y, ws, bar, T, B, H, P, B * K * H if save else 0, s_begin, s_end, PHASES=mask,
@@ -847,7 +848,7 @@ def recurrence_bwd_triton(grad_y: Tensor | None, grad_h_n: Tensor | None,
     bar = torch.zeros((plan.NB,), device=dev, dtype=torch.int32)
     phases = (_B_CELL,) + ((_B_RESET,) if split else ()) + (_B_DH,)
     for s_begin, s_end, mask in _launches(plan, T, phases, backward=True):
-        wrap_triton(_bwd_kernel)[(plan.NB, plan.NH)](
+        launchable(_bwd_kernel)[(plan.NB, plan.NH)](
             gy, hs, ws, c0f, w, w_hr.contiguous() if proj else w,
             lengths.contiguous() if lengths is not None else w, dh, dc, dgh, dgx, dhd, dhp, bar,
             T, B, H, P, s_begin, s_end, PHASES=mask, num_warps=_num_warps(plan), **meta)

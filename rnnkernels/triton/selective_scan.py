@@ -22,9 +22,10 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from .. import _validate
+from . import launchable
 
 # Register budget of one program's state tile: BLOCK_D * BLOCK_N <= STATE_TILE.
 STATE_TILE = 1024
@@ -254,7 +255,7 @@ def selective_scan_fwd_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C:
     last = u.new_empty((lay["batch"], lay["dim"], lay["N"]), dtype=torch.float32)
     ckpt = u.new_empty((lay["batch"], lay["dim"], nchunks, lay["N"]) if save else (0,),
                        dtype=torch.float32)
-    wrap_triton(_selective_scan_fwd_kernel)[lay["grid"]](
+    launchable(_selective_scan_fwd_kernel)[lay["grid"]](
         u_, delta_, A_, B_, C_, D_, z_, bias_, x0_, out, last, ckpt,
         lay["dim"], lay["L"], lay["N"], lay["G"], lay["blocks"], nchunks, SAVE=save,
         CHUNK=chunk_size, BLOCK_D=lay["BLOCK_D"], BLOCK_N=lay["BLOCK_N"], **flags)
@@ -301,7 +302,7 @@ def selective_scan_bwd_triton(grad_out: Tensor, grad_last_state: Tensor | None, 
     grad_B = torch.empty((batch, G, blocks, N, L) if B.dim() == 4 else (batch, dim, N), **f32)
     grad_C = torch.empty((batch, G, blocks, N, L) if C.dim() == 4 else (batch, dim, N), **f32)
     grad_D, grad_bias = torch.empty((batch, dim), **f32), torch.empty((batch, dim), **f32)
-    wrap_triton(_selective_scan_bwd_kernel)[lay["grid"]](
+    launchable(_selective_scan_bwd_kernel)[lay["grid"]](
         gout, glast, u_, delta_, A_, B_, C_, D_, z_, bias_, ckpt, scratch,
         grad_u, grad_delta, grad_z, grad_x0, grad_A, grad_B, grad_C, grad_D, grad_bias,
         dim, L, N, G, blocks, nchunks, HAS_GLAST=grad_last_state is not None, CHUNK=chunk_size,
