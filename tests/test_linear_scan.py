@@ -119,6 +119,20 @@ def test_opcheck_cpu_ops():
                           (torch.randn_like(h), plain[0], h, plain[1]))
 
 
+def test_opcheck_cpu_ops_strided_inputs():
+    """Permuted a and initial state and an expanded a: the fake kernels give the kernels'
+    contiguous outputs, not the strides of the inputs."""
+    a, b, h0 = make_inputs(2, 3, 6)
+    a_t = a.transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+    h0_t = h0.t().contiguous().t().requires_grad_()
+    a_x = a[:1, :, :1].expand(2, 3, 6)
+    for args in ((a_t, b, h0_t), (a_x, b, None)):
+        torch.library.opcheck(torch.ops.rnnkernels.linear_scan_fwd.default, args)
+    h = torch.ops.rnnkernels.linear_scan_fwd(a_t, b, h0_t).detach()
+    torch.library.opcheck(torch.ops.rnnkernels.linear_scan_bwd.default,
+                          (torch.randn_like(h), a_t.detach(), h, h0_t.detach()))
+
+
 def test_compile_fullgraph():
     a, b, h0 = (t.requires_grad_() for t in make_inputs(2, 3, 6, dtype=torch.float32))
 

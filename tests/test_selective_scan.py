@@ -250,6 +250,24 @@ def test_opcheck_cpu_ops():
     torch.library.opcheck(torch.ops.rnnkernels.selective_scan_bwd.default, bwd)
 
 
+def test_opcheck_cpu_ops_permuted_inputs():
+    """u, delta, z, A, B, C and the initial state stored transposed (as a (batch, L, dim)
+    activation gives them): the fake kernels give the kernels' contiguous gradients."""
+    inputs = make_inputs(batch=2, dim=4, L=5, N=3, form="grouped", groups=2, initial_state=True)
+
+    def permuted(t):  # the same values, last two dims stored transposed
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+    args = [permuted(inputs[k]) if k not in ("D", "delta_bias") else inputs[k]
+            for k in ARGS[:8]]
+    x0 = permuted(inputs["initial_state"])
+    fwd = (*args, True, x0, 2, True)
+    torch.library.opcheck(torch.ops.rnnkernels.selective_scan_fwd.default, fwd)
+    out, last, ckpt = torch.ops.rnnkernels.selective_scan_fwd(*fwd)
+    bwd = (torch.randn_like(out), torch.randn_like(last), *args, True, x0, ckpt, 2)
+    torch.library.opcheck(torch.ops.rnnkernels.selective_scan_bwd.default, bwd)
+
+
 def check_compile_matches_eager(inputs: dict, backend: str | None = None) -> None:
     """torch.compile(fullgraph=True) of a loss over selective_scan (with D, z, delta_bias,
     softplus, initial and last state) equals eager, value and every gradient."""

@@ -19,15 +19,18 @@ from ._autograd import fold, graph_needed, overload, unfold
 # ------------------------------------------------------------------ fake kernels and autograd
 
 
+# Contiguous, as every kernel returns them (empty_like would keep the strides of a permuted or
+# expanded a: a fake unlike the real output, and under torch 2.11's export a reshape of it
+# guarded on min(L, N L) == L, refusing a dynamic length).
 @torch.library.register_fake("rnnkernels::linear_scan_fwd")
 def _linear_scan_fwd_fake(a, b, initial_state):
-    return torch.empty_like(a)
+    return a.new_empty(a.shape)
 
 
 @torch.library.register_fake("rnnkernels::linear_scan_bwd")
 def _linear_scan_bwd_fake(grad_h, a, h, initial_state):
-    grad_h0 = a.new_empty((0,)) if initial_state is None else torch.empty_like(initial_state)
-    return torch.empty_like(a), torch.empty_like(a), grad_h0
+    grad_h0 = a.new_empty((0,) if initial_state is None else initial_state.shape)
+    return a.new_empty(a.shape), a.new_empty(a.shape), grad_h0
 
 
 def _setup_context(ctx, inputs, output):

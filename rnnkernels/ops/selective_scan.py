@@ -52,11 +52,13 @@ def _selective_scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus
 @torch.library.register_fake("rnnkernels::selective_scan_bwd")
 def _selective_scan_bwd_fake(grad_out, grad_last_state, u, delta, A, B, C, D, z, delta_bias,
                              delta_softplus, initial_state, checkpoints, chunk_size):
+    # Contiguous, as every kernel returns the gradients (empty_like would keep the strides of a
+    # permuted input, unlike the real output: opcheck's stride check, and torch.compile's
+    # graphs reading them).
     def like(t):
-        return u.new_empty((0,)) if t is None else torch.empty_like(t)
+        return u.new_empty((0,)) if t is None else t.new_empty(t.shape)
 
-    return (torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A),
-            torch.empty_like(B), torch.empty_like(C), like(D), like(z), like(delta_bias),
+    return (like(u), like(delta), like(A), like(B), like(C), like(D), like(z), like(delta_bias),
             like(initial_state))
 
 
