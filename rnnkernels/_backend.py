@@ -105,10 +105,14 @@ def choose(family: str, device: torch.device, dtype: torch.dtype) -> str:
 
 
 @functools.cache
+@torch.compiler.assume_constant_result
 def _decide(family: str, device_type: str, dtype: torch.dtype, forced: str | None,
             interpreted: bool) -> tuple[str, str | None]:
     """:func:`choose`'s backend and the warning it gives, if any, for everything the choice
-    depends on (cached: a module's forward asks once per call)."""
+    depends on (cached: a module's forward asks once per call). A constant to torch.compile,
+    which calls it instead of tracing it: torch 2.11's Dynamo traced through the cache into
+    importlib's find_spec (_kernels.triton_unsupported), which it refuses, so fullgraph
+    compilation of a layer failed there."""
     reasons = _reasons(family, device_type, dtype, interpreted)
     if forced is not None:
         if reasons[forced] is None:
