@@ -171,12 +171,19 @@ class LinearSSM(nn.Module):
         batch, L, H = u.shape
         N = self.state_size
         # One scan channel per (channel, state): a_t = Ab (the same every step), b_t = Bb u_t.
+        # The (H N) channels are never merged from or split into (H, N) along a tensor with
+        # time in its strides: under torch 2.11's export such a reshape guarded on
+        # min(L, N L) == L and so refused a dynamic length. b takes each channel of u N times
+        # (an index_select: repeat_interleave reshapes); y_h = sum_n C[h, n] x_(h, n) is a
+        # grouped 1x1 convolution over the (H N) channels; the last state is made contiguous
+        # before it is split.
         a = Ab.reshape(1, H * N, 1).expand(batch, H * N, L)
-        b = Bb.unsqueeze(0).unsqueeze(-1) * u.transpose(1, 2).unsqueeze(2)
-        b = b.reshape(batch, H * N, L)
-        states = linear_scan(a, b).reshape(batch, H, N, L)
-        y = torch.einsum("bhnl,hn->blh", states, self.C)
-        return y + self.D * u, states[..., -1]
+        channel = torch.arange(H, device=u.device).repeat_interleave(N)
+        b = Bb.reshape(1, H * N, 1) * u.transpose(1, 2).index_select(1, channel)
+        states = linear_scan(a, b)
+        y = nn.functional.conv1d(states, self.C.unsqueeze(-1), groups=H).transpose(1, 2)
+        last = states[..., -1].contiguous().view(batch, H, N)
+        return y + self.D * u, last
 
     def _conv(self, u: Tensor, with_state: bool) -> tuple[Tensor, Tensor | None]:
         L = u.shape[1]
