@@ -22,6 +22,11 @@ CPU_FLAGS = {
 }
 
 
+# torch 2.14's headers require C++20 (ATen.h: "C++20 or later compatible compiler is required to
+# use ATen"); 2.11 to 2.13 build with C++17.
+CXX_STD = "-std=c++20" if torch.__version__ >= (2, 14) else "-std=c++17"
+
+
 def cpu_capability() -> str:
     forced = os.environ.get("RNNKERNELS_CPU_CAPABILITY")
     if forced:
@@ -48,7 +53,7 @@ sources = [s for s in sources if not s.endswith("cuda_bind.cpp")]
 # this extension; without the flag every parallel_for of our kernels runs on one thread. The
 # linked libgomp.so.1 resolves to the one torch has loaded (same soname), so torch's thread
 # settings govern our kernels too.
-cxx_flags = ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp"] + CPU_FLAGS[cpu_capability()]
+cxx_flags = ["-O3", CXX_STD, "-fno-math-errno", "-fopenmp"] + CPU_FLAGS[cpu_capability()]
 link_flags = ["-fopenmp"]
 include_dirs = [os.path.join(ROOT, "csrc", "include")]
 
@@ -61,7 +66,7 @@ if with_cuda():
                             # no --use_fast_math: it turns tanhf into tanh.approx (relative error
                             # 2^-11), too coarse for fp32 results; the kernels pick the fast
                             # intrinsics themselves where the storage type allows them.
-                            "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+                            "nvcc": ["-O3", CXX_STD, "-lineinfo"]},
         extra_link_args=link_flags, py_limited_api=False,
     )
 else:

@@ -26,7 +26,9 @@ for dir in $("$py" -c "from torch.utils.cpp_extension import include_paths; prin
            $("$py" -c "import sysconfig; print(sysconfig.get_paths()['include'])") "$cuda_include" "$stub"; do
   includes+=(-isystem "$dir")
 done
-if "$cxx" -std=c++17 -fsyntax-only -Wall -Wextra -Werror -DRNNKERNELS_WITH_CUDA "${includes[@]}" \
+# The C++ standard setup.py builds with for this torch (CXX_STD there: C++20 from torch 2.14).
+std=$("$py" -c "import torch; print('c++20' if torch.__version__ >= (2, 14) else 'c++17')")
+if "$cxx" -std="$std" -fsyntax-only -Wall -Wextra -Werror -DRNNKERNELS_WITH_CUDA "${includes[@]}" \
     -I"$root/csrc/include" "$root/csrc/cuda_bind.cpp"; then
   echo "1 passed, 0 failed"
 else
