@@ -12,6 +12,14 @@ else
   PY=.venv/bin/python
   "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q torch==2.13.0
 fi
-"$PY" -m pip install -q "triton>=3.6,<3.10" numpy pytest pytest-benchmark hypothesis matplotlib tqdm ninja
+# setuptools and wheel: the build below runs without isolation (a Python 3.12 venv has neither).
+"$PY" -m pip install -q "triton>=3.6,<3.10" numpy pytest pytest-benchmark hypothesis matplotlib \
+  tqdm ninja setuptools wheel
+# triton 3.6 (torch 2.11's) has an interpreter that turns one-element arrays into Python ints,
+# which numpy 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars").
+if "$PY" -c "import sys, triton; sys.exit(tuple(map(int, triton.__version__.split('.')[:2]))
+>= (3, 7))"; then
+  "$PY" -m pip install -q "numpy<2.4"
+fi
 "$PY" -m pip install -q --no-build-isolation -e .
 export PY
