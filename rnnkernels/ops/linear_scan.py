@@ -19,9 +19,8 @@ from ._autograd import fold, graph_needed, overload, unfold
 # ------------------------------------------------------------------ fake kernels and autograd
 
 
-# Contiguous, as every kernel returns them (empty_like would keep the strides of a permuted or
-# expanded a: a fake unlike the real output, and under torch 2.11's export a reshape of it
-# guarded on min(L, N L) == L, refusing a dynamic length).
+# Contiguous, as every kernel returns them (empty_like would keep the strides of a permuted a:
+# a fake unlike the real output, which opcheck's stride check and torch.compile's graphs see).
 @torch.library.register_fake("rnnkernels::linear_scan_fwd")
 def _linear_scan_fwd_fake(a, b, initial_state):
     return a.new_empty(a.shape)
