@@ -18,11 +18,11 @@ fi
 # triton 3.6 (torch 2.11's) has an interpreter that turns one-element arrays into Python ints,
 # which numpy 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"):
 # where the tests will run that interpreter (no GPU), numpy 2.4 or later is replaced.
+# torch is imported only for such a pair (an import costs seconds on every setup).
 if "$PY" - <<'EOF'
 import sys
 
 import numpy
-import torch
 import triton
 
 
@@ -30,8 +30,11 @@ def version(v):
     return tuple(int(x) for x in v.split(".")[:2])
 
 
-sys.exit(not (version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4)
-              and not torch.cuda.is_available()))
+if version(triton.__version__) >= (3, 7) or version(numpy.__version__) < (2, 4):
+    sys.exit(1)
+import torch  # noqa: E402
+
+sys.exit(torch.cuda.is_available())
 EOF
 then
   "$PY" -m pip install -q "numpy<2.4"
