@@ -50,6 +50,14 @@ def test_matches_formula(masked, B, S):
     assert_close(context, ref_c)
 
 
+def test_empty_batch():
+    """B = 0, as torch's layers take it: an empty context and empty weights."""
+    att, s, h, mask = setup(B=0)
+    for m in (mask, None):
+        context, weights = att(s, h, m)
+        assert context.shape == (0, 6) and weights.shape == (0, 7)
+
+
 def test_mask_ignores_padding():
     att, s, h, mask = setup()
     context, weights = att(s, h, mask)

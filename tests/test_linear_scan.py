@@ -89,6 +89,14 @@ def test_deterministic_across_thread_counts(threads):
         assert torch.equal(one, many)
 
 
+def test_empty_batch():
+    """batch = 0, as torch's own ops take it: an empty h and empty gradients."""
+    a, b, h0 = make_inputs(batch=0)
+    h, grads = run_with_grads(linear_scan, a, b, h0)
+    assert h.shape == (0, 3, 9)
+    assert [g.shape for g in grads] == [a.shape, b.shape, h0.shape]
+
+
 def test_chunked_equals_one_pass():
     a, b, h0 = make_inputs(2, 3, 20)
     h, grads = run_with_grads(linear_scan, a, b, h0)

@@ -66,6 +66,17 @@ def test_recurrent_equals_conv_forward_and_backward(L, batch):
         assert_close(a, b, msg=f"gradient of {name}")
 
 
+@pytest.mark.parametrize("mode", ["recurrent", "scan", "conv"])
+def test_empty_batch(mode):
+    """batch = 0 in every mode (the FFT of the conv mode refuses an empty batch: the scan runs
+    instead): empty output and state, zero parameter gradients."""
+    m = make()
+    u = torch.randn(0, 6, 5, dtype=torch.float64)
+    y, state, out = grads(m, u, mode, torch.randn_like(u))
+    assert y.shape == (0, 6, 5) and state.shape == (0, 5, 7)
+    assert out[0].shape == u.shape and not any(g.any() for g in out[1:])
+
+
 def test_kernel_is_the_impulse_response_of_the_zoh_system():
     m = make(channels=3, state=4)
     with torch.no_grad():

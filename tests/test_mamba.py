@@ -143,6 +143,20 @@ def test_step_decoding_equals_full_forward():
     torch.testing.assert_close(torch.cat(steps, 1), full)
 
 
+def test_empty_batch():
+    """batch = 0, as torch's layers take it: an empty output, zero parameter gradients, and
+    an empty decoding step."""
+    m = Mamba(16, d_state=8, dtype=torch.float64)
+    h = torch.randn(0, 5, 16, dtype=torch.float64, requires_grad=True)
+    y = m(h)
+    assert y.shape == (0, 5, 16)
+    grads = torch.autograd.grad(y.sum(), [h, *m.parameters()])
+    assert grads[0].shape == h.shape and not any(g.any() for g in grads[1:])
+    with torch.no_grad():
+        conv_state, ssm_state = m.allocate_inference_cache(0, 5)
+        assert m.step(h[:, :1], conv_state, ssm_state)[0].shape == (0, 1, 16)
+
+
 @pytest.mark.parametrize("prefill", [2, 7])
 def test_prefill_then_decode_with_inference_params(prefill):
     """A prompt shorter (2) and longer (7) than d_conv fills the cache, then one token a call."""

@@ -511,3 +511,29 @@ def test_cpu_kernels_are_built_with_openmp():
     import rnnkernels._C
 
     assert b"GOMP_parallel" in Path(rnnkernels._C.__file__).read_bytes()
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_functional_forms_take_an_empty_batch(cell):
+    """ops.lstm / gru / rnn with B = 0 (as torch.nn takes it): empty outputs and states, with
+    gradients (zeros) for the weights; one step or several, with and without gradients."""
+    H, I = 5, 3
+    G = R.NUM_GATES[cell]
+    for T in (1, 4):
+        x = torch.randn(T, 0, I, dtype=torch.float64, requires_grad=True)
+        w_ih = torch.randn(G * H, I, dtype=torch.float64, requires_grad=True)
+        w_hh = torch.randn(G * H, H, dtype=torch.float64, requires_grad=True)
+        h0 = torch.zeros(0, H, dtype=torch.float64)
+        for grad in (False, True):  # the graph of the last call is differentiated below
+            with torch.set_grad_enabled(grad):
+                if cell == R.LSTM:
+                    y, (h, c) = rnnkernels.ops.lstm(x, (h0, h0), w_ih, w_hh)
+                    assert c.shape == (0, H)
+                elif cell in (R.GRU, R.GRU_RESET_BEFORE):
+                    y, h = rnnkernels.ops.gru(x, h0, w_ih, w_hh, reset_after=cell == R.GRU)
+                else:
+                    y, h = rnnkernels.ops.rnn(x, h0, w_ih, w_hh, nonlinearity="tanh"
+                                              if cell == R.RNN_TANH else "relu")
+            assert y.shape == (T, 0, H) and h.shape == (0, H)
+        gx, gi, gh = torch.autograd.grad(y.sum() + h.sum(), (x, w_ih, w_hh))
+        assert gx.shape == x.shape and not gi.any() and not gh.any()

@@ -59,8 +59,14 @@ def test_integer_input(lstm):
 
 
 def test_zero_steps(lstm):
-    with pytest.raises(ValueError, match="input must have at least one time step"):
+    with pytest.raises(ValueError, match=r"input must have at least one time step \(dimension "
+                                         r"0\), got shape \(0, 2, 4\)"):
         lstm(torch.randn(0, 2, 4))
+    # batch_first: the dimension and shape of the input as given, not as transposed inside
+    lstm.batch_first = True
+    with pytest.raises(ValueError, match=r"input must have at least one time step \(dimension "
+                                         r"1\), got shape \(2, 0, 4\)"):
+        lstm(torch.randn(2, 0, 4))
 
 
 def test_lengths_out_of_range():

@@ -151,6 +151,27 @@ def test_lstm_proj_size(bidirectional):
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_empty_batch_as_torch(mode, T, batch_first):
+    """B = 0, which torch.nn takes (a filtered or bucketed batch may come out empty): the same
+    empty outputs and states, and gradients (zeros) for the parameters, with and without h0,
+    and without gradients (the inference paths); every layer kind: projected, bidirectional,
+    stacked."""
+    extra = {"proj_size": 3} if mode == "LSTM" else {}
+    ref, ours = pair(mode, 4, 6, num_layers=2, bidirectional=True, batch_first=batch_first,
+                     **extra)
+    x = rand(0, T, 4) if batch_first else rand(T, 0, 4)
+    P = 3 if mode == "LSTM" else 6
+    h0 = rand(4, 0, P)
+    compare(ref, ours, (x, (h0, rand(4, 0, 6)) if mode == "LSTM" else h0), torch.float64)
+    compare(ref, ours, (x,), torch.float64)
+    with torch.no_grad():
+        for a, b in zip(flat(ref(x)), flat(ours(x))):
+            assert b.shape == a.shape
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_unbatched(mode):
     ref, ours = pair(mode, 4, 6, num_layers=2)
     x = rand(5, 4)

@@ -172,6 +172,18 @@ def test_cpu_non_contiguous_inputs():
     check_against_reference(strided)
 
 
+@pytest.mark.parametrize("form", ["fixed", "variable", "grouped"])
+def test_empty_batch(form):
+    """batch = 0 (a filtered or bucketed batch may come out empty; torch's own ops take it):
+    empty out and last state, and zero gradients for the parameters, with every option."""
+    inputs = make_inputs(batch=0, dim=4, form=form, groups=2, initial_state=True)
+    out, last, grads = run_with_grads(selective_scan, inputs)
+    assert out.shape == (0, 4, 7) and last.shape == (0, 4, 4)
+    assert grads.keys() == {k for k, v in inputs.items() if v is not None}
+    for name, g in grads.items():
+        assert g.shape == inputs[name].shape and not g.any(), name
+
+
 def test_chunked_scan_equals_one_pass():
     """Scanning [0, 7) then [7, 19) from the first part's last state gives the one-pass result,
     outputs and gradients, with gradients flowing through the hand-over state."""

@@ -42,7 +42,7 @@ class BahdanauAttention(nn.Module):
 
     def _check_keys(self, keys: object) -> Tensor:
         keys = _validate.tensor("keys", keys, shape=("B", "S", self.key_size), floating=True)
-        _validate.nonempty("keys", keys, [(0, "batch row"), (1, "source position")])
+        _validate.nonempty("keys", keys, [(1, "source position")])
         w = self.U.weight
         if keys.dtype != w.dtype or keys.device != w.device:
             raise TypeError(f"keys must have the module's dtype {w.dtype} and device {w.device}, "

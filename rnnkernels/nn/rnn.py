@@ -326,6 +326,9 @@ class RNNBase(nn.Module):
                                  "(B, T, input_size) with batch_first) or 2 (unbatched: (T, "
                                  f"input_size)), got shape {tuple(x.shape)}")
             batched = x.dim() == 3
+            # torch.nn refuses no time step too; an empty batch (B = 0) it takes, and so do we.
+            _validate.nonempty("input", x, [(1 if batched and self.batch_first else 0,
+                                             "time step")])
             if not batched:
                 x = x.unsqueeze(1)
             elif self.batch_first:
@@ -340,7 +343,6 @@ class RNNBase(nn.Module):
             raise TypeError(f"input must have the module's dtype {w0.dtype}, got {x.dtype}")
         if x.device != w0.device:
             raise ValueError(f"input must be on the module's device {w0.device}, got {x.device}")
-        _validate.nonempty("input", x, [(0, "time step"), (1, "batch row")])
         T, B = x.shape[0], x.shape[1]
         if lengths is not None:
             lengths = _validate.lengths("lengths", lengths, B, T)

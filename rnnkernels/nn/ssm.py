@@ -107,7 +107,7 @@ class Mamba(nn.Module):
         """
         _validate.tensor("hidden_states", hidden_states, shape=("batch", "L", self.d_model),
                          floating=True)
-        _validate.nonempty("hidden_states", hidden_states, [(0, "batch row"), (1, "time step")])
+        _validate.nonempty("hidden_states", hidden_states, [(1, "time step")])
         batch, seqlen, _ = hidden_states.shape
         conv_state = ssm_state = None
         if inference_params is not None:

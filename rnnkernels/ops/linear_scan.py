@@ -112,12 +112,12 @@ def linear_scan(a: Tensor, b: Tensor, initial_state: Tensor | None = None) -> Te
     """
     a, b, initial_state = autocast_promote(a, b, states=(initial_state,))
     _validate.tensor("a", a, ndim=3, floating=True)
-    _validate.nonempty("a", a, [(0, "batch row"), (1, "channel"), (2, "time step")])
+    _validate.nonempty("a", a, [(1, "channel"), (2, "time step")])
     batch, channels, steps = a.shape
     _validate.tensor("b", b, shape=(batch, channels, steps), like=a)
     _validate.optional("initial_state", initial_state, shape=(batch, channels), like=a)
     backend = _backend.choose("linear_scan", a.device, a.dtype)
-    if backend == "reference":
+    if backend == "reference" or batch == 0:  # no batch row: nothing for a kernel to do
         return linear_scan_reference(a, b, initial_state)
     fwd = (_triton.linear_scan_fwd_triton if backend == "triton"
            else torch.ops.rnnkernels.linear_scan_fwd)

@@ -487,7 +487,7 @@ def projected_recurrence(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, h0: Tenso
 def _check_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell,
                  options: CellOptions = NO_OPTIONS):
     _validate.tensor("x", x, ndim=3, floating=True)
-    _validate.nonempty("x", x, [(0, "time step"), (1, "batch row")])
+    _validate.nonempty("x", x, [(0, "time step")])
     T, B, I = x.shape
     G = NUM_GATES[cell]
     _validate.tensor("w_ih", w_ih, shape=("G*H", I), like=x)
@@ -602,7 +602,7 @@ def run_layer(x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, w_hh: Tens
         _backend.warn_once(f"rnnkernels: the {backend} recurrence kernel has no "
                            f"{', '.join(options.names())}; using the PyTorch reference")
         backend = "reference"
-    if backend == "reference":
+    if backend == "reference" or x.shape[1] == 0:  # no batch row: nothing for a kernel to do
         return reference_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reverse,
                                options)
     op = _inference_op(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, backend, options)

@@ -185,7 +185,7 @@ def _check_bc(name: str, M: object, u: Tensor, N: int) -> int:
 
 def _check(u, delta, A, B, C, D, z, delta_bias, initial_state) -> None:
     _validate.tensor("u", u, ndim=3, floating=True)
-    _validate.nonempty("u", u, [(0, "batch row"), (1, "channel"), (2, "time step")])
+    _validate.nonempty("u", u, [(1, "channel"), (2, "time step")])
     batch, dim, L = u.shape
     _validate.tensor("delta", delta, shape=(batch, dim, L), like=u)
     A = _param("A", A, (dim, "N"), u)
@@ -240,7 +240,7 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     u, delta, z = autocast_promote(u, delta, z)
     _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
     backend = _backend.choose("selective_scan", u.device, u.dtype)
-    if backend == "reference":
+    if backend == "reference" or u.shape[0] == 0:  # no batch row: nothing for a kernel to do
         return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                         return_last_state, initial_state=initial_state)
     acc = _acc_dtype(u.dtype)
