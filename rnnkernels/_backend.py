@@ -104,15 +104,27 @@ def choose(family: str, device: torch.device, dtype: torch.dtype) -> str:
     return name
 
 
-@functools.cache
+# _decide's answers by its arguments.
+_decisions: dict[tuple, tuple[str, str | None]] = {}
+
+
 @torch.compiler.assume_constant_result
-def _decide(family: str, device_type: str, dtype: torch.dtype, forced: str | None,
+def _decide(*key) -> tuple[str, str | None]:
+    """:func:`_choice` of ``key``, cached (a module's forward asks once per call). A constant
+    to torch.compile, which calls it instead of tracing it: torch 2.11's Dynamo traced into
+    importlib's find_spec (_kernels.triton_unsupported), which it refuses, so fullgraph
+    compilation of a layer failed there. A dict, not functools.cache: Dynamo warned on every
+    compilation that it traced through the cache's wrapper."""
+    choice = _decisions.get(key)
+    if choice is None:
+        choice = _decisions[key] = _choice(*key)
+    return choice
+
+
+def _choice(family: str, device_type: str, dtype: torch.dtype, forced: str | None,
             interpreted: bool) -> tuple[str, str | None]:
     """:func:`choose`'s backend and the warning it gives, if any, for everything the choice
-    depends on (cached: a module's forward asks once per call). A constant to torch.compile,
-    which calls it instead of tracing it: torch 2.11's Dynamo traced through the cache into
-    importlib's find_spec (_kernels.triton_unsupported), which it refuses, so fullgraph
-    compilation of a layer failed there."""
+    depends on."""
     reasons = _reasons(family, device_type, dtype, interpreted)
     if forced is not None:
         if reasons[forced] is None:

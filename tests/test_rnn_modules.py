@@ -1,6 +1,8 @@
 """rnnkernels.nn.LSTM / GRU / RNN as drop-ins for torch.nn: parameters, state_dict, inputs,
 outputs and every gradient against torch.nn (float64 and float32), extras, torch.compile."""
 
+import warnings
+
 import pytest
 import torch
 from conftest import assert_close
@@ -301,7 +303,11 @@ def test_torch_compile_fullgraph(mode):
     m = getattr(rnnkernels.nn, mode)(4, 8, num_layers=2, batch_first=True)
     x = torch.randn(3, 6, 4, requires_grad=True)
     compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
-    y, _ = compiled(x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y, _ = compiled(x)
+    # Dynamo warned on every compilation that it traced through our functools caches.
+    assert not [str(w.message) for w in caught if "Dynamo" in str(w.message)]
     y_eager, _ = m(x)
     torch.testing.assert_close(y, y_eager)
     (g,) = torch.autograd.grad(y.square().sum(), x)

@@ -14,7 +14,6 @@ every option off the parameters and state_dict keys are exactly torch.nn's.
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 
@@ -66,14 +65,12 @@ def _pack_like(y: Tensor, like: PackedSequence, rows: Tensor) -> PackedSequence:
     return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
 
 
-@functools.cache
 def _param_name(kind: str, layer: int, direction: int) -> str:
     """The name of parameter ``kind`` of a layer and direction, as torch.nn's
     (weight_ih_l0, bias_hh_l1_reverse, ...)."""
     return f"{kind}_l{layer}{'_reverse' if direction == 1 else ''}"
 
 
-@functools.cache
 def _layer_names(layer: int, direction: int) -> tuple[str, ...]:
     """Names of (w_ih, w_hh, b_ih, b_hh, w_hr) of a layer and direction."""
     return tuple(_param_name(kind, layer, direction)
@@ -157,6 +154,10 @@ class RNNBase(nn.Module):
                     name = _param_name(kind, layer, direction)
                     setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
                     self._flat_weights_names.append(name)
+        # The names _weights looks up on every call, formed once here (a functools.cache on
+        # _layer_names did the same, but Dynamo warns whenever it traces through one).
+        self._weight_names = [[_layer_names(layer, d) for d in range(num_directions)]
+                              for layer in range(num_layers)]
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -192,7 +193,7 @@ class RNNBase(nn.Module):
 
     def _weights(self, layer: int, direction: int) -> tuple[Tensor | None, ...]:
         """(w_ih, w_hh, b_ih, b_hh, w_hr) of a layer and direction, None where absent."""
-        ih, hh, bih, bhh, hr = _layer_names(layer, direction)
+        ih, hh, bih, bhh, hr = self._weight_names[layer][direction]
         get = self._param
         return (get(ih), get(hh), get(bih, None) if self.bias else None,
                 get(bhh, None) if self.bias else None, get(hr, None) if self.proj_size else None)
