@@ -460,7 +460,7 @@ std::tuple<Tensor, Tensor, Tensor> selective_scan_fwd_cuda(
   const int64_t batch = p.in.batch, dim = p.in.dim, N = p.in.n_state;
   Tensor out = at::empty({batch, dim, p.in.length}, u.options());
   Tensor last = at::empty({batch, dim, N}, f32_opts);
-  Tensor ckpt = save ? at::empty({batch, dim, p.in.n_chunks, N}, f32_opts)
+  Tensor ckpt = save ? at::empty({batch, dim, p.in.n_chunks * N}, f32_opts)
                      : at::empty({0}, f32_opts);
   check_scan_fits(p.in, false);
   p.out = out.data_ptr();

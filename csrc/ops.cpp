@@ -66,9 +66,12 @@ TORCH_LIBRARY(rnnkernels, m) {
   //   out = y * silu(z) when z is given; delta = softplus(delta + delta_bias) when asked.
   // u, delta, z: (batch, dim, L); A: (dim, N) real; B, C: (dim, N) fixed or (batch, G, N, L)
   // grouped (variable B/C are G = 1; dim % G == 0); D, delta_bias: (dim,);
-  // initial_state, last_state: (batch, dim, N) fp32. checkpoints: (batch, dim, ceil(L/chunk_size),
-  // N) fp32 states at chunk starts, from which the backward recomputes the states chunk by chunk;
-  // empty (0,) when save is false. Gradients of absent optional inputs come back empty (0,).
+  // initial_state, last_state: (batch, dim, N) fp32. checkpoints: (batch, dim, ceil(L/chunk_size)
+  // * N) fp32 states at chunk starts (N values per chunk, chunk after chunk), from which the
+  // backward recomputes the states chunk by chunk; empty (0,) when save is false. One dimension
+  // for chunks and states: a dimension of its own, of size 1 for L <= chunk_size, made
+  // torch.export guard on it (L <= chunk_size or above) when the length is symbolic. Gradients of
+  // absent optional inputs come back empty (0,).
   m.def(
       "selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, "
       "Tensor? z, Tensor? delta_bias, bool delta_softplus, Tensor? initial_state, int chunk_size, "

@@ -1,9 +1,23 @@
-"""Shared test setup: tolerances by dtype (the only place they live), seeding, the cuda marker."""
+"""Shared test setup: tolerances by dtype (the only place they live), seeding, the cuda marker,
+a private torch.compile cache."""
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
+
+# Inductor's on-disk caches (FX graph, AOTAutograd) key a compiled graph by the graph, not by our
+# ops' fake kernels: after a change of an op's output shape, a cache in the shared default
+# directory (/tmp/torchinductor_$USER) hands back code compiled for the old shape. Each test run
+# compiles into its own directory instead (subprocesses inherit it), removed at exit.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="rnnkernels-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 # Tolerances of a result in `dtype` against a float64 reference computed from the same inputs.
 # Recurrences compound rounding over T steps; the low-precision entries allow for that at the

@@ -357,11 +357,11 @@ def test_float16_on_cpu_falls_back_with_one_warning():
 
 
 def test_backward_memory_does_not_scale_with_L_times_N():
-    """The forward saves states only at chunk starts: (batch, dim, ceil(L / chunk), N)."""
+    """The forward saves states only at chunk starts: (batch, dim, ceil(L / chunk) * N)."""
     inputs = make_inputs(batch=1, dim=2, L=200, N=16, form="grouped", dtype=torch.float32)
     args = [inputs[k] for k in ARGS[:8]]
     ckpt = torch.ops.rnnkernels.selective_scan_fwd(*args, True, None, 64, True)[2]
-    assert ckpt.shape == (1, 2, math.ceil(200 / 64), 16)
+    assert ckpt.shape == (1, 2, math.ceil(200 / 64) * 16)
 
 
 def test_scan_math_over_the_float_range():

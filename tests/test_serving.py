@@ -35,12 +35,15 @@ def test_export_static_shapes_runs_with_autograd():
     torch.testing.assert_close(exported.module()(x), model(x), rtol=0, atol=0)
 
 
-def test_export_inference_dynamic_batch_and_length():
-    """An inference export with symbolic batch and length runs at other sizes (including the
-    length past one scan chunk of 64 steps) and matches eager."""
+@pytest.mark.parametrize("grad", [False, True])
+def test_export_dynamic_batch_and_length(grad):
+    """An export with symbolic batch and length runs at other sizes (including the length past
+    one scan chunk of 64 steps) and matches eager: for inference (no_grad) and with gradients
+    enabled (the scan then saves its chunk-start states, whose count follows the length: a
+    dimension of its own that was 1 at the example's length made the export fail)."""
     model = Net().eval()
     batch, length = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("length", max=4096)
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         exported = torch.export.export(model, (torch.randn(3, 7, 5),),
                                        dynamic_shapes={"x": {0: batch, 1: length}})
         module = exported.module()

@@ -17,7 +17,7 @@
 // never stored.
 //
 // Memory. The forward reads u, delta, z, B and C once and writes out once; with save it also writes
-// the state at every chunk start (checkpoints (batch, dim, ceil(L / chunk), N)). The backward's
+// the state at every chunk start (checkpoints (batch, dim, ceil(L / chunk) * N)). The backward's
 // tasks are supers (runs of consecutive blocks of one batch row and group, at least kMinSupers in
 // all), handed out the same way; a super walks the chunks in reverse, and for each chunk each of
 // its blocks, two states at a time, recomputes the chunk's states from the checkpoint into an L1
@@ -820,7 +820,7 @@ std::tuple<Tensor, Tensor, Tensor> selective_scan_fwd_cpu(
   const int64_t nchunks = (in.L + chunk_size - 1) / chunk_size;
   Tensor out = cached_empty({in.batch, in.dim, in.L}, u.options());
   Tensor last = at::empty({in.batch, in.dim, in.N}, acc_opts);
-  Tensor ckpt = save ? cached_empty({in.batch, in.dim, nchunks, in.N}, acc_opts)
+  Tensor ckpt = save ? cached_empty({in.batch, in.dim, nchunks * in.N}, acc_opts)
                      : at::empty({0}, acc_opts);
   const Tensor B_grouped = in.B_var ? grouped_acc(in.B, at_) : Tensor();
   const Tensor C_grouped = in.C_var ? grouped_acc(in.C, at_) : Tensor();
@@ -855,10 +855,10 @@ selective_scan_bwd_cpu(const Tensor& grad_out, const std::optional<Tensor>& grad
   const auto st = u.scalar_type(), at_ = acc_type(st);
   const auto acc_opts = u.options().dtype(at_);
   const int64_t nchunks = (in.L + chunk_size - 1) / chunk_size;
-  TORCH_CHECK(checkpoints.sizes() == at::IntArrayRef({in.batch, in.dim, nchunks, in.N}) &&
+  TORCH_CHECK(checkpoints.sizes() == at::IntArrayRef({in.batch, in.dim, nchunks * in.N}) &&
                   checkpoints.scalar_type() == at_,
               "rnnkernels: selective_scan_bwd: checkpoints must be (batch, dim, ceil(L / "
-              "chunk_size), N) in the state dtype; call selective_scan_fwd with save=True");
+              "chunk_size) * N) in the state dtype; call selective_scan_fwd with save=True");
   TORCH_CHECK(grad_out.sizes() == u.sizes(),
               "rnnkernels: selective_scan_bwd: grad_out must match u");
   TORCH_CHECK(!given(grad_last_state) ||

@@ -15,7 +15,6 @@ the ops).
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 from torch import Tensor
@@ -44,7 +43,7 @@ def _selective_scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus
     batch, dim, L = u.shape
     N = A.shape[1]
     acc = _acc_dtype(u.dtype)
-    checkpoints = (batch, dim, math.ceil(L / chunk_size), N) if save else (0,)
+    checkpoints = (batch, dim, (L + chunk_size - 1) // chunk_size * N) if save else (0,)
     return (u.new_empty(u.shape), u.new_empty((batch, dim, N), dtype=acc),
             u.new_empty(checkpoints, dtype=acc))
 

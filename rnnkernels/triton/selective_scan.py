@@ -8,7 +8,7 @@ walks the sequence one step at a time (the recurrence is sequential), reading u,
 channels and the step's B_t, C_t rows once.
 
 Memory. The forward reads every input once, writes out once and, with SAVE, the state at every
-chunk start (checkpoints (batch, dim, ceil(L / CHUNK), N)). The backward walks the chunks in
+chunk start (checkpoints (batch, dim, ceil(L / CHUNK) * N)). The backward walks the chunks in
 reverse: it recomputes the chunk's states from its checkpoint into a per-program scratch tile
 (CHUNK + 1, BLOCK_D, BLOCK_N), then runs the reverse recurrence over them. Gradients that sum
 over a block's channels (grouped B/C) are summed in the program and written as per-block
@@ -253,7 +253,7 @@ def selective_scan_fwd_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C:
         u, delta, A, B, C, D, z, delta_bias, initial_state, fill=A.new_empty((0,)))
     out = torch.empty_like(u_)
     last = u.new_empty((lay["batch"], lay["dim"], lay["N"]), dtype=torch.float32)
-    ckpt = u.new_empty((lay["batch"], lay["dim"], nchunks, lay["N"]) if save else (0,),
+    ckpt = u.new_empty((lay["batch"], lay["dim"], nchunks * lay["N"]) if save else (0,),
                        dtype=torch.float32)
     launchable(_selective_scan_fwd_kernel)[lay["grid"]](
         u_, delta_, A_, B_, C_, D_, z_, bias_, x0_, out, last, ckpt,
@@ -279,7 +279,7 @@ def selective_scan_bwd_triton(grad_out: Tensor, grad_last_state: Tensor | None, 
     _validate.op_tensor(op, "grad_out", grad_out, (batch, dim, L), u)
     _validate.op_optional(op, "grad_last_state", grad_last_state, (batch, dim, N), u)
     _validate.op_tensor(op, "checkpoints", checkpoints,
-                        (batch, dim, triton.cdiv(L, chunk_size), N), u)
+                        (batch, dim, triton.cdiv(L, chunk_size) * N), u)
     lay = _layout(u, A, B, C)
     flags = _flags(B, C, D, z, delta_bias, delta_softplus, initial_state)
     batch, dim, L, N, G, blocks = (lay[key] for key in ("batch", "dim", "L", "N", "G", "blocks"))
