@@ -33,6 +33,9 @@ the recurrences, the PyTorch loop for the scan), and the largest speed-up that t
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -172,16 +175,22 @@ _probes = None
 
 
 def _compiled_probes():
-    """The C++ probes, compiled on first use (torch.utils.cpp_extension)."""
+    """The C++ probes, compiled on first use (torch.utils.cpp_extension) in a build directory of
+    this process's own, removed at exit. torch's default one is shared by every torch release
+    with the same Python and CUDA, whose builds then replace each other's, and a run killed while
+    it builds leaves a lock there on which every later run waits forever (as one did here)."""
     global _probes
     if _probes is None:
         capability = torch.backends.cpu.get_cpu_capability()
         defines = _CAPABILITY_DEFINES.get(capability, ["-DCPU_CAPABILITY=DEFAULT"])
+        build = tempfile.mkdtemp(prefix="rnnkernels-roofline-")
+        atexit.register(shutil.rmtree, build, ignore_errors=True)
         _probes = load_inline("rnnkernels_bench_roofline", cpp_sources=_PROBES,
                               functions=["stream_seconds", "exp_update_seconds",
                                          "fma_seconds"],
                               extra_include_paths=[str(_CPU_SOURCES)],
-                              extra_cflags=["-O3", "-march=native", *defines], verbose=False)
+                              extra_cflags=["-O3", "-march=native", *defines],
+                              build_directory=build, verbose=False)
     return _probes
 
 
