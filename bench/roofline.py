@@ -26,8 +26,10 @@ A CPU recurrence cannot be faster than the work it must do at the rate this mach
   small probe) runs on every thread at once: nothing else of the step (the input gradients, B
   and C, the gate, any load or store) is counted.
 
-Prints, per case, the floor, the baseline's time at the same shape in the same run (torch.nn for
-the recurrences, the PyTorch loop for the scan), and the largest speed-up that the floor allows.
+Prints, per case, the floor, our time and the share of the floor's speed it reaches (floor / ours),
+the baseline's time at the same shape in the same run (torch.nn for the recurrences, the PyTorch
+loop for the scan; timed in turns with ours), our speed-up over it, and the largest speed-up that
+the floor allows. Our result is checked against the baseline's before either is timed.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from pathlib import Path
 import torch
 from torch.utils.cpp_extension import load_inline
 
+from rnnkernels import ops
 from rnnkernels.ops import _linear
 
 from . import configs, env
@@ -48,7 +51,7 @@ from .loops import selective_scan_loop
 from .recurrence import CPU_TARGETS, FAMILIES
 from .scans import SELECTIVE_SCAN_CPU_TARGET, selective_scan_inputs
 from .scans import _train_step as scan_train_step
-from .timing import median_time
+from .timing import interleaved_times, median_time
 
 _CPU_SOURCES = Path(__file__).resolve().parent.parent / "csrc" / "cpu"
 
@@ -209,15 +212,35 @@ def scan_floor(threads: int) -> float:
     return 2 * exp_update_seconds(updates, threads)
 
 
-def scan_loop_seconds() -> float:
-    """Median seconds of the PyTorch loop's training step at the cpu profile's shape (the
-    selective_scan suite's baseline)."""
+def _check_close(name: str, ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> None:
+    """Refuses to time ours when a result differs from the baseline's beyond float32's
+    accumulated rounding (norm-wise relative error over 1e-3)."""
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        err = ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+        if not err <= 1e-3:
+            raise RuntimeError(f"{name}: our result {i} differs from the baseline's (relative "
+                               f"error {err:.2e}); not timed")
+
+
+def _ours_and_baseline(name: str, ours, theirs) -> tuple[float, float]:
+    """Median seconds of the steps ``ours`` and ``theirs`` (each returning its results), timed in
+    turns after their results are compared."""
+    _check_close(name, [t.detach() for t in ours()], [t.detach() for t in theirs()])
+    mine, base = interleaved_times([ours, theirs], "cpu", 1.0)
+    return mine.median_s, base.median_s
+
+
+def scan_seconds() -> tuple[float, float]:
+    """Median seconds of our selective scan's and the PyTorch loop's training step (the
+    selective_scan suite's contenders) at the cpu profile's shape."""
     inputs, grad_out = selective_scan_inputs(configs.SELECTIVE_SCAN["cpu"].train, "cpu",
                                              torch.float32, torch.Generator().manual_seed(0),
                                              True)
-    step = scan_train_step(lambda *a: selective_scan_loop(*a, delta_softplus=True), inputs,
+    ours = scan_train_step(lambda *a: ops.selective_scan(*a, delta_softplus=True), inputs,
                            grad_out, None)
-    return median_time(step, "cpu", 0.5).median_s
+    loop = scan_train_step(lambda *a: selective_scan_loop(*a, delta_softplus=True), inputs,
+                           grad_out, None)
+    return _ours_and_baseline("selective scan train", ours, loop)
 
 
 def stream_rate(slice_bytes: int, threads: int, min_bytes: float = 1e9) -> float:
@@ -250,28 +273,31 @@ def mm_seconds(rows: int, inner: int, cols: int) -> float:
     return seconds
 
 
-def _torch_step(module: torch.nn.Module, x: torch.Tensor, train: bool):
-    def step() -> None:
+def _module_step(module: torch.nn.Module, x: torch.Tensor, train: bool):
+    def step() -> list[torch.Tensor]:
         if train:
             y = module(x)[0]
-            torch.autograd.grad(y, [x, *module.parameters()], torch.ones_like(y))
-        else:
-            with torch.no_grad():
-                module(x)
+            return [y, *torch.autograd.grad(y, [x, *module.parameters()], torch.ones_like(y))]
+        with torch.no_grad():
+            return [module(x)[0]]
     return step
 
 
-def torch_nn_seconds(suite: str) -> dict[str, float]:
-    """Median seconds of torch.nn's module at the cpu profile's training step and batch-1
-    inference (the suites' torch.nn contender, timed here so that floor and time come from one
-    run)."""
-    cls = FAMILIES[suite].torch
+def module_seconds(suite: str) -> dict[str, tuple[float, float]]:
+    """Median seconds of our module and torch.nn's (the suites' torch.nn contender), the same
+    weights, at the cpu profile's training step and batch-1 inference: mode -> (ours, theirs),
+    timed here so that floor and times come from one run."""
+    family = FAMILIES[suite]
     out = {}
     for mode, dims in (("train", configs.RECURRENCE["cpu"].train),
                        ("inference", configs.RECURRENCE["cpu"].inference)):
-        module = cls(dims["I"], dims["H"])
+        theirs = family.torch(dims["I"], dims["H"])
+        ours = family.ours(dims["I"], dims["H"])
+        ours.load_state_dict(theirs.state_dict())
         x = torch.randn(dims["T"], dims["B"], dims["I"], requires_grad=mode == "train")
-        out[mode] = median_time(_torch_step(module, x, mode == "train"), "cpu", 0.5).median_s
+        train = mode == "train"
+        out[mode] = _ours_and_baseline(f"{family.title} {mode}", _module_step(ours, x, train),
+                                       _module_step(theirs, x, train))
     return out
 
 
@@ -303,24 +329,31 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     print(f"# CPU floors of the speed targets\n\n{env.cpu_model()}, {threads} threads, "
           f"float32, torch {torch.__version__}, commit {env.commit()}\n")
-    print("Baseline: torch.nn's module for the recurrences, the PyTorch loop for the scan, timed "
-          "in this run.\n")
-    print("| case | floor | per-core stream rate | per-core multiply-adds | baseline | "
-          "largest speed-up | target |")
-    print("|---|---|---|---|---|---|---|")
+    print("Ours: rnnkernels' module (recurrences) or op (scan) on the CPU kernels; floor / ours: "
+          "the share of the floor's speed ours reaches. Baseline: torch.nn's module for the "
+          "recurrences, the PyTorch loop for the scan, timed in turns with ours in this run.\n")
+    print("| case | floor | per-core stream rate | per-core multiply-adds | ours | floor / ours | "
+          "baseline | our speed-up | largest speed-up | target |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+
+    def row(case: str, floor: float, rate: str, fma: str, ours: float, base: float,
+            target: float) -> None:
+        print(f"| {case} | {floor * 1e3:.3g} ms | {rate} | {fma} | {ours * 1e3:.3g} ms | "
+              f"{floor / ours:.0%} | {base * 1e3:.4g} ms | {base / ours:.2f}x | "
+              f"{base / floor:.2f}x | {target:g}x |")
+
     for suite in suites:
         if suite == "selective_scan":
-            floor, loop = scan_floor(threads), scan_loop_seconds()
-            print(f"| Selective scan train | {floor * 1e3:.3g} ms | - | - | {loop * 1e3:.4g} ms | "
-                  f"{loop / floor:.2f}x | {SELECTIVE_SCAN_CPU_TARGET:g}x |")
+            floor = scan_floor(threads)
+            row("Selective scan train", floor, "-", "-", *scan_seconds(),
+                SELECTIVE_SCAN_CPU_TARGET)
             continue
-        f, theirs = floors(suite, threads), torch_nn_seconds(suite)
+        f, times = floors(suite, threads), module_seconds(suite)
         title = FAMILIES[suite].title
         for mode, target in zip(("train", "inference"), CPU_TARGETS[suite]):
             rate = f"{f['rate'] / 1e9:.0f} GB/s" if mode == "inference" else "-"
             fma = f"{f['fma'] / 1e9:.0f} G/s" if mode == "inference" else "-"
-            print(f"| {title} {mode} | {f[mode] * 1e3:.2f} ms | {rate} | {fma} | "
-                  f"{theirs[mode] * 1e3:.2f} ms | {theirs[mode] / f[mode]:.2f}x | {target}x |")
+            row(f"{title} {mode}", f[mode], rate, fma, *times[mode], target)
     return 0
 
 

@@ -405,11 +405,35 @@ def test_a_backend_that_fell_back_posts_no_time():
     assert baseline.status == "ok"
 
 
+def _roofline_rows(out: str, prefix: str) -> dict[str, list[float]]:
+    """The rows of bench.roofline's table whose case starts with prefix: case -> (floor ms,
+    ours ms, floor / ours, baseline ms, our speed-up, largest speed-up, target), checked to
+    agree with each other."""
+    rows = {}
+    for line in out.splitlines():
+        if not line.startswith(f"| {prefix}"):
+            continue
+        case, floor, _, _, ours, share, base, speedup, best, target = (
+            c.strip() for c in line.split("|")[1:-1])
+        values = [float(floor.removesuffix(" ms")), float(ours.removesuffix(" ms")),
+                  float(share.removesuffix("%")) / 100, float(base.removesuffix(" ms")),
+                  float(speedup.removesuffix("x")), float(best.removesuffix("x")),
+                  float(target.removesuffix("x"))]
+        floor_ms, ours_ms, share_v, base_ms, speedup_v, best_v, _ = values
+        assert floor_ms > 0 and ours_ms > 0 and base_ms > 0
+        assert share_v == pytest.approx(floor_ms / ours_ms, rel=0.05, abs=0.01)
+        assert speedup_v == pytest.approx(base_ms / ours_ms, rel=0.05)
+        assert best_v == pytest.approx(base_ms / floor_ms, rel=0.05)
+        rows[case] = values
+    return rows
+
+
 def test_roofline_floors(capsys, tmp_path, monkeypatch):
     """python -m bench.roofline: the stream and multiply-add probes compile and measure; each
-    case's largest speed-up is torch.nn's time over the floor. The probes compile even where a
-    run killed while building them left torch's lock in the shared extensions directory (a
-    later run waited on it forever)."""
+    case's row has the floor, our time, its share of the floor's speed, torch.nn's time, our
+    speed-up and the largest (torch.nn's time over the floor), consistent with each other. The
+    probes compile even where a run killed while building them left torch's lock in the shared
+    extensions directory (a later run waited on it forever)."""
     from bench import roofline
 
     (tmp_path / "rnnkernels_bench_roofline").mkdir()
@@ -423,19 +447,15 @@ def test_roofline_floors(capsys, tmp_path, monkeypatch):
     assert roofline.stream_rate(64 << 10, 1, min_bytes=1e7) > 1e9
     assert roofline.fma_rate(1, fmas=1e8) > 1e9
     assert roofline.main(["--suite", "rnn"]) == 0
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-            for line in capsys.readouterr().out.splitlines() if line.startswith("| RNN")}
+    rows = _roofline_rows(capsys.readouterr().out, "RNN")
     assert set(rows) == {"RNN train", "RNN inference"}
-    for floor, _, _, theirs, best, _ in rows.values():
-        floor_ms, theirs_ms = float(floor.removesuffix(" ms")), float(theirs.removesuffix(" ms"))
-        assert floor_ms > 0 and theirs_ms > 0
-        assert float(best.removesuffix("x")) == pytest.approx(theirs_ms / floor_ms, rel=0.05)
+    assert rows["RNN train"][-1] == 1.5 and rows["RNN inference"][-1] == 4.0
 
 
 def test_roofline_scan_floor(capsys, monkeypatch):
     """The selective scan's floor: the exp probe (the kernels' own exp, compiled) takes longer
-    for more updates, and the row's largest speed-up is the loop's time over the floor (at a
-    small training shape, to keep the loop's steps short)."""
+    for more updates, and the row's times and ratios agree (at a small training shape, to keep
+    the loop's steps short). A result of ours that differs from the baseline's is not timed."""
     from bench import configs, roofline
 
     assert roofline.exp_update_seconds(1 << 22, 1) > roofline.exp_update_seconds(1 << 16, 1) > 0
@@ -443,13 +463,12 @@ def test_roofline_scan_floor(capsys, monkeypatch):
                                 inference={"batch": 1, "dim": 32, "L": 64, "N": 16}, sweeps={})
     monkeypatch.setitem(configs.SELECTIVE_SCAN, "cpu", small)
     assert roofline.main(["--suite", "selective_scan"]) == 0
-    rows = [[c.strip() for c in line.split("|")[2:-1]]
-            for line in capsys.readouterr().out.splitlines() if line.startswith("| Selective")]
-    assert len(rows) == 1
-    floor, _, _, loop, best, target = rows[0]
-    floor_ms, loop_ms = float(floor.removesuffix(" ms")), float(loop.removesuffix(" ms"))
-    assert floor_ms > 0 and loop_ms > 0 and target == "100x"
-    assert float(best.removesuffix("x")) == pytest.approx(loop_ms / floor_ms, rel=0.05)
+    rows = _roofline_rows(capsys.readouterr().out, "Selective")
+    assert list(rows) == ["Selective scan train"] and rows["Selective scan train"][-1] == 100
+    good = torch.randn(64)
+    roofline._check_close("scan", [good * (1 + 1e-5)], [good])
+    with pytest.raises(RuntimeError, match="scan: our result 0 differs"):
+        roofline._check_close("scan", [good * 1.01], [good])
 
 
 def test_contenders_are_timed_in_interleaved_rounds():
