@@ -28,8 +28,11 @@ A CPU recurrence cannot be faster than the work it must do at the rate this mach
 
 Prints, per case, the floor, our time and the share of the floor's speed it reaches (floor / ours),
 the baseline's time at the same shape in the same run (torch.nn for the recurrences, the PyTorch
-loop for the scan; timed in turns with ours), our speed-up over it, and the largest speed-up that
-the floor allows. Our result is checked against the baseline's before either is timed.
+loop for the scan; timed in turns with ours), our speed-up over it, the largest speed-up that the
+floor allows, and the round trip between two threads just before and after the row's timing (the
+batch-1 recurrence's threads wait for each other at every step; on a virtual machine the trip
+moves with where the host places the virtual CPUs). Our result is checked against the baseline's
+before either is timed.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ _PROBES = r"""
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <thread>
@@ -167,6 +171,36 @@ double exp_update_seconds(int64_t updates, int64_t threads) {
     return std::chrono::duration<double>(t1 - t0).count();
   });
 }
+
+// Seconds of one round trip between two threads: the caller stores a count, the other thread
+// sees it and answers with the same count, `trips` times; the median over blocks of 1000 trips
+// (a step of the batch-1 recurrence waits for the other thread's part of the state once, a one-
+// way trip of its flag and of the state's cache lines).
+double round_trip_seconds(int64_t trips) {
+  alignas(64) std::atomic<int64_t> ping{0};
+  alignas(64) std::atomic<int64_t> pong{0};
+  std::thread other([&] {
+    for (int64_t i = 1; i <= trips; ++i) {
+      while (ping.load(std::memory_order_acquire) < i) {}
+      pong.store(i, std::memory_order_release);
+    }
+  });
+  constexpr int64_t kBlock = 1000;
+  std::vector<double> blocks;
+  for (int64_t i = 1; i <= trips;) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const int64_t end = std::min(trips, i + kBlock - 1);
+    for (; i <= end; ++i) {
+      ping.store(i, std::memory_order_release);
+      while (pong.load(std::memory_order_acquire) < i) {}
+    }
+    blocks.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()
+                     / kBlock);
+  }
+  other.join();
+  std::nth_element(blocks.begin(), blocks.begin() + blocks.size() / 2, blocks.end());
+  return blocks[blocks.size() / 2];
+}
 """
 
 # torch's CPU capability -> the defines the package's kernels are compiled with (setup.py), so the
@@ -190,7 +224,7 @@ def _compiled_probes():
         atexit.register(shutil.rmtree, build, ignore_errors=True)
         _probes = load_inline("rnnkernels_bench_roofline", cpp_sources=_PROBES,
                               functions=["stream_seconds", "exp_update_seconds",
-                                         "fma_seconds"],
+                                         "fma_seconds", "round_trip_seconds"],
                               extra_include_paths=[str(_CPU_SOURCES)],
                               extra_cflags=["-O3", "-march=native", *defines],
                               build_directory=build, verbose=False)
@@ -222,17 +256,31 @@ def _check_close(name: str, ours: list[torch.Tensor], theirs: list[torch.Tensor]
                                f"error {err:.2e}); not timed")
 
 
-def _ours_and_baseline(name: str, ours, theirs) -> tuple[float, float]:
+def round_trip_seconds(trips: int = 20000) -> float | None:
+    """Seconds of a round trip between two threads (the median over blocks of trips), or None
+    with fewer than two threads (the probe's threads spin: on one core each trip would wait for
+    the scheduler). On a virtual machine it depends on where the host places the two virtual
+    CPUs, and it moves during a run."""
+    if torch.get_num_threads() < 2:
+        return None
+    return _compiled_probes().round_trip_seconds(trips)
+
+
+def _ours_and_baseline(name: str, ours, theirs
+                       ) -> tuple[float, float, tuple[float | None, float | None]]:
     """Median seconds of the steps ``ours`` and ``theirs`` (each returning its results), timed in
-    turns after their results are compared."""
+    turns after their results are compared, and the threads' round trip just before and just
+    after the timing."""
     _check_close(name, [t.detach() for t in ours()], [t.detach() for t in theirs()])
+    before = round_trip_seconds()
     mine, base = interleaved_times([ours, theirs], "cpu", 1.0)
-    return mine.median_s, base.median_s
+    return mine.median_s, base.median_s, (before, round_trip_seconds())
 
 
-def scan_seconds() -> tuple[float, float]:
+def scan_seconds() -> tuple[float, float, tuple[float | None, float | None]]:
     """Median seconds of our selective scan's and the PyTorch loop's training step (the
-    selective_scan suite's contenders) at the cpu profile's shape."""
+    selective_scan suite's contenders) at the cpu profile's shape, and the round trips around
+    their timing."""
     inputs, grad_out = selective_scan_inputs(configs.SELECTIVE_SCAN["cpu"].train, "cpu",
                                              torch.float32, torch.Generator().manual_seed(0),
                                              True)
@@ -283,10 +331,12 @@ def _module_step(module: torch.nn.Module, x: torch.Tensor, train: bool):
     return step
 
 
-def module_seconds(suite: str) -> dict[str, tuple[float, float]]:
+def module_seconds(suite: str
+                   ) -> dict[str, tuple[float, float, tuple[float | None, float | None]]]:
     """Median seconds of our module and torch.nn's (the suites' torch.nn contender), the same
-    weights, at the cpu profile's training step and batch-1 inference: mode -> (ours, theirs),
-    timed here so that floor and times come from one run."""
+    weights, at the cpu profile's training step and batch-1 inference: mode -> (ours, theirs,
+    the round trips around their timing), timed here so that floor and times come from one
+    run."""
     family = FAMILIES[suite]
     out = {}
     for mode, dims in (("train", configs.RECURRENCE["cpu"].train),
@@ -331,16 +381,20 @@ def main(argv: list[str] | None = None) -> int:
           f"float32, torch {torch.__version__}, commit {env.commit()}\n")
     print("Ours: rnnkernels' module (recurrences) or op (scan) on the CPU kernels; floor / ours: "
           "the share of the floor's speed ours reaches. Baseline: torch.nn's module for the "
-          "recurrences, the PyTorch loop for the scan, timed in turns with ours in this run.\n")
+          "recurrences, the PyTorch loop for the scan, timed in turns with ours in this run. "
+          "Round trip: between two threads, measured just before and just after the row's "
+          "timing (the batch-1 recurrence's two threads exchange their parts of the state at "
+          "every step).\n")
     print("| case | floor | per-core stream rate | per-core multiply-adds | ours | floor / ours | "
-          "baseline | our speed-up | largest speed-up | target |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "baseline | our speed-up | largest speed-up | target | round trip |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
 
     def row(case: str, floor: float, rate: str, fma: str, ours: float, base: float,
-            target: float) -> None:
+            trips: tuple[float | None, float | None], target: float) -> None:
+        trip = "-" if None in trips else f"{trips[0] * 1e9:.0f} / {trips[1] * 1e9:.0f} ns"
         print(f"| {case} | {floor * 1e3:.3g} ms | {rate} | {fma} | {ours * 1e3:.3g} ms | "
               f"{floor / ours:.0%} | {base * 1e3:.4g} ms | {base / ours:.2f}x | "
-              f"{base / floor:.2f}x | {target:g}x |")
+              f"{base / floor:.2f}x | {target:g}x | {trip} |")
 
     for suite in suites:
         if suite == "selective_scan":

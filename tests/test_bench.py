@@ -408,13 +408,18 @@ def test_a_backend_that_fell_back_posts_no_time():
 def _roofline_rows(out: str, prefix: str) -> dict[str, list[float]]:
     """The rows of bench.roofline's table whose case starts with prefix: case -> (floor ms,
     ours ms, floor / ours, baseline ms, our speed-up, largest speed-up, target), checked to
-    agree with each other."""
+    agree with each other (and the round trips around the timing to be plausible)."""
     rows = {}
     for line in out.splitlines():
         if not line.startswith(f"| {prefix}"):
             continue
-        case, floor, _, _, ours, share, base, speedup, best, target = (
+        case, floor, _, _, ours, share, base, speedup, best, target, trips = (
             c.strip() for c in line.split("|")[1:-1])
+        if torch.get_num_threads() < 2:
+            assert trips == "-"
+        else:
+            before, after = (float(t) for t in trips.removesuffix(" ns").split(" / "))
+            assert 0 < before < 1e6 and 0 < after < 1e6
         values = [float(floor.removesuffix(" ms")), float(ours.removesuffix(" ms")),
                   float(share.removesuffix("%")) / 100, float(base.removesuffix(" ms")),
                   float(speedup.removesuffix("x")), float(best.removesuffix("x")),
@@ -445,6 +450,14 @@ def test_roofline_floors(capsys, tmp_path, monkeypatch):
                      daemon=True).start()
     assert built.wait(timeout=600), "the probes' build waited on the stale lock"
     assert roofline.stream_rate(64 << 10, 1, min_bytes=1e7) > 1e9
+    threads = torch.get_num_threads()
+    trip = roofline.round_trip_seconds(2000)
+    assert trip is None if threads < 2 else 0 < trip < 1e-3
+    torch.set_num_threads(1)
+    try:
+        assert roofline.round_trip_seconds(2000) is None  # no probe that spins on one core
+    finally:
+        torch.set_num_threads(threads)
     assert roofline.fma_rate(1, fmas=1e8) > 1e9
     assert roofline.main(["--suite", "rnn"]) == 0
     rows = _roofline_rows(capsys.readouterr().out, "RNN")
