@@ -480,7 +480,8 @@ def test_roofline_scan_floor(capsys, monkeypatch):
     assert list(rows) == ["Selective scan train"] and rows["Selective scan train"][-1] == 100
     good = torch.randn(64)
     roofline._check_close("scan", [good * (1 + 1e-5)], [good])
-    with pytest.raises(RuntimeError, match="scan: our result 0 differs"):
+    with pytest.raises(RuntimeError, match="scan: ours differs from the baseline: result 0: "
+                       "relative error"):
         roofline._check_close("scan", [good * 1.01], [good])
 
 
