@@ -1201,14 +1201,18 @@ class ActiveRows {
 
 // Batch-1 inference from x instead of gx (recurrence_infer): each thread computes the input
 // projection of its units' rows of W_ih itself, a block of RowProjection::kSteps steps ahead,
-// interleaved with its recurrent products (RowProjection), into ring: gx of the block being
-// run and of the next one ((2 * kSteps, G*H); a thread writes and reads its own columns only).
+// interleaved with its recurrent products (RowProjection), into a ring of its own: gx of the
+// block being run and of the next one ((2 * kSteps, G*H) rows, of which it writes and reads its
+// own units' columns only, so that the cell code reads it as it reads gx). Not one ring shared
+// by the team: there the threads' columns alternate every H / n units, and on a virtual machine
+// whose two cores were far apart (a round trip of about 500 ns between them, against 120 on
+// others) the cores' prefetchers pulling each other's neighbouring lines cost the fp32 GRU at
+// hidden 256, T = 256, about a tenth of its time.
 struct FusedInput {
   const float* x;     // (T, 1, I)
   const float* w_ih;  // (G*H, I)
   const float* b_ih;  // (G*H,) or null
   int64_t I;
-  float* ring;
 };
 
 template <typename S, typename T>
@@ -1284,6 +1288,8 @@ void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor&
 #ifdef RNNKERNELS_FUSED_INPUT
     // Fused input: the thread's rows of W_ih (those of its units in every gate), packed once.
     std::optional<RowProjection> xp;
+    Tensor ring;  // this thread's (see FusedInput)
+    float* ring_p = nullptr;
     if constexpr (kFusable) {
       if (fused != nullptr && nk > 0) {
         std::vector<PackedPanels<float>::Columns> runs_ih;
@@ -1294,6 +1300,8 @@ void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor&
           for (int64_t j = 0; j < nk; ++j) dest.push_back(g * H + u0 + j);
         }
         xp.emplace(fused->I, G * nk, runs_ih, std::move(dest));
+        ring = at::empty({2 * kSteps, GH}, hs.options());
+        ring_p = ring.data_ptr<float>();
       }
     }
     // Begins the projection of block blk (steps [blk * kSteps, ...)) into its ring slot.
@@ -1301,7 +1309,7 @@ void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor&
       const int count = static_cast<int>(std::min<int64_t>(kSteps, pb.steps - blk * kSteps));
       xp->begin_block(fused->x + pb.time(blk * kSteps) * fused->I,
                       pb.reverse ? -fused->I : fused->I, count,
-                      fused->ring + (blk & 1) * kSteps * GH, GH);
+                      ring_p + (blk & 1) * kSteps * GH, GH);
     };
     if (xp) {
       begin_block(0);
@@ -1321,7 +1329,7 @@ void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor&
           if ((blk + 1) * kSteps < pb.steps) {
             due = xp->units_left() - xp->units_per_block() * (kSteps - 1 - r) / kSteps;
           }
-          gx_t = fused->ring + (blk & 1) * kSteps * GH + r * GH;
+          gx_t = ring_p + (blk & 1) * kSteps * GH + r * GH;
         }
       }
 #endif
@@ -1832,10 +1840,8 @@ std::tuple<Tensor, Tensor, Tensor> recurrence_infer_cpu(const Tensor& x_in, cons
       cbuf = at::empty({2, 1, H}, x.options());
       cbuf.select(0, 0).copy_(c0);
     }
-    Tensor ring = at::empty({2 * RowProjection::kSteps, GH}, x.options());
     const FusedInput fused{x.data_ptr<float>(), w_ih.data_ptr<float>(),
-                           b_ih.defined() ? b_ih.data_ptr<float>() : nullptr, I,
-                           ring.data_ptr<float>()};
+                           b_ih.defined() ? b_ih.data_ptr<float>() : nullptr, I};
     forward_persistent<float, float>(pb, Tensor(), w_hh, b_hh, y, hs, ws, cbuf, &fused);
     Tensor c_n = cell == Cell::LSTM ? cbuf.select(0, T_ & 1).clone() : at::empty({0}, x.options());
     return {y, hs.select(0, pb.slot_out(T_ - 1)).clone(), c_n};
