@@ -227,13 +227,15 @@ class PackedPanels {
       if (!bias_.defined()) bias_ = at::zeros({panels_ * kNR}, data_.options());
       std::copy(r.bias, r.bias + r.count, bias_.data_ptr<T>() + r.n0);
     }
+    d_ = data_.data_ptr<T>();
+    bias_p_ = bias_.defined() ? bias_.data_ptr<T>() : nullptr;
   }
 
   // The packed data, for products formed outside this class (RowProjection): panel p's row k
   // of segment sg at data() + sg.offset + p * sg.pstride + (k - sg.begin) * kNR; bias() holds
   // panels() * kNR values (zero-padded), or is null.
-  const T* data() const { return data_.data_ptr<T>(); }
-  const T* bias() const { return bias_.defined() ? bias_.data_ptr<T>() : nullptr; }
+  const T* data() const { return d_; }
+  const T* bias() const { return bias_p_; }
   const KLayout& layout() const { return layout_; }
   int64_t panels() const { return panels_; }
   int64_t cols() const { return N_; }
@@ -245,8 +247,8 @@ class PackedPanels {
   C10_NOINLINE void multiply(int64_t M, const T* a, int64_t lda, T* c, int64_t ldc,
                              const Ranges& ks, bool accumulate) const {
     if (M <= 0 || N_ <= 0) return;
-    const T* d = data_.data_ptr<T>();
-    const T* bias = bias_.defined() ? bias_.data_ptr<T>() : nullptr;
+    const T* d = d_;
+    const T* bias = bias_p_;
     const KLayout::Pieces pieces = layout_.pieces(ks);
     for_each_register_block<kNR>(M, N_, [&](auto mr, int64_t p, int64_t n0, int64_t cols,
                                             int64_t m0) {
@@ -299,6 +301,11 @@ class PackedPanels {
   int64_t K_, N_, panels_;
   KLayout layout_;
   at::Tensor data_, bias_;
+  // data_'s and bias_'s pointers (bias: null when undefined), taken once: a data_ptr call checks
+  // the dtype and the storage, and batch-1 inference multiplies twice per step of a few
+  // microseconds.
+  const T* d_ = nullptr;
+  const T* bias_p_ = nullptr;
 };
 
 #if defined(CPU_CAPABILITY_AVX512) && defined(__x86_64__)
@@ -548,6 +555,9 @@ class PackedPanelsBF16 {
       }
     }
     a_ = at::zeros({std::max<int64_t>(1, M * Kp_ * 2)}, bf16);
+    d_ = reinterpret_cast<const uint16_t*>(data_.data_ptr<c10::BFloat16>());
+    bias_p_ = bias_.defined() ? bias_.data_ptr<float>() : nullptr;
+    a_p_ = reinterpret_cast<uint16_t*>(a_.data_ptr<c10::BFloat16>());
   }
 
   // Columns [col, col + 16) of a run of panel rows from 16 rows of W (src, row stride ld,
@@ -577,7 +587,7 @@ class PackedPanelsBF16 {
                                                     bool accumulate) {
     if (M <= 0 || N_ <= 0) return;
     TORCH_INTERNAL_ASSERT(M <= M_);
-    uint16_t* ab = reinterpret_cast<uint16_t*>(a_.data_ptr<c10::BFloat16>());
+    uint16_t* ab = a_p_;
     const int64_t lda2 = Kp_ * 2;
     for (int r = 0; r < ks.count; ++r) {
       TORCH_INTERNAL_ASSERT(ks.begin[r] % 2 == 0 && (ks.end[r] % 2 == 0 || ks.end[r] == K_));
@@ -590,8 +600,8 @@ class PackedPanelsBF16 {
         }
       }
     }
-    const uint16_t* d = reinterpret_cast<const uint16_t*>(data_.data_ptr<c10::BFloat16>());
-    const float* bias = bias_.defined() ? bias_.data_ptr<float>() : nullptr;
+    const uint16_t* d = d_;
+    const float* bias = bias_p_;
     const KLayout::Pieces pieces = layout_.pieces(pairs(ks));
     for_each_register_block<kNR>(M, N_, [&](auto mr, int64_t p, int64_t n0, int64_t cols,
                                             int64_t m0) RNNKERNELS_BF16_TARGET {
@@ -659,6 +669,9 @@ class PackedPanelsBF16 {
   int64_t K_, Kp_, N_, panels_, M_;
   KLayout layout_;
   at::Tensor data_, bias_, a_;
+  const uint16_t* d_ = nullptr;  // the tensors' pointers, taken once (see PackedPanels)
+  const float* bias_p_ = nullptr;
+  uint16_t* a_p_ = nullptr;
 };
 #endif
 
