@@ -1110,22 +1110,23 @@ std::pair<int64_t, int64_t> unit_range(int64_t H, int64_t k, int64_t n) {
 // Thread k's share of the problem: batch rows [b0, b1), hidden units [u0, u1), and the threads
 // [j0, j1) that share its rows (its row group), the only ones it waits for. Row groups are
 // independent recurrences: with one thread per group there is no barrier at all, at the price
-// of every thread keeping the whole W_hh (not a slice) in its L2.
+// of every thread reading the whole W_hh (not a slice) at every step, from its L2 or from L3.
 struct Share {
   int64_t b0, b1, u0, u1, j0, j1;
 };
 
-// Row groups need at least kMinRowsPerGroup rows each (fewer leave the panel GEMM's register
-// blocks short), and a thread's slice of W_hh must stay in its L2 (1 MB per core on the AMD
-// EPYC measured, beside the state rows and buffers: kMaxSliceBytes) unless its group has
-// kRowsToStreamWeights rows, whose multiply-adds hide the slice's stream from L3 (measured at
-// B = 32, 2 threads: the fp32 LSTM with its 1 MB W_hh (hidden 256) or 4 MB (hidden 512) whole
-// in each thread's group of 16 rows ran its training step 3-7% faster than with the slices; at
-// 8 rows on par). Each thread packs its own copy of its slice: kMaxStreamedSliceBytes bounds
-// that memory.
-constexpr int64_t kMinRowsPerGroup = 8;
-constexpr int64_t kRowsToStreamWeights = 16;
-constexpr int64_t kMaxSliceBytes = 640 * 1024;
+// Row groups need at least kMinRowsPerGroup rows each: with fewer, the per-step product is
+// too short a panel GEMM to hide the stream of its weights, and the split by units (slices of
+// W_hh that stay in each core's L2, one barrier per step) is faster. From that many rows on the
+// groups are faster even where each thread's whole W_hh (or its group's slice) exceeds its L2
+// and streams from L3 at every step: the rows' multiply-adds hide the stream, and no thread
+// waits for another at any step. Measured on the AMD EPYC Zen 4 (2 threads, 1 MB of L2 each;
+// training step and forward, T = 128, the fp32 LSTM, GRU and RNN, groups against units): at
+// hidden 256, 2-9% faster at B = 8 (4 rows a group, the LSTM's 1 MB W_hh whole in each), 12
+// and 16 to 24; at hidden 512 (the LSTM's W_hh 4 MB) 5-20% faster at B = 8 and 16; 1-34% slower
+// at B = 2 to 6 (1 to 3 rows a group). Each thread packs its own copy of its slice:
+// kMaxStreamedSliceBytes bounds that memory.
+constexpr int64_t kMinRowsPerGroup = 4;
 constexpr int64_t kMaxStreamedSliceBytes = 4 * 1024 * 1024;
 
 // Row groups for a team of n: the most (a divisor of n) that the limits above allow.
@@ -1141,9 +1142,7 @@ int64_t row_groups(const Problem<S, T>& pb, int64_t n) {
     const int64_t rows = pb.batch / r;
     const int64_t slice = w_bytes / (n / r);
     if (n % r == 0 && (mode == "rows" || (rows >= kMinRowsPerGroup &&
-                                          (slice <= kMaxSliceBytes ||
-                                           (rows >= kRowsToStreamWeights &&
-                                            slice <= kMaxStreamedSliceBytes))))) {
+                                          slice <= kMaxStreamedSliceBytes))) {
       best = r;
     }
   }
