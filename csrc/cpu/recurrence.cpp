@@ -1122,10 +1122,10 @@ struct Share {
 // and streams from L3 at every step: the rows' multiply-adds hide the stream, and no thread
 // waits for another at any step. Measured on the AMD EPYC Zen 4 (2 threads, 1 MB of L2 each;
 // training step and forward, T = 128, the fp32 LSTM, GRU and RNN, groups against units): at
-// hidden 256, 2-9% faster at B = 8 (4 rows a group, the LSTM's 1 MB W_hh whole in each), 12
-// and 16 to 24; at hidden 512 (the LSTM's W_hh 4 MB) 5-20% faster at B = 8 and 16; 1-34% slower
-// at B = 2 to 6 (1 to 3 rows a group). Each thread packs its own copy of its slice:
-// kMaxStreamedSliceBytes bounds that memory.
+// hidden 256, 1-9% faster at B = 8 (4 rows a group, the LSTM's 1 MB W_hh whole in each), 12,
+// 16 and 24, 1-34% slower at B = 2 to 6 (1 to 3 rows a group); at hidden 512 (the LSTM's W_hh
+// 4 MB) 5-16% faster at B = 8, up to 20% at 16, and mostly slower at B = 4 (2 rows a group).
+// Each thread packs its own copy of its slice: kMaxStreamedSliceBytes bounds that memory.
 constexpr int64_t kMinRowsPerGroup = 4;
 constexpr int64_t kMaxStreamedSliceBytes = 4 * 1024 * 1024;
 
