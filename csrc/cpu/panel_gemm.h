@@ -338,8 +338,7 @@ class RowProjection {
   RowProjection(int64_t K, int64_t N, const std::vector<Panels::Columns>& runs,
                 std::vector<int64_t> dest)
       : K_(K), N_(N), vpanels_((N + 15) / 16), w_(K, N, runs), dest_(std::move(dest)),
-        xt_(static_cast<size_t>(K * kSteps)), acc_(static_cast<size_t>(kSteps * 16)),
-        wdata_(w_.data()), wbias_(w_.bias()) {
+        xt_(static_cast<size_t>(K * kSteps)), acc_(static_cast<size_t>(kSteps * 16)) {
     TORCH_INTERNAL_ASSERT(static_cast<int64_t>(dest_.size()) == N);
     for (int64_t vp = 0; vp < vpanels_; ++vp) {
       const int64_t n = std::min<int64_t>(16, N - vp * 16);
@@ -442,7 +441,7 @@ class RowProjection {
   // W's row k_ of vector panel vp_.
   const float* w_row() const {
     constexpr int64_t kNR = Panels::kNR, kNV = Panels::kNV;
-    return wdata_ + (vp_ / kNV) * K_ * kNR + k_ * kNR + (vp_ % kNV) * 16;
+    return w_.data() + (vp_ / kNV) * K_ * kNR + k_ * kNR + (vp_ % kNV) * 16;
   }
   static C10_ALWAYS_INLINE void unit(__m512 (&s)[kSteps], const float* sw, const float* sx) {
     const __m512 wv = _mm512_loadu_ps(sw);
@@ -466,7 +465,8 @@ class RowProjection {
     for (int r = 0; r < kSteps; ++r) s[r] = _mm512_setzero_ps();
   }
   C10_ALWAYS_INLINE void flush() {
-    const __m512 b = wbias_ ? _mm512_loadu_ps(wbias_ + vp_ * 16) : _mm512_setzero_ps();
+    const float* bias = w_.bias();
+    const __m512 b = bias ? _mm512_loadu_ps(bias + vp_ * 16) : _mm512_setzero_ps();
     const int64_t j0 = vp_ * 16, n = std::min<int64_t>(16, N_ - j0);
     for (int r = 0; r < count_; ++r) {
       float* row = out_ + r * ldo_;
@@ -489,7 +489,6 @@ class RowProjection {
   std::vector<bool> contiguous_;
   lanes::Buffer<float> xt_;
   std::vector<float> acc_;
-  const float *wdata_, *wbias_;  // w_'s packed data and bias (or null), read without calls
   int count_ = 0;
   float* out_ = nullptr;
   int64_t ldo_ = 0, vp_ = 0, k_ = 0;
