@@ -1,9 +1,10 @@
 // Lanes: moving a block of W rows of a (rows, L) tensor (row stride ld) to and from (L, W) lane
 // layout (step t's values of the W rows as one vector), so that a scan over t runs one row per
-// vector lane with no horizontal work. W x W tiles are transposed in registers; on AVX-512,
-// whole float tiles take the 16 x 16 shuffle network, the rest (partial blocks and tails, other
-// types) a generic tile with zero lanes. Shared by the CPU scan kernels and the transpose of
-// onednn_matmul.cpp (transpose_blocks); also the scans' task scheduling (for_each_task).
+// vector lane with no horizontal work. W x W tiles are transposed in registers; on AVX-512 and
+// AVX2, whole float tiles take the 16 x 16 or 8 x 8 shuffle network, the rest (partial blocks
+// and tails, other types) a generic tile with zero lanes. Shared by the CPU scan kernels and the
+// transpose of onednn_matmul.cpp (transpose_blocks); also the scans' task scheduling
+// (for_each_task).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -13,6 +14,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstddef>
+#include <cstring>
 #include <new>
 #include <tuple>
 #include <type_traits>
@@ -51,6 +53,15 @@ struct CacheAligned {
 template <typename T>
 using Buffer = std::vector<T, CacheAligned<T>>;
 
+// Vector registers of the instruction set the kernels are compiled for: register blocks (the
+// packed products' accumulators, the selective scan's states per pass) are sized by it.
+constexpr int kVectorRegisters =
+#if defined(CPU_CAPABILITY_AVX512)
+    32;
+#else
+    16;
+#endif
+
 #if defined(CPU_CAPABILITY_AVX512)
 // In-register transpose of a 16 x 16 float tile (row i = r[i]): unpack pairs of rows, shuffle
 // within 128-bit lanes, then two rounds of 128-bit lane shuffles; 64 shuffles, no memory.
@@ -80,6 +91,28 @@ C10_ALWAYS_INLINE void transpose16(__m512* r) {
     r[12 + j] = _mm512_shuffle_f32x4(b[4 + j], b[12 + j], 0xDD);
   }
 }
+#elif defined(CPU_CAPABILITY_AVX2)
+// In-register transpose of an 8 x 8 float tile (row i = r[i]): the same network as transpose16
+// with one round of 128-bit lane swaps; 24 shuffles (the generic tile's interleaves take 48).
+C10_ALWAYS_INLINE void transpose8(__m256* r) {
+  __m256 b[8];
+  for (int i = 0; i < 4; ++i) {
+    b[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    b[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    r[4 * i] = _mm256_shuffle_ps(b[4 * i], b[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm256_shuffle_ps(b[4 * i], b[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm256_shuffle_ps(b[4 * i + 1], b[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm256_shuffle_ps(b[4 * i + 1], b[4 * i + 3], 0xEE);
+  }
+  // r[4 i + j], 128-bit half k: rows 4 i .. 4 i + 3 of column 4 k + j.
+  for (int j = 0; j < 4; ++j) {
+    b[j] = _mm256_permute2f128_ps(r[j], r[4 + j], 0x20);
+    b[4 + j] = _mm256_permute2f128_ps(r[j], r[4 + j], 0x31);
+  }
+  for (int i = 0; i < 8; ++i) r[i] = b[i];
+}
 #endif
 
 // In-register transpose of a W x W tile held as W vectors (row i = r[i]): log2(W) rounds of
@@ -97,8 +130,9 @@ void transpose_tile(Vec<T>* r) {
 }
 
 // The first n values of p as a vector (zero past n), converted to T. bfloat16 to float on
-// AVX-512 is one widening and a shift (exact), not a loop over the values: the recurrences'
-// bfloat16 products and pointwise passes and the scans' bfloat16 gathers read through it.
+// AVX-512 and AVX2 is one widening and a shift (exact), not a loop over the values: the
+// recurrences' bfloat16 products and pointwise passes and the scans' bfloat16 gathers read
+// through it.
 template <typename T, typename S>
 Vec<T> load_as(const S* p, int64_t n) {
   if constexpr (std::is_same_v<S, T>) {
@@ -110,6 +144,16 @@ Vec<T> load_as(const S* p, int64_t n) {
           n == Vec<T>::size() ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
                               : _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p);
       return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+    }
+#elif defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<S, c10::BFloat16> && std::is_same_v<T, float>) {
+      __m128i bits = _mm_setzero_si128();
+      if (n == Vec<T>::size()) {
+        bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+      } else {
+        std::memcpy(&bits, p, static_cast<size_t>(n) * sizeof(S));
+      }
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
     }
 #endif
     T buf[Vec<T>::size()] = {};
@@ -129,16 +173,33 @@ void store_as(S* p, const Vec<T>& v, int64_t n) {
   }
 }
 
-// Whole W x W tiles of float on AVX-512 (the common case: every block but a group's last, every
-// 16 steps but a chunk's last) go through transpose16 with plain loads and stores; the rest
-// through the generic tile with zero lanes and partial rows.
+// Whole W x W tiles of float on AVX-512 and AVX2 (the common case: every block but a group's
+// last, every W steps but a chunk's last) go through transpose16 / transpose8 with plain loads
+// and stores; the rest through the generic tile with zero lanes and partial rows.
 template <typename T, typename S>
 constexpr bool kFastTiles =
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
     std::is_same_v<T, float> && std::is_same_v<S, float>;
 #else
     false;
 #endif
+
+// A whole float tile (r: W rows) transposed by the instruction set's network (kFastTiles).
+C10_ALWAYS_INLINE void transpose_float_tile(Vec<float>* r) {
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512 x[16];
+  for (int i = 0; i < 16; ++i) x[i] = r[i];
+  transpose16(x);
+  for (int i = 0; i < 16; ++i) r[i] = x[i];
+#elif defined(CPU_CAPABILITY_AVX2)
+  __m256 x[8];
+  for (int i = 0; i < 8; ++i) x[i] = r[i];
+  transpose8(x);
+  for (int i = 0; i < 8; ++i) r[i] = x[i];
+#else
+  transpose_tile(r);
+#endif
+}
 
 // dst (len x W, row stride ldd): lane j < nc is row j of src (row stride ld, len values). With
 // ldd = W (a lane buffer) lanes past nc are zero; with a wider ldd (dst a column block of a
@@ -148,16 +209,14 @@ void gather_lanes(T* dst, const S* src, int64_t ld, int64_t nc, int64_t len,
                   int64_t ldd = Vec<T>::size()) {
   constexpr int64_t W = Vec<T>::size();
   int64_t t0 = 0;
-#if defined(CPU_CAPABILITY_AVX512)
   if constexpr (kFastTiles<T, S>) {
     for (; nc == W && t0 + W <= len; t0 += W) {
-      __m512 r[16];
-      for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_ps(src + j * ld + t0);
-      transpose16(r);
-      for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + (t0 + i) * ldd, r[i]);
+      Vec<T> r[W];
+      for (int64_t j = 0; j < W; ++j) r[j] = Vec<T>::loadu(src + j * ld + t0);
+      transpose_float_tile(r);
+      for (int64_t i = 0; i < W; ++i) r[i].store(dst + (t0 + i) * ldd);
     }
   }
-#endif
   for (; t0 < len; t0 += W) {
     const int64_t n = std::min(W, len - t0);
     Vec<T> r[W];
@@ -185,16 +244,14 @@ template <typename S, typename T>
 void scatter_lanes(S* dst, int64_t ld, const T* src, int64_t nc, int64_t len) {
   constexpr int64_t W = Vec<T>::size();
   int64_t t0 = 0;
-#if defined(CPU_CAPABILITY_AVX512)
   if constexpr (kFastTiles<T, S>) {
     for (; nc == W && t0 + W <= len; t0 += W) {
-      __m512 r[16];
-      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + (t0 + i) * W);
-      transpose16(r);
-      for (int j = 0; j < 16; ++j) _mm512_storeu_ps(dst + j * ld + t0, r[j]);
+      Vec<T> r[W];
+      for (int64_t i = 0; i < W; ++i) r[i] = Vec<T>::loadu(src + (t0 + i) * W);
+      transpose_float_tile(r);
+      for (int64_t j = 0; j < W; ++j) r[j].store(dst + j * ld + t0);
     }
   }
-#endif
   for (; t0 < len; t0 += W) {
     const int64_t n = std::min(W, len - t0);
     Vec<T> r[W];

@@ -11,8 +11,8 @@
 //
 // Decomposition: panels outer (a panel, K * kNR values, stays in L2 while every row block of A
 // passes over it), row blocks of at most kPanelRows rows inner; a block keeps kPanelRows * kNV
-// accumulators in registers (24 of the 32 AVX-512 registers), the row blocks balanced
-// (for_each_register_block). Memory traffic per call: B once per row block from L2 (or L3
+// accumulators in registers (24 of the 32 AVX-512 registers, 12 of AVX2's 16), the row blocks
+// balanced (for_each_register_block). Memory traffic per call: B once per row block from L2 (or L3
 // when a thread's slice exceeds its L2), A once per panel from L1/L2, C written once. Blocking k
 // into L1-sized pieces, so that B is read from L2 once per call, measured slower at M = 32: the
 // partial sums' loads and stores between pieces cost more than the re-reads they save.
@@ -40,6 +40,7 @@ namespace rnnkernels::cpu {
 
 // Rows per register block of the packed products below.
 constexpr int kPanelRows = 6;
+
 
 // The loop nest of the packed products: f(std::integral_constant<int, MR>{}, p, n0, cols, m0)
 // for every panel p (columns [n0, n0 + cols), kNR at most) and every row block (MR rows from
@@ -163,7 +164,10 @@ template <typename T>
 class PackedPanels {
  public:
   using V = at::vec::Vectorized<T>;
-  static constexpr int64_t kNV = 4;                 // vectors per panel row
+  // Vectors per panel row: a block's kPanelRows x kNV accumulators, kNV values of B and the
+  // broadcast value of A fit the vector registers (AVX-512's 32: 6 x 4 + 4 + 1; AVX2's 16:
+  // 6 x 2 + 2 + 1, where 6 x 4 spilled).
+  static constexpr int64_t kNV = lanes::kVectorRegisters >= 32 ? 4 : 2;
   static constexpr int64_t kNR = kNV * V::size();   // columns per panel
   using Ranges = KRanges;
 

@@ -480,7 +480,7 @@ struct Grads {
 };
 
 // States a backward pass carries in registers at once (backward_states).
-constexpr int kStates = 2;
+constexpr int kStates = lanes::kVectorRegisters >= 32 ? 2 : 1;
 
 // Buffers of one thread's backward tasks over one chunk (dB holds the folded dB / dC terms when
 // B and C are both grouped, and dC is then empty), and the constants of a super's blocks (c,

@@ -14,14 +14,66 @@ namespace rnnkernels::cpu {
 
 using at::vec::Vectorized;
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#define RNNKERNELS_FAST_VEC_MATH 1
+#endif
+
+namespace vec_math_detail {
+
+// e^r for |r| <= ln2 / 2: the Taylor series to r^7 (truncation < 2e-9 relative).
+template <typename V>
+C10_ALWAYS_INLINE V exp_series(V r) {
+  V q(1.f / 5040.f);
+  q = at::vec::fmadd(q, r, V(1.f / 720.f));
+  q = at::vec::fmadd(q, r, V(1.f / 120.f));
+  q = at::vec::fmadd(q, r, V(1.f / 24.f));
+  q = at::vec::fmadd(q, r, V(1.f / 6.f));
+  q = at::vec::fmadd(q, r, V(0.5f));
+  q = at::vec::fmadd(q, r, V(1.f));
+  return at::vec::fmadd(q, r, V(1.f));
+}
+
+// 2^f for |f| <= 1/2: 1 + f q(f), q of degree 4 fitted for the least maximal relative error
+// (3 ulp evaluated in float).
+template <typename V>
+C10_ALWAYS_INLINE V exp2_poly(V f) {
+  V q(1.3264714507386088e-03f);
+  q = at::vec::fmadd(q, f, V(9.671513922512531e-03f));
+  q = at::vec::fmadd(q, f, V(5.550733953714371e-02f));
+  q = at::vec::fmadd(q, f, V(2.4022242426872253e-01f));
+  q = at::vec::fmadd(q, f, V(6.931470036506653e-01f));
+  return at::vec::fmadd(q, f, V(1.f));
+}
+
+#if defined(CPU_CAPABILITY_AVX2)
+// 2^n for integral n in [-127, 128], built in the exponent field: 0 for n = -127 (the field's
+// zero), inf for n = 128. AVX2 has no scalef, so the callers clamp n to that range themselves.
+C10_ALWAYS_INLINE __m256 pow2_int(__m256 n) {
+  const __m256i biased = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23));
+}
+
+// n clamped to [-127, 128], n second so that NaN passes (vmaxps / vminps return their second
+// operand when either is NaN).
+C10_ALWAYS_INLINE __m256 clamp_exponent(__m256 n) {
+  return _mm256_min_ps(_mm256_set1_ps(128.f), _mm256_max_ps(_mm256_set1_ps(-127.f), n));
+}
+#endif
+
+}  // namespace vec_math_detail
+
 // exp, inlined (the LSTM's pointwise pass takes five per unit vector). Cody-Waite reduction
 // x = n ln2 + r, |r| <= ln2 / 2, Taylor series of e^r to r^7 (truncation < 2e-9 relative), and
-// 2^n applied by scalef, which also gives inf / 0 past the float range. About 1 ulp. NaN
-// propagates through the clamp: vmaxps / vminps return their second operand when either is
-// NaN, so x goes second (the same values as a clamp with x first and a NaN blend after it, two
-// operations fewer). Float on AVX-512 only; elsewhere at::vec's exp.
+// 2^n applied last. About 1 ulp. x is clamped to [-104, 90] first, which keeps r small for
+// infinite x; NaN propagates through the clamp: vmaxps / vminps return their second operand when
+// either is NaN, so x goes second (the same values as a clamp with x first and a NaN blend after
+// it, two operations fewer). On AVX-512 2^n by scalef, which also gives inf / 0 past the float
+// range; on AVX2 by the exponent field (pow2_int), which gives 0 below x = -87.68 (e^x a
+// denormal there, flushed) and inf above 88.37 (e^x is finite up to 88.72). Float on AVX-512 and
+// AVX2 only; elsewhere at::vec's exp.
 template <typename T>
 C10_ALWAYS_INLINE Vectorized<T> fast_exp(Vectorized<T> x) {
+  using V = Vectorized<T>;
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<T, float>) {
     const __m512 v = x;
@@ -30,48 +82,55 @@ C10_ALWAYS_INLINE Vectorized<T> fast_exp(Vectorized<T> x) {
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), xc);
     r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-    __m512 q = _mm512_set1_ps(1.f / 5040.f);
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.f / 720.f));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.f / 120.f));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.f / 24.f));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.f / 6.f));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.5f));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.f));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(q, n);
+    return _mm512_scalef_ps(vec_math_detail::exp_series(V(r)), n);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m256 v = x;
+    const __m256 xc = _mm256_min_ps(_mm256_set1_ps(90.f), _mm256_max_ps(_mm256_set1_ps(-104.f), v));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), xc);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+    return V(vec_math_detail::exp_series(V(r))) *
+           V(vec_math_detail::pow2_int(vec_math_detail::clamp_exponent(n)));
   }
 #endif
   return x.exp();
 }
 
 // 2^y for float on AVX-512 in 8 vector operations: f = y - round(y) in [-1/2, 1/2] by one
-// vreduceps and n = y - f (exact), 2^f = 1 + f q(f) with q of degree 4 fitted for the least
-// maximal relative error on |f| <= 1/2 (3 ulp evaluated in float), times 2^n by scalef. No
-// clamping: vreduceps gives 0 for infinite or integral y, so -inf gives 0, +inf inf, y past the
-// float range 0 or inf, NaN passes through; results equal those of the earlier form (clamp to
-// [-150, 128], round, subtract: 10 operations) bit for bit. Reducing to f = y - floor(y) in
-// [0, 1) instead, with scalef's own floor, saved one more operation but made exp(dt A) for the
-// small negative dt A of a typical scan 2^(-1) p(f ~ 1), whose error near f = 1 shifted every
-// such factor the same way (the A gradient's error against float64 grew from about 6e-7 to
-// 3e-6 at the benchmark's shape). The selective scan's exp(dt A) is 2^(dt A log2(e)) with
-// A log2(e) formed once per channel; at::vec's exp_u20 takes 19 operations (20 ulp). Elsewhere
-// exp(y ln 2).
+// vreduceps and n = y - f (exact), 2^f by exp2_poly, times 2^n by scalef. No clamping: vreduceps
+// gives 0 for infinite or integral y, so -inf gives 0, +inf inf, y past the float range 0 or
+// inf, NaN passes through; results equal those of the earlier form (clamp to [-150, 128], round,
+// subtract: 10 operations) bit for bit. Reducing to f = y - floor(y) in [0, 1) instead, with
+// scalef's own floor, saved one more operation but made exp(dt A) for the small negative dt A of
+// a typical scan 2^(-1) p(f ~ 1), whose error near f = 1 shifted every such factor the same way
+// (the A gradient's error against float64 grew from about 6e-7 to 3e-6 at the benchmark's
+// shape). On AVX2 (no vreduceps, no scalef) in 13: y clamped to [-127, 128] (NaN passes, as in
+// fast_exp), rounded, 2^n by the exponent field: 0 from y < -126.5 on (the denormals below
+// 2^-126.5 flushed) and inf from y >= 127.5. The selective scan's exp(dt A) is 2^(dt A
+// log2(e)) with A log2(e) formed once per channel; at::vec's exp_u20 takes 19 operations (20
+// ulp). Elsewhere exp(y ln 2).
 template <typename T>
 C10_ALWAYS_INLINE Vectorized<T> fast_exp2(Vectorized<T> y) {
+  using V = Vectorized<T>;
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<T, float>) {
     const __m512 v = y;
     const __m512 f = _mm512_reduce_ps(v, _MM_FROUND_TO_NEAREST_INT);  // y - round(y)
     const __m512 n = _mm512_sub_ps(v, f);
-    __m512 q = _mm512_set1_ps(1.3264714507386088e-03f);
-    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(9.671513922512531e-03f));
-    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(5.550733953714371e-02f));
-    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(2.4022242426872253e-01f));
-    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(6.931470036506653e-01f));
-    return _mm512_scalef_ps(_mm512_fmadd_ps(q, f, _mm512_set1_ps(1.f)), n);
+    return _mm512_scalef_ps(vec_math_detail::exp2_poly(V(f)), n);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m256 v = vec_math_detail::clamp_exponent(y);
+    const __m256 n = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const V f(_mm256_sub_ps(v, n));
+    return vec_math_detail::exp2_poly(f) * V(vec_math_detail::pow2_int(n));
   }
 #endif
-  return (y * Vectorized<T>(static_cast<T>(0.69314718055994530942))).exp();
+  return (y * V(static_cast<T>(0.69314718055994530942))).exp();
 }
 
 // 1 / (1 + e^-x), e^-x as fast_exp2 of -x log2(e) (3 ulp; 9 operations against fast_exp's
@@ -90,18 +149,18 @@ constexpr double kSoftplusThreshold = 20.0;
 // maximal relative error on [0, 1/9] (4e-9; the odd series of atanh needs degree 6 for that):
 // exact to a few ulp with no cancellation for v << 0 (where it is e^v), v itself for v >> 0 (as
 // torch's threshold gives), NaN for NaN. e^-|v| is fast_exp2 of -|v| log2(e) (3 ulp, 8
-// operations against fast_exp's 14). Float on AVX-512; elsewhere at::vec's log1p(exp(v)) with
-// torch's threshold. With `derivative`, also softplus'(v) = sigmoid(v) there, from the same
-// e^-|v| (1 / (1 + e) for v >= 0, e / (1 + e) below), and 1 above torch's threshold, as torch's
-// softplus backward.
+// operations against fast_exp's 14 on AVX-512). Float on AVX-512 and AVX2; elsewhere at::vec's
+// log1p(exp(v)) with torch's threshold. With `derivative`, also softplus'(v) = sigmoid(v) there,
+// from the same e^-|v| (1 / (1 + e) for v >= 0, e / (1 + e) below), and 1 above torch's
+// threshold, as torch's softplus backward.
 template <typename T>
 C10_ALWAYS_INLINE Vectorized<T> fast_softplus(Vectorized<T> v,
                                                Vectorized<T>* derivative = nullptr) {
   using V = Vectorized<T>;
   const V threshold(static_cast<T>(kSoftplusThreshold));
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(RNNKERNELS_FAST_VEC_MATH)
   if constexpr (std::is_same_v<T, float>) {
-    const V minus_abs(_mm512_or_ps(v, _mm512_set1_ps(-0.f)));  // -|v|: the sign bit set
+    const V minus_abs = v | V(-0.f);  // -|v|: the sign bit set
     const V e = fast_exp2<T>(minus_abs * V(1.44269504088896341f));
     if (derivative != nullptr) {
       const V sig = V::blendv(e, V(1.f), v >= V(0.f)) / (V(1.f) + e);
@@ -113,7 +172,7 @@ C10_ALWAYS_INLINE Vectorized<T> fast_softplus(Vectorized<T> v,
     q = at::vec::fmadd(s2, q, V(0.4002491051884238f));
     q = at::vec::fmadd(s2, q, V(0.6666631467568231f));
     q = at::vec::fmadd(s2, q, V(2.000000007921489f));
-    return at::vec::fmadd(s, q, V(_mm512_max_ps(_mm512_setzero_ps(), v)));
+    return at::vec::fmadd(s, q, at::vec::clamp_min(v, V(0.f)));  // max(0, v), NaN passes
   }
 #endif
   if (derivative != nullptr) *derivative = V::blendv(fast_sigmoid<T>(v), V(T(1)), v > threshold);
