@@ -318,6 +318,48 @@ inline __mmask16 lane_mask(int64_t n) {
   return static_cast<__mmask16>((1u << std::clamp<int64_t>(n, 0, 16)) - 1);
 }
 
+// The vector operations RowProjection is written in, on raw intrinsic types (see there why).
+struct ProjectionIsa {
+  using R = __m512;
+  static constexpr int W = 16;
+  static C10_ALWAYS_INLINE R zero() { return _mm512_setzero_ps(); }
+  static C10_ALWAYS_INLINE R set1(float v) { return _mm512_set1_ps(v); }
+  static C10_ALWAYS_INLINE R load(const float* p) { return _mm512_loadu_ps(p); }
+  static C10_ALWAYS_INLINE R load(const float* p, int64_t n) {
+    return _mm512_maskz_loadu_ps(lane_mask(n), p);
+  }
+  static C10_ALWAYS_INLINE void store(float* p, R v) { _mm512_storeu_ps(p, v); }
+  static C10_ALWAYS_INLINE void store(float* p, R v, int64_t n) {
+    _mm512_mask_storeu_ps(p, lane_mask(n), v);
+  }
+  static C10_ALWAYS_INLINE R fmadd(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  static C10_ALWAYS_INLINE R add(R a, R b) { return _mm512_add_ps(a, b); }
+};
+#elif defined(CPU_CAPABILITY_AVX2) && defined(__x86_64__)
+struct ProjectionIsa {
+  using R = __m256;
+  static constexpr int W = 8;
+  // The mask of the first n of 8 lanes (all bits set in a lane below n).
+  static C10_ALWAYS_INLINE __m256i mask(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::clamp<int64_t>(n, 0, 8))),
+                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static C10_ALWAYS_INLINE R zero() { return _mm256_setzero_ps(); }
+  static C10_ALWAYS_INLINE R set1(float v) { return _mm256_set1_ps(v); }
+  static C10_ALWAYS_INLINE R load(const float* p) { return _mm256_loadu_ps(p); }
+  static C10_ALWAYS_INLINE R load(const float* p, int64_t n) {
+    return _mm256_maskload_ps(p, mask(n));
+  }
+  static C10_ALWAYS_INLINE void store(float* p, R v) { _mm256_storeu_ps(p, v); }
+  static C10_ALWAYS_INLINE void store(float* p, R v, int64_t n) {
+    _mm256_maskstore_ps(p, mask(n), v);
+  }
+  static C10_ALWAYS_INLINE R fmadd(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  static C10_ALWAYS_INLINE R add(R a, R b) { return _mm256_add_ps(a, b); }
+};
+#endif
+
+#if (defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)) && defined(__x86_64__)
 #define RNNKERNELS_FUSED_INPUT 1
 // The input projection of batch-1 inference in float32, x_t W^T + b for a thread's columns of
 // W's rows, computed one block of kSteps steps ahead in small pieces (units) that ride along
@@ -327,27 +369,33 @@ inline __mmask16 lane_mask(int64_t n) {
 // operands in L1; interleaved, the projection runs in the stream's shadow (a standalone timing
 // on the AMD EPYC Zen 4 measured, 512 columns, K = I = 256, one thread: the batch-1 product
 // alone 4.8 us per step, with its share of the projection interleaved 5.4, one after the other
-// 7.1). A unit is one k of one vector panel (16 columns) for the block's kSteps rows: kSteps
-// multiply-adds of a W row (from a PackedPanels of W's columns, read once per block) and the
-// x values of the block's rows, held transposed (xt_[k * kSteps + r]) in L1. AVX-512
-// intrinsics: the kSteps sums must stay in registers across the product's loop, which GCC did
-// not manage with at::vec::Vectorized.
+// 7.1). A unit is one k of one vector panel (W columns, the vector width) for the block's kSteps
+// = W rows: kSteps multiply-adds of a W row (from a PackedPanels of W's columns, read once per
+// block) and the x values of the block's rows, held transposed (xt_[k * kSteps + r]) in L1.
+// Written in intrinsics (ProjectionIsa): the kSteps sums must stay in registers across the
+// product's loop, which GCC did not manage with at::vec::Vectorized. kSteps sums, a panel row's
+// kNV accumulators and three operands fit AVX-512's 32 registers (16 + 4 + 3) and AVX2's 16
+// (8 + 2 + 3).
 class RowProjection {
  public:
   using Panels = PackedPanels<float>;
-  static constexpr int kSteps = 16;
+  using Isa = ProjectionIsa;
+  using R = Isa::R;
+  static constexpr int W = Isa::W;
+  static constexpr int kSteps = W;
 
   // W's columns and bias as for PackedPanels (K = I, N columns); dest[j]: the offset of column
   // j in a row of the output.
   RowProjection(int64_t K, int64_t N, const std::vector<Panels::Columns>& runs,
                 std::vector<int64_t> dest)
-      : K_(K), N_(N), vpanels_((N + 15) / 16), w_(K, N, runs), dest_(std::move(dest)),
-        xt_(static_cast<size_t>(K * kSteps)), acc_(static_cast<size_t>(kSteps * 16)) {
+      : K_(K), N_(N), vpanels_((N + W - 1) / W), w_(K, N, runs), dest_(std::move(dest)),
+        xt_(static_cast<size_t>(K * kSteps)), acc_(static_cast<size_t>(kSteps * W)) {
+    static_assert(Panels::V::size() == W);
     TORCH_INTERNAL_ASSERT(static_cast<int64_t>(dest_.size()) == N);
     for (int64_t vp = 0; vp < vpanels_; ++vp) {
-      const int64_t n = std::min<int64_t>(16, N - vp * 16);
+      const int64_t n = std::min<int64_t>(W, N - vp * W);
       bool run = true;
-      for (int64_t c = 1; c < n; ++c) run = run && dest_[vp * 16 + c] == dest_[vp * 16] + c;
+      for (int64_t c = 1; c < n; ++c) run = run && dest_[vp * W + c] == dest_[vp * W] + c;
       contiguous_.push_back(run);
     }
   }
@@ -371,7 +419,7 @@ class RowProjection {
   // n units on their own.
   void run(int64_t n) {
     n = std::min(n, units_left());
-    __m512 s[kSteps];
+    R s[kSteps];
     load(s);
     for (; n > 0; --n) {
       unit(s, w_row(), xt_.data() + k_ * kSteps);
@@ -385,35 +433,34 @@ class RowProjection {
   C10_NOINLINE int64_t multiply_row(const Panels& w, const float* a, float* c, const KRanges& ks,
                                     bool accumulate, int64_t n) {
     constexpr int64_t kNR = Panels::kNR, kNV = Panels::kNV;
-    static_assert(kNR == kNV * 16);
+    static_assert(kNR == kNV * W);
     n = std::min(n, units_left());
     const int64_t total = n;
     const KLayout::Pieces pieces = w.layout().pieces(ks);
     const float* d = w.data();
     const float* bias = accumulate ? nullptr : w.bias();
-    __m512 s[kSteps];
+    R s[kSteps];
     load(s);
     const float* sx = xt_.data() + k_ * kSteps;
     const float* const sx_end = xt_.data() + K_ * kSteps;
     const float* sw = w_row();
     for (int64_t p = 0; p < w.panels(); ++p) {
       const int64_t cols = std::min(kNR, w.cols() - p * kNR);
-      __m512 acc[kNV];
+      R acc[kNV];
       for (int64_t v = 0; v < kNV; ++v) {
-        const __mmask16 m = lane_mask(cols - v * 16);
-        acc[v] = accumulate ? _mm512_maskz_loadu_ps(m, c + p * kNR + v * 16)
-                            : (bias ? _mm512_loadu_ps(bias + p * kNR + v * 16)
-                                    : _mm512_setzero_ps());
+        acc[v] = accumulate ? Isa::load(c + p * kNR + v * W, cols - v * W)
+                            : (bias ? Isa::load(bias + p * kNR + v * W) : Isa::zero());
       }
       for (int r = 0; r < pieces.count; ++r) {
         const KLayout::Piece& pc = pieces.piece[r];
-        const float* bk = d + pc.seg->offset + p * pc.seg->pstride + (pc.begin - pc.seg->begin) * kNR;
+        const float* bk =
+            d + pc.seg->offset + p * pc.seg->pstride + (pc.begin - pc.seg->begin) * kNR;
         int64_t k = pc.begin;
         for (; n > 0 && k + 4 <= pc.end; k += 4, bk += 4 * kNR, --n) {
           for (int64_t q = 0; q < 4; ++q) {
-            const __m512 av = _mm512_set1_ps(a[k + q]);
+            const R av = Isa::set1(a[k + q]);
             for (int64_t v = 0; v < kNV; ++v) {
-              acc[v] = _mm512_fmadd_ps(av, _mm512_loadu_ps(bk + q * kNR + v * 16), acc[v]);
+              acc[v] = Isa::fmadd(av, Isa::load(bk + q * kNR + v * W), acc[v]);
             }
           }
           unit(s, sw, sx);
@@ -426,15 +473,13 @@ class RowProjection {
           }
         }
         for (; k < pc.end; ++k, bk += kNR) {
-          const __m512 av = _mm512_set1_ps(a[k]);
+          const R av = Isa::set1(a[k]);
           for (int64_t v = 0; v < kNV; ++v) {
-            acc[v] = _mm512_fmadd_ps(av, _mm512_loadu_ps(bk + v * 16), acc[v]);
+            acc[v] = Isa::fmadd(av, Isa::load(bk + v * W), acc[v]);
           }
         }
       }
-      for (int64_t v = 0; v < kNV; ++v) {
-        _mm512_mask_storeu_ps(c + p * kNR + v * 16, lane_mask(cols - v * 16), acc[v]);
-      }
+      for (int64_t v = 0; v < kNV; ++v) Isa::store(c + p * kNR + v * W, acc[v], cols - v * W);
     }
     k_ = (sx - xt_.data()) / kSteps;
     store(s);
@@ -445,41 +490,41 @@ class RowProjection {
   // W's row k_ of vector panel vp_.
   const float* w_row() const {
     constexpr int64_t kNR = Panels::kNR, kNV = Panels::kNV;
-    return w_.data() + (vp_ / kNV) * K_ * kNR + k_ * kNR + (vp_ % kNV) * 16;
+    return w_.data() + (vp_ / kNV) * K_ * kNR + k_ * kNR + (vp_ % kNV) * W;
   }
-  static C10_ALWAYS_INLINE void unit(__m512 (&s)[kSteps], const float* sw, const float* sx) {
-    const __m512 wv = _mm512_loadu_ps(sw);
+  static C10_ALWAYS_INLINE void unit(R (&s)[kSteps], const float* sw, const float* sx) {
+    const R wv = Isa::load(sw);
 #pragma GCC unroll 16
-    for (int r = 0; r < kSteps; ++r) s[r] = _mm512_fmadd_ps(_mm512_set1_ps(sx[r]), wv, s[r]);
+    for (int r = 0; r < kSteps; ++r) s[r] = Isa::fmadd(Isa::set1(sx[r]), wv, s[r]);
   }
-  C10_ALWAYS_INLINE void load(__m512 (&s)[kSteps]) const {
+  C10_ALWAYS_INLINE void load(R (&s)[kSteps]) const {
 #pragma GCC unroll 16
-    for (int r = 0; r < kSteps; ++r) s[r] = _mm512_loadu_ps(acc_.data() + r * 16);
+    for (int r = 0; r < kSteps; ++r) s[r] = Isa::load(acc_.data() + r * W);
   }
-  C10_ALWAYS_INLINE void store(const __m512 (&s)[kSteps]) {
+  C10_ALWAYS_INLINE void store(const R (&s)[kSteps]) {
 #pragma GCC unroll 16
-    for (int r = 0; r < kSteps; ++r) _mm512_storeu_ps(acc_.data() + r * 16, s[r]);
+    for (int r = 0; r < kSteps; ++r) Isa::store(acc_.data() + r * W, s[r]);
   }
   // The vector panel vp_ is complete (s its sums): its rows (+ bias) to the output (flush), s
   // zeroed, on to the next panel.
-  C10_ALWAYS_INLINE void finish(__m512 (&s)[kSteps]) {
+  C10_ALWAYS_INLINE void finish(R (&s)[kSteps]) {
     store(s);
     flush();
 #pragma GCC unroll 16
-    for (int r = 0; r < kSteps; ++r) s[r] = _mm512_setzero_ps();
+    for (int r = 0; r < kSteps; ++r) s[r] = Isa::zero();
   }
   C10_ALWAYS_INLINE void flush() {
     const float* bias = w_.bias();
-    const __m512 b = bias ? _mm512_loadu_ps(bias + vp_ * 16) : _mm512_setzero_ps();
-    const int64_t j0 = vp_ * 16, n = std::min<int64_t>(16, N_ - j0);
+    const R b = bias ? Isa::load(bias + vp_ * W) : Isa::zero();
+    const int64_t j0 = vp_ * W, n = std::min<int64_t>(W, N_ - j0);
     for (int r = 0; r < count_; ++r) {
       float* row = out_ + r * ldo_;
-      const __m512 v = _mm512_add_ps(_mm512_loadu_ps(acc_.data() + r * 16), b);
+      const R v = Isa::add(Isa::load(acc_.data() + r * W), b);
       if (contiguous_[vp_]) {
-        _mm512_mask_storeu_ps(row + dest_[j0], lane_mask(n), v);
+        Isa::store(row + dest_[j0], v, n);
       } else {
-        float tmp[16];
-        _mm512_storeu_ps(tmp, v);
+        float tmp[W];
+        Isa::store(tmp, v);
         for (int64_t c = 0; c < n; ++c) row[dest_[j0 + c]] = tmp[c];
       }
     }
@@ -497,7 +542,9 @@ class RowProjection {
   float* out_ = nullptr;
   int64_t ldo_ = 0, vp_ = 0, k_ = 0;
 };
+#endif
 
+#if defined(CPU_CAPABILITY_AVX512) && defined(__x86_64__)
 #define RNNKERNELS_BF16_DOT 1
 #define RNNKERNELS_BF16_TARGET __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl")))
 
