@@ -235,14 +235,17 @@ def test_decoding_step_opcheck(cell, dtype):
                            args["b_ih"], args["b_hh"], cell))
 
 
-SEQUENCE_SHAPES = [  # T, B = 1, I, H
+# T, B = 1, I, H. The fused projection runs in blocks of 16 steps on AVX-512 builds, 8 on AVX2.
+SEQUENCE_SHAPES = [
     (18, 1, 7, 257),   # two threads; the second's units (113) end panels mid-vector
-    (9, 1, 6, 64),     # below one block: the projection as one matmul
+    (9, 1, 6, 64),     # AVX-512: below one block, the projection as one matmul; AVX2: 2 blocks
+    (7, 1, 6, 64),     # below one block on both
     (17, 1, 37, 29),   # one thread; the last block of the projection holds one step
-    (40, 1, 256, 64),  # three blocks, the last partial
+    (40, 1, 256, 64),  # several blocks, the last partial on AVX-512
     (33, 1, 5, 48),    # I far below H: fewer projection units per step than product slots
     (20, 1, 300, 16),  # I above H: the projection's units beyond the slots run on their own
-    (16, 1, 9, 130),   # exactly one block: nothing to project ahead
+    (16, 1, 9, 130),   # exactly one block on AVX-512 (nothing to project ahead), two on AVX2
+    (8, 1, 9, 130),    # exactly one block on AVX2
 ]
 
 
@@ -252,8 +255,8 @@ SEQUENCE_SHAPES = [  # T, B = 1, I, H
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_sequence_inference(cell, shape, reverse, threads):
     """A float32 layer call on one row of more than one step without gradients runs the
-    recurrence_infer op (from 16 steps on the input projection fused into the steps) with the
-    float64 reference's outputs."""
+    recurrence_infer op (from one block of steps on, the input projection fused into the steps)
+    with the float64 reference's outputs."""
     T, B, I, H = shape
     args = make_layer(cell, T, B, I, H, torch.float32, bias=threads != 3, requires_grad=False)
     previous = torch.get_num_threads()
