@@ -62,22 +62,49 @@ constexpr int kVectorRegisters =
     16;
 #endif
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// The shuffles of the float tile transposes below, overloaded by register width.
+C10_ALWAYS_INLINE __m256 unpacklo(__m256 a, __m256 b) { return _mm256_unpacklo_ps(a, b); }
+C10_ALWAYS_INLINE __m256 unpackhi(__m256 a, __m256 b) { return _mm256_unpackhi_ps(a, b); }
+template <int kImm>
+C10_ALWAYS_INLINE __m256 shuffle_within_lanes(__m256 a, __m256 b) {
+  return _mm256_shuffle_ps(a, b, kImm);
+}
 #if defined(CPU_CAPABILITY_AVX512)
-// In-register transpose of a 16 x 16 float tile (row i = r[i]): unpack pairs of rows, shuffle
-// within 128-bit lanes, then two rounds of 128-bit lane shuffles; 64 shuffles, no memory.
+C10_ALWAYS_INLINE __m512 unpacklo(__m512 a, __m512 b) { return _mm512_unpacklo_ps(a, b); }
+C10_ALWAYS_INLINE __m512 unpackhi(__m512 a, __m512 b) { return _mm512_unpackhi_ps(a, b); }
+template <int kImm>
+C10_ALWAYS_INLINE __m512 shuffle_within_lanes(__m512 a, __m512 b) {
+  return _mm512_shuffle_ps(a, b, kImm);
+}
+#endif
+
+// The first two rounds of an in-register transpose of a kRows x kRows float tile (row i =
+// r[i], R: __m512 or __m256): unpack pairs of rows, then shuffle within 128-bit lanes. After
+// them, r[4 i + j], 128-bit lane k, holds rows 4 i .. 4 i + 3 of column 4 k + j; the 128-bit
+// lanes are left to exchange.
+template <int kRows, typename R>
+C10_ALWAYS_INLINE void transpose_within_lanes(R* r) {
+  R b[kRows];
+  for (int i = 0; i < kRows / 2; ++i) {
+    b[2 * i] = unpacklo(r[2 * i], r[2 * i + 1]);
+    b[2 * i + 1] = unpackhi(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < kRows / 4; ++i) {
+    r[4 * i] = shuffle_within_lanes<0x44>(b[4 * i], b[4 * i + 2]);
+    r[4 * i + 1] = shuffle_within_lanes<0xEE>(b[4 * i], b[4 * i + 2]);
+    r[4 * i + 2] = shuffle_within_lanes<0x44>(b[4 * i + 1], b[4 * i + 3]);
+    r[4 * i + 3] = shuffle_within_lanes<0xEE>(b[4 * i + 1], b[4 * i + 3]);
+  }
+}
+#endif
+
+#if defined(CPU_CAPABILITY_AVX512)
+// In-register transpose of a 16 x 16 float tile (row i = r[i]): transpose_within_lanes, then two
+// rounds of 128-bit lane shuffles; 64 shuffles, no memory.
 C10_ALWAYS_INLINE void transpose16(__m512* r) {
+  transpose_within_lanes<16>(r);
   __m512 b[16];
-  for (int i = 0; i < 8; ++i) {
-    b[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    b[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[4 * i] = _mm512_shuffle_ps(b[4 * i], b[4 * i + 2], 0x44);
-    r[4 * i + 1] = _mm512_shuffle_ps(b[4 * i], b[4 * i + 2], 0xEE);
-    r[4 * i + 2] = _mm512_shuffle_ps(b[4 * i + 1], b[4 * i + 3], 0x44);
-    r[4 * i + 3] = _mm512_shuffle_ps(b[4 * i + 1], b[4 * i + 3], 0xEE);
-  }
-  // r[4 i + j], 128-bit lane k: rows 4 i .. 4 i + 3 of column 4 k + j.
   for (int j = 0; j < 4; ++j) {
     b[j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88);
     b[4 + j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xDD);
@@ -92,21 +119,11 @@ C10_ALWAYS_INLINE void transpose16(__m512* r) {
   }
 }
 #elif defined(CPU_CAPABILITY_AVX2)
-// In-register transpose of an 8 x 8 float tile (row i = r[i]): the same network as transpose16
-// with one round of 128-bit lane swaps; 24 shuffles (the generic tile's interleaves take 48).
+// In-register transpose of an 8 x 8 float tile (row i = r[i]): transpose_within_lanes, then one
+// round of 128-bit lane swaps; 24 shuffles (the generic tile's interleaves take 48).
 C10_ALWAYS_INLINE void transpose8(__m256* r) {
+  transpose_within_lanes<8>(r);
   __m256 b[8];
-  for (int i = 0; i < 4; ++i) {
-    b[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    b[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 2; ++i) {
-    r[4 * i] = _mm256_shuffle_ps(b[4 * i], b[4 * i + 2], 0x44);
-    r[4 * i + 1] = _mm256_shuffle_ps(b[4 * i], b[4 * i + 2], 0xEE);
-    r[4 * i + 2] = _mm256_shuffle_ps(b[4 * i + 1], b[4 * i + 3], 0x44);
-    r[4 * i + 3] = _mm256_shuffle_ps(b[4 * i + 1], b[4 * i + 3], 0xEE);
-  }
-  // r[4 i + j], 128-bit half k: rows 4 i .. 4 i + 3 of column 4 k + j.
   for (int j = 0; j < 4; ++j) {
     b[j] = _mm256_permute2f128_ps(r[j], r[4 + j], 0x20);
     b[4 + j] = _mm256_permute2f128_ps(r[j], r[4 + j], 0x31);

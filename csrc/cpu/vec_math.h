@@ -74,26 +74,18 @@ C10_ALWAYS_INLINE __m256 clamp_exponent(__m256 n) {
 template <typename T>
 C10_ALWAYS_INLINE Vectorized<T> fast_exp(Vectorized<T> x) {
   using V = Vectorized<T>;
+#if defined(RNNKERNELS_FAST_VEC_MATH)
+  if constexpr (std::is_same_v<T, float>) {
+    const V xc = at::vec::clamp(x, V(-104.f), V(90.f));  // min(90, max(-104, x)): x second
+    const V n = (xc * V(1.44269504088896341f)).round();
+    V r = at::vec::fmadd(n, V(-0.693145751953125f), xc);
+    r = at::vec::fmadd(n, V(-1.428606765330187e-06f), r);
 #if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<T, float>) {
-    const __m512 v = x;
-    const __m512 xc = _mm512_min_ps(_mm512_set1_ps(90.f), _mm512_max_ps(_mm512_set1_ps(-104.f), v));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), xc);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-    return _mm512_scalef_ps(vec_math_detail::exp_series(V(r)), n);
-  }
-#elif defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<T, float>) {
-    const __m256 v = x;
-    const __m256 xc = _mm256_min_ps(_mm256_set1_ps(90.f), _mm256_max_ps(_mm256_set1_ps(-104.f), v));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), xc);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
-    return V(vec_math_detail::exp_series(V(r))) *
+    return _mm512_scalef_ps(vec_math_detail::exp_series(r), n);
+#else
+    return vec_math_detail::exp_series(r) *
            V(vec_math_detail::pow2_int(vec_math_detail::clamp_exponent(n)));
+#endif
   }
 #endif
   return x.exp();
