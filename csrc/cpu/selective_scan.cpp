@@ -278,7 +278,9 @@ void forward_states(int64_t len, int64_t ld, int64_t n0, T* x, const T* A, const
 template <typename T, bool kBvar, bool kCvar>
 void forward_steps(int64_t len, int64_t N, int64_t ld, T* x, const T* A, const T* B, const T* C,
                    const T* dt, const T* du, T* y) {
-  constexpr int kNB = 4;
+  // States a pass: 4 keep AVX-512's pipes busy; on AVX2 their states and A2 spilled from the
+  // 16 registers, and 2 measured a few percent faster there (an in-process A/B of the forward).
+  constexpr int kNB = lanes::kVectorRegisters >= 32 ? 4 : 2;
   int64_t n0 = 0;
   for (; n0 + kNB <= N; n0 += kNB) {
     forward_states<T, kBvar, kCvar, kNB>(len, ld, n0, x, A, B, C, dt, du, y);
@@ -286,67 +288,34 @@ void forward_steps(int64_t len, int64_t N, int64_t ld, T* x, const T* A, const T
   for (; n0 < N; ++n0) forward_states<T, kBvar, kCvar, 1>(len, ld, n0, x, A, B, C, dt, du, y);
 }
 
-// The backward of NB states of a block over one chunk, in two passes that keep everything they
-// touch per step in L1 or in registers:
-// - the recomputation of the NB states from the chunk's start x0 (N x W) into xs ((len + 1) x
-//   NB x W), with exp(dt A) kept in as (len x NB x W) (stored and read back: measured faster
-//   than forming it again in the reverse pass), and with kY, C_t . x_t of the NB states added
-//   to y (len x W), or stored there by the first states (n0 = 0);
-// - the reverse recurrence, with their dL/dx, dA and state in registers: h (N x W) holds dL/dx
-//   after the chunk on entry and before it on exit; g: dL/dy per step (len x W). Sums over the
-//   chunk are added to dA (N x W) and, when fixed, to dB / dC (N x W); when grouped, each
-//   step's per-lane terms are added to dB / dC (len x N x W), or stored there with kFirst (the
-//   first block of a super: no buffer to clear beforehand); when both are grouped, as one folded
-//   vector in dB (fold). Grouped B / C are read as in forward_states. Per step, sum_n h B and
-//   sum_n h A a x_prev of the NB states are added to s1 / s2 (len x W), or stored there by the
-//   first states.
-// Two states at a time measured faster than four or eight (whose registers spill) and than the
-// whole state at every step (the earlier design: its states and per-state sums, 66 KB per block
-// and chunk, were read back from L2).
-template <typename T, bool kBvar, bool kCvar, bool kY, bool kFirst, int NB>
-void backward_states(int64_t len, int64_t N, int64_t ld, int64_t n0, const T* x0, T* h, const T* A,
-                     const T* A2, const T* B, const T* C, const T* dt, const T* du, const T* g,
-                     T* y, T* xs, T* as, T* dA, T* dB, T* dC, T* s1, T* s2) {
+// The reverse pass of backward_states over NR of its NB states, [n0 + r0, n0 + r0 + NR), from
+// their recomputed states xs and factors as ((len + 1) x NB x W and len x NB x W).
+template <typename T, bool kBvar, bool kCvar, bool kFirst, int NB, int NR>
+C10_ALWAYS_INLINE void reverse_states(int64_t len, int64_t N, int64_t ld, int64_t n0, int r0,
+                                      T* h, const T* A, const T* B, const T* C, const T* dt,
+                                      const T* du, const T* g, const T* xs, const T* as, T* dA,
+                                      T* dB, T* dC, T* s1, T* s2) {
   using V = Vec<T>;
   constexpr int64_t W = V::size();
-  V xr[NB], Ar[NB];
-  for (int j = 0; j < NB; ++j) {
-    xr[j] = V::loadu(x0 + (n0 + j) * W);
-    Ar[j] = V::loadu(A2 + (n0 + j) * W);
-    xr[j].store(xs + j * W);
-  }
-  for (int64_t t = 0; t < len; ++t) {
-    const V dtv = V::loadu(dt + t * W), duv = V::loadu(du + t * W);
-    V yv = kY && n0 > 0 ? V::loadu(y + t * W) : V(T(0));
-    for (int j = 0; j < NB; ++j) {
-      const int64_t n = n0 + j;
-      const V a = fast_exp2<T>(dtv * Ar[j]);
-      a.store(as + (t * NB + j) * W);
-      const V Bn = kBvar ? V(B[n * ld + t]) : V::loadu(B + n * W);
-      xr[j] = at::vec::fmadd(a, xr[j], duv * Bn);
-      xr[j].store(xs + ((t + 1) * NB + j) * W);
-      if constexpr (kY) {
-        yv = at::vec::fmadd(xr[j], kCvar ? V(C[n * ld + t]) : V::loadu(C + n * W), yv);
-      }
-    }
-    if constexpr (kY) yv.store(y + t * W);
-  }
-  V hr[NB], dAr[NB], Ad[NB];
-  for (int j = 0; j < NB; ++j) {
-    hr[j] = V::loadu(h + (n0 + j) * W);
-    dAr[j] = V::loadu(dA + (n0 + j) * W);
-    Ad[j] = V::loadu(A + (n0 + j) * W);  // in registers: the stores below may alias A for GCC
+  V hr[NR], dAr[NR], Ad[NR], xr[NR];
+  for (int j = 0; j < NR; ++j) {
+    const int64_t n = n0 + r0 + j;
+    hr[j] = V::loadu(h + n * W);
+    dAr[j] = V::loadu(dA + n * W);
+    Ad[j] = V::loadu(A + n * W);  // in registers: the stores below may alias A for GCC
+    xr[j] = V::loadu(xs + (len * NB + r0 + j) * W);
   }
   for (int64_t t = len - 1; t >= 0; --t) {
     const V gv = V::loadu(g + t * W), dtv = V::loadu(dt + t * W), duv = V::loadu(du + t * W);
-    V s1v = n0 > 0 ? V::loadu(s1 + t * W) : V(T(0));
-    V s2v = n0 > 0 ? V::loadu(s2 + t * W) : V(T(0));
-    for (int j = 0; j < NB; ++j) {
-      const int64_t n = n0 + j;
+    const bool add = n0 + r0 > 0;
+    V s1v = add ? V::loadu(s1 + t * W) : V(T(0));
+    V s2v = add ? V::loadu(s2 + t * W) : V(T(0));
+    for (int j = 0; j < NR; ++j) {
+      const int64_t n = n0 + r0 + j;
       const V Bn = kBvar ? V(B[n * ld + t]) : V::loadu(B + n * W);
       const V Cn = kCvar ? V(C[n * ld + t]) : V::loadu(C + n * W);
-      const V xp = V::loadu(xs + (t * NB + j) * W);
-      const V a = V::loadu(as + (t * NB + j) * W);
+      const V xp = V::loadu(xs + (t * NB + r0 + j) * W);
+      const V a = V::loadu(as + (t * NB + r0 + j) * W);
       const V hn = at::vec::fmadd(gv, Cn, hr[j]);
       if constexpr (kBvar && kCvar) {  // both grouped: folded into dB (see fold)
         const V f = fold(hn * duv, gv * xr[j]);
@@ -378,9 +347,66 @@ void backward_states(int64_t len, int64_t N, int64_t ld, int64_t n0, const T* x0
     s1v.store(s1 + t * W);
     s2v.store(s2 + t * W);
   }
-  for (int j = 0; j < NB; ++j) {
-    hr[j].store(h + (n0 + j) * W);
-    dAr[j].store(dA + (n0 + j) * W);
+  for (int j = 0; j < NR; ++j) {
+    hr[j].store(h + (n0 + r0 + j) * W);
+    dAr[j].store(dA + (n0 + r0 + j) * W);
+  }
+}
+
+
+// The backward of NB states of a block over one chunk, in two passes that keep everything they
+// touch per step in L1 or in registers:
+// - the recomputation of the NB states from the chunk's start x0 (N x W) into xs ((len + 1) x
+//   NB x W), with exp(dt A) kept in as (len x NB x W) (stored and read back: measured faster
+//   than forming it again in the reverse pass), and with kY, C_t . x_t of the NB states added
+//   to y (len x W), or stored there by the first states (n0 = 0);
+// - the reverse recurrence (reverse_states), NR states a pass, with their dL/dx, dA and state in
+//   registers: h (N x W) holds dL/dx after the chunk on entry and before it on exit; g: dL/dy
+//   per step (len x W). Sums over the chunk are added to dA (N x W) and, when fixed, to dB / dC
+//   (N x W); when grouped, each step's per-lane terms are added to dB / dC (len x N x W), or
+//   stored there with kFirst (the first block of a super: no buffer to clear beforehand); when
+//   both are grouped, as one folded vector in dB (fold). Grouped B / C are read as in
+//   forward_states. Per step, sum_n h B and sum_n h A a x_prev of the states are added to s1 /
+//   s2 (len x W), or stored there by the first states.
+// Two states at a time measured faster than four or eight (whose registers spill) and than the
+// whole state at every step (the earlier design: its states and per-state sums, 66 KB per block
+// and chunk, were read back from L2). On AVX2 the reverse pass of two states spilled from the 16
+// registers: there it runs one state a pass (NR = 1) over two recomputed ones (NB = 2), a few
+// percent faster than one state for both passes in an in-process A/B of the backward op.
+template <typename T, bool kBvar, bool kCvar, bool kY, bool kFirst, int NB, int NR>
+void backward_states(int64_t len, int64_t N, int64_t ld, int64_t n0, const T* x0, T* h, const T* A,
+                     const T* A2, const T* B, const T* C, const T* dt, const T* du, const T* g,
+                     T* y, T* xs, T* as, T* dA, T* dB, T* dC, T* s1, T* s2) {
+  static_assert(NB % NR == 0);
+  using V = Vec<T>;
+  constexpr int64_t W = V::size();
+  {
+    V xr[NB], Ar[NB];
+    for (int j = 0; j < NB; ++j) {
+      xr[j] = V::loadu(x0 + (n0 + j) * W);
+      Ar[j] = V::loadu(A2 + (n0 + j) * W);
+      xr[j].store(xs + j * W);
+    }
+    for (int64_t t = 0; t < len; ++t) {
+      const V dtv = V::loadu(dt + t * W), duv = V::loadu(du + t * W);
+      V yv = kY && n0 > 0 ? V::loadu(y + t * W) : V(T(0));
+      for (int j = 0; j < NB; ++j) {
+        const int64_t n = n0 + j;
+        const V a = fast_exp2<T>(dtv * Ar[j]);
+        a.store(as + (t * NB + j) * W);
+        const V Bn = kBvar ? V(B[n * ld + t]) : V::loadu(B + n * W);
+        xr[j] = at::vec::fmadd(a, xr[j], duv * Bn);
+        xr[j].store(xs + ((t + 1) * NB + j) * W);
+        if constexpr (kY) {
+          yv = at::vec::fmadd(xr[j], kCvar ? V(C[n * ld + t]) : V::loadu(C + n * W), yv);
+        }
+      }
+      if constexpr (kY) yv.store(y + t * W);
+    }
+  }
+  for (int r0 = 0; r0 < NB; r0 += NR) {
+    reverse_states<T, kBvar, kCvar, kFirst, NB, NR>(len, N, ld, n0, r0, h, A, B, C, dt, du, g, xs,
+                                                    as, dA, dB, dC, s1, s2);
   }
 }
 
@@ -479,8 +505,10 @@ struct Grads {
   S* grad_z;  // null without z
 };
 
-// States a backward pass carries in registers at once (backward_states).
-constexpr int kStates = lanes::kVectorRegisters >= 32 ? 2 : 1;
+// States backward_states recomputes at once, and of those the states a reverse pass carries in
+// registers (see there).
+constexpr int kStates = 2;
+constexpr int kReverseStates = lanes::kVectorRegisters >= 32 ? 2 : 1;
 
 // Buffers of one thread's backward tasks over one chunk (dB holds the folded dB / dC terms when
 // B and C are both grouped, and dC is then empty), and the constants of a super's blocks (c,
@@ -543,13 +571,13 @@ void backward_task(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_
     constexpr bool kY = decltype(keep_y)::value, kFirst = decltype(store_first)::value;
     int64_t n0 = 0;
     for (; n0 + kStates <= N; n0 += kStates) {
-      backward_states<T, kBvar, kCvar, kY, kFirst, kStates>(
+      backward_states<T, kBvar, kCvar, kY, kFirst, kStates, kReverseStates>(
           len, N, p.L, n0, w.x.data(), gr.carried.h + i * NW, c.A.data(), c.A2.data(), B, C,
           s.dt.data(), s.du.data(), s.g.data(), s.y.data(), w.xs.data(), w.as.data(),
           gr.carried.dA + i * NW, dB, dC, w.s1.data(), w.s2.data());
     }
     for (; n0 < N; ++n0) {
-      backward_states<T, kBvar, kCvar, kY, kFirst, 1>(
+      backward_states<T, kBvar, kCvar, kY, kFirst, 1, 1>(
           len, N, p.L, n0, w.x.data(), gr.carried.h + i * NW, c.A.data(), c.A2.data(), B, C,
           s.dt.data(), s.du.data(), s.g.data(), s.y.data(), w.xs.data(), w.as.data(),
           gr.carried.dA + i * NW, dB, dC, w.s1.data(), w.s2.data());
