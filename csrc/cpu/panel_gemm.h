@@ -41,7 +41,6 @@ namespace rnnkernels::cpu {
 // Rows per register block of the packed products below.
 constexpr int kPanelRows = 6;
 
-
 // The loop nest of the packed products: f(std::integral_constant<int, MR>{}, p, n0, cols, m0)
 // for every panel p (columns [n0, n0 + cols), kNR at most) and every row block (MR rows from
 // m0) of M rows. Row blocks are balanced (M = 32 runs as 6,6,5,5,5,5, not 6,6,6,6,6,2).

@@ -353,7 +353,6 @@ C10_ALWAYS_INLINE void reverse_states(int64_t len, int64_t N, int64_t ld, int64_
   }
 }
 
-
 // The backward of NB states of a block over one chunk, in two passes that keep everything they
 // touch per step in L1 or in registers:
 // - the recomputation of the NB states from the chunk's start x0 (N x W) into xs ((len + 1) x

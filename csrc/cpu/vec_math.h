@@ -47,16 +47,11 @@ C10_ALWAYS_INLINE V exp2_poly(V f) {
 
 #if defined(CPU_CAPABILITY_AVX2)
 // 2^n for integral n in [-127, 128], built in the exponent field: 0 for n = -127 (the field's
-// zero), inf for n = 128. AVX2 has no scalef, so the callers clamp n to that range themselves.
+// zero), inf for n = 128. AVX2 has no scalef, so the callers clamp n to that range themselves
+// (at::vec::clamp: min(128, max(-127, n)), n second, so that NaN passes).
 C10_ALWAYS_INLINE __m256 pow2_int(__m256 n) {
   const __m256i biased = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
   return _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23));
-}
-
-// n clamped to [-127, 128], n second so that NaN passes (vmaxps / vminps return their second
-// operand when either is NaN).
-C10_ALWAYS_INLINE __m256 clamp_exponent(__m256 n) {
-  return _mm256_min_ps(_mm256_set1_ps(128.f), _mm256_max_ps(_mm256_set1_ps(-127.f), n));
 }
 #endif
 
@@ -84,7 +79,7 @@ C10_ALWAYS_INLINE Vectorized<T> fast_exp(Vectorized<T> x) {
     return _mm512_scalef_ps(vec_math_detail::exp_series(r), n);
 #else
     return vec_math_detail::exp_series(r) *
-           V(vec_math_detail::pow2_int(vec_math_detail::clamp_exponent(n)));
+           V(vec_math_detail::pow2_int(at::vec::clamp(n, V(-127.f), V(128.f))));
 #endif
   }
 #endif
@@ -116,10 +111,9 @@ C10_ALWAYS_INLINE Vectorized<T> fast_exp2(Vectorized<T> y) {
   }
 #elif defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<T, float>) {
-    const __m256 v = vec_math_detail::clamp_exponent(y);
-    const __m256 n = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const V f(_mm256_sub_ps(v, n));
-    return vec_math_detail::exp2_poly(f) * V(vec_math_detail::pow2_int(n));
+    const V v = at::vec::clamp(y, V(-127.f), V(128.f));
+    const V n = v.round();
+    return vec_math_detail::exp2_poly(v - n) * V(vec_math_detail::pow2_int(n));
   }
 #endif
   return (y * V(static_cast<T>(0.69314718055994530942))).exp();
