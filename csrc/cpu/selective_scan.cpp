@@ -249,28 +249,36 @@ void discretise(const Scan<S, T>& p, const Block& blk, const Lanes<T>& c, int64_
 //
 // States NB at a time, steps inside: the NB states and their A2 = A log2(e) stay in registers
 // across the chunk, y_t is read and written once per NB states, and the NB independent exp /
-// multiply-add chains keep the FMA pipes busy. A is passed as A2.
-template <typename T, bool kBvar, bool kCvar, int NB>
-void forward_states(int64_t len, int64_t ld, int64_t n0, T* x, const T* A, const T* B, const T* C,
-                    const T* dt, const T* du, T* y) {
+// multiply-add chains keep the FMA pipes busy. A is passed as A2. With kY, C_t . x_t of the NB
+// states is added to y, or stored there by the first states (n0 = 0). With kSave (the
+// backward's recomputation) the states are also kept in xs ((len + 1) x NB x W: the NB states
+// before each step, then after the last) and exp(dt A) in as (len x NB x W).
+template <typename T, bool kBvar, bool kCvar, bool kY, bool kSave, int NB>
+void scan_states(int64_t len, int64_t ld, int64_t n0, T* x, const T* A, const T* B, const T* C,
+                 const T* dt, const T* du, T* y, T* xs, T* as) {
   using V = Vec<T>;
   constexpr int64_t W = V::size();
   V xr[NB], Ar[NB];
   for (int j = 0; j < NB; ++j) {
     xr[j] = V::loadu(x + (n0 + j) * W);
     Ar[j] = V::loadu(A + (n0 + j) * W);
+    if constexpr (kSave) xr[j].store(xs + j * W);
   }
   for (int64_t t = 0; t < len; ++t) {
     const V dtv = V::loadu(dt + t * W), duv = V::loadu(du + t * W);
-    V yv = n0 > 0 ? V::loadu(y + t * W) : V(T(0));
+    V yv = kY && n0 > 0 ? V::loadu(y + t * W) : V(T(0));
     for (int j = 0; j < NB; ++j) {
       const int64_t n = n0 + j;
       const V a = fast_exp2<T>(dtv * Ar[j]);
+      if constexpr (kSave) a.store(as + (t * NB + j) * W);
       const V Bn = kBvar ? V(B[n * ld + t]) : V::loadu(B + n * W);
       xr[j] = at::vec::fmadd(a, xr[j], duv * Bn);
-      yv = at::vec::fmadd(xr[j], kCvar ? V(C[n * ld + t]) : V::loadu(C + n * W), yv);
+      if constexpr (kSave) xr[j].store(xs + ((t + 1) * NB + j) * W);
+      if constexpr (kY) {
+        yv = at::vec::fmadd(xr[j], kCvar ? V(C[n * ld + t]) : V::loadu(C + n * W), yv);
+      }
     }
-    yv.store(y + t * W);
+    if constexpr (kY) yv.store(y + t * W);
   }
   for (int j = 0; j < NB; ++j) xr[j].store(x + (n0 + j) * W);
 }
@@ -283,9 +291,13 @@ void forward_steps(int64_t len, int64_t N, int64_t ld, T* x, const T* A, const T
   constexpr int kNB = lanes::kVectorRegisters >= 32 ? 4 : 2;
   int64_t n0 = 0;
   for (; n0 + kNB <= N; n0 += kNB) {
-    forward_states<T, kBvar, kCvar, kNB>(len, ld, n0, x, A, B, C, dt, du, y);
+    scan_states<T, kBvar, kCvar, true, false, kNB>(len, ld, n0, x, A, B, C, dt, du, y, nullptr,
+                                                   nullptr);
   }
-  for (; n0 < N; ++n0) forward_states<T, kBvar, kCvar, 1>(len, ld, n0, x, A, B, C, dt, du, y);
+  for (; n0 < N; ++n0) {
+    scan_states<T, kBvar, kCvar, true, false, 1>(len, ld, n0, x, A, B, C, dt, du, y, nullptr,
+                                                 nullptr);
+  }
 }
 
 // The reverse pass of backward_states over NR of its NB states, [n0 + r0, n0 + r0 + NR), from
@@ -355,17 +367,16 @@ C10_ALWAYS_INLINE void reverse_states(int64_t len, int64_t N, int64_t ld, int64_
 
 // The backward of NB states of a block over one chunk, in two passes that keep everything they
 // touch per step in L1 or in registers:
-// - the recomputation of the NB states from the chunk's start x0 (N x W) into xs ((len + 1) x
-//   NB x W), with exp(dt A) kept in as (len x NB x W) (stored and read back: measured faster
-//   than forming it again in the reverse pass), and with kY, C_t . x_t of the NB states added
-//   to y (len x W), or stored there by the first states (n0 = 0);
+// - the recomputation of the NB states from the chunk's start x (N x W; left holding the
+//   chunk's end) by scan_states with kSave, into xs and as (exp(dt A) stored and read back:
+//   measured faster than forming it again in the reverse pass), with kY also y = C_t . x_t;
 // - the reverse recurrence (reverse_states), NR states a pass, with their dL/dx, dA and state in
 //   registers: h (N x W) holds dL/dx after the chunk on entry and before it on exit; g: dL/dy
 //   per step (len x W). Sums over the chunk are added to dA (N x W) and, when fixed, to dB / dC
 //   (N x W); when grouped, each step's per-lane terms are added to dB / dC (len x N x W), or
 //   stored there with kFirst (the first block of a super: no buffer to clear beforehand); when
 //   both are grouped, as one folded vector in dB (fold). Grouped B / C are read as in
-//   forward_states. Per step, sum_n h B and sum_n h A a x_prev of the states are added to s1 /
+//   scan_states. Per step, sum_n h B and sum_n h A a x_prev of the states are added to s1 /
 //   s2 (len x W), or stored there by the first states.
 // Two states at a time measured faster than four or eight (whose registers spill) and than the
 // whole state at every step (the earlier design: its states and per-state sums, 66 KB per block
@@ -373,36 +384,11 @@ C10_ALWAYS_INLINE void reverse_states(int64_t len, int64_t N, int64_t ld, int64_
 // registers: there it runs one state a pass (NR = 1) over two recomputed ones (NB = 2), a few
 // percent faster than one state for both passes in an in-process A/B of the backward op.
 template <typename T, bool kBvar, bool kCvar, bool kY, bool kFirst, int NB, int NR>
-void backward_states(int64_t len, int64_t N, int64_t ld, int64_t n0, const T* x0, T* h, const T* A,
+void backward_states(int64_t len, int64_t N, int64_t ld, int64_t n0, T* x, T* h, const T* A,
                      const T* A2, const T* B, const T* C, const T* dt, const T* du, const T* g,
                      T* y, T* xs, T* as, T* dA, T* dB, T* dC, T* s1, T* s2) {
   static_assert(NB % NR == 0);
-  using V = Vec<T>;
-  constexpr int64_t W = V::size();
-  {
-    V xr[NB], Ar[NB];
-    for (int j = 0; j < NB; ++j) {
-      xr[j] = V::loadu(x0 + (n0 + j) * W);
-      Ar[j] = V::loadu(A2 + (n0 + j) * W);
-      xr[j].store(xs + j * W);
-    }
-    for (int64_t t = 0; t < len; ++t) {
-      const V dtv = V::loadu(dt + t * W), duv = V::loadu(du + t * W);
-      V yv = kY && n0 > 0 ? V::loadu(y + t * W) : V(T(0));
-      for (int j = 0; j < NB; ++j) {
-        const int64_t n = n0 + j;
-        const V a = fast_exp2<T>(dtv * Ar[j]);
-        a.store(as + (t * NB + j) * W);
-        const V Bn = kBvar ? V(B[n * ld + t]) : V::loadu(B + n * W);
-        xr[j] = at::vec::fmadd(a, xr[j], duv * Bn);
-        xr[j].store(xs + ((t + 1) * NB + j) * W);
-        if constexpr (kY) {
-          yv = at::vec::fmadd(xr[j], kCvar ? V(C[n * ld + t]) : V::loadu(C + n * W), yv);
-        }
-      }
-      if constexpr (kY) yv.store(y + t * W);
-    }
-  }
+  scan_states<T, kBvar, kCvar, kY, true, NB>(len, ld, n0, x, A2, B, C, dt, du, y, xs, as);
   for (int r0 = 0; r0 < NB; r0 += NR) {
     reverse_states<T, kBvar, kCvar, kFirst, NB, NR>(len, N, ld, n0, r0, h, A, B, C, dt, du, g, xs,
                                                     as, dA, dB, dC, s1, s2);
