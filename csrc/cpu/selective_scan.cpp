@@ -300,34 +300,51 @@ void forward_steps(int64_t len, int64_t N, int64_t ld, T* x, const T* A, const T
   }
 }
 
-// The reverse pass of backward_states over NR of its NB states, [n0 + r0, n0 + r0 + NR), from
-// their recomputed states xs and factors as ((len + 1) x NB x W and len x NB x W).
-template <typename T, bool kBvar, bool kCvar, bool kFirst, int NB, int NR>
-C10_ALWAYS_INLINE void reverse_states(int64_t len, int64_t N, int64_t ld, int64_t n0, int r0,
-                                      T* h, const T* A, const T* B, const T* C, const T* dt,
-                                      const T* du, const T* g, const T* xs, const T* as, T* dA,
-                                      T* dB, T* dC, T* s1, T* s2) {
+// The backward of NB states of a block over one chunk, in two passes that keep everything they
+// touch per step in L1 or in registers:
+// - the recomputation of the NB states from the chunk's start x (N x W; left holding the
+//   chunk's end) by scan_states with kSave, into xs and as (exp(dt A) stored and read back:
+//   measured faster than forming it again in the reverse pass), with kY also y = C_t . x_t;
+// - the reverse recurrence, with the NB states' dL/dx, dA and state in registers: h (N x W)
+//   holds dL/dx after the chunk on entry and before it on exit; g: dL/dy per step (len x W).
+//   Sums over the chunk are added to dA (N x W) and, when fixed, to dB / dC (N x W); when
+//   grouped, each step's per-lane terms are added to dB / dC (len x N x W), or stored there
+//   with kFirst (the first block of a super: no buffer to clear beforehand); when both are
+//   grouped, as one folded vector in dB (fold). Grouped B / C are read as in scan_states. Per
+//   step, sum_n h B and sum_n h A a x_prev of the states are added to s1 / s2 (len x W), or
+//   stored there by the first states.
+// Two states at a time measured faster than four or eight (whose registers spill) and than the
+// whole state at every step (the earlier design: its states and per-state sums, 66 KB per block
+// and chunk, were read back from L2). On AVX2 too, where the reverse pass of two states spills
+// a little from the 16 registers: in an in-process A/B of the backward op on an AMD EPYC Zen 2
+// it ran faster than one state a reverse pass over the two recomputed ones, and as fast as four
+// recomputed states with two a reverse pass.
+template <typename T, bool kBvar, bool kCvar, bool kY, bool kFirst, int NB>
+void backward_states(int64_t len, int64_t N, int64_t ld, int64_t n0, T* x, T* h, const T* A,
+                     const T* A2, const T* B, const T* C, const T* dt, const T* du, const T* g,
+                     T* y, T* xs, T* as, T* dA, T* dB, T* dC, T* s1, T* s2) {
+  scan_states<T, kBvar, kCvar, kY, true, NB>(len, ld, n0, x, A2, B, C, dt, du, y, xs, as);
   using V = Vec<T>;
   constexpr int64_t W = V::size();
-  V hr[NR], dAr[NR], Ad[NR], xr[NR];
-  for (int j = 0; j < NR; ++j) {
-    const int64_t n = n0 + r0 + j;
+  V hr[NB], dAr[NB], Ad[NB], xr[NB];
+  for (int j = 0; j < NB; ++j) {
+    const int64_t n = n0 + j;
     hr[j] = V::loadu(h + n * W);
     dAr[j] = V::loadu(dA + n * W);
     Ad[j] = V::loadu(A + n * W);  // in registers: the stores below may alias A for GCC
-    xr[j] = V::loadu(xs + (len * NB + r0 + j) * W);
+    xr[j] = V::loadu(xs + (len * NB + j) * W);
   }
   for (int64_t t = len - 1; t >= 0; --t) {
     const V gv = V::loadu(g + t * W), dtv = V::loadu(dt + t * W), duv = V::loadu(du + t * W);
-    const bool add = n0 + r0 > 0;
+    const bool add = n0 > 0;
     V s1v = add ? V::loadu(s1 + t * W) : V(T(0));
     V s2v = add ? V::loadu(s2 + t * W) : V(T(0));
-    for (int j = 0; j < NR; ++j) {
-      const int64_t n = n0 + r0 + j;
+    for (int j = 0; j < NB; ++j) {
+      const int64_t n = n0 + j;
       const V Bn = kBvar ? V(B[n * ld + t]) : V::loadu(B + n * W);
       const V Cn = kCvar ? V(C[n * ld + t]) : V::loadu(C + n * W);
-      const V xp = V::loadu(xs + (t * NB + r0 + j) * W);
-      const V a = V::loadu(as + (t * NB + r0 + j) * W);
+      const V xp = V::loadu(xs + (t * NB + j) * W);
+      const V a = V::loadu(as + (t * NB + j) * W);
       const V hn = at::vec::fmadd(gv, Cn, hr[j]);
       if constexpr (kBvar && kCvar) {  // both grouped: folded into dB (see fold)
         const V f = fold(hn * duv, gv * xr[j]);
@@ -359,39 +376,9 @@ C10_ALWAYS_INLINE void reverse_states(int64_t len, int64_t N, int64_t ld, int64_
     s1v.store(s1 + t * W);
     s2v.store(s2 + t * W);
   }
-  for (int j = 0; j < NR; ++j) {
-    hr[j].store(h + (n0 + r0 + j) * W);
-    dAr[j].store(dA + (n0 + r0 + j) * W);
-  }
-}
-
-// The backward of NB states of a block over one chunk, in two passes that keep everything they
-// touch per step in L1 or in registers:
-// - the recomputation of the NB states from the chunk's start x (N x W; left holding the
-//   chunk's end) by scan_states with kSave, into xs and as (exp(dt A) stored and read back:
-//   measured faster than forming it again in the reverse pass), with kY also y = C_t . x_t;
-// - the reverse recurrence (reverse_states), NR states a pass, with their dL/dx, dA and state in
-//   registers: h (N x W) holds dL/dx after the chunk on entry and before it on exit; g: dL/dy
-//   per step (len x W). Sums over the chunk are added to dA (N x W) and, when fixed, to dB / dC
-//   (N x W); when grouped, each step's per-lane terms are added to dB / dC (len x N x W), or
-//   stored there with kFirst (the first block of a super: no buffer to clear beforehand); when
-//   both are grouped, as one folded vector in dB (fold). Grouped B / C are read as in
-//   scan_states. Per step, sum_n h B and sum_n h A a x_prev of the states are added to s1 /
-//   s2 (len x W), or stored there by the first states.
-// Two states at a time measured faster than four or eight (whose registers spill) and than the
-// whole state at every step (the earlier design: its states and per-state sums, 66 KB per block
-// and chunk, were read back from L2). On AVX2 the reverse pass of two states spilled from the 16
-// registers: there it runs one state a pass (NR = 1) over two recomputed ones (NB = 2), a few
-// percent faster than one state for both passes in an in-process A/B of the backward op.
-template <typename T, bool kBvar, bool kCvar, bool kY, bool kFirst, int NB, int NR>
-void backward_states(int64_t len, int64_t N, int64_t ld, int64_t n0, T* x, T* h, const T* A,
-                     const T* A2, const T* B, const T* C, const T* dt, const T* du, const T* g,
-                     T* y, T* xs, T* as, T* dA, T* dB, T* dC, T* s1, T* s2) {
-  static_assert(NB % NR == 0);
-  scan_states<T, kBvar, kCvar, kY, true, NB>(len, ld, n0, x, A2, B, C, dt, du, y, xs, as);
-  for (int r0 = 0; r0 < NB; r0 += NR) {
-    reverse_states<T, kBvar, kCvar, kFirst, NB, NR>(len, N, ld, n0, r0, h, A, B, C, dt, du, g, xs,
-                                                    as, dA, dB, dC, s1, s2);
+  for (int j = 0; j < NB; ++j) {
+    hr[j].store(h + (n0 + j) * W);
+    dAr[j].store(dA + (n0 + j) * W);
   }
 }
 
@@ -490,10 +477,8 @@ struct Grads {
   S* grad_z;  // null without z
 };
 
-// States backward_states recomputes at once, and of those the states a reverse pass carries in
-// registers (see there).
+// States backward_states takes at once (see there).
 constexpr int kStates = 2;
-constexpr int kReverseStates = lanes::kVectorRegisters >= 32 ? 2 : 1;
 
 // Buffers of one thread's backward tasks over one chunk (dB holds the folded dB / dC terms when
 // B and C are both grouped, and dC is then empty), and the constants of a super's blocks (c,
@@ -556,13 +541,13 @@ void backward_task(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_
     constexpr bool kY = decltype(keep_y)::value, kFirst = decltype(store_first)::value;
     int64_t n0 = 0;
     for (; n0 + kStates <= N; n0 += kStates) {
-      backward_states<T, kBvar, kCvar, kY, kFirst, kStates, kReverseStates>(
+      backward_states<T, kBvar, kCvar, kY, kFirst, kStates>(
           len, N, p.L, n0, w.x.data(), gr.carried.h + i * NW, c.A.data(), c.A2.data(), B, C,
           s.dt.data(), s.du.data(), s.g.data(), s.y.data(), w.xs.data(), w.as.data(),
           gr.carried.dA + i * NW, dB, dC, w.s1.data(), w.s2.data());
     }
     for (; n0 < N; ++n0) {
-      backward_states<T, kBvar, kCvar, kY, kFirst, 1, 1>(
+      backward_states<T, kBvar, kCvar, kY, kFirst, 1>(
           len, N, p.L, n0, w.x.data(), gr.carried.h + i * NW, c.A.data(), c.A2.data(), B, C,
           s.dt.data(), s.du.data(), s.g.data(), s.y.data(), w.xs.data(), w.as.data(),
           gr.carried.dA + i * NW, dB, dC, w.s1.data(), w.s2.data());
