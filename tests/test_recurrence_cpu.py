@@ -107,7 +107,7 @@ def test_thread_counts(cell, threads, split, monkeypatch):
 def test_small_batch_step_product(cell, batch, monkeypatch):
     """The batched path's own matrix-vector product for at most 4 batch rows (5: ATen's GEMM),
     one step and several: at hidden 257 and 4 rows every cell's product is split over two
-    threads (in ranges of rows of W_hh that are not multiples of the 4 it takes at a time), K =
+    threads (in ranges of rows of W_hh that are not multiples of the 4 or 2 it takes at a time), K =
     257 is not a multiple of the vector width; the LSTM with a projection, whose product runs
     through it too."""
     monkeypatch.setenv("RNNKERNELS_CPU_RECURRENCE", "batched")

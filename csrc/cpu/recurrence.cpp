@@ -170,16 +170,18 @@ constexpr int64_t kMinProductWorkPerThread = 131072;
 // us). Here the rows of w are split over the threads in the same fixed ranges on every call, so
 // that from one call to the next each core finds its rows in its own L2 (a decoding loop calls
 // the layer once per token). Decomposition: a task owns a range of output columns (rows of w)
-// and produces them for all M rows of a, four rows of w at a time with M x 4 vector
-// accumulators over K, reduced horizontally once per dot product. Memory traffic: w once, a
-// from L1.
+// and produces them for all M rows of a, kRows rows of w at a time with M x kRows vector
+// accumulators over K, reduced horizontally once per dot product: four rows where the
+// accumulators, the four rows' vectors and one of a fit the vector registers, else two (AVX2's
+// 16 registers at M = 3 and 4; at M = 4 four rows spilled and decoding 4 rows ran slower in an
+// in-process A/B on an AMD EPYC Zen 2). Memory traffic: w once, a from L1.
 // a and w may be stored in another type than the accumulation type T (bfloat16 for float).
 template <typename T, int MR, typename SA, typename SW>
 void small_product_rows(int64_t n0, int64_t n1, int64_t N, int64_t K, const SA* a, const SW* w,
                         int64_t ldw, const SW* bias, T* out) {
   using V = Vectorized<T>;
   constexpr int64_t VS = V::size();
-  constexpr int64_t kRows = 4;
+  constexpr int64_t kRows = MR * 4 + 4 + 1 <= lanes::kVectorRegisters ? 4 : 2;
   auto sum = [](const V& x, const V& y) { return x + y; };
   for (int64_t j0 = n0; j0 < n1; j0 += kRows) {
     const int64_t rows = std::min(kRows, n1 - j0);
