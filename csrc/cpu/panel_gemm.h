@@ -261,31 +261,51 @@ class PackedPanels {
   }
 
  private:
+  // Independent multiply-add chains a register block keeps at least, where the registers allow:
+  // a multiply-add waits 4 to 5 cycles for its accumulator and a core starts two a cycle. A block
+  // of few rows (batch 1 or 2) holds fewer than that many accumulators, and its product ran at the
+  // chains' latency (an AVX2 row of 2 vectors: two multiply-adds per 5 cycles); it adds
+  // consecutive k into kSets sets of accumulators in turn, summed at the end.
+  static constexpr int64_t kMinChains = 8;
+
   template <int MR>
   void block(const T* a, int64_t lda, const T* d, int64_t p, const T* bias, T* c, int64_t ldc,
              int64_t cols, const KLayout::Pieces& pieces, bool accumulate) const {
     constexpr int64_t VS = V::size();
-    V acc[MR][kNV];
+    constexpr int64_t kSets = std::clamp<int64_t>((kMinChains + MR * kNV - 1) / (MR * kNV), 1, 4);
+    V acc[kSets][MR][kNV];
     for (int64_t v = 0; v < kNV; ++v) {
       const int64_t n = std::min<int64_t>(VS, cols - v * VS);
       for (int m = 0; m < MR; ++m) {
         if (accumulate && n > 0) {
-          acc[m][v] = V::loadu(c + m * ldc + v * VS, static_cast<int>(n));
+          acc[0][m][v] = V::loadu(c + m * ldc + v * VS, static_cast<int>(n));
         } else {
-          acc[m][v] = bias ? V::loadu(bias + v * VS) : V(T(0));
+          acc[0][m][v] = bias ? V::loadu(bias + v * VS) : V(T(0));
         }
+        for (int64_t j = 1; j < kSets; ++j) acc[j][m][v] = V(T(0));
       }
     }
+    // The product of row k of the panel (at bk) into accumulator set j.
+    auto row = [&](int64_t j, int64_t k, const T* bk) C10_ALWAYS_INLINE_ATTRIBUTE {
+      V b[kNV];
+      for (int64_t v = 0; v < kNV; ++v) b[v] = V::loadu(bk + v * VS);
+      for (int m = 0; m < MR; ++m) {
+        const V av(a[m * lda + k]);
+        for (int64_t v = 0; v < kNV; ++v) acc[j][m][v] = at::vec::fmadd(av, b[v], acc[j][m][v]);
+      }
+    };
     for (int r = 0; r < pieces.count; ++r) {
       const KLayout::Piece& pc = pieces.piece[r];
       const T* bk = d + pc.seg->offset + p * pc.seg->pstride + (pc.begin - pc.seg->begin) * kNR;
-      for (int64_t k = pc.begin; k < pc.end; ++k, bk += kNR) {
-        V b[kNV];
-        for (int64_t v = 0; v < kNV; ++v) b[v] = V::loadu(bk + v * VS);
-        for (int m = 0; m < MR; ++m) {
-          const V av(a[m * lda + k]);
-          for (int64_t v = 0; v < kNV; ++v) acc[m][v] = at::vec::fmadd(av, b[v], acc[m][v]);
-        }
+      int64_t k = pc.begin;
+      for (; k + kSets <= pc.end; k += kSets, bk += kSets * kNR) {
+        for (int64_t j = 0; j < kSets; ++j) row(j, k + j, bk + j * kNR);
+      }
+      for (; k < pc.end; ++k, bk += kNR) row(0, k, bk);
+    }
+    for (int64_t j = 1; j < kSets; ++j) {
+      for (int m = 0; m < MR; ++m) {
+        for (int64_t v = 0; v < kNV; ++v) acc[0][m][v] = acc[0][m][v] + acc[j][m][v];
       }
     }
     for (int m = 0; m < MR; ++m) {
@@ -293,9 +313,9 @@ class PackedPanels {
         const int64_t n = std::min<int64_t>(VS, cols - v * VS);
         if (n <= 0) break;
         if (n == VS) {
-          acc[m][v].store(c + m * ldc + v * VS);
+          acc[0][m][v].store(c + m * ldc + v * VS);
         } else {
-          acc[m][v].store(c + m * ldc + v * VS, static_cast<int>(n));
+          acc[0][m][v].store(c + m * ldc + v * VS, static_cast<int>(n));
         }
       }
     }
@@ -373,8 +393,8 @@ struct ProjectionIsa {
 // block) and the x values of the block's rows, held transposed (xt_[k * kSteps + r]) in L1.
 // Written in intrinsics (ProjectionIsa): the kSteps sums must stay in registers across the
 // product's loop, which GCC did not manage with at::vec::Vectorized. kSteps sums, a panel row's
-// kNV accumulators and three operands fit AVX-512's 32 registers (16 + 4 + 3) and AVX2's 16
-// (8 + 2 + 3).
+// two sets of kNV accumulators and three operands fit AVX-512's 32 registers (16 + 8 + 3) and
+// AVX2's 16 (8 + 4 + 3).
 class RowProjection {
  public:
   using Panels = PackedPanels<float>;
@@ -445,23 +465,27 @@ class RowProjection {
     const float* sw = w_row();
     for (int64_t p = 0; p < w.panels(); ++p) {
       const int64_t cols = std::min(kNR, w.cols() - p * kNR);
-      R acc[kNV];
+      // Two sets of accumulators, even and odd k (see PackedPanels::kMinChains).
+      R acc[2][kNV];
       for (int64_t v = 0; v < kNV; ++v) {
-        acc[v] = accumulate ? Isa::load(c + p * kNR + v * W, cols - v * W)
-                            : (bias ? Isa::load(bias + p * kNR + v * W) : Isa::zero());
+        acc[0][v] = accumulate ? Isa::load(c + p * kNR + v * W, cols - v * W)
+                               : (bias ? Isa::load(bias + p * kNR + v * W) : Isa::zero());
+        acc[1][v] = Isa::zero();
       }
+      // The product of row k of the panel (at bk) into set j.
+      auto row = [&](int j, int64_t k, const float* bk) C10_ALWAYS_INLINE_ATTRIBUTE {
+        const R av = Isa::set1(a[k]);
+        for (int64_t v = 0; v < kNV; ++v) {
+          acc[j][v] = Isa::fmadd(av, Isa::load(bk + v * W), acc[j][v]);
+        }
+      };
       for (int r = 0; r < pieces.count; ++r) {
         const KLayout::Piece& pc = pieces.piece[r];
         const float* bk =
             d + pc.seg->offset + p * pc.seg->pstride + (pc.begin - pc.seg->begin) * kNR;
         int64_t k = pc.begin;
         for (; n > 0 && k + 4 <= pc.end; k += 4, bk += 4 * kNR, --n) {
-          for (int64_t q = 0; q < 4; ++q) {
-            const R av = Isa::set1(a[k + q]);
-            for (int64_t v = 0; v < kNV; ++v) {
-              acc[v] = Isa::fmadd(av, Isa::load(bk + q * kNR + v * W), acc[v]);
-            }
-          }
+          for (int q = 0; q < 4; ++q) row(q % 2, k + q, bk + q * kNR);
           unit(s, sw, sx);
           sw += kNR;
           sx += kSteps;
@@ -471,14 +495,15 @@ class RowProjection {
             sx = xt_.data();
           }
         }
-        for (; k < pc.end; ++k, bk += kNR) {
-          const R av = Isa::set1(a[k]);
-          for (int64_t v = 0; v < kNV; ++v) {
-            acc[v] = Isa::fmadd(av, Isa::load(bk + v * W), acc[v]);
-          }
+        for (; k + 2 <= pc.end; k += 2, bk += 2 * kNR) {
+          row(0, k, bk);
+          row(1, k + 1, bk + kNR);
         }
+        if (k < pc.end) row(0, k, bk);
       }
-      for (int64_t v = 0; v < kNV; ++v) Isa::store(c + p * kNR + v * W, acc[v], cols - v * W);
+      for (int64_t v = 0; v < kNV; ++v) {
+        Isa::store(c + p * kNR + v * W, Isa::add(acc[0][v], acc[1][v]), cols - v * W);
+      }
     }
     k_ = (sx - xt_.data()) / kSteps;
     store(s);
