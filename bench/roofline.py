@@ -68,6 +68,7 @@ _PROBES = r"""
 #include <thread>
 #include <vector>
 
+#include "lanes.h"
 #include "vec_math.h"
 
 // Runs body(k) on `threads` threads at once (k = 0 on the caller's); body returns the seconds
@@ -108,24 +109,29 @@ double stream_seconds(int64_t bytes, int64_t passes, int64_t threads) {
   });
 }
 
-// The sum of every lane of n vectors: what a probe keeps of its results, so that the compiler
-// cannot drop the timed loop.
-float lane_sum(const at::vec::Vectorized<float>* v, int64_t n) {
+// The sum of every lane of the n vectors of v: what a probe keeps of its results, so that the
+// compiler cannot drop the timed loop. Added up in registers first: passed to a function that is
+// not inlined, the array's address escaped and GCC stored every vector of it to the stack on
+// every iteration of the timed loop, which then ran at the rate of those stores (the multiply-
+// add probe at half the multiply-add units' rate on an AVX2 machine).
+template <int64_t n>
+float lane_sum(const at::vec::Vectorized<float> (&v)[n]) {
+  at::vec::Vectorized<float> total = v[0];
+  for (int64_t j = 1; j < n; ++j) total = total + v[j];
+  float lanes[at::vec::Vectorized<float>::size()];
+  total.store(lanes);
   float s = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    float lanes[at::vec::Vectorized<float>::size()];
-    v[j].store(lanes);
-    for (float x : lanes) s += x;
-  }
+  for (float x : lanes) s += x;
   return s;
 }
 
 // Seconds for every one of `threads` threads to run `fmas / threads` vector multiply-adds of
-// W lanes (counted in lanes), all threads at once: 16 independent accumulators, so that the
-// multiply-add units, not their latency, are the limit.
+// W lanes (counted in lanes), all threads at once: independent accumulators, so that the
+// multiply-add units, not their latency, are the limit, as many as the vector registers hold
+// beside the two operands (16 of AVX-512's 32; 12 of AVX2's 16).
 double fma_seconds(int64_t fmas, int64_t threads) {
   using V = at::vec::Vectorized<float>;
-  constexpr int64_t W = V::size(), kAcc = 16;
+  constexpr int64_t W = V::size(), kAcc = rnnkernels::cpu::lanes::kVectorRegisters >= 32 ? 16 : 12;
   const int64_t iters = std::max<int64_t>(1, fmas / threads / (W * kAcc));
   std::vector<float> sink(threads);
   return slowest_thread_seconds(threads, [&](int64_t k) {
@@ -137,7 +143,7 @@ double fma_seconds(int64_t fmas, int64_t threads) {
       for (int j = 0; j < kAcc; ++j) acc[j] = at::vec::fmadd(acc[j], a, b);
     }
     const auto t1 = std::chrono::steady_clock::now();
-    sink[k] = lane_sum(acc, kAcc);
+    sink[k] = lane_sum(acc);
     return std::chrono::duration<double>(t1 - t0).count();
   });
 }
@@ -167,7 +173,7 @@ double exp_update_seconds(int64_t updates, int64_t threads) {
       }
     }
     const auto t1 = std::chrono::steady_clock::now();
-    sink[k] = lane_sum(x, kStates);
+    sink[k] = lane_sum(x);
     return std::chrono::duration<double>(t1 - t0).count();
   });
 }
