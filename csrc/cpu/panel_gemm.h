@@ -355,6 +355,9 @@ struct ProjectionIsa {
   static C10_ALWAYS_INLINE R add(R a, R b) { return _mm512_add_ps(a, b); }
 };
 #elif defined(CPU_CAPABILITY_AVX2) && defined(__x86_64__)
+// Loads and stores of n lanes are masked only for n < 8: vmaskmovps is slow on AMD's cores, and
+// plain loads and stores of the full panels made batch-1 inference faster in an in-process A/B
+// on a Zen 2.
 struct ProjectionIsa {
   using R = __m256;
   static constexpr int W = 8;
@@ -367,11 +370,15 @@ struct ProjectionIsa {
   static C10_ALWAYS_INLINE R set1(float v) { return _mm256_set1_ps(v); }
   static C10_ALWAYS_INLINE R load(const float* p) { return _mm256_loadu_ps(p); }
   static C10_ALWAYS_INLINE R load(const float* p, int64_t n) {
-    return _mm256_maskload_ps(p, mask(n));
+    return n >= W ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, mask(n));
   }
   static C10_ALWAYS_INLINE void store(float* p, R v) { _mm256_storeu_ps(p, v); }
   static C10_ALWAYS_INLINE void store(float* p, R v, int64_t n) {
-    _mm256_maskstore_ps(p, mask(n), v);
+    if (n >= W) {
+      _mm256_storeu_ps(p, v);
+    } else {
+      _mm256_maskstore_ps(p, mask(n), v);
+    }
   }
   static C10_ALWAYS_INLINE R fmadd(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
   static C10_ALWAYS_INLINE R add(R a, R b) { return _mm256_add_ps(a, b); }
