@@ -263,8 +263,8 @@ class PackedPanels {
  private:
   // Independent multiply-add chains a register block keeps at least, where the registers allow:
   // a multiply-add waits 4 to 5 cycles for its accumulator and a core starts two a cycle. A block
-  // of few rows (batch 1 or 2) holds fewer than that many accumulators, and its product ran at the
-  // chains' latency (an AVX2 row of 2 vectors: two multiply-adds per 5 cycles); it adds
+  // of few rows (one; up to three on AVX2) holds fewer than that many accumulators, and its
+  // product ran at the chains' latency (an AVX2 row of 2 vectors: two multiply-adds per 5 cycles); it adds
   // consecutive k into kSets sets of accumulators in turn, summed at the end.
   static constexpr int64_t kMinChains = 8;
 

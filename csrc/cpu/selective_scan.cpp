@@ -336,9 +336,8 @@ void backward_states(int64_t len, int64_t N, int64_t ld, int64_t n0, T* x, T* h,
   }
   for (int64_t t = len - 1; t >= 0; --t) {
     const V gv = V::loadu(g + t * W), dtv = V::loadu(dt + t * W), duv = V::loadu(du + t * W);
-    const bool add = n0 > 0;
-    V s1v = add ? V::loadu(s1 + t * W) : V(T(0));
-    V s2v = add ? V::loadu(s2 + t * W) : V(T(0));
+    V s1v = n0 > 0 ? V::loadu(s1 + t * W) : V(T(0));
+    V s2v = n0 > 0 ? V::loadu(s2 + t * W) : V(T(0));
     for (int j = 0; j < NB; ++j) {
       const int64_t n = n0 + j;
       const V Bn = kBvar ? V(B[n * ld + t]) : V::loadu(B + n * W);
