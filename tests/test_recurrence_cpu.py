@@ -235,7 +235,8 @@ def test_decoding_step_opcheck(cell, dtype):
                            args["b_ih"], args["b_hh"], cell))
 
 
-# T, B = 1, I, H. The fused projection runs in blocks of 16 steps on AVX-512 builds, 8 on AVX2.
+# T, B = 1, I, H. The fused projection's units run in blocks of 16 steps on AVX-512 builds, 8 on
+# AVX2; its blocks (RNNKERNELS_CPU_PROJECTION=blocks) take 32 steps.
 SEQUENCE_SHAPES = [
     (18, 1, 7, 257),   # two threads; the second's units (113) end panels mid-vector
     (9, 1, 6, 64),     # AVX-512: below one block, the projection as one matmul; AVX2: 2 blocks
@@ -246,6 +247,7 @@ SEQUENCE_SHAPES = [
     (20, 1, 300, 16),  # I above H: the projection's units beyond the slots run on their own
     (16, 1, 9, 130),   # exactly one block on AVX-512 (nothing to project ahead), two on AVX2
     (8, 1, 9, 130),    # exactly one block on AVX2
+    (65, 1, 11, 40),   # three blocks of 32 steps, the last of one step
 ]
 
 
@@ -253,10 +255,12 @@ SEQUENCE_SHAPES = [
 @pytest.mark.parametrize("shape", SEQUENCE_SHAPES)
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_sequence_inference(cell, shape, reverse, threads):
+@pytest.mark.parametrize("projection", ["units", "blocks"])
+def test_sequence_inference(cell, shape, reverse, threads, projection, monkeypatch):
     """A float32 layer call on one row of more than one step without gradients runs the
-    recurrence_infer op (from one block of steps on, the input projection fused into the steps)
-    with the float64 reference's outputs."""
+    recurrence_infer op (from one block of steps on, the input projection computed in the
+    recurrence's team, in either of its two ways) with the float64 reference's outputs."""
+    monkeypatch.setenv("RNNKERNELS_CPU_PROJECTION", projection)
     T, B, I, H = shape
     args = make_layer(cell, T, B, I, H, torch.float32, bias=threads != 3, requires_grad=False)
     previous = torch.get_num_threads()

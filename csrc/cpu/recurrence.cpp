@@ -45,6 +45,10 @@
 #include <utility>
 #include <vector>
 
+#if __has_include(<unistd.h>)
+#include <unistd.h>  // sysconf (the L2 size)
+#endif
+
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #endif
@@ -1201,20 +1205,59 @@ class ActiveRows {
 };
 
 // Batch-1 inference from x instead of gx (recurrence_infer): each thread computes the input
-// projection of its units' rows of W_ih itself, a block of RowProjection::kSteps steps ahead,
-// interleaved with its recurrent products (RowProjection), into a ring of its own: gx of the
-// block being run and of the next one ((2 * kSteps, G*H) rows, of which it writes and reads its
-// own units' columns only, so that the cell code reads it as it reads gx). Not one ring shared
-// by the team: there the threads' columns alternate every H / n units, and on a virtual machine
-// whose two cores were far apart (a round trip of about 500 ns between them, against 120 on
-// others) the cores' prefetchers pulling each other's neighbouring lines cost the fp32 GRU at
-// hidden 256, T = 256, about a tenth of its time.
+// projection of its units' rows of W_ih itself, into a ring of its own that holds gx of the
+// steps it will run next (rows of G*H, of which it writes and reads its own units' columns only,
+// so that the cell code reads it as it reads gx), in one of two ways (FusedProjection):
+// - units: a block of RowProjection::kSteps steps ahead, interleaved with its recurrent products
+//   (RowProjection; a ring of 2 * kSteps rows, the block being run and the next one). Per block
+//   it reads its W_ih slice once, and per step its W_hh slice: both must stay in its L2, or
+//   each evicts the other and the products stream both from L3;
+// - blocks: kProjectionSteps steps at a time as one panel GEMM at the first of them (a ring of
+//   kProjectionSteps rows): the GEMM's register blocks keep the multiply-add units busy, and W_ih
+//   passes through L2 once per block.
+// Blocks where the thread's W_hh slice fits in 7/8 of its L2 (sysconf) and W_hh and W_ih
+// together do not; units elsewhere. In in-process A/Bs on the AMD EPYC Zen 2 (512 KB of L2), fp32,
+// T = 256, two threads: the GRU at hidden 256 (393 KB of W_hh and as much of W_ih per thread) ran
+// faster in blocks of 32 steps (the units cost it about as much time as the product); with both
+// slices in L2 (GRU and LSTM at hidden 128, the RNN at 256) or W_hh past L2 anyway (LSTM at 256,
+// GRU and LSTM at 512) the units ran as fast or faster. On the AMD EPYC Zen 4 (1 MB of L2) the
+// units ran mostly in the product's shadow (see RowProjection). RNNKERNELS_CPU_PROJECTION=units
+// / blocks forces one (the tests run both).
+// Not one ring shared by the team: there the threads' columns alternate every H / n units, and on
+// a virtual machine whose two cores were far apart (a round trip of about 500 ns between them,
+// against 120 on others) the cores' prefetchers pulling each other's neighbouring lines cost the
+// fp32 GRU at hidden 256, T = 256, about a tenth of its time.
 struct FusedInput {
   const float* x;     // (T, 1, I)
   const float* w_ih;  // (G*H, I)
   const float* b_ih;  // (G*H,) or null
   int64_t I;
 };
+
+#ifdef RNNKERNELS_FUSED_INPUT
+constexpr int64_t kProjectionSteps = 32;
+
+enum class FusedProjection { kUnits, kBlocks };
+
+// How a thread whose slices of W_hh and W_ih take hh_bytes and ih_bytes computes its projection
+// (see FusedInput).
+FusedProjection fused_projection(int64_t hh_bytes, int64_t ih_bytes) {
+  const char* forced = std::getenv("RNNKERNELS_CPU_PROJECTION");
+  const std::string mode = forced != nullptr ? forced : "";
+  if (mode == "units") return FusedProjection::kUnits;
+  if (mode == "blocks") return FusedProjection::kBlocks;
+  static const int64_t l2 = [] {
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    return static_cast<int64_t>(sysconf(_SC_LEVEL2_CACHE_SIZE));
+#else
+    return int64_t{0};
+#endif
+  }();
+  const int64_t room = l2 / 8 * 7;
+  return hh_bytes <= room && hh_bytes + ih_bytes > room ? FusedProjection::kBlocks
+                                                        : FusedProjection::kUnits;
+}
+#endif
 
 template <typename S, typename T>
 void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor& w,
@@ -1288,11 +1331,23 @@ void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor&
     ActiveRows<T> active(pb, b0, b1, j1 - j0, P);
 #ifdef RNNKERNELS_FUSED_INPUT
     // Fused input: the thread's rows of W_ih (those of its units in every gate), packed once.
-    std::optional<RowProjection> xp;
+    std::optional<RowProjection> xp;  // units
+    std::vector<PackedPanels<float>> xp_gates;  // blocks: the slice's rows of each gate
     Tensor ring;  // this thread's (see FusedInput)
     float* ring_p = nullptr;
     if constexpr (kFusable) {
-      if (fused != nullptr && nk > 0) {
+      if (fused != nullptr && nk > 0 &&
+          fused_projection(G * nk * P * 4, G * nk * fused->I * 4) == FusedProjection::kBlocks) {
+        for (int64_t g = 0; g < G; ++g) {
+          xp_gates.emplace_back(
+              fused->I, nk,
+              std::vector<PackedPanels<float>::Columns>{
+                  {0, nk, fused->w_ih + (g * H + u0) * fused->I, 1, fused->I,
+                   fused->b_ih != nullptr ? fused->b_ih + g * H + u0 : nullptr}});
+        }
+        ring = at::empty({kProjectionSteps, GH}, hs.options());
+        ring_p = ring.data_ptr<float>();
+      } else if (fused != nullptr && nk > 0) {
         std::vector<PackedPanels<float>::Columns> runs_ih;
         std::vector<int64_t> dest;
         for (int64_t g = 0; g < G; ++g) {
@@ -1324,6 +1379,19 @@ void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor&
       // The projection's units this step: its share of the next block's (none in the last).
       int64_t due = 0;
       if constexpr (kFusable) {
+        if (!xp_gates.empty()) {  // blocks: the projection of steps [s, s + kProjectionSteps)
+          const int64_t r = s % kProjectionSteps;
+          if (r == 0) {
+            KRanges all;
+            all.add(0, fused->I);
+            for (int64_t g = 0; g < G; ++g) {
+              xp_gates[g].multiply(std::min(kProjectionSteps, pb.steps - s),
+                                   fused->x + t * fused->I, pb.reverse ? -fused->I : fused->I,
+                                   ring_p + g * H + u0, GH, all, false);
+            }
+          }
+          gx_t = ring_p + r * GH;
+        }
         if (xp) {
           const int64_t blk = s / kSteps, r = s % kSteps;
           if (r == 0 && (blk + 1) * kSteps < pb.steps) begin_block(blk + 1);
@@ -1806,12 +1874,12 @@ std::tuple<Tensor, Tensor, Tensor> cell_step_cpu(const Tensor& x_in, const Tenso
 }
 
 // A layer's forward without gradients from its input x (T, B, I): y (T, B, H), h_n and c_n as
-// recurrence_fwd's. At batch 1 in float32 with at least 16 steps (inference on a sequence),
-// the persistent path computes the input projection itself, fused into its steps (FusedInput):
-// a separate projection GEMM over all steps cost a third of the forward (the fp32 LSTM at
-// hidden 256, T = 256, 2 threads) and keeps half of the multiply-add units idle while the
-// recurrent products stream W_hh from L2. Elsewhere: the projection as one GEMM, then
-// recurrence_fwd.
+// recurrence_fwd's. At batch 1 in float32 with at least one block of RowProjection::kSteps
+// steps (inference on a sequence), the persistent path computes the input projection itself,
+// inside its team (FusedInput): a separate projection GEMM over all steps cost a third of the
+// forward (the fp32 LSTM at hidden 256, T = 256, 2 threads) and keeps half of the multiply-add
+// units idle while the recurrent products stream W_hh from L2. Elsewhere: the projection as one
+// GEMM, then recurrence_fwd.
 std::tuple<Tensor, Tensor, Tensor> recurrence_infer_cpu(const Tensor& x_in, const Tensor& h0_in,
                                                         const std::optional<Tensor>& c0_opt,
                                                         const Tensor& w_ih_in,
