@@ -1891,11 +1891,11 @@ std::tuple<Tensor, Tensor, Tensor> recurrence_infer_cpu(const Tensor& x_in, cons
       inference_operands("recurrence_infer", 3, 0, "(T >= 1, B >= 1, I)", x_in, h0_in, c0_opt,
                          w_ih_in, w_hh_in, b_ih_opt, b_hh_opt, cell_id);
   const Cell cell = in.cell;
-  const auto st = in.st;
-  const int64_t T_ = in.x.size(0), B = in.B, I = in.I, G = in.G, H = in.H, GH = G * H;
   const Tensor &x = in.x, &h0 = in.h0, &c0 = in.c0, &w_ih = in.w_ih, &w_hh = in.w_hh;
   const Tensor &b_ih = in.b_ih, &b_hh = in.b_hh;
 #ifdef RNNKERNELS_FUSED_INPUT
+  const auto st = in.st;
+  const int64_t T_ = x.size(0), B = in.B, I = in.I, G = in.G, H = in.H;
   const Problem<float, float> pb{cell, T_, B, H, H, G, workspace_units(cell, false), reverse,
                                  false, false, nullptr};
   // From one block of steps on: below it the whole projection would run before the first step,
