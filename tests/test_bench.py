@@ -581,3 +581,46 @@ def test_cache_effect_refuses_a_wrong_result(monkeypatch):
     import rnnkernels
 
     assert rnnkernels.set_cpu_cache_limit(256 << 20) == 256 << 20  # restored after the refusal
+
+
+def test_projection_effect_rows(capsys, monkeypatch):
+    """python -m bench.projection_effect at a small shape: per cell and hidden size, ours in the
+    default form (named by the form whose results it equals bit for bit), forced to units and to
+    blocks, and torch.nn, each checked, with times and the ratio to torch.nn."""
+    from bench import projection_effect
+
+    monkeypatch.setitem(configs.RECURRENCE, "cpu", configs.SuiteConfig(
+        train=configs.RECURRENCE["cpu"].train, inference={"B": 1, "T": 40, "I": 24, "H": 24},
+        sweeps={}))
+    monkeypatch.setenv("RNNKERNELS_CPU_PROJECTION", "units")  # restored after each call
+    assert projection_effect.main(["--case", "gru,rnn", "--hidden", "24,40",
+                                   "--min-time", "0.02"]) == 0
+    assert os.environ["RNNKERNELS_CPU_PROJECTION"] == "units"
+    rows = [[c.strip() for c in line.split("|")[1:-1]]
+            for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and not line.startswith("| case")]
+    assert [(r[0], r[1], r[2].rsplit(" (", 1)[0] if "default" in r[2] else r[2]) for r in rows] == [
+        (case, h, name) for case, torch_name in (("gru", "GRU"), ("rnn", "RNN"))
+        for h in ("24", "40")
+        for name in ("rnnkernels (cpu), default", "rnnkernels (cpu), units",
+                     "rnnkernels (cpu), blocks", torch_name)]
+    for case, h, name, median, ratio in rows:
+        if "default" in name:  # small slices fit any L2: the rule takes units
+            assert name.endswith("(units)"), name
+        seconds = float(median.removesuffix(" ms"))
+        theirs = next(float(r[3].removesuffix(" ms")) for r in rows
+                      if (r[0], r[1]) == (case, h) and not r[2].startswith("rnnkernels"))
+        assert float(ratio.removesuffix("x")) == pytest.approx(theirs / seconds, rel=0.02,
+                                                               abs=0.01)
+
+
+def test_projection_effect_refuses_a_wrong_result(monkeypatch):
+    from bench import projection_effect
+
+    monkeypatch.setitem(configs.RECURRENCE, "cpu", configs.SuiteConfig(
+        train=configs.RECURRENCE["cpu"].train, inference={"B": 1, "T": 9, "I": 8, "H": 8},
+        sweeps={}))
+    monkeypatch.setattr(projection_effect, "compare",
+                        lambda names, got, expected, tol: check.Verdict(False, 1.0, 1.0, "off"))
+    with pytest.raises(RuntimeError, match="is wrong: off"):
+        projection_effect.measure("lstm", 8, 0.01)
