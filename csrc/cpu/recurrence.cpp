@@ -1336,27 +1336,28 @@ void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor&
     Tensor ring;  // this thread's (see FusedInput)
     float* ring_p = nullptr;
     if constexpr (kFusable) {
-      if (fused != nullptr && nk > 0 &&
-          fused_projection(G * nk * P * 4, G * nk * fused->I * 4) == FusedProjection::kBlocks) {
-        for (int64_t g = 0; g < G; ++g) {
-          xp_gates.emplace_back(
-              fused->I, nk,
-              std::vector<PackedPanels<float>::Columns>{
-                  {0, nk, fused->w_ih + (g * H + u0) * fused->I, 1, fused->I,
-                   fused->b_ih != nullptr ? fused->b_ih + g * H + u0 : nullptr}});
-        }
-        ring = at::empty({kProjectionSteps, GH}, hs.options());
-        ring_p = ring.data_ptr<float>();
-      } else if (fused != nullptr && nk > 0) {
+      if (fused != nullptr && nk > 0) {
+        // Gate g's rows of the slice: columns [g * nk, (g + 1) * nk) of the projection.
         std::vector<PackedPanels<float>::Columns> runs_ih;
-        std::vector<int64_t> dest;
         for (int64_t g = 0; g < G; ++g) {
           runs_ih.push_back({g * nk, nk, fused->w_ih + (g * H + u0) * fused->I, 1, fused->I,
                              fused->b_ih != nullptr ? fused->b_ih + g * H + u0 : nullptr});
-          for (int64_t j = 0; j < nk; ++j) dest.push_back(g * H + u0 + j);
         }
-        xp.emplace(fused->I, G * nk, runs_ih, std::move(dest));
-        ring = at::empty({2 * kSteps, GH}, hs.options());
+        if (fused_projection(G * nk * P * 4, G * nk * fused->I * 4) ==
+            FusedProjection::kBlocks) {
+          for (PackedPanels<float>::Columns r : runs_ih) {
+            r.n0 = 0;  // each gate its own product, into its own columns of the ring
+            xp_gates.emplace_back(fused->I, nk, std::vector{r});
+          }
+          ring = at::empty({kProjectionSteps, GH}, hs.options());
+        } else {
+          std::vector<int64_t> dest;
+          for (int64_t g = 0; g < G; ++g) {
+            for (int64_t j = 0; j < nk; ++j) dest.push_back(g * H + u0 + j);
+          }
+          xp.emplace(fused->I, G * nk, runs_ih, std::move(dest));
+          ring = at::empty({2 * kSteps, GH}, hs.options());
+        }
         ring_p = ring.data_ptr<float>();
       }
     }
