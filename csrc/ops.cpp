@@ -98,4 +98,9 @@ TORCH_LIBRARY(rnnkernels, m) {
   // a^T b for a (R, M) and b (R, N) of one dtype on the CPU: a weight gradient's reduction over
   // R rows (the input projection's, from Python), through oneDNN where it is preferred.
   m.def("mm_tn(Tensor a, Tensor b) -> Tensor");
+  // ---- whether they go through our packed panels instead (csrc/cpu/panel_matmul.h), and
+  // a @ b [+ bias] on the CPU through them where preferred (the input projection and its input
+  // gradient, from Python), else ATen.
+  m.def("panel_matmul_preferred() -> bool");
+  m.def("matmul(Tensor a, Tensor b, Tensor? bias=None) -> Tensor");
 }

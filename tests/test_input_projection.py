@@ -1,8 +1,10 @@
-"""The recurrences' float32 CPU matmuls through oneDNN: the input projection
-(rnnkernels.ops._linear.linear: F.linear's results and gradients, through oneDNN's matmul where
-it takes the call, F.linear elsewhere) and the C++ backward's weight gradients
-(csrc/cpu/onednn_matmul.h), each with oneDNN preferred (RNNKERNELS_ONEDNN_MATMUL=1, as on AMD
-Zen 5) and not (=0, MKL's weight gradients), whatever this machine prefers."""
+"""The recurrences' float32 CPU matmuls through our packed panels or oneDNN: the input projection
+(rnnkernels.ops._linear.linear: F.linear's results and gradients, through the panels or oneDNN's
+matmul where they take the call, F.linear elsewhere) and the C++ backward's weight gradients
+(csrc/cpu/onednn_matmul.h, csrc/cpu/panel_matmul.h), each with the panels preferred
+(RNNKERNELS_PANEL_MATMUL=1, as on CPUs without AVX-512), oneDNN preferred
+(RNNKERNELS_ONEDNN_MATMUL=1, as on AMD Zen 5) and neither (MKL's weight gradients), whatever this
+machine prefers."""
 
 from __future__ import annotations
 
@@ -19,24 +21,32 @@ pytestmark = pytest.mark.skipif(not _linear._onednn_matmul_available(),
                                 reason="this torch has no oneDNN matmul")
 
 
-@pytest.fixture(params=["0", "1"], ids=["mkl-weight-grads", "onednn-preferred"])
+@pytest.fixture(params=["mkl", "onednn", "panel"],
+                ids=["mkl-weight-grads", "onednn-preferred", "panel-preferred"])
 def preferred(request, monkeypatch):
-    """Runs a test with oneDNN preferred for float32 matmuls and without."""
-    monkeypatch.setenv("RNNKERNELS_ONEDNN_MATMUL", request.param)
-    assert _linear.onednn_preferred() == (request.param == "1")
-    return request.param == "1"
+    """Runs a test with float32 matmuls preferring each: neither (MKL's weight gradients),
+    oneDNN, our panels; returns which."""
+    monkeypatch.setenv("RNNKERNELS_ONEDNN_MATMUL", "1" if request.param == "onednn" else "0")
+    monkeypatch.setenv("RNNKERNELS_PANEL_MATMUL", "1" if request.param == "panel" else "0")
+    assert _linear.onednn_preferred() == (request.param == "onednn")
+    assert _linear.panel_preferred() == (request.param == "panel")
+    return request.param
 
 
 @pytest.fixture
 def onednn_calls(monkeypatch, preferred):
+    """The projection's matmuls that went past F.linear: to oneDNN, or to the panels where they
+    are preferred (then none to oneDNN)."""
     calls = []
-    real = _linear._onednn_linear
+    for name in ("_onednn_linear", "_panel_matmul"):
+        real = getattr(_linear, name)
 
-    def counted(*args):
-        calls.append(args[0].shape)
-        return real(*args)
+        def counted(*args, real=real, name=name):
+            assert (name == "_panel_matmul") == (preferred == "panel")
+            calls.append(args[0].shape)
+            return real(*args)
 
-    monkeypatch.setattr(_linear, "_onednn_linear", counted)
+        monkeypatch.setattr(_linear, name, counted)
     return calls
 
 
@@ -97,27 +107,58 @@ def test_second_order_gradient(onednn_calls):
     assert onednn_calls
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 1), (37, 5, 3), (1030, 24, 51), (16, 16, 16)])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (37, 5, 3), (1030, 24, 51), (16, 16, 16),
+                                   (1024, 1, 17), (2309, 50, 33)])
 def test_mm_tn(shape, preferred):
     """torch.ops.rnnkernels.mm_tn(a, b) = a^T b, with oneDNN preferred (our transpose of b:
-    rows not a whole number of 16-row blocks, exactly one block) and not; opcheck."""
+    rows not a whole number of 16-row blocks, exactly one block), the panels preferred (from
+    kMinPanelRows = 1024 rows: rows split over the threads in blocks of 256, the last partial,
+    columns not a whole number of panels) and neither; opcheck."""
     R, M, N = shape
     g = torch.Generator().manual_seed(R)
     a = torch.randn(R, M, generator=g)
     b = torch.randn(R, N, generator=g)
     out = torch.ops.rnnkernels.mm_tn(a, b)
     assert out.shape == (M, N) and out.is_contiguous()
-    torch.testing.assert_close(out.double(), a.double().t() @ b.double(), rtol=1e-5, atol=1e-4)
+    # float32 sums of R products: rounding grows with R
+    torch.testing.assert_close(out.double(), a.double().t() @ b.double(), rtol=1e-5,
+                               atol=1e-4 * max(1.0, R / 1000))
     torch.library.opcheck(torch.ops.rnnkernels.mm_tn.default, (a, b))
+
+
+@pytest.mark.parametrize("layout", ["nn", "nt", "tn", "tt"])
+@pytest.mark.parametrize("shape", [(1024, 1, 1), (1031, 300, 37), (1024, 600, 40),
+                                   (2100, 17, 1030), (5, 7, 3), (1024, 0, 9)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matmul(layout, shape, bias, preferred):
+    """torch.ops.rnnkernels.matmul(a, b, bias) = a @ b + bias against float64, for a and b
+    contiguous (n) or transposed views (t): with the panels preferred, from 1024 rows of a
+    through them (k in blocks of 256, the last partial, split over the threads where a is
+    transposed; columns not a whole number of panels; k = 0), below through ATen; opcheck."""
+    M, K, N = shape
+    g = torch.Generator().manual_seed(M + K + N)
+    a = torch.randn(M, K, generator=g)
+    b = torch.randn(K, N, generator=g)
+    if layout[0] == "t":
+        a = a.t().contiguous().t()
+    if layout[1] == "t":
+        b = b.t().contiguous().t()
+    c = torch.randn(N, generator=g) if bias else None
+    out = torch.ops.rnnkernels.matmul(a, b, c)
+    want = a.double() @ b.double() + (c.double() if bias else 0)
+    assert out.shape == (M, N) and out.dtype == torch.float32 and out.is_contiguous()
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-4 * max(1.0, K / 1000))
+    if shape == (1031, 300, 37):
+        torch.library.opcheck(torch.ops.rnnkernels.matmul.default, (a, b, c))
 
 
 def test_rows_threshold(onednn_calls, preferred):
     """From MIN_ROWS_PREFERRED rows through oneDNN where it is preferred, from MIN_ROWS
-    elsewhere."""
+    elsewhere (the panels too)."""
     x, w, b = _inputs(_linear.MIN_ROWS_PREFERRED)
     torch.testing.assert_close(_linear.linear(x, w, b), F.linear(x, w, b), rtol=1e-5,
                                atol=1e-5)
-    assert len(onednn_calls) == (1 if preferred else 0)
+    assert len(onednn_calls) == (1 if preferred == "onednn" else 0)
 
 
 @pytest.mark.parametrize("case", ["few rows", "float64", "autocast", "vmap"])

@@ -308,6 +308,28 @@ void for_each_task(int64_t n, int64_t grain, const MakeWork& make_work, const F&
   });
 }
 
+// v stored at p (aligned to the vector's size) with a non-temporal store where the instruction
+// set has one for T (float and double on AVX-512 and AVX2), else a plain one. The caller fences
+// (_mm_sfence) before other threads read what it stored.
+template <typename T>
+C10_ALWAYS_INLINE void stream_store(T* p, const Vec<T>& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) return _mm512_stream_ps(p, v);
+  if constexpr (std::is_same_v<T, double>) return _mm512_stream_pd(p, v);
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) return _mm256_stream_ps(p, v);
+  if constexpr (std::is_same_v<T, double>) return _mm256_stream_pd(p, v);
+#endif
+  v.store(p);
+}
+
+// Orders the non-temporal stores before it (stream_store) before the stores after it.
+C10_ALWAYS_INLINE void stream_fence() {
+#if defined(__x86_64__)
+  _mm_sfence();
+#endif
+}
+
 // A prefetch of p's cache line into L2 (prefetcht1). As inline asm, because GCC counts a
 // function whose body is only __builtin_prefetch as free of side effects and deletes its calls.
 C10_ALWAYS_INLINE void prefetch_l2(const void* p) {

@@ -13,6 +13,7 @@
 #endif
 
 #include "lanes.h"
+#include "panel_matmul.h"
 #include "workspace_cache.h"
 
 namespace rnnkernels::cpu {
@@ -86,6 +87,10 @@ bool onednn_matmul_preferred() {
 }
 
 void mm_tn_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  if (panel_matmul_preferred() && a.size(0) >= kMinPanelRows && panel_mm_takes(a.t(), b)) {
+    panel_mm_out(out, a.t(), b, at::Tensor());
+    return;
+  }
   const bool f32 = out.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat &&
                    b.scalar_type() == at::kFloat;
   if (!(f32 && out.is_cpu() && a.is_cpu() && b.is_cpu() && onednn_matmul_preferred())) {

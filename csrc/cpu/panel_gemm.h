@@ -245,10 +245,12 @@ class PackedPanels {
 
   // C[m * ldc + n] = sum over the k in ks of A[m * lda + k] * B(k, n) [+ bias(n)] for m < M,
   // n < N; with accumulate, added to C instead of replacing it (and without the bias), so that
-  // a product can be formed in parts as their inputs become ready.
+  // a product can be formed in parts as their inputs become ready. With stream, C's whole
+  // aligned vectors are written with non-temporal stores (for a C that is large and read by no
+  // one soon: panel_matmul.h; the caller fences).
   // Out of line: inlined into a large caller, its register blocks lose their registers.
   C10_NOINLINE void multiply(int64_t M, const T* a, int64_t lda, T* c, int64_t ldc,
-                             const Ranges& ks, bool accumulate) const {
+                             const Ranges& ks, bool accumulate, bool stream = false) const {
     if (M <= 0 || N_ <= 0) return;
     const T* d = d_;
     const T* bias = bias_p_;
@@ -256,7 +258,7 @@ class PackedPanels {
     for_each_register_block<kNR>(M, N_, [&](auto mr, int64_t p, int64_t n0, int64_t cols,
                                             int64_t m0) {
       block<decltype(mr)::value>(a + m0 * lda, lda, d, p, bias && !accumulate ? bias + n0 : nullptr,
-                                 c + m0 * ldc + n0, ldc, cols, pieces, accumulate);
+                                 c + m0 * ldc + n0, ldc, cols, pieces, accumulate, stream);
     });
   }
 
@@ -270,7 +272,7 @@ class PackedPanels {
 
   template <int MR>
   void block(const T* a, int64_t lda, const T* d, int64_t p, const T* bias, T* c, int64_t ldc,
-             int64_t cols, const KLayout::Pieces& pieces, bool accumulate) const {
+             int64_t cols, const KLayout::Pieces& pieces, bool accumulate, bool stream) const {
     constexpr int64_t VS = V::size();
     constexpr int64_t kSets = std::clamp<int64_t>((kMinChains + MR * kNV - 1) / (MR * kNV), 1, 4);
     V acc[kSets][MR][kNV];
@@ -312,10 +314,13 @@ class PackedPanels {
       for (int64_t v = 0; v < kNV; ++v) {
         const int64_t n = std::min<int64_t>(VS, cols - v * VS);
         if (n <= 0) break;
-        if (n == VS) {
-          acc[0][m][v].store(c + m * ldc + v * VS);
+        T* out = c + m * ldc + v * VS;
+        if (n == VS && stream && reinterpret_cast<uintptr_t>(out) % sizeof(V) == 0) {
+          lanes::stream_store(out, acc[0][m][v]);
+        } else if (n == VS) {
+          acc[0][m][v].store(out);
         } else {
-          acc[0][m][v].store(c + m * ldc + v * VS, static_cast<int>(n));
+          acc[0][m][v].store(out, static_cast<int>(n));
         }
       }
     }

@@ -1,0 +1,36 @@
+// Float32 CPU matmuls of the recurrences' largest products (the input projection over all
+// steps, its input gradient, the weight gradients) on the packed panels and register blocks of
+// panel_gemm.h instead of MKL's sgemm or oneDNN's matmul, where that is faster: on CPUs without
+// AVX-512, where this build's kernels are AVX2 (MKL and oneDNN ran these shapes at 100-130
+// GFLOPS on the 2-core AMD EPYC Zen 2, the panels at about 150: python -m bench.matmul_effect).
+// With AVX-512 (Zen 4 and 5, Intel) the vendors' kernels stay (onednn_matmul.h chooses between
+// them). RNNKERNELS_PANEL_MATMUL=1 or 0 forces the choice (the tests run both).
+//
+// Decomposition: B is packed once per call in blocks of kBlockDepth rows of k (all N columns
+// each, in parallel over the blocks), then the threads take blocks of kBlockRows rows of A; a
+// task multiplies its rows by the k blocks in turn, accumulating into its rows of C, which stay
+// in L2 meanwhile, as does its part of A; the k block's panels stream from L2 or L3 (each
+// panel row is kNR values of one k, read once per register block of up to kPanelRows rows).
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace rnnkernels::cpu {
+
+// Rows of a (M; for a weight gradient's a^T b, the rows reduced over) from which a product goes
+// through the panels where they are preferred: packing B on every call cost more than the
+// panels saved below that (python: rnnkernels.ops._linear.MIN_ROWS, the same number).
+constexpr int64_t kMinPanelRows = 1024;
+
+// Whether the recurrences' float32 CPU matmuls go through panel_mm_out.
+bool panel_matmul_preferred();
+
+// Whether panel_mm_out takes a (M, K) @ b (K, N): float32 CPU matrices, each with a unit stride
+// in one of its dimensions (a contiguous matrix or the transposed view of one).
+bool panel_mm_takes(const at::Tensor& a, const at::Tensor& b);
+
+// out (M, N) = a @ b [+ bias (N,), when defined], for operands panel_mm_takes.
+void panel_mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                  const at::Tensor& bias);
+
+}  // namespace rnnkernels::cpu
