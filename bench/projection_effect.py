@@ -34,19 +34,40 @@ VARIABLE = "RNNKERNELS_CPU_PROJECTION"
 Step = Callable[[], list[Tensor]]
 
 
-def _forced(step: Step, form: str | None) -> Step:
-    """``step`` with the projection's form forced to ``form`` (None: the default rule)."""
+def forced(step: Step, value: str | None, variable: str = VARIABLE) -> Step:
+    """``step`` with the environment variable ``variable`` (read by the op on every call) set to
+    ``value`` while it runs (None: unset, the default rule), restored after."""
     def run() -> list[Tensor]:
-        previous = os.environ.pop(VARIABLE, None)
-        if form is not None:
-            os.environ[VARIABLE] = form
+        previous = os.environ.pop(variable, None)
+        if value is not None:
+            os.environ[variable] = value
         try:
             return step()
         finally:
-            os.environ.pop(VARIABLE, None)
+            os.environ.pop(variable, None)
             if previous is not None:
-                os.environ[VARIABLE] = previous
+                os.environ[variable] = previous
     return run
+
+
+def checked_times(label: str, steps: dict[str, Step], forms: dict[str, Step],
+                  default: Step, expected: list[Tensor], min_time_s: float
+                  ) -> list[tuple[str, float]]:
+    """(contender, median seconds) of ours in the default form (named by the forms whose results
+    it equals bit for bit), in each of ``forms`` and of ``steps`` (torch.nn's), each checked
+    against ``expected`` first (a wrong one raises), timed in turns."""
+    results = {form: f() for form, f in forms.items()}
+    taken = [form for form, got in results.items()
+             if all(torch.equal(a, b) for a, b in zip(default(), got))]
+    timed = {f"rnnkernels (cpu), default ({' = '.join(taken) or '?'})": default,
+             **{f"rnnkernels (cpu), {form}": f for form, f in forms.items()}, **steps}
+    names = [f"result {i}" for i in range(len(expected))]
+    for name, f in timed.items():
+        verdict = compare(names, f(), expected, tolerance("cpu", torch.float32))
+        if not verdict.ok:
+            raise RuntimeError(f"{label}: {name} is wrong: {verdict.reason}")
+    timings = interleaved_times(list(timed.values()), "cpu", min_time_s)
+    return [(name, t.median_s) for name, t in zip(timed, timings)]
 
 
 def _module_step(module: torch.nn.Module, x: Tensor) -> Step:
@@ -72,31 +93,24 @@ def measure(suite: str, hidden: int, min_time_s: float) -> list[tuple[str, float
     f64.load_state_dict(ours.state_dict())
     expected = _module_step(f64, x.double())()
     step = _module_step(ours, x)
-    forms = {form: _forced(step, form) for form in FORMS}
-    results = {form: f() for form, f in forms.items()}
-    default = _forced(step, None)
-    taken = [form for form in FORMS if all(torch.equal(a, b)
-                                           for a, b in zip(default(), results[form]))]
-    timed = {f"rnnkernels (cpu), default ({' = '.join(taken) or '?'})": default,
-             **{f"rnnkernels (cpu), {form}": f for form, f in forms.items()},
-             family.torch.__name__: _module_step(theirs, x)}
-    names = [f"result {i}" for i in range(len(expected))]
-    for name, f in timed.items():
-        verdict = compare(names, f(), expected, tolerance("cpu", torch.float32))
-        if not verdict.ok:
-            raise RuntimeError(f"{suite}, hidden {hidden}: {name} is wrong: {verdict.reason}")
-    timings = interleaved_times(list(timed.values()), "cpu", min_time_s)
-    return [(name, t.median_s) for name, t in zip(timed, timings)]
+    return checked_times(f"{suite}, hidden {hidden}",
+                         {family.torch.__name__: _module_step(theirs, x)},
+                         {form: forced(step, form) for form in FORMS}, forced(step, None),
+                         expected, min_time_s)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.projection_effect",
-                                description=__doc__.split("\n\n")[0])
+def effect_main(argv: list[str] | None, prog: str, description: str, title: str,
+                shape: dict[str, int], what: str,
+                measure_one: Callable[[str, int, float], list[tuple[str, float]]]) -> int:
+    """The command line and table of this tool and of its kin (bench.matmul_effect): per cell and
+    hidden size (``--case``, ``--hidden``, default ``shape``'s H), the rows ``measure_one``
+    returns, the last torch.nn's, with each row's ratio to it."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--case", default=",".join(FAMILIES),
                    help=f"comma-separated among {', '.join(FAMILIES)}")
-    p.add_argument("--hidden", default=str(configs.RECURRENCE["cpu"].inference["H"]),
+    p.add_argument("--hidden", default=str(shape["H"]),
                    help="comma-separated hidden sizes (input size the same; default: the "
-                        "recurrence suites' inference shape)")
+                        "recurrence suites' shape)")
     p.add_argument("--min-time", type=float, default=2.0,
                    help="seconds each contender is timed, over all rounds (default 2)")
     args = p.parse_args(argv)
@@ -105,22 +119,26 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown case(s) {', '.join(unknown)}; choose among {', '.join(FAMILIES)}")
     hidden = [int(h) for h in args.hidden.split(",") if h.strip()]
-    d = configs.RECURRENCE["cpu"].inference
-    print(f"# Batch-1 inference's input projection: units against blocks\n\n{env.cpu_model()}, "
-          f"{torch.get_num_threads()} threads, float32, torch {torch.__version__}, commit "
-          f"{env.commit()}\n")
-    print(f"T = {d['T']}, B = {d['B']}, I = H; every contender timed in turns in one process "
-          "(`python -m bench.projection_effect --help`).\n")
+    print(f"# {title}\n\n{env.cpu_model()}, {torch.get_num_threads()} threads, float32, torch "
+          f"{torch.__version__}, commit {env.commit()}\n")
+    print(f"T = {shape['T']}, B = {shape['B']}, I = H; {what}; every contender timed in turns in "
+          f"one process (`{prog} --help`).\n")
     print("| case | H | contender | median | vs torch.nn |")
     print("|---|---|---|---|---|", flush=True)
     for suite in cases:
         for h in hidden:
-            rows = measure(suite, h, args.min_time)
+            rows = measure_one(suite, h, args.min_time)
             theirs = rows[-1][1]
             for name, seconds in rows:
                 print(f"| {suite} | {h} | {name} | {seconds * 1e3:.3g} ms | "
                       f"{theirs / seconds:.2f}x |", flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return effect_main(argv, "python -m bench.projection_effect", __doc__.split("\n\n")[0],
+                       "Batch-1 inference's input projection: units against blocks",
+                       configs.RECURRENCE["cpu"].inference, "inference", measure)
 
 
 if __name__ == "__main__":

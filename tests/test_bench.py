@@ -614,6 +614,44 @@ def test_projection_effect_rows(capsys, monkeypatch):
                                                                abs=0.01)
 
 
+def test_matmul_effect_rows(capsys, monkeypatch):
+    """python -m bench.matmul_effect at a small shape with enough rows (T * B = 1024) for the
+    panels: per cell, ours in the default choice (named by the forced one it equals bit for bit:
+    panels on a build without AVX-512, vendor elsewhere), forced to each and torch.nn, each
+    checked, with the ratio to torch.nn; the variable restored."""
+    from bench import matmul_effect
+
+    monkeypatch.setitem(configs.RECURRENCE, "cpu", configs.SuiteConfig(
+        train={"B": 32, "T": 32, "I": 8, "H": 8}, inference=configs.RECURRENCE["cpu"].inference,
+        sweeps={}))
+    monkeypatch.setenv("RNNKERNELS_PANEL_MATMUL", "0")
+    assert matmul_effect.main(["--case", "lstm,rnn", "--hidden", "8", "--min-time", "0.02"]) == 0
+    assert os.environ["RNNKERNELS_PANEL_MATMUL"] == "0"
+    rows = [[c.strip() for c in line.split("|")[1:-1]]
+            for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and not line.startswith("| case")]
+    assert [(r[0], r[2].rsplit(" (", 1)[0] if "default" in r[2] else r[2]) for r in rows] == [
+        (case, name) for case, torch_name in (("lstm", "LSTM"), ("rnn", "RNN"))
+        for name in ("rnnkernels (cpu), default", "rnnkernels (cpu), panels",
+                     "rnnkernels (cpu), vendor", torch_name)]
+    for case, h, name, median, ratio in rows:
+        if "default" in name:
+            assert name.endswith("(panels)") or name.endswith("(vendor)"), name
+        assert float(ratio.removesuffix("x")) > 0
+
+
+def test_matmul_effect_refuses_a_wrong_result(monkeypatch):
+    from bench import matmul_effect, projection_effect
+
+    monkeypatch.setitem(configs.RECURRENCE, "cpu", configs.SuiteConfig(
+        train={"B": 2, "T": 3, "I": 4, "H": 4}, inference=configs.RECURRENCE["cpu"].inference,
+        sweeps={}))
+    monkeypatch.setattr(projection_effect, "compare",
+                        lambda names, got, expected, tol: check.Verdict(False, 1.0, 1.0, "off"))
+    with pytest.raises(RuntimeError, match="is wrong: off"):
+        matmul_effect.measure("gru", 4, 0.01)
+
+
 def test_projection_effect_refuses_a_wrong_result(monkeypatch):
     from bench import projection_effect
 

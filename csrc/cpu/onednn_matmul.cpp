@@ -87,7 +87,7 @@ bool onednn_matmul_preferred() {
 }
 
 void mm_tn_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
-  if (panel_matmul_preferred() && a.size(0) >= kMinPanelRows && panel_mm_takes(a.t(), b)) {
+  if (panel_mm_wanted(a.t(), b)) {
     panel_mm_out(out, a.t(), b, at::Tensor());
     return;
   }

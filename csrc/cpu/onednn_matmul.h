@@ -16,7 +16,7 @@ namespace rnnkernels::cpu {
 bool onednn_matmul_preferred();
 
 // out (M, N) = a^T b for a (R, M) and b (R, N): the weight gradients' reduction over R rows.
-// Through our packed panels where they are preferred and take it (panel_matmul.h), else through
+// Through our packed panels where they are wanted (panel_matmul.h), else through
 // oneDNN as (b^T a)^T when preferred and every tensor is float32 on the CPU, else at::mm_out.
 void mm_tn_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
 

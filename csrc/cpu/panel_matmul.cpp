@@ -22,6 +22,8 @@ namespace {
 // values on AVX2, stays in L1 while the task's register blocks pass over it).
 constexpr int64_t kBlockRows = 48;
 constexpr int64_t kBlockDepth = 256;
+// Columns of B per packed block of a row-major A's product (with kBlockDepth k: 256 KB).
+constexpr int64_t kBlockCols = 256;
 // Size of C from which its values are stored non-temporally (PackedPanels::multiply's stream):
 // such a C does not stay in cache for its reader anyway, and plain stores of 64-byte-aligned
 // rows cost the product about a fifth of its time on the AMD EPYC Zen 2 (a standalone timing of
@@ -78,16 +80,22 @@ PackedPanels<float> pack_rows(const Strided& Bm, int64_t k0, int64_t kn, int64_t
 }
 
 // c (M x N, row-major) = A B + bias for a row-major A (A(m, k) = A.p[m * lda + k]): B packed
-// once in blocks of k (in parallel over them), then tasks of kBlockRows rows of A.
+// once in blocks of kBlockDepth k by kBlockCols columns (in parallel over them), then tasks of
+// kBlockRows rows of A, each column block in turn: its rows of C there (kBlockRows x
+// kBlockCols) stay in L1 and L2 over the k blocks, and a packed block (256 KB) in L2.
 void rows_times_packed(float* c, const float* a, int64_t lda, const Strided& Bm, int64_t M,
                        int64_t K, int64_t N, const float* bias) {
   const int64_t blocks_k = (K + kBlockDepth - 1) / kBlockDepth;
-  std::vector<std::optional<PackedPanels<float>>> packed(static_cast<size_t>(blocks_k));
-  at::parallel_for(0, blocks_k, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t k0 = i * kBlockDepth;
-      packed[i].emplace(
-          pack_rows(Bm, k0, std::min(kBlockDepth, K - k0), N, i == 0 ? bias : nullptr));
+  const int64_t blocks_n = (N + kBlockCols - 1) / kBlockCols;
+  // packed[i * blocks_n + l]: rows [i * kBlockDepth, ...) of column block l
+  std::vector<std::optional<PackedPanels<float>>> packed(static_cast<size_t>(blocks_k * blocks_n));
+  at::parallel_for(0, blocks_k * blocks_n, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t k0 = q / blocks_n * kBlockDepth, n0 = q % blocks_n * kBlockCols;
+      const Strided block{Bm.p + n0 * Bm.sj, Bm.si, Bm.sj};
+      packed[q].emplace(pack_rows(block, k0, std::min(kBlockDepth, K - k0),
+                                  std::min(kBlockCols, N - n0),
+                                  k0 == 0 && bias != nullptr ? bias + n0 : nullptr));
     }
   });
   // C's last values written past the caches where C is larger than kStreamBytes: see there.
@@ -95,12 +103,15 @@ void rows_times_packed(float* c, const float* a, int64_t lda, const Strided& Bm,
   at::parallel_for(0, (M + kBlockRows - 1) / kBlockRows, 1, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t m0 = j * kBlockRows, mn = std::min(kBlockRows, M - m0);
-      for (int64_t i = 0; i < blocks_k; ++i) {
-        const int64_t k0 = i * kBlockDepth;
-        KRanges ks;
-        ks.add(0, std::min(kBlockDepth, K - k0));
-        packed[i]->multiply(mn, a + m0 * lda + k0, lda, c + m0 * N, N, ks, i > 0,
-                            stream && i == blocks_k - 1);
+      for (int64_t l = 0; l < blocks_n; ++l) {
+        for (int64_t i = 0; i < blocks_k; ++i) {
+          const int64_t k0 = i * kBlockDepth;
+          KRanges ks;
+          ks.add(0, std::min(kBlockDepth, K - k0));
+          packed[i * blocks_n + l]->multiply(mn, a + m0 * lda + k0, lda,
+                                             c + m0 * N + l * kBlockCols, N, ks, i > 0,
+                                             stream && i == blocks_k - 1);
+        }
       }
     }
     if (stream) lanes::stream_fence();
@@ -157,6 +168,13 @@ void transposed_times_rows(at::Tensor& c, const float* a, int64_t lda, const Str
 
 }  // namespace
 
+bool panel_mm_wanted(const at::Tensor& a, const at::Tensor& b) {
+  if (!panel_matmul_preferred() || !panel_mm_takes(a, b)) return false;
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  if (strided(a)->sj == 1) return M >= kMinPanelRows;
+  return K >= kMinPanelRows && M * N * static_cast<int64_t>(sizeof(float)) <= kMaxReducedBytes;
+}
+
 void panel_mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                   const at::Tensor& bias) {
   TORCH_INTERNAL_ASSERT(panel_mm_takes(a, b));
@@ -184,8 +202,8 @@ void panel_mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
 
 namespace {
 
-// The op behind rnnkernels.ops._linear: a @ b + bias through the panels where they are
-// preferred, take the operands and a has kMinPanelRows rows, else ATen (MKL).
+// The op behind rnnkernels.ops._linear: a @ b + bias through the panels where they are wanted
+// (panel_mm_wanted), else ATen (MKL).
 at::Tensor matmul_cpu(const at::Tensor& a, const at::Tensor& b,
                       const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0),
@@ -193,8 +211,7 @@ at::Tensor matmul_cpu(const at::Tensor& a, const at::Tensor& b,
   TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == b.size(1)),
               "rnnkernels: matmul: bias must be (N,)");
   const bool with_bias = bias.has_value() && bias->defined();
-  if (panel_matmul_preferred() && a.size(0) >= kMinPanelRows && panel_mm_takes(a, b) &&
-      (!with_bias || bias->scalar_type() == at::kFloat)) {
+  if (panel_mm_wanted(a, b) && (!with_bias || bias->scalar_type() == at::kFloat)) {
     at::Tensor out = cached_empty({a.size(0), b.size(1)}, a.options());
     panel_mm_out(out, a, b, with_bias ? *bias : at::Tensor());
     return out;
