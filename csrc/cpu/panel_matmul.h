@@ -1,10 +1,13 @@
 // Float32 CPU matmuls of the recurrences' largest products (the input projection over all
 // steps, its input gradient, the weight gradients) on the packed panels and register blocks of
-// panel_gemm.h instead of MKL's sgemm or oneDNN's matmul, where that is faster: on CPUs without
-// AVX-512, where this build's kernels are AVX2 (MKL and oneDNN ran these shapes at 100-130
-// GFLOPS on the 2-core AMD EPYC Zen 2, the panels at about 150: python -m bench.matmul_effect).
-// With AVX-512 (Zen 4 and 5, Intel) the vendors' kernels stay (onednn_matmul.h chooses between
-// them). RNNKERNELS_PANEL_MATMUL=1 or 0 forces the choice (the tests run both).
+// panel_gemm.h instead of MKL's sgemm or oneDNN's matmul, where that is faster: on builds
+// without AVX-512 (this build's kernels AVX2). On the 2-core AMD EPYC Zen 2, standalone timings
+// of the LSTM's three products at B = 32, T = 128, hidden 256 (4096 x 256 times 256 x 1024 and
+// the two gradients): oneDNN 15.8-16.8 ms, MKL 19.7-20.5 for the weight gradient, the panels
+// 12.8-16.1; python -m bench.matmul_effect: the LSTM's training step 109 -> 97.1 ms, the GRU's
+// 82.7 -> 76.8, the RNN's 30 -> 27.1 (bench/results/cpu-2026-12-05-matmul.md). With AVX-512
+// (Zen 4 and 5, Intel) the vendors' kernels stay, unmeasured against these (onednn_matmul.h
+// chooses between them). RNNKERNELS_PANEL_MATMUL=1 or 0 forces the choice (the tests run both).
 //
 // Decomposition: B is packed once per call in blocks of kBlockDepth rows of k (all N columns
 // each, in parallel over the blocks), then the threads take blocks of kBlockRows rows of A; a
