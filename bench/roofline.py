@@ -5,7 +5,8 @@ A CPU recurrence cannot be faster than the work it must do at the rate this mach
 - training step (forward + backward, one layer): six matmuls of T*B rows, each 2*T*B*G*H*H
   flops for input = hidden = H (input projection, its input gradient and weight gradient; the
   recurrent matmul forward, backward and weight gradient). The floor is six times one
-  (T*B x H) @ (H x G*H) matmul, timed here with MKL (torch.mm) and oneDNN, the faster counted:
+  (T*B x H) @ (H x G*H) matmul, timed here with MKL (torch.mm), oneDNN and our packed panels
+  (``rnnkernels::matmul`` forced onto them, csrc/cpu/panel_matmul.h), the fastest counted:
   the machine's rate on the big, efficient shape; the per-step recurrent matmuls have only B
   rows and run below it.
 - inference at batch 1: per step a matrix-vector product that reads all of W_hh (G*H*H
@@ -51,6 +52,7 @@ from rnnkernels.ops import _linear
 
 from . import check, configs, env
 from .loops import selective_scan_loop
+from .projection_effect import forced
 from .recurrence import CPU_TARGETS, FAMILIES
 from .scans import SELECTIVE_SCAN_CPU_TARGET, selective_scan_inputs
 from .scans import _train_step as scan_train_step
@@ -315,8 +317,9 @@ def fma_rate(threads: int, fmas: float = 4e9) -> float:
 
 
 def mm_seconds(rows: int, inner: int, cols: int) -> float:
-    """Median seconds of the faster of torch.mm (MKL) and oneDNN's matmul on (rows x inner) @
-    (inner x cols): on AMD CPUs MKL runs AVX2, at half oneDNN's AVX-512 rate on Zen 5."""
+    """Median seconds of the fastest of torch.mm (MKL), oneDNN's matmul and our panels on
+    (rows x inner) @ (inner x cols): on AMD CPUs MKL runs AVX2, at half oneDNN's AVX-512 rate on
+    Zen 5; without AVX-512 the panels ran faster than both."""
     a = torch.randn(rows, inner)
     b = torch.randn(cols, inner)
     out = torch.empty(rows, cols)
@@ -324,7 +327,9 @@ def mm_seconds(rows: int, inner: int, cols: int) -> float:
     if _linear._onednn_matmul_available():
         seconds = min(seconds, median_time(lambda: _linear._onednn_linear(a, b, None), "cpu",
                                            0.5).median_s)
-    return seconds
+    panels = forced(lambda: [torch.ops.rnnkernels.matmul(a, b.t())], "1",
+                    "RNNKERNELS_PANEL_MATMUL")
+    return min(seconds, median_time(panels, "cpu", 0.5).median_s)
 
 
 def _module_step(module: torch.nn.Module, x: torch.Tensor, train: bool):
