@@ -123,7 +123,7 @@ void rows_times_packed(float* c, const float* a, int64_t lda, const Strided& Bm,
 // its blocks of B, transposes the same rows of A whole (whole rows of a read in order: blocks
 // of A^T of a few columns, read in place or gathered, jumped a row of a per k and ran at about
 // MKL's speed) and adds their product to its own (M x N) sum; the sums are added at the end,
-// in a fixed order.
+// in a fixed order (the split, and so the float roundings, follows the number of threads).
 void transposed_times_rows(at::Tensor& c, const float* a, int64_t lda, const Strided& Bm,
                            int64_t M, int64_t K, int64_t N) {
   const int64_t blocks_k = (K + kBlockDepth - 1) / kBlockDepth;

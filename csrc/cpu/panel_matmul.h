@@ -9,11 +9,13 @@
 // (Zen 4 and 5, Intel) the vendors' kernels stay, unmeasured against these (onednn_matmul.h
 // chooses between them). RNNKERNELS_PANEL_MATMUL=1 or 0 forces the choice (the tests run both).
 //
-// Decomposition: B is packed once per call in blocks of kBlockDepth rows of k (all N columns
-// each, in parallel over the blocks), then the threads take blocks of kBlockRows rows of A; a
-// task multiplies its rows by the k blocks in turn, accumulating into its rows of C, which stay
-// in L2 meanwhile, as does its part of A; the k block's panels stream from L2 or L3 (each
-// panel row is kNR values of one k, read once per register block of up to kPanelRows rows).
+// Decomposition (panel_matmul.cpp): for a row-major A, B is packed once per call in blocks of
+// 256 k by 256 columns (in parallel over the blocks), then the threads take blocks of 48 rows of
+// A, each multiplying its rows by every packed block, column block by column block, its rows of
+// C there staying in L2 over the k blocks. For a transposed A (a weight gradient's a^T b, the
+// reduction over the rows of a and b) the threads split the rows reduced over instead: each
+// transposes whole rows of a into a buffer and adds its product to a sum of its own, and the
+// sums are added at the end.
 #pragma once
 
 #include <ATen/ATen.h>
