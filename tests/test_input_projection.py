@@ -127,15 +127,15 @@ def test_mm_tn(shape, preferred):
 
 
 @pytest.mark.parametrize("layout", ["nn", "nt", "tn", "tt"])
-@pytest.mark.parametrize("shape", [(1024, 1, 1), (1031, 300, 37), (40, 1100, 24),
+@pytest.mark.parametrize("shape", [(1024, 1, 1), (1031, 300, 37), (100, 1100, 24),
                                    (2100, 17, 1030), (5, 7, 3), (1024, 0, 9)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_matmul(layout, shape, bias, preferred):
     """torch.ops.rnnkernels.matmul(a, b, bias) = a @ b + bias against float64, for a and b
     contiguous (n) or transposed views (t): with the panels preferred, through them from 1024
-    rows of a, or for a transposed a from 1024 k (split over the threads) and a C of at most 1
-    MB (k in blocks of 256, the last partial; columns in blocks of 256 and not a whole number of
-    panels; k = 0), elsewhere through ATen; opcheck."""
+    rows of a, or for a transposed a from 1024 k (split over the threads; a's columns in blocks
+    of 48, the last partial), k in blocks of 256 (the last partial), columns in blocks of 256
+    and not a whole number of panels, k = 0; elsewhere through ATen; opcheck."""
     M, K, N = shape
     g = torch.Generator().manual_seed(M + K + N)
     a = torch.randn(M, K, generator=g)

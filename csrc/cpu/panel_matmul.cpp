@@ -120,10 +120,13 @@ void rows_times_packed(float* c, const float* a, int64_t lda, const Strided& Bm,
 
 // c (M x N, row-major) = A B for A given transposed (A(m, k) = A.p[k * lda + m]: the weight
 // gradients' a^T b, a reduction over k = the rows of a and b). The threads split k: each packs
-// its blocks of B, transposes the same rows of A whole (whole rows of a read in order: blocks
-// of A^T of a few columns, read in place or gathered, jumped a row of a per k and ran at about
-// MKL's speed) and adds their product to its own (M x N) sum; the sums are added at the end,
-// in a fixed order (the split, and so the float roundings, follows the number of threads).
+// its blocks of B and, per block, transposes kBlockRows columns of its rows of A at a time into a
+// row-major buffer that stays in L1 (transposed whole rows at a time into an M x 256 buffer,
+// the scattered writes ran the product at about MKL's speed, and slower at hidden 512; read in
+// place, a register block's rows of one k share a cache line, and the block's A spanned too
+// many lines to stay in L1 across the panels: about half the speed), multiplies it into its
+// own (M x N) sum; the sums are added at the end, in a fixed order (the split, and so the float
+// roundings, follows the number of threads).
 void transposed_times_rows(at::Tensor& c, const float* a, int64_t lda, const Strided& Bm,
                            int64_t M, int64_t K, int64_t N) {
   const int64_t blocks_k = (K + kBlockDepth - 1) / kBlockDepth;
@@ -134,22 +137,22 @@ void transposed_times_rows(at::Tensor& c, const float* a, int64_t lda, const Str
   float* sums_p = sums.data_ptr<float>();
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     constexpr int64_t W = lanes::Vec<float>::size();
-    lanes::Buffer<float> rows(static_cast<size_t>(M * kBlockDepth));
+    lanes::Buffer<float> rows(static_cast<size_t>(kBlockRows * kBlockDepth));
     for (int64_t p = p0; p < p1; ++p) {
       float* sum = p == 0 ? c_p : sums_p + (p - 1) * M * N;
       const int64_t i0 = blocks_k * p / parts, i1 = blocks_k * (p + 1) / parts;
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t k0 = i * kBlockDepth, kn = std::min(kBlockDepth, K - k0);
         const PackedPanels<float> packed = pack_rows(Bm, k0, kn, N, nullptr);
-        for (int64_t k = 0; k < kn; k += W) {  // rows[m * kn + k] = A(m, k0 + k)
-          lanes::gather_lanes(rows.data() + k, a + (k0 + k) * lda, lda, std::min(W, kn - k), M,
-                              kn);
-        }
         KRanges ks;
         ks.add(0, kn);
         for (int64_t m0 = 0; m0 < M; m0 += kBlockRows) {
-          packed.multiply(std::min(kBlockRows, M - m0), rows.data() + m0 * kn, kn,
-                          sum + m0 * N, N, ks, i > i0);
+          const int64_t mn = std::min(kBlockRows, M - m0);
+          for (int64_t k = 0; k < kn; k += W) {  // rows[m * kn + k] = A(m0 + m, k0 + k)
+            lanes::gather_lanes(rows.data() + k, a + (k0 + k) * lda + m0, lda,
+                                std::min(W, kn - k), mn, kn);
+          }
+          packed.multiply(mn, rows.data(), kn, sum + m0 * N, N, ks, i > i0);
         }
       }
     }
@@ -170,9 +173,8 @@ void transposed_times_rows(at::Tensor& c, const float* a, int64_t lda, const Str
 
 bool panel_mm_wanted(const at::Tensor& a, const at::Tensor& b) {
   if (!panel_matmul_preferred() || !panel_mm_takes(a, b)) return false;
-  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
-  if (strided(a)->sj == 1) return M >= kMinPanelRows;
-  return K >= kMinPanelRows && M * N * static_cast<int64_t>(sizeof(float)) <= kMaxReducedBytes;
+  const int64_t M = a.size(0), K = a.size(1);
+  return (strided(a)->sj == 1 ? M : K) >= kMinPanelRows;
 }
 
 void panel_mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,

@@ -26,12 +26,6 @@ namespace rnnkernels::cpu {
 // through the panels where they are preferred: packing B on every call cost more than the
 // panels saved below that (python: rnnkernels.ops._linear.MIN_ROWS, the same number).
 constexpr int64_t kMinPanelRows = 1024;
-// Largest C of a weight gradient's a^T b that goes through the panels: each thread keeps a sum
-// of all of C, swept once per 256 rows reduced; at the LSTM's and GRU's hidden 512 (4 and 3 MB)
-// that ran slower than MKL's sgemm (75 against 70 ms, 56 against 50), at hidden 256 (1 MB,
-// 0.75 MB) faster (16 against 20, 12 against 13).
-constexpr int64_t kMaxReducedBytes = int64_t{1} << 20;
-
 // Whether the recurrences' float32 CPU matmuls go through panel_mm_out.
 bool panel_matmul_preferred();
 
@@ -40,7 +34,7 @@ bool panel_matmul_preferred();
 bool panel_mm_takes(const at::Tensor& a, const at::Tensor& b);
 
 // Whether a @ b goes through panel_mm_out: the panels are preferred, take the operands, and
-// the product is one they ran faster than the vendors' (kMinPanelRows, kMaxReducedBytes).
+// a has kMinPanelRows rows (a transposed a: kMinPanelRows rows reduced over, K).
 bool panel_mm_wanted(const at::Tensor& a, const at::Tensor& b);
 
 // out (M, N) = a @ b [+ bias (N,), when defined], for operands panel_mm_takes.
