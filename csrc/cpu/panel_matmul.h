@@ -3,11 +3,12 @@
 // panel_gemm.h instead of MKL's sgemm or oneDNN's matmul, where that is faster: on builds
 // without AVX-512 (this build's kernels AVX2). On the 2-core AMD EPYC Zen 2, standalone timings
 // of the LSTM's three products at B = 32, T = 128, hidden 256 (4096 x 256 times 256 x 1024 and
-// the two gradients): oneDNN 15.8-16.8 ms, MKL 19.7-20.5 for the weight gradient, the panels
-// 12.8-16.1; python -m bench.matmul_effect: the LSTM's training step 109 -> 97.1 ms, the GRU's
-// 82.7 -> 76.8, the RNN's 30 -> 27.1 (bench/results/cpu-2026-12-05-matmul.md). With AVX-512
-// (Zen 4 and 5, Intel) the vendors' kernels stay, unmeasured against these (onednn_matmul.h
-// chooses between them). RNNKERNELS_PANEL_MATMUL=1 or 0 forces the choice (the tests run both).
+// the two gradients): oneDNN 15.8-16.8 ms, MKL 17.6-18.5 for the weight gradient, the panels
+// 12.8-14.0; python -m bench.matmul_effect at hidden 256: the LSTM's training step 106 -> 89.9
+// ms, the GRU's 76.9 -> 68.3, the RNN's 28.8 -> 25.4 (bench/results/cpu-2026-12-05-matmul.md;
+// at hidden 128 and 512 faster too). With AVX-512 (Zen 4 and 5, Intel) the vendors' kernels
+// stay, unmeasured against these (onednn_matmul.h chooses between them).
+// RNNKERNELS_PANEL_MATMUL=1 or 0 forces the choice (the tests run both).
 //
 // Decomposition (panel_matmul.cpp): for a row-major A, B is packed once per call in blocks of
 // 256 k by 256 columns (in parallel over the blocks), then the threads take blocks of 48 rows of
