@@ -309,8 +309,8 @@ void for_each_task(int64_t n, int64_t grain, const MakeWork& make_work, const F&
 }
 
 // v stored at p (aligned to the vector's size) with a non-temporal store where the instruction
-// set has one for T (float and double on AVX-512 and AVX2), else a plain one. The caller fences
-// (_mm_sfence) before other threads read what it stored.
+// set has one for T (float and double on AVX-512 and AVX2), else a plain one. The caller calls
+// stream_fence before other threads read what it stored.
 template <typename T>
 C10_ALWAYS_INLINE void stream_store(T* p, const Vec<T>& v) {
 #if defined(CPU_CAPABILITY_AVX512)

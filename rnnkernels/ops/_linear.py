@@ -109,12 +109,9 @@ class _Linear(torch.autograd.Function):
             dx = grad @ w if need_x else None
             dw = grad.t() @ x if need_w else None
         else:
-            if not need_x:
-                dx = None
-            elif panel_preferred():
-                dx = _panel_matmul(grad, w, None)
-            else:  # w^T as a view: oneDNN reads a transposed weight in place (a copy cost more)
-                dx = _onednn_linear(grad, w.t(), None)
+            # grad w = grad (w^T)^T, w^T a view: oneDNN reads a transposed weight in place (a copy
+            # cost more), the panels pack either layout
+            dx = _project(grad, w.t(), None) if need_x else None
             # grad^T x: through the panels or oneDNN where preferred (oneDNN with x^T formed by
             # our tile transposes: it would copy it with a strided ATen copy), else MKL.
             dw = torch.ops.rnnkernels.mm_tn(grad, x) if need_w else None
