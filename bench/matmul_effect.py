@@ -32,23 +32,23 @@ def _train_step(module: torch.nn.Module, x: Tensor, grad: Tensor) -> Step:
     return step
 
 
-def measure(suite: str, hidden: int, min_time_s: float) -> list[tuple[str, float]]:
+def measure(suite: str, hidden: int, inputs: int, min_time_s: float) -> list[tuple[str, float]]:
     """(contender, median seconds) of ``suite``'s training step at the cpu profile's shape with
-    ``hidden`` inputs and units, each result checked against float64 first."""
+    ``inputs`` inputs and ``hidden`` units, each result checked against float64 first."""
     d = configs.RECURRENCE["cpu"].train
     family = FAMILIES[suite]
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        ours = family.ours(hidden, hidden)
-        x = torch.randn(d["T"], d["B"], hidden, requires_grad=True)
+        ours = family.ours(inputs, hidden)
+        x = torch.randn(d["T"], d["B"], inputs, requires_grad=True)
         grad = torch.randn(d["T"], d["B"], hidden)
-    theirs = family.torch(hidden, hidden)
+    theirs = family.torch(inputs, hidden)
     theirs.load_state_dict(ours.state_dict())
-    f64 = family.torch(hidden, hidden).double()
+    f64 = family.torch(inputs, hidden).double()
     f64.load_state_dict(ours.state_dict())
     expected = _train_step(f64, x.detach().double().requires_grad_(), grad.double())()
     step = _train_step(ours, x, grad)
-    return checked_times(f"{suite}, hidden {hidden}",
+    return checked_times(f"{suite}, hidden {hidden}, inputs {inputs}",
                          {family.torch.__name__: _train_step(theirs, x, grad)},
                          {form: forced(step, value, VARIABLE) for form, value in FORMS.items()},
                          forced(step, None, VARIABLE), expected, min_time_s)

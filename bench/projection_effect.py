@@ -78,22 +78,22 @@ def _module_step(module: torch.nn.Module, x: Tensor) -> Step:
     return step
 
 
-def measure(suite: str, hidden: int, min_time_s: float) -> list[tuple[str, float]]:
+def measure(suite: str, hidden: int, inputs: int, min_time_s: float) -> list[tuple[str, float]]:
     """(contender, median seconds) of ``suite``'s batch-1 inference at the cpu profile's shape
-    with ``hidden`` units (and as many inputs), each result checked against float64 first."""
+    with ``hidden`` units and ``inputs`` inputs, each result checked against float64 first."""
     d = configs.RECURRENCE["cpu"].inference
     family = FAMILIES[suite]
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        ours = family.ours(hidden, hidden).eval()
-        x = torch.randn(d["T"], d["B"], hidden)
-    theirs = family.torch(hidden, hidden).eval()
+        ours = family.ours(inputs, hidden).eval()
+        x = torch.randn(d["T"], d["B"], inputs)
+    theirs = family.torch(inputs, hidden).eval()
     theirs.load_state_dict(ours.state_dict())
-    f64 = family.torch(hidden, hidden).double().eval()
+    f64 = family.torch(inputs, hidden).double().eval()
     f64.load_state_dict(ours.state_dict())
     expected = _module_step(f64, x.double())()
     step = _module_step(ours, x)
-    return checked_times(f"{suite}, hidden {hidden}",
+    return checked_times(f"{suite}, hidden {hidden}, inputs {inputs}",
                          {family.torch.__name__: _module_step(theirs, x)},
                          {form: forced(step, form) for form in FORMS}, forced(step, None),
                          expected, min_time_s)
@@ -101,16 +101,17 @@ def measure(suite: str, hidden: int, min_time_s: float) -> list[tuple[str, float
 
 def effect_main(argv: list[str] | None, prog: str, description: str, title: str,
                 shape: dict[str, int], what: str,
-                measure_one: Callable[[str, int, float], list[tuple[str, float]]]) -> int:
+                measure_one: Callable[[str, int, int, float], list[tuple[str, float]]]) -> int:
     """The command line and table of this tool and of its kin (bench.matmul_effect): per cell and
-    hidden size (``--case``, ``--hidden``, default ``shape``'s H), the rows ``measure_one``
-    returns, the last torch.nn's, with each row's ratio to it."""
+    hidden size (``--case``, ``--hidden``, default ``shape``'s H; ``--input``, default the hidden
+    size), the rows ``measure_one`` returns, the last torch.nn's, with each row's ratio to it."""
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--case", default=",".join(FAMILIES),
                    help=f"comma-separated among {', '.join(FAMILIES)}")
     p.add_argument("--hidden", default=str(shape["H"]),
-                   help="comma-separated hidden sizes (input size the same; default: the "
-                        "recurrence suites' shape)")
+                   help="comma-separated hidden sizes (default: the recurrence suites' shape)")
+    p.add_argument("--input", type=int, default=None,
+                   help="input size (default: each hidden size)")
     p.add_argument("--min-time", type=float, default=2.0,
                    help="seconds each contender is timed, over all rounds (default 2)")
     args = p.parse_args(argv)
@@ -121,16 +122,17 @@ def effect_main(argv: list[str] | None, prog: str, description: str, title: str,
     hidden = [int(h) for h in args.hidden.split(",") if h.strip()]
     print(f"# {title}\n\n{env.cpu_model()}, {torch.get_num_threads()} threads, float32, torch "
           f"{torch.__version__}, commit {env.commit()}\n")
-    print(f"T = {shape['T']}, B = {shape['B']}, I = H; {what}; every contender timed in turns in "
-          f"one process (`{prog} --help`).\n")
-    print("| case | H | contender | median | vs torch.nn |")
-    print("|---|---|---|---|---|", flush=True)
+    print(f"T = {shape['T']}, B = {shape['B']}; {what}; every contender timed in turns in one "
+          f"process (`{prog} --help`).\n")
+    print("| case | I | H | contender | median | vs torch.nn |")
+    print("|---|---|---|---|---|---|", flush=True)
     for suite in cases:
         for h in hidden:
-            rows = measure_one(suite, h, args.min_time)
+            inputs = args.input or h
+            rows = measure_one(suite, h, inputs, args.min_time)
             theirs = rows[-1][1]
             for name, seconds in rows:
-                print(f"| {suite} | {h} | {name} | {seconds * 1e3:.3g} ms | "
+                print(f"| {suite} | {inputs} | {h} | {name} | {seconds * 1e3:.3g} ms | "
                       f"{theirs / seconds:.2f}x |", flush=True)
     return 0
 

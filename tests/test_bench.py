@@ -599,19 +599,27 @@ def test_projection_effect_rows(capsys, monkeypatch):
     rows = [[c.strip() for c in line.split("|")[1:-1]]
             for line in capsys.readouterr().out.splitlines()
             if line.startswith("| ") and not line.startswith("| case")]
-    assert [(r[0], r[1], r[2].rsplit(" (", 1)[0] if "default" in r[2] else r[2]) for r in rows] == [
-        (case, h, name) for case, torch_name in (("gru", "GRU"), ("rnn", "RNN"))
+    assert [(r[0], r[1], r[2], r[3].rsplit(" (", 1)[0] if "default" in r[3] else r[3])
+            for r in rows] == [
+        (case, h, h, name) for case, torch_name in (("gru", "GRU"), ("rnn", "RNN"))
         for h in ("24", "40")
         for name in ("rnnkernels (cpu), default", "rnnkernels (cpu), units",
                      "rnnkernels (cpu), blocks", torch_name)]
-    for case, h, name, median, ratio in rows:
-        if "default" in name:  # small slices fit any L2: the rule takes units
+    for case, i, h, name, median, ratio in rows:
+        if "default" in name:  # I = H, and small slices fit any L2: both rules take units
             assert name.endswith("(units)"), name
         seconds = float(median.removesuffix(" ms"))
-        theirs = next(float(r[3].removesuffix(" ms")) for r in rows
-                      if (r[0], r[1]) == (case, h) and not r[2].startswith("rnnkernels"))
+        theirs = next(float(r[4].removesuffix(" ms")) for r in rows
+                      if (r[0], r[2]) == (case, h) and not r[3].startswith("rnnkernels"))
         assert float(ratio.removesuffix("x")) == pytest.approx(theirs / seconds, rel=0.02,
                                                                abs=0.01)
+    # --input: that many inputs for every hidden size
+    assert projection_effect.main(["--case", "lstm", "--hidden", "16", "--input", "40",
+                                   "--min-time", "0.02"]) == 0
+    rows = [[c.strip() for c in line.split("|")[1:-1]]
+            for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and not line.startswith("| case")]
+    assert [r[:3] for r in rows] == [["lstm", "40", "16"]] * 4
 
 
 def test_matmul_effect_rows(capsys, monkeypatch):
@@ -630,11 +638,11 @@ def test_matmul_effect_rows(capsys, monkeypatch):
     rows = [[c.strip() for c in line.split("|")[1:-1]]
             for line in capsys.readouterr().out.splitlines()
             if line.startswith("| ") and not line.startswith("| case")]
-    assert [(r[0], r[2].rsplit(" (", 1)[0] if "default" in r[2] else r[2]) for r in rows] == [
+    assert [(r[0], r[3].rsplit(" (", 1)[0] if "default" in r[3] else r[3]) for r in rows] == [
         (case, name) for case, torch_name in (("lstm", "LSTM"), ("rnn", "RNN"))
         for name in ("rnnkernels (cpu), default", "rnnkernels (cpu), panels",
                      "rnnkernels (cpu), vendor", torch_name)]
-    for case, h, name, median, ratio in rows:
+    for case, i, h, name, median, ratio in rows:
         if "default" in name:
             assert name.endswith("(panels)") or name.endswith("(vendor)"), name
         assert float(ratio.removesuffix("x")) > 0
@@ -649,7 +657,7 @@ def test_matmul_effect_refuses_a_wrong_result(monkeypatch):
     monkeypatch.setattr(projection_effect, "compare",
                         lambda names, got, expected, tol: check.Verdict(False, 1.0, 1.0, "off"))
     with pytest.raises(RuntimeError, match="is wrong: off"):
-        matmul_effect.measure("gru", 4, 0.01)
+        matmul_effect.measure("gru", 4, 4, 0.01)
 
 
 def test_projection_effect_refuses_a_wrong_result(monkeypatch):
@@ -661,4 +669,4 @@ def test_projection_effect_refuses_a_wrong_result(monkeypatch):
     monkeypatch.setattr(projection_effect, "compare",
                         lambda names, got, expected, tol: check.Verdict(False, 1.0, 1.0, "off"))
     with pytest.raises(RuntimeError, match="is wrong: off"):
-        projection_effect.measure("lstm", 8, 0.01)
+        projection_effect.measure("lstm", 8, 8, 0.01)

@@ -266,8 +266,8 @@ class PackedPanels {
   // Independent multiply-add chains a register block keeps at least, where the registers allow:
   // a multiply-add waits 4 to 5 cycles for its accumulator and a core starts two a cycle. A block
   // of few rows (one; up to three on AVX2) holds fewer than that many accumulators, and its
-  // product ran at the chains' latency (an AVX2 row of 2 vectors: two multiply-adds per 5 cycles); it adds
-  // consecutive k into kSets sets of accumulators in turn, summed at the end.
+  // product ran at the chains' latency (an AVX2 row of 2 vectors: two multiply-adds per 5
+  // cycles); it adds consecutive k into kSets sets of accumulators in turn, summed at the end.
   static constexpr int64_t kMinChains = 8;
 
   template <int MR>
@@ -394,36 +394,52 @@ struct ProjectionIsa {
 #define RNNKERNELS_FUSED_INPUT 1
 // The input projection of batch-1 inference in float32, x_t W^T + b for a thread's columns of
 // W's rows, computed one block of kSteps steps ahead in small pieces (units) that ride along
-// with the recurrent products of the steps before (multiply_row). Why: at batch 1 such a
-// product streams the thread's slice of W_hh from L2 and leaves the multiply-add units about
-// half idle, while the projection of kSteps rows at once is bound by multiply-adds with its
-// operands in L1; interleaved, the projection runs in the stream's shadow (a standalone timing
-// on the AMD EPYC Zen 4 measured, 512 columns, K = I = 256, one thread: the batch-1 product
-// alone 4.8 us per step, with its share of the projection interleaved 5.4, one after the other
-// 7.1). A unit is one k of one vector panel (W columns, the vector width) for the block's kSteps
-// = W rows: kSteps multiply-adds of a W row (from a PackedPanels of W's columns, read once per
-// block) and the x values of the block's rows, held transposed (xt_[k * kSteps + r]) in L1.
-// Written in intrinsics (ProjectionIsa): the kSteps sums must stay in registers across the
-// product's loop, which GCC did not manage with at::vec::Vectorized. kSteps sums, a panel row's
-// two sets of kNV accumulators and three operands fit AVX-512's 32 registers (16 + 8 + 3) and
-// AVX2's 16 (8 + 4 + 3).
+// with the recurrent products of the steps before (multiply_row, one unit per 4 k of the
+// product). Why: at batch 1 such a product streams the thread's slice of W_hh from L2 and
+// leaves the multiply-add units about half idle, while the projection of a block of rows is
+// bound by multiply-adds with its operands in L1; interleaved, the projection runs in the
+// stream's shadow (a standalone timing on the AMD EPYC Zen 4 measured, 512 columns, K = I = 256,
+// one thread: the batch-1 product alone 4.8 us per step, with its share of the projection
+// interleaved 5.4, one after the other 7.1). A unit is one k of kRows rows of the block by
+// kVecs vectors (W columns each) of W's columns: kRows * kVecs multiply-adds of the x values of
+// the rows, held transposed (xt_[k * kSteps + r]) in L1, and a row of a PackedPanels of W's
+// columns. The units run row block by row block for one vector group, then the next group, so
+// that a block reads each row of W once from memory (the row blocks after the first find it in
+// L1) and W passes through the caches once per kSteps steps. Written in intrinsics
+// (ProjectionIsa): the unit's sums must stay in registers across the product's loop, which GCC
+// did not manage with at::vec::Vectorized. They, a panel row's two sets of kNV accumulators and
+// the operands fit the registers: on AVX-512 units of 16 rows by one vector, blocks of 16 steps
+// (16 sums + 8 + 3 of 32 registers); on AVX2 4 rows by a panel's 2 vectors, blocks of 32 steps
+// (8 + 4 + 4 of 16), where units of 8 rows by one vector, 8 steps a block, read 9 values per 8
+// multiply-adds against 6 and the whole W every 8 steps (see FusedInput in recurrence.cpp).
 class RowProjection {
  public:
   using Panels = PackedPanels<float>;
   using Isa = ProjectionIsa;
   using R = Isa::R;
   static constexpr int W = Isa::W;
-  static constexpr int kSteps = W;
+  // A unit's shape (see above): kRows rows by kVecs vectors of W's columns, of a block of kSteps
+  // rows.
+#if defined(CPU_CAPABILITY_AVX512)
+  static constexpr int kRows = W, kVecs = 1, kSteps = W;
+#else
+  static constexpr int kRows = 4, kVecs = static_cast<int>(Panels::kNV), kSteps = 32;
+#endif
+  static constexpr int kSums = kRows * kVecs;
+  // Sequences from this many steps on are projected in the team (see recurrence_infer_cpu).
+  static constexpr int kMinSteps = W;
+  static_assert(kSteps % kRows == 0 && kSteps % W == 0 && Panels::kNV % kVecs == 0);
 
   // W's columns and bias as for PackedPanels (K = I, N columns); dest[j]: the offset of column
   // j in a row of the output.
   RowProjection(int64_t K, int64_t N, const std::vector<Panels::Columns>& runs,
                 std::vector<int64_t> dest)
-      : K_(K), N_(N), vpanels_((N + W - 1) / W), w_(K, N, runs), dest_(std::move(dest)),
-        xt_(static_cast<size_t>(K * kSteps)), acc_(static_cast<size_t>(kSteps * W)) {
+      : K_(K), N_(N), groups_((N + kVecs * W - 1) / (kVecs * W)), w_(K, N, runs),
+        dest_(std::move(dest)), xt_(static_cast<size_t>(K * kSteps)),
+        acc_(static_cast<size_t>(kSums * W)) {
     static_assert(Panels::V::size() == W);
     TORCH_INTERNAL_ASSERT(static_cast<int64_t>(dest_.size()) == N);
-    for (int64_t vp = 0; vp < vpanels_; ++vp) {
+    for (int64_t vp = 0; vp * W < N; ++vp) {
       const int64_t n = std::min<int64_t>(W, N - vp * W);
       bool run = true;
       for (int64_t c = 1; c < n; ++c) run = run && dest_[vp * W + c] == dest_[vp * W] + c;
@@ -431,29 +447,37 @@ class RowProjection {
     }
   }
 
-  // Units of a block, and of the block begun last that are still to run.
-  int64_t units_per_block() const { return vpanels_ * K_; }
-  int64_t units_left() const { return count_ == 0 ? 0 : (vpanels_ - vp_) * K_ - k_; }
+  // Units of the block begun last, and those of it still to run.
+  int64_t units_per_block() const { return groups_ * row_blocks_ * K_; }
+  int64_t units_left() const {
+    return count_ == 0 ? 0 : ((groups_ - vg_) * row_blocks_ - rb_) * K_ - k_;
+  }
 
   // Begins a block of count <= kSteps rows: x row r at x + r * ldx (ldx may be negative); row r
   // of the result goes to out + r * ldo (at the columns dest).
   void begin_block(const float* x, int64_t ldx, int count, float* out, int64_t ldo) {
-    lanes::gather_lanes(xt_.data(), x, ldx, count, K_, kSteps);
+    if (count < kSteps) std::fill(xt_.begin(), xt_.end(), 0.f);
+    for (int r0 = 0; r0 < count; r0 += W) {
+      lanes::gather_lanes(xt_.data() + r0, x + r0 * ldx, ldx, std::min(W, count - r0), K_,
+                          kSteps);
+    }
     std::fill(acc_.begin(), acc_.end(), 0.f);
     count_ = count;
+    row_blocks_ = (count + kRows - 1) / kRows;
     out_ = out;
     ldo_ = ldo;
-    vp_ = 0;
+    vg_ = 0;
+    rb_ = 0;
     k_ = 0;
   }
 
   // n units on their own.
   void run(int64_t n) {
     n = std::min(n, units_left());
-    R s[kSteps];
+    R s[kSums];
     load(s);
     for (; n > 0; --n) {
-      unit(s, w_row(), xt_.data() + k_ * kSteps);
+      unit(s, w_row(), x_col());
       if (++k_ == K_) finish(s);
     }
     store(s);
@@ -470,10 +494,10 @@ class RowProjection {
     const KLayout::Pieces pieces = w.layout().pieces(ks);
     const float* d = w.data();
     const float* bias = accumulate ? nullptr : w.bias();
-    R s[kSteps];
+    R s[kSums];
     load(s);
-    const float* sx = xt_.data() + k_ * kSteps;
-    const float* const sx_end = xt_.data() + K_ * kSteps;
+    const float* sx = x_col();
+    const float* sx_end = xt_.data() + K_ * kSteps + rb_ * kRows;
     const float* sw = w_row();
     for (int64_t p = 0; p < w.panels(); ++p) {
       const int64_t cols = std::min(kNR, w.cols() - p * kNR);
@@ -504,7 +528,8 @@ class RowProjection {
           if (sx == sx_end) {
             finish(s);
             sw = w_row();
-            sx = xt_.data();
+            sx = x_col();
+            sx_end = xt_.data() + K_ * kSteps + rb_ * kRows;
           }
         }
         for (; k + 2 <= pc.end; k += 2, bk += 2 * kNR) {
@@ -517,58 +542,76 @@ class RowProjection {
         Isa::store(c + p * kNR + v * W, Isa::add(acc[0][v], acc[1][v]), cols - v * W);
       }
     }
-    k_ = (sx - xt_.data()) / kSteps;
+    k_ = (sx - (xt_.data() + rb_ * kRows)) / kSteps;
     store(s);
     return total - n;
   }
 
  private:
-  // W's row k_ of vector panel vp_.
+  static constexpr int64_t kGroupsPerPanel = Panels::kNV / kVecs;
+
+  // Row k_ of W's vector group vg_ (kVecs vectors of a panel row).
   const float* w_row() const {
-    constexpr int64_t kNR = Panels::kNR, kNV = Panels::kNV;
-    return w_.data() + (vp_ / kNV) * K_ * kNR + k_ * kNR + (vp_ % kNV) * W;
+    constexpr int64_t kNR = Panels::kNR;
+    return w_.data() + (vg_ / kGroupsPerPanel) * K_ * kNR + k_ * kNR +
+           (vg_ % kGroupsPerPanel) * kVecs * W;
   }
-  static C10_ALWAYS_INLINE void unit(R (&s)[kSteps], const float* sw, const float* sx) {
-    const R wv = Isa::load(sw);
+  // The x values of row block rb_'s rows at k_.
+  const float* x_col() const { return xt_.data() + k_ * kSteps + rb_ * kRows; }
+  static C10_ALWAYS_INLINE void unit(R (&s)[kSums], const float* sw, const float* sx) {
+    R wv[kVecs];
+#pragma GCC unroll 4
+    for (int v = 0; v < kVecs; ++v) wv[v] = Isa::load(sw + v * W);
 #pragma GCC unroll 16
-    for (int r = 0; r < kSteps; ++r) s[r] = Isa::fmadd(Isa::set1(sx[r]), wv, s[r]);
+    for (int r = 0; r < kRows; ++r) {
+      const R xv = Isa::set1(sx[r]);
+#pragma GCC unroll 4
+      for (int v = 0; v < kVecs; ++v) s[r * kVecs + v] = Isa::fmadd(xv, wv[v], s[r * kVecs + v]);
+    }
   }
-  C10_ALWAYS_INLINE void load(R (&s)[kSteps]) const {
+  C10_ALWAYS_INLINE void load(R (&s)[kSums]) const {
 #pragma GCC unroll 16
-    for (int r = 0; r < kSteps; ++r) s[r] = Isa::load(acc_.data() + r * W);
+    for (int i = 0; i < kSums; ++i) s[i] = Isa::load(acc_.data() + i * W);
   }
-  C10_ALWAYS_INLINE void store(const R (&s)[kSteps]) {
+  C10_ALWAYS_INLINE void store(const R (&s)[kSums]) {
 #pragma GCC unroll 16
-    for (int r = 0; r < kSteps; ++r) Isa::store(acc_.data() + r * W, s[r]);
+    for (int i = 0; i < kSums; ++i) Isa::store(acc_.data() + i * W, s[i]);
   }
-  // The vector panel vp_ is complete (s its sums): its rows (+ bias) to the output (flush), s
-  // zeroed, on to the next panel.
-  C10_ALWAYS_INLINE void finish(R (&s)[kSteps]) {
+  // The unit (vg_, rb_) is complete (s its sums): its rows (+ bias) to the output (flush), s
+  // zeroed, on to the next row block, or the next vector group after the last.
+  C10_ALWAYS_INLINE void finish(R (&s)[kSums]) {
     store(s);
     flush();
 #pragma GCC unroll 16
-    for (int r = 0; r < kSteps; ++r) s[r] = Isa::zero();
+    for (int i = 0; i < kSums; ++i) s[i] = Isa::zero();
+    k_ = 0;
+    if (++rb_ == row_blocks_) {
+      rb_ = 0;
+      ++vg_;
+    }
   }
-  C10_ALWAYS_INLINE void flush() {
+  void flush() {
     const float* bias = w_.bias();
-    const R b = bias ? Isa::load(bias + vp_ * W) : Isa::zero();
-    const int64_t j0 = vp_ * W, n = std::min<int64_t>(W, N_ - j0);
-    for (int r = 0; r < count_; ++r) {
-      float* row = out_ + r * ldo_;
-      const R v = Isa::add(Isa::load(acc_.data() + r * W), b);
-      if (contiguous_[vp_]) {
-        Isa::store(row + dest_[j0], v, n);
-      } else {
-        float tmp[W];
-        Isa::store(tmp, v);
-        for (int64_t c = 0; c < n; ++c) row[dest_[j0 + c]] = tmp[c];
+    const int rows = std::min(kRows, count_ - static_cast<int>(rb_) * kRows);
+    for (int v = 0; v < kVecs; ++v) {
+      const int64_t vp = vg_ * kVecs + v, j0 = vp * W, n = std::min<int64_t>(W, N_ - j0);
+      if (n <= 0) break;
+      const R b = bias ? Isa::load(bias + j0) : Isa::zero();
+      for (int r = 0; r < rows; ++r) {
+        float* row = out_ + (rb_ * kRows + r) * ldo_;
+        const R val = Isa::add(Isa::load(acc_.data() + (r * kVecs + v) * W), b);
+        if (contiguous_[vp]) {
+          Isa::store(row + dest_[j0], val, n);
+        } else {
+          float tmp[W];
+          Isa::store(tmp, val);
+          for (int64_t c = 0; c < n; ++c) row[dest_[j0 + c]] = tmp[c];
+        }
       }
     }
-    ++vp_;
-    k_ = 0;
   }
 
-  int64_t K_, N_, vpanels_;
+  int64_t K_, N_, groups_;
   Panels w_;
   std::vector<int64_t> dest_;
   std::vector<bool> contiguous_;
@@ -576,7 +619,7 @@ class RowProjection {
   std::vector<float> acc_;
   int count_ = 0;
   float* out_ = nullptr;
-  int64_t ldo_ = 0, vp_ = 0, k_ = 0;
+  int64_t ldo_ = 0, row_blocks_ = 0, vg_ = 0, rb_ = 0, k_ = 0;
 };
 #endif
 

@@ -1209,20 +1209,23 @@ class ActiveRows {
 // steps it will run next (rows of G*H, of which it writes and reads its own units' columns only,
 // so that the cell code reads it as it reads gx), in one of two ways (FusedProjection):
 // - units: a block of RowProjection::kSteps steps ahead, interleaved with its recurrent products
-//   (RowProjection; a ring of 2 * kSteps rows, the block being run and the next one). Per block
-//   it reads its W_ih slice once, and per step its W_hh slice: both must stay in its L2, or
-//   each evicts the other and the products stream both from L3;
+//   (RowProjection; a ring of 2 * kSteps rows, the block being run and the next one), one unit
+//   per 4 k of the product. Per block it reads its W_ih slice once, and per step its W_hh slice;
 // - blocks: kProjectionSteps steps at a time as one panel GEMM at the first of them (a ring of
 //   kProjectionSteps rows): the GEMM's register blocks keep the multiply-add units busy, and W_ih
 //   passes through L2 once per block.
-// Blocks where the thread's W_hh slice fits in 7/8 of its L2 (sysconf) and W_hh and W_ih
-// together do not; units elsewhere. In in-process A/Bs on the AMD EPYC Zen 2 (512 KB of L2), fp32,
-// T = 256, two threads: the GRU at hidden 256 (393 KB of W_hh and as much of W_ih per thread) ran
-// faster in blocks of 32 steps (the units cost it about as much time as the product); with both
-// slices in L2 (GRU and LSTM at hidden 128, the RNN at 256) or W_hh past L2 anyway (LSTM at 256,
-// GRU and LSTM at 512) the units ran as fast or faster. On the AMD EPYC Zen 4 (1 MB of L2) the
-// units ran mostly in the product's shadow (see RowProjection). RNNKERNELS_CPU_PROJECTION=units
-// / blocks forces one (the tests run both).
+// Blocks where the thread's W_hh slice fits in 7/8 of its L2 (sysconf) and W_hh and W_ih together
+// do not, and on AVX2 builds also where I > P (the projection then has more units than the product
+// has slots, one per 4 k of W_hh's P rows, and the rest run on their own in smaller register blocks
+// than the GEMM's); units elsewhere. On the AMD EPYC Zen 2 (512 KB of L2), fp32, T = 256, two
+// threads, python -m bench.projection_effect (units against blocks in one process): with I = 256 >
+// H = 128 blocks ran 1.0-1.3x faster (GRU 1.29x, RNN 1.12x, LSTM even); with I = H the two were
+// within the machine's noise at 128 and 512 and for the GRU at 256 (W_hh fits, W_ih with it does
+// not: blocks), and the units ran the LSTM at 256 (W_hh past L2) 0.96-1.04x as fast as blocks,
+// where the units of 8 rows by one vector these builds had before (W_ih read every 8 steps) ran it
+// 0.91x (bench/results/cpu-2026-12-05-projection.md). On the AMD EPYC Zen 4 (1 MB of L2) the units
+// ran mostly in the product's shadow (see RowProjection). RNNKERNELS_CPU_PROJECTION=units / blocks
+// forces one (the tests run both).
 // Not one ring shared by the team: there the threads' columns alternate every H / n units, and on
 // a virtual machine whose two cores were far apart (a round trip of about 500 ns between them,
 // against 120 on others) the cores' prefetchers pulling each other's neighbouring lines cost the
@@ -1239,9 +1242,9 @@ constexpr int64_t kProjectionSteps = 32;
 
 enum class FusedProjection { kUnits, kBlocks };
 
-// How a thread whose slices of W_hh and W_ih take hh_bytes and ih_bytes computes its projection
-// (see FusedInput).
-FusedProjection fused_projection(int64_t hh_bytes, int64_t ih_bytes) {
+// How a thread whose slices of W_hh (P rows) and W_ih (I rows) take hh_bytes and ih_bytes
+// computes its projection (see FusedInput).
+FusedProjection fused_projection(int64_t hh_bytes, int64_t ih_bytes, int64_t P, int64_t I) {
   const char* forced = std::getenv("RNNKERNELS_CPU_PROJECTION");
   const std::string mode = forced != nullptr ? forced : "";
   if (mode == "units") return FusedProjection::kUnits;
@@ -1254,8 +1257,9 @@ FusedProjection fused_projection(int64_t hh_bytes, int64_t ih_bytes) {
 #endif
   }();
   const int64_t room = l2 / 8 * 7;
-  return hh_bytes <= room && hh_bytes + ih_bytes > room ? FusedProjection::kBlocks
-                                                        : FusedProjection::kUnits;
+  if (hh_bytes <= room && hh_bytes + ih_bytes > room) return FusedProjection::kBlocks;
+  if (lanes::kVectorRegisters < 32 && I > P) return FusedProjection::kBlocks;  // AVX2
+  return FusedProjection::kUnits;
 }
 #endif
 
@@ -1343,7 +1347,7 @@ void forward_persistent(const Problem<S, T>& pb, const Tensor& gx, const Tensor&
           runs_ih.push_back({g * nk, nk, fused->w_ih + (g * H + u0) * fused->I, 1, fused->I,
                              fused->b_ih != nullptr ? fused->b_ih + g * H + u0 : nullptr});
         }
-        if (fused_projection(G * nk * P * 4, G * nk * fused->I * 4) ==
+        if (fused_projection(G * nk * P * 4, G * nk * fused->I * 4, P, fused->I) ==
             FusedProjection::kBlocks) {
           for (PackedPanels<float>::Columns r : runs_ih) {
             r.n0 = 0;  // each gate its own product, into its own columns of the ring
@@ -1901,7 +1905,7 @@ std::tuple<Tensor, Tensor, Tensor> recurrence_infer_cpu(const Tensor& x_in, cons
                                  false, false, nullptr};
   // From one block of steps on: below it the whole projection would run before the first step,
   // on a block padded to kSteps rows (measured slower than the GEMM up to about 8 steps).
-  if (st == at::kFloat && B == 1 && T_ >= RowProjection::kSteps && use_persistent(pb)) {
+  if (st == at::kFloat && B == 1 && T_ >= RowProjection::kMinSteps && use_persistent(pb)) {
     Tensor y = at::empty({T_, 1, H}, x.options());
     Tensor hs = at::empty({2, 1, H}, x.options());
     hs.select(0, pb.slot_in(0)).copy_(h0);
