@@ -1218,14 +1218,12 @@ class ActiveRows {
 // do not, and on AVX2 builds also where I > P (the projection then has more units than the product
 // has slots, one per 4 k of W_hh's P rows, and the rest run on their own in smaller register blocks
 // than the GEMM's); units elsewhere. On the AMD EPYC Zen 2 (512 KB of L2), fp32, T = 256, two
-// threads, python -m bench.projection_effect (units against blocks in one process): with I = 256 >
-// H = 128 blocks ran 1.0-1.3x faster (GRU 1.29x, RNN 1.12x, LSTM even); with I = H the two were
-// within the machine's noise at 128 and 512 and for the GRU at 256 (W_hh fits, W_ih with it does
-// not: blocks), and the units ran the LSTM at 256 (W_hh past L2) 0.96-1.04x as fast as blocks,
-// where the units of 8 rows by one vector these builds had before (W_ih read every 8 steps) ran it
-// 0.91x (bench/results/cpu-2026-12-05-projection.md). On the AMD EPYC Zen 4 (1 MB of L2) the units
-// ran mostly in the product's shadow (see RowProjection). RNNKERNELS_CPU_PROJECTION=units / blocks
-// forces one (the tests run both).
+// threads, python -m bench.projection_effect (units against blocks in one process,
+// bench/results/cpu-2026-12-05-projection.md): with I = 256 > H = 128 blocks ran the GRU and the
+// RNN 1.11x as fast as units, the LSTM 0.97x; with I = H units ran 0.98-1.07x as fast as blocks at
+// 128 and 512, the LSTM and the RNN at 256 1.02-1.03x, the GRU at 256 (blocks) 0.95x. On the AMD
+// EPYC Zen 4 (1 MB of L2) the units ran mostly in the product's shadow (see RowProjection).
+// RNNKERNELS_CPU_PROJECTION=units / blocks forces one (the tests run both).
 // Not one ring shared by the team: there the threads' columns alternate every H / n units, and on
 // a virtual machine whose two cores were far apart (a round trip of about 500 ns between them,
 // against 120 on others) the cores' prefetchers pulling each other's neighbouring lines cost the
