@@ -235,18 +235,19 @@ def test_decoding_step_opcheck(cell, dtype):
                            args["b_ih"], args["b_hh"], cell))
 
 
-# T, B = 1, I, H. The fused projection's units run in blocks of 16 steps on AVX-512 builds, 8 on
-# AVX2; its blocks (RNNKERNELS_CPU_PROJECTION=blocks) take 32 steps.
+# T, B = 1, I, H. The fused projection runs from 16 steps on on AVX-512 builds, from 8 on AVX2;
+# its units in blocks of 16 steps (units of 16 rows) on AVX-512, of 32 steps (units of 4 rows)
+# on AVX2; its blocks (RNNKERNELS_CPU_PROJECTION=blocks) take 32 steps.
 SEQUENCE_SHAPES = [
     (18, 1, 7, 257),   # two threads; the second's units (113) end panels mid-vector
-    (9, 1, 6, 64),     # AVX-512: below one block, the projection as one matmul; AVX2: 2 blocks
-    (7, 1, 6, 64),     # below one block on both
-    (17, 1, 37, 29),   # one thread; the last block of the projection holds one step
-    (40, 1, 256, 64),  # several blocks, the last partial on AVX-512
+    (9, 1, 6, 64),     # AVX-512: too short, the projection as one matmul; AVX2: one row past 8
+    (7, 1, 6, 64),     # too short on both
+    (17, 1, 37, 29),   # one thread; the last block (AVX-512) or row block (AVX2) of one step
+    (40, 1, 256, 64),  # several blocks, the last partial
     (33, 1, 5, 48),    # I far below H: fewer projection units per step than product slots
     (20, 1, 300, 16),  # I above H: the projection's units beyond the slots run on their own
-    (16, 1, 9, 130),   # exactly one block on AVX-512 (nothing to project ahead), two on AVX2
-    (8, 1, 9, 130),    # exactly one block on AVX2
+    (16, 1, 9, 130),   # exactly one block on AVX-512 (nothing to project ahead)
+    (8, 1, 9, 130),    # the fewest steps fused on AVX2: one partial block of two row blocks
     (65, 1, 11, 40),   # three blocks of 32 steps, the last of one step
 ]
 

@@ -1877,8 +1877,8 @@ std::tuple<Tensor, Tensor, Tensor> cell_step_cpu(const Tensor& x_in, const Tenso
 }
 
 // A layer's forward without gradients from its input x (T, B, I): y (T, B, H), h_n and c_n as
-// recurrence_fwd's. At batch 1 in float32 with at least one block of RowProjection::kSteps
-// steps (inference on a sequence), the persistent path computes the input projection itself,
+// recurrence_fwd's. At batch 1 in float32 with at least RowProjection::kMinSteps steps
+// (inference on a sequence), the persistent path computes the input projection itself,
 // inside its team (FusedInput): a separate projection GEMM over all steps cost a third of the
 // forward (the fp32 LSTM at hidden 256, T = 256, 2 threads) and keeps half of the multiply-add
 // units idle while the recurrent products stream W_hh from L2. Elsewhere: the projection as one
@@ -1901,8 +1901,9 @@ std::tuple<Tensor, Tensor, Tensor> recurrence_infer_cpu(const Tensor& x_in, cons
   const int64_t T_ = x.size(0), B = in.B, I = in.I, G = in.G, H = in.H;
   const Problem<float, float> pb{cell, T_, B, H, H, G, workspace_units(cell, false), reverse,
                                  false, false, nullptr};
-  // From one block of steps on: below it the whole projection would run before the first step,
-  // on a block padded to kSteps rows (measured slower than the GEMM up to about 8 steps).
+  // From kMinSteps steps (a vector's width) on: a sequence of one partial block has its whole
+  // projection run before the first step, which measured slower than the GEMM up to about 8
+  // steps.
   if (st == at::kFloat && B == 1 && T_ >= RowProjection::kMinSteps && use_persistent(pb)) {
     Tensor y = at::empty({T_, 1, H}, x.options());
     Tensor hs = at::empty({2, 1, H}, x.options());
