@@ -198,19 +198,19 @@ def test_decoding_step_only_without_gradients():
 def test_decoding_step_op_refuses_bad_arguments():
     """Called directly with arguments the Python side never passes, the op raises instead of
     reading out of bounds: an LSTM without c0, a short bias, too many rows, the reset-before
-    GRU."""
+    GRU, two steps, x without its step dimension."""
     args = make_layer(R.LSTM, 1, 2, 3, 5, torch.float32, requires_grad=False)
-    base = [args["x"][0], args["h0"], args["c0"], args["w_ih"], args["w_hh"], args["b_ih"],
+    base = [args["x"], args["h0"], args["c0"], args["w_ih"], args["w_hh"], args["b_ih"],
             args["b_hh"], R.LSTM]
     op = torch.ops.rnnkernels.cell_step
-    bad = [(2, None), (5, args["b_ih"][:-1]), (0, torch.randn(R.DECODE_ROWS + 1, 3)),
-           (7, R.GRU_RESET_BEFORE)]
+    bad = [(2, None), (5, args["b_ih"][:-1]), (0, torch.randn(1, R.DECODE_ROWS + 1, 3)),
+           (7, R.GRU_RESET_BEFORE), (0, torch.randn(2, 2, 3)), (0, args["x"][0])]
     for i, value in bad:
         call = list(base)
         call[i] = value
-        if i == 0:
-            call[1] = torch.randn(R.DECODE_ROWS + 1, 5)
-            call[2] = torch.randn(R.DECODE_ROWS + 1, 5)
+        if i == 0:  # states of the rows of this x
+            call[1] = torch.randn(value.shape[-2], 5)
+            call[2] = torch.randn(value.shape[-2], 5)
         with pytest.raises(RuntimeError, match="cell_step"):
             op(*call)
 
@@ -219,7 +219,7 @@ def test_decoding_step_op_has_no_backward():
     """Called directly on tensors that require grad, the op's outputs record a backward that
     raises a clear error instead of carrying no gradient."""
     args = make_layer(R.GRU, 1, 2, 3, 5, torch.float32)
-    y, h, _ = torch.ops.rnnkernels.cell_step(args["x"][0], args["h0"], None, args["w_ih"],
+    y, h, _ = torch.ops.rnnkernels.cell_step(args["x"], args["h0"], None, args["w_ih"],
                                              args["w_hh"], args["b_ih"], args["b_hh"], R.GRU)
     assert h.requires_grad
     with pytest.raises(RuntimeError, match="no backward"):
@@ -231,7 +231,7 @@ def test_decoding_step_op_has_no_backward():
 def test_decoding_step_opcheck(cell, dtype):
     args = make_layer(cell, 1, 2, 3, 5, dtype, requires_grad=False)
     torch.library.opcheck(torch.ops.rnnkernels.cell_step.default,
-                          (args["x"][0], args["h0"], args["c0"], args["w_ih"], args["w_hh"],
+                          (args["x"], args["h0"], args["c0"], args["w_ih"], args["w_hh"],
                            args["b_ih"], args["b_hh"], cell))
 
 

@@ -1829,8 +1829,11 @@ std::tuple<Tensor, Tensor, Tensor> cell_step_cpu(const Tensor& x_in, const Tenso
                                                  const std::optional<Tensor>& b_hh_opt,
                                                  int64_t cell_id) {
   const InferenceOperands in =
-      inference_operands("cell_step", 2, kSmallRows, "(B <= " + std::to_string(kSmallRows) + ", I)",
-                         x_in, h0_in, c0_opt, w_ih_in, w_hh_in, b_ih_opt, b_hh_opt, cell_id);
+      inference_operands("cell_step", 3, kSmallRows,
+                         "(1, B <= " + std::to_string(kSmallRows) + ", I)", x_in, h0_in, c0_opt,
+                         w_ih_in, w_hh_in, b_ih_opt, b_hh_opt, cell_id);
+  TORCH_CHECK(x_in.size(0) == 1, "rnnkernels: cell_step runs one step: x (1, B, I), got ",
+              x_in.sizes());
   const Cell cell = in.cell;
   const auto st = in.st;
   const int64_t B = in.B, I = in.I, G = in.G, H = in.H, GH = G * H;
@@ -1842,7 +1845,7 @@ std::tuple<Tensor, Tensor, Tensor> cell_step_cpu(const Tensor& x_in, const Tenso
   const auto acc_opts = x.options().dtype(acc_type);
   const Tensor h_in = h0.to(acc_type), c_in = c0.defined() ? c0.to(acc_type) : Tensor();
   Tensor gx = at::empty({B, GH}, acc_opts), gh = at::empty({B, GH}, acc_opts);
-  Tensor y = at::empty({B, H}, acc_opts), h_n = at::empty({B, H}, acc_opts);
+  Tensor y = at::empty({1, B, H}, acc_opts), h_n = at::empty({B, H}, acc_opts);
   Tensor c_n = cell == Cell::LSTM ? at::empty({B, H}, acc_opts) : at::empty({0}, acc_opts);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, st, "cell_step_cpu", [&] {
     using S = scalar_t;

@@ -308,7 +308,7 @@ class RNNBase(nn.Module):
 
     def _check_state(self, name: str, t: object, shape: tuple[int, ...], x: Tensor) -> Tensor:
         t = _validate.tensor(name, autocast_input(t, x), like=x)
-        if tuple(t.shape) != shape:
+        if t.shape != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
         return t
 
@@ -337,7 +337,7 @@ class RNNBase(nn.Module):
         if x.shape[-1] != self.input_size:
             raise ValueError(f"input must have input_size={self.input_size} features in its last "
                              f"dimension, got {x.shape[-1]}")
-        w0 = self.weight_ih_l0
+        w0 = self._param("weight_ih_l0")
         # Under autocast the layers run in the autocast dtype (compute_dtype) anyway.
         x = autocast_input(x, w0)
         if x.dtype != w0.dtype:

@@ -127,6 +127,12 @@ def call(op: Callable, record: bool, *args):
     tangents), or tracing by torch.compile."""
     if record or not plain_eager():
         return op(*args)
+    return below_autograd(op, *args)
+
+
+def below_autograd(op: Callable, *args):
+    """``op(*args)`` straight below autograd, for a caller that has found that no gradient is
+    needed and the call plain eager (see :func:`call`)."""
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
 

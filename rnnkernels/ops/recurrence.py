@@ -90,7 +90,7 @@ def _recurrence_bwd_fake(grad_y, grad_h_n, grad_c_n, c0, w_hh, w_hr, lengths, hs
 @torch.library.register_fake("rnnkernels::cell_step")
 def _cell_step_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, cell):
     B, H = h0.shape
-    return (x.new_empty((B, H)), x.new_empty((B, H)),
+    return (x.new_empty((1, B, H)), x.new_empty((B, H)),
             x.new_empty((B, H)) if cell == LSTM else x.new_empty((0,)))
 
 
@@ -296,6 +296,10 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype the recurrence runs in: the autocast dtype inside an autocast region of x's
     device type (the recurrence is a matmul-bound op, autocast's lower-precision class), else
     x's dtype."""
+    # Outside any autocast region (a decoding loop's every call) without reading x's device,
+    # which costs a device object per call; Dynamo traces the general form.
+    if not torch.compiler.is_compiling() and not torch._C._is_any_autocast_enabled():
+        return x.dtype
     device = x.device.type
     if x.is_floating_point() and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
@@ -606,11 +610,10 @@ def run_layer(x: Tensor, h0: Tensor, c0: Tensor | None, w_ih: Tensor, w_hh: Tens
         return reference_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, reverse,
                                options)
     op = _inference_op(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, cell, backend, options)
-    if op is _CELL_STEP:
-        y, h_n, c_n = _autograd.call(op, False, x[0], h0, c0, w_ih, w_hh, b_ih, b_hh, cell)
-        return y.unsqueeze(0), h_n, (c_n if cell == LSTM else None)
-    if op is not None:
-        y, h_n, c_n = _autograd.call(op, False, x, h0, c0, w_ih, w_hh, b_ih, b_hh, cell, reverse)
+    if op is not None:  # _inference_op found the call plain eager, with no gradient needed
+        extra = () if op is _CELL_STEP else (reverse,)
+        y, h_n, c_n = _autograd.below_autograd(op, x, h0, c0, w_ih, w_hh, b_ih, b_hh, cell,
+                                               *extra)
         return y, h_n, (c_n if cell == LSTM else None)
     y, h_n, c_n = projected_recurrence(x, w_ih, b_ih, h0, c0 if cell == LSTM else None, w_hh,
                                        b_hh, w_hr, lengths, cell, reverse, backend, options)
