@@ -397,6 +397,24 @@ def test_zero_decay_keeps_the_state_exactly():
     torch.testing.assert_close(out, x0.expand(1, dim, L), rtol=0, atol=0)
 
 
+def test_exp_range_checked_per_chunk():
+    """Chunks whose exp arguments dt A log2(e) all lie in [-126, 127] skip the exp's clamp on
+    AVX2 builds (exp_args_in_range), the others keep it: a float32 scan whose chunks and channel
+    blocks mix the two (steps of about 0.01 and 2 with A down to -128: arguments down to about
+    -2 and -400), against float64, output and every gradient."""
+    chunk, dim, N = CHUNK_SIZE["cpu"], 16, 16
+    L = 3 * chunk + 5
+    g = torch.Generator().manual_seed(0)
+    inputs = make_inputs(batch=1, dim=dim, L=L, N=N, delta_bias=False, initial_state=True,
+                         dtype=torch.float32)
+    steps = torch.full((1, dim, L), 0.01)
+    steps[:, :, chunk:2 * chunk] = 2.0      # every block's second chunk out of range
+    steps[:, dim // 2:, 2 * chunk:] = 2.0   # and the second block's last two
+    inputs["delta"] = steps * (0.9 + 0.2 * torch.rand(1, dim, L, generator=g))
+    inputs["A"] = -torch.linspace(1, 128, N).expand(dim, N).contiguous()
+    check_against_reference(inputs, softplus=False)
+
+
 def test_small_steps_decay_without_drift():
     """Many small steps (dt A of order -1e-3, as in a trained Mamba): the state decays by
     exp(A sum(dt)) with the float32 roundings of the steps' exp(dt A) cancelling, not adding up.

@@ -99,7 +99,10 @@ C10_ALWAYS_INLINE Vectorized<T> fast_exp(Vectorized<T> x) {
 // 2^-126.5 flushed) and inf from y >= 127.5. The selective scan's exp(dt A) is 2^(dt A
 // log2(e)) with A log2(e) formed once per channel; at::vec's exp_u20 takes 19 operations (20
 // ulp). Elsewhere exp(y ln 2).
-template <typename T>
+// kInRange: the caller guarantees y in [-126, 127] or NaN (every lane), where the AVX2 clamp
+// changes nothing; AVX2 then skips it (11 operations; the selective scan checks its exp
+// arguments' range per block and chunk, see exp_args_in_range there).
+template <typename T, bool kInRange = false>
 C10_ALWAYS_INLINE Vectorized<T> fast_exp2(Vectorized<T> y) {
   using V = Vectorized<T>;
 #if defined(CPU_CAPABILITY_AVX512)
@@ -111,7 +114,7 @@ C10_ALWAYS_INLINE Vectorized<T> fast_exp2(Vectorized<T> y) {
   }
 #elif defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<T, float>) {
-    const V v = at::vec::clamp(y, V(-127.f), V(128.f));
+    const V v = kInRange ? y : at::vec::clamp(y, V(-127.f), V(128.f));
     const V n = v.round();
     return vec_math_detail::exp2_poly(v - n) * V(vec_math_detail::pow2_int(n));
   }
