@@ -521,6 +521,12 @@ def test_page_faults_counted_over_the_timed_calls():
     assert reused.faults_per_call < fresh.faults_per_call
 
 
+def _table_rows(out: str) -> list[list[str]]:
+    """The cells of each row of the Markdown table in a tool's output, its header left out."""
+    return [[c.strip() for c in line.split("|")[1:-1]]
+            for line in out.splitlines() if line.startswith("| ") and not line.startswith("| case")]
+
+
 def _small_cache_effect_configs(monkeypatch):
     from bench import configs
 
@@ -550,9 +556,7 @@ def test_cache_effect_rows(capsys, monkeypatch):
 
     monkeypatch.setattr(cache_effect, "run_child", child)
     assert cache_effect.main(["--case", "gru,selective_scan", "--min-time", "0.02"]) == 0
-    rows = [[c.strip() for c in line.split("|")[1:-1]]
-            for line in capsys.readouterr().out.splitlines()
-            if line.startswith("| ") and not line.startswith("| case")]
+    rows = _table_rows(capsys.readouterr().out)
     states = ["default", "returning"] if platform.libc_ver()[0] == "glibc" else ["default"]
     assert [(r[1], r[0], r[2]) for r in rows] == [
         (state, case, name) for state in states
@@ -596,9 +600,7 @@ def test_projection_effect_rows(capsys, monkeypatch):
     assert projection_effect.main(["--case", "gru,rnn", "--hidden", "24,40",
                                    "--min-time", "0.02"]) == 0
     assert os.environ["RNNKERNELS_CPU_PROJECTION"] == "units"
-    rows = [[c.strip() for c in line.split("|")[1:-1]]
-            for line in capsys.readouterr().out.splitlines()
-            if line.startswith("| ") and not line.startswith("| case")]
+    rows = _table_rows(capsys.readouterr().out)
     assert [(r[0], r[1], r[2], r[3].rsplit(" (", 1)[0] if "default" in r[3] else r[3])
             for r in rows] == [
         (case, h, h, name) for case, torch_name in (("gru", "GRU"), ("rnn", "RNN"))
@@ -616,9 +618,7 @@ def test_projection_effect_rows(capsys, monkeypatch):
     # --input: that many inputs for every hidden size
     assert projection_effect.main(["--case", "lstm", "--hidden", "16", "--input", "40",
                                    "--min-time", "0.02"]) == 0
-    rows = [[c.strip() for c in line.split("|")[1:-1]]
-            for line in capsys.readouterr().out.splitlines()
-            if line.startswith("| ") and not line.startswith("| case")]
+    rows = _table_rows(capsys.readouterr().out)
     assert [r[:3] for r in rows] == [["lstm", "40", "16"]] * 4
 
 
@@ -635,9 +635,7 @@ def test_matmul_effect_rows(capsys, monkeypatch):
     monkeypatch.setenv("RNNKERNELS_PANEL_MATMUL", "0")
     assert matmul_effect.main(["--case", "lstm,rnn", "--hidden", "8", "--min-time", "0.02"]) == 0
     assert os.environ["RNNKERNELS_PANEL_MATMUL"] == "0"
-    rows = [[c.strip() for c in line.split("|")[1:-1]]
-            for line in capsys.readouterr().out.splitlines()
-            if line.startswith("| ") and not line.startswith("| case")]
+    rows = _table_rows(capsys.readouterr().out)
     assert [(r[0], r[3].rsplit(" (", 1)[0] if "default" in r[3] else r[3]) for r in rows] == [
         (case, name) for case, torch_name in (("lstm", "LSTM"), ("rnn", "RNN"))
         for name in ("rnnkernels (cpu), default", "rnnkernels (cpu), panels",
