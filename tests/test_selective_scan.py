@@ -262,6 +262,37 @@ def test_opcheck_cpu_ops():
     torch.library.opcheck(torch.ops.rnnkernels.selective_scan_bwd.default, bwd)
 
 
+def test_cpu_ops_take_ungrouped_variable_bc():
+    """The CPU ops take variable B / C as (batch, N, L) too (the public function passes them so,
+    without a view in the autograd graph of every call): opcheck, results and every gradient
+    the same as those of the (batch, 1, N, L) form; B and C of other group counts refused."""
+    inputs = make_inputs(batch=2, dim=5, L=7, N=3, form="variable", initial_state=True)
+    args = [inputs[k] for k in ARGS[:8]]
+    fwd_op = torch.ops.rnnkernels.selective_scan_fwd
+    bwd_op = torch.ops.rnnkernels.selective_scan_bwd
+    x0 = inputs["initial_state"]
+
+    def both(B, C):
+        out, last, ckpt = fwd_op(*args[:3], B, C, *args[5:], True, x0, 3, True)
+        grad_out, grad_last = torch.ones_like(out) * 0.3, torch.ones_like(last) * -0.7
+        bwd = (grad_out, grad_last, *args[:3], B, C, *args[5:], True, x0, ckpt, 3)
+        return (out, last, ckpt, *bwd_op(*bwd)), bwd
+
+    flat, bwd = both(inputs["B"], inputs["C"])
+    grouped, _ = both(inputs["B"].unsqueeze(1), inputs["C"].unsqueeze(1))
+    for got, want in zip(flat, grouped):
+        assert torch.equal(got, want.view_as(got))
+    assert flat[6].shape == inputs["B"].shape and flat[7].shape == inputs["C"].shape
+    torch.library.opcheck(fwd_op.default, (*args, True, x0, 3, True))
+    torch.library.opcheck(bwd_op.default, bwd)
+    five_groups = torch.randn(2, 5, 3, 7, dtype=torch.float64)
+    for B, C in ((inputs["B"], five_groups), (five_groups, inputs["C"])):
+        with pytest.raises(RuntimeError, match="C must"):
+            fwd_op(*args[:3], B, C, *args[5:], True, x0, 3, True)
+    with pytest.raises(RuntimeError, match="B must"):
+        fwd_op(*args[:3], inputs["B"][..., :6], inputs["C"], *args[5:], True, x0, 3, True)
+
+
 def test_opcheck_cpu_ops_permuted_inputs():
     """u, delta, z, A, B, C and the initial state stored transposed (as a (batch, L, dim)
     activation gives them): the fake kernels give the kernels' contiguous gradients."""

@@ -780,9 +780,11 @@ Inputs prepare(const Tensor& u, const Tensor& delta, const Tensor& A, const Tens
   in.dim = u.size(1);
   in.L = u.size(2);
   in.N = A.size(1);
-  in.B_var = B.dim() == 4;
-  in.C_var = C.dim() == 4;
-  in.G = in.B_var ? B.size(1) : (in.C_var ? C.size(1) : 1);
+  // Variable B / C: (batch, G, N, L), or (batch, N, L) for one group.
+  in.B_var = B.dim() >= 3;
+  in.C_var = C.dim() >= 3;
+  auto groups = [](const Tensor& M) { return M.dim() == 4 ? M.size(1) : 1; };
+  in.G = in.B_var ? groups(B) : (in.C_var ? groups(C) : 1);
   TORCH_CHECK(in.G > 0 && in.dim % in.G == 0, "rnnkernels: selective_scan: bad group count");
   in.u = u.contiguous();
   in.delta = contiguous_as(delta, st, "delta");
@@ -791,12 +793,15 @@ Inputs prepare(const Tensor& u, const Tensor& delta, const Tensor& A, const Tens
   TORCH_CHECK(A.size(0) == in.dim, "rnnkernels: selective_scan: A must be (dim, N)");
   in.B = contiguous_as(B, in.B_var ? st : at_, "B");
   in.C = contiguous_as(C, in.C_var ? st : at_, "C");
-  const auto grouped = std::vector<int64_t>{in.batch, in.G, in.N, in.L};
-  const auto fixed = std::vector<int64_t>{in.dim, in.N};
-  TORCH_CHECK(B.sizes() == at::IntArrayRef(in.B_var ? grouped : fixed),
-              "rnnkernels: selective_scan: B must be (dim, N) or (batch, G, N, L)");
-  TORCH_CHECK(C.sizes() == at::IntArrayRef(in.C_var ? grouped : fixed),
-              "rnnkernels: selective_scan: C must be (dim, N) or (batch, G, N, L)");
+  auto expected = [&](const Tensor& M) {
+    if (M.dim() == 4) return std::vector<int64_t>{in.batch, in.G, in.N, in.L};
+    if (M.dim() == 3 && in.G == 1) return std::vector<int64_t>{in.batch, in.N, in.L};
+    return std::vector<int64_t>{in.dim, in.N};
+  };
+  TORCH_CHECK(B.sizes() == at::IntArrayRef(expected(B)),
+              "rnnkernels: selective_scan: B must be (dim, N), (batch, N, L) or (batch, G, N, L)");
+  TORCH_CHECK(C.sizes() == at::IntArrayRef(expected(C)),
+              "rnnkernels: selective_scan: C must be (dim, N), (batch, N, L) or (batch, G, N, L)");
   if (given(D)) {
     in.D = contiguous_as(*D, at_, "D");
     TORCH_CHECK(in.D.numel() == in.dim, "rnnkernels: selective_scan: D must be (dim,)");

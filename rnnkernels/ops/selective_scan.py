@@ -2,7 +2,8 @@
 ``selective_scan_fn``.
 
 :func:`selective_scan` validates its arguments, brings them to the kernels' layout (B/C as
-(dim, N) or (batch, G, N, L); A, D, delta_bias and the state in the accumulation dtype) and runs
+(dim, N) or (batch, G, N, L), variable (batch, N, L) as is for the CPU kernels; A, D, delta_bias
+and the state in the accumulation dtype) and runs
 the op of the backend chosen by :mod:`rnnkernels._backend`. The forward keeps only the states at
 chunk starts; the backward recomputes the states chunk by chunk from them.
 
@@ -205,11 +206,19 @@ def _check(u, delta, A, B, C, D, z, delta_bias, initial_state) -> None:
         _param("initial_state", initial_state, (batch, dim, N), u)
 
 
-def _grouped(M: Tensor, dtype: torch.dtype, acc: torch.dtype) -> Tensor:
-    """B or C in the op's layout: fixed (dim, N) in acc, else (batch, G, N, L) in u's dtype."""
+def _as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """t in dtype (no call where it has it already: a decoding or small training step pays
+    microseconds for each no-op .to)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def _grouped(M: Tensor, dtype: torch.dtype, acc: torch.dtype, backend: str) -> Tensor:
+    """B or C in the op's layout: fixed (dim, N) in acc, else variable in u's dtype, as
+    (batch, G, N, L), or for the CPU op, which takes it as is, also (batch, N, L): without the
+    view that adds a node to the autograd graph of every call."""
     if M.dim() == 2:
-        return M.to(acc)
-    return (M.unsqueeze(1) if M.dim() == 3 else M).to(dtype)
+        return _as(M, acc)
+    return _as(M.unsqueeze(1) if M.dim() == 3 and backend != "cpu" else M, dtype)
 
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
@@ -243,16 +252,12 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
         return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                         return_last_state, initial_state=initial_state)
     acc = _acc_dtype(u.dtype)
-
-    def to_acc(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.to(acc)
-
     save = _autograd.needs_grad(u, delta, A, B, C, D, z, delta_bias, initial_state)
     fwd = (_triton.selective_scan_fwd_triton if backend == "triton"
            else torch.ops.rnnkernels.selective_scan_fwd)
-    args = (u, delta, A.to(acc), _grouped(B, u.dtype, acc), _grouped(C, u.dtype, acc),
-            to_acc(D), z, to_acc(delta_bias), bool(delta_softplus), to_acc(initial_state),
-            CHUNK_SIZE[backend], save)
+    args = (u, delta, _as(A, acc), _grouped(B, u.dtype, acc, backend),
+            _grouped(C, u.dtype, acc, backend), _as(D, acc), z, _as(delta_bias, acc),
+            bool(delta_softplus), _as(initial_state, acc), CHUNK_SIZE[backend], save)
     out, last_state, _ = _autograd.call(fwd, save, *args)
     return (out, last_state) if return_last_state else out
 
