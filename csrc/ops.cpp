@@ -66,8 +66,8 @@ TORCH_LIBRARY(rnnkernels, m) {
   //   x_t = exp(delta_t * A) * x_{t-1} + delta_t * B_t * u_t,  y_t = C_t . x_t + D * u_t,
   //   out = y * silu(z) when z is given; delta = softplus(delta + delta_bias) when asked.
   // u, delta, z: (batch, dim, L); A: (dim, N) real; B, C: (dim, N) fixed or (batch, G, N, L)
-  // grouped (variable B/C are G = 1; dim % G == 0; the CPU kernels also take them as (batch,
-  // N, L)); D, delta_bias: (dim,);
+  // grouped (variable B/C are G = 1; dim % G == 0; the CPU and Triton kernels also take them
+  // as (batch, N, L)); D, delta_bias: (dim,);
   // initial_state, last_state: (batch, dim, N) fp32. checkpoints: (batch, dim, ceil(L/chunk_size)
   // * N) fp32 states at chunk starts (N values per chunk, chunk after chunk), from which the
   // backward recomputes the states chunk by chunk; empty (0,) when save is false. One dimension

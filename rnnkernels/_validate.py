@@ -163,7 +163,7 @@ def recurrence_bwd_op(op: str, grad_y, grad_h_n, grad_c_n, c0, w_hh, w_hr, lengt
 
 def selective_scan_op(op: str, u, delta, A, B, C, D, z, delta_bias, initial_state) -> None:
     """selective_scan_fwd's arguments (and the backward's same ones): u (batch, dim, L) and A
-    (dim, N) set the sizes; B, C (dim, N) or (batch, G, N, L), G dividing dim."""
+    (dim, N) set the sizes; B, C (dim, N), (batch, N, L) or (batch, G, N, L), G dividing dim."""
     tensor(f"{op}: u", u, ndim=3, floating=True)
     batch, dim, L = u.shape
     op_tensor(op, "delta", delta, (batch, dim, L), u)
@@ -177,7 +177,8 @@ def selective_scan_op(op: str, u, delta, A, B, C, D, z, delta_bias, initial_stat
                          f"shapes {tuple(B.shape)} and {tuple(C.shape)}")
     for name, M in (("B", B), ("C", C)):
         tensor(f"{op}: {name}", M, floating=True)
-        op_tensor(op, name, M, (batch, G, N, L) if M.dim() == 4 else (dim, N), u)
+        variable = (batch, G, N, L) if M.dim() == 4 or G > 1 else (batch, N, L)
+        op_tensor(op, name, M, variable if M.dim() > 2 else (dim, N), u)
     op_optional(op, "D", D, (dim,), u)
     op_optional(op, "z", z, (batch, dim, L), u)
     op_optional(op, "delta_bias", delta_bias, (dim,), u)

@@ -262,14 +262,27 @@ def test_opcheck_cpu_ops():
     torch.library.opcheck(torch.ops.rnnkernels.selective_scan_bwd.default, bwd)
 
 
-def test_cpu_ops_take_ungrouped_variable_bc():
-    """The CPU ops take variable B / C as (batch, N, L) too (the public function passes them so,
-    without a view in the autograd graph of every call): opcheck, results and every gradient
-    the same as those of the (batch, 1, N, L) form; B and C of other group counts refused."""
-    inputs = make_inputs(batch=2, dim=5, L=7, N=3, form="variable", initial_state=True)
+def _scan_ops(backend: str):
+    """(forward op, backward op) of a backend whose kernels run here: the CPU ops, or the Triton
+    ops under the Triton interpreter (skipped without it)."""
+    if backend == "cpu":
+        return torch.ops.rnnkernels.selective_scan_fwd, torch.ops.rnnkernels.selective_scan_bwd
+    if not rnnkernels._kernels.triton_interpreted():
+        pytest.skip("the Triton ops run here under TRITON_INTERPRET=1 (set by tools/test.sh)")
+    from rnnkernels.triton import selective_scan as triton_scan
+    return triton_scan.selective_scan_fwd_triton, triton_scan.selective_scan_bwd_triton
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_ops_take_ungrouped_variable_bc(backend):
+    """The CPU and Triton ops take variable B / C as (batch, N, L) too (the public function
+    passes them so, without a view in the autograd graph of every call): opcheck, results and
+    every gradient the same as those of the (batch, 1, N, L) form; other group counts refused."""
+    fwd_op, bwd_op = _scan_ops(backend)
+    dtype = torch.float64 if backend == "cpu" else torch.float32
+    inputs = make_inputs(batch=2, dim=5, L=7, N=3, form="variable", initial_state=True,
+                         dtype=dtype, param_dtype=torch.float32 if backend == "triton" else None)
     args = [inputs[k] for k in ARGS[:8]]
-    fwd_op = torch.ops.rnnkernels.selective_scan_fwd
-    bwd_op = torch.ops.rnnkernels.selective_scan_bwd
     x0 = inputs["initial_state"]
 
     def both(B, C):
@@ -283,13 +296,14 @@ def test_cpu_ops_take_ungrouped_variable_bc():
     for got, want in zip(flat, grouped):
         assert torch.equal(got, want.view_as(got))
     assert flat[6].shape == inputs["B"].shape and flat[7].shape == inputs["C"].shape
-    torch.library.opcheck(fwd_op.default, (*args, True, x0, 3, True))
-    torch.library.opcheck(bwd_op.default, bwd)
-    five_groups = torch.randn(2, 5, 3, 7, dtype=torch.float64)
+    if backend == "cpu":  # fake tensors cannot enter the Triton interpreter: on a GPU, below
+        torch.library.opcheck(fwd_op.default, (*args, True, x0, 3, True))
+        torch.library.opcheck(bwd_op.default, bwd)
+    five_groups = torch.randn(2, 5, 3, 7, dtype=dtype)
     for B, C in ((inputs["B"], five_groups), (five_groups, inputs["C"])):
-        with pytest.raises(RuntimeError, match="C must"):
+        with pytest.raises((RuntimeError, ValueError), match="B must|C must|B and C"):
             fwd_op(*args[:3], B, C, *args[5:], True, x0, 3, True)
-    with pytest.raises(RuntimeError, match="B must"):
+    with pytest.raises((RuntimeError, ValueError), match="B must"):
         fwd_op(*args[:3], inputs["B"][..., :6], inputs["C"], *args[5:], True, x0, 3, True)
 
 

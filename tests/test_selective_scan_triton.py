@@ -83,5 +83,8 @@ def test_triton_gpu_opcheck_and_compile():
     bwd = (torch.randn_like(out), torch.randn_like(last), *args[:3], B, C, *args[5:], True,
            inputs["initial_state"], ckpt, 16)
     torch.library.opcheck(T.selective_scan_bwd_triton, bwd)
+    flat = (*args, True, inputs["initial_state"], 16, True)  # B, C as (batch, N, L)
+    torch.library.opcheck(T.selective_scan_fwd_triton, flat)
+    torch.library.opcheck(T.selective_scan_bwd_triton, (*bwd[:5], *args[3:], *bwd[10:]))
 
     check_compile_matches_eager(inputs, "triton")

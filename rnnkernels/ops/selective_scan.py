@@ -2,8 +2,8 @@
 ``selective_scan_fn``.
 
 :func:`selective_scan` validates its arguments, brings them to the kernels' layout (B/C as
-(dim, N) or (batch, G, N, L), variable (batch, N, L) as is for the CPU kernels; A, D, delta_bias
-and the state in the accumulation dtype) and runs
+(dim, N) or (batch, G, N, L), variable (batch, N, L) as is for the CPU and Triton kernels; A, D,
+delta_bias and the state in the accumulation dtype) and runs
 the op of the backend chosen by :mod:`rnnkernels._backend`. The forward keeps only the states at
 chunk starts; the backward recomputes the states chunk by chunk from them.
 
@@ -214,11 +214,11 @@ def _as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 
 def _grouped(M: Tensor, dtype: torch.dtype, acc: torch.dtype, backend: str) -> Tensor:
     """B or C in the op's layout: fixed (dim, N) in acc, else variable in u's dtype, as
-    (batch, G, N, L), or for the CPU op, which takes it as is, also (batch, N, L): without the
-    view that adds a node to the autograd graph of every call."""
+    (batch, G, N, L), or for the CPU and Triton ops, which take it as is, also (batch, N, L):
+    without the view that adds a node to the autograd graph of every call."""
     if M.dim() == 2:
         return _as(M, acc)
-    return _as(M.unsqueeze(1) if M.dim() == 3 and backend != "cpu" else M, dtype)
+    return _as(M.unsqueeze(1) if M.dim() == 3 and backend == "cuda" else M, dtype)
 
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,

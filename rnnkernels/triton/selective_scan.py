@@ -232,6 +232,11 @@ def _flags(B: Tensor, C: Tensor, D, z, delta_bias, delta_softplus, initial_state
             "SOFTPLUS": bool(delta_softplus), "HAS_X0": initial_state is not None}
 
 
+def _grouped(M: Tensor) -> Tensor:
+    """Variable B or C as (batch, G, N, L): (batch, N, L) is one group (a view)."""
+    return M.unsqueeze(1) if M.dim() == 3 else M
+
+
 def _contiguous(*tensors: Tensor | None, fill: Tensor) -> list[Tensor]:
     """Contiguous tensors; an absent one becomes ``fill`` (never read: its flag is off)."""
     return [fill if t is None else t.contiguous() for t in tensors]
@@ -246,6 +251,7 @@ def selective_scan_fwd_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C:
     """The forward of rnnkernels::selective_scan_fwd (same arguments and results) in Triton."""
     _validate.selective_scan_op("selective_scan_fwd_triton", u, delta, A, B, C, D, z, delta_bias,
                                 initial_state)
+    B, C = _grouped(B), _grouped(C)
     lay = _layout(u, A, B, C)
     flags = _flags(B, C, D, z, delta_bias, delta_softplus, initial_state)
     nchunks = triton.cdiv(lay["L"], chunk_size)
@@ -280,6 +286,8 @@ def selective_scan_bwd_triton(grad_out: Tensor, grad_last_state: Tensor | None, 
     _validate.op_optional(op, "grad_last_state", grad_last_state, (batch, dim, N), u)
     _validate.op_tensor(op, "checkpoints", checkpoints,
                         (batch, dim, triton.cdiv(L, chunk_size) * N), u)
+    B_shape, C_shape = B.shape, C.shape
+    B, C = _grouped(B), _grouped(C)
     lay = _layout(u, A, B, C)
     flags = _flags(B, C, D, z, delta_bias, delta_softplus, initial_state)
     batch, dim, L, N, G, blocks = (lay[key] for key in ("batch", "dim", "L", "N", "G", "blocks"))
@@ -307,8 +315,8 @@ def selective_scan_bwd_triton(grad_out: Tensor, grad_last_state: Tensor | None, 
         grad_u, grad_delta, grad_z, grad_x0, grad_A, grad_B, grad_C, grad_D, grad_bias,
         dim, L, N, G, blocks, nchunks, HAS_GLAST=grad_last_state is not None, CHUNK=chunk_size,
         BLOCK_D=lay["BLOCK_D"], BLOCK_N=lay["BLOCK_N"], **flags)
-    grad_B = grad_B.sum(2).to(B.dtype) if B.dim() == 4 else grad_B.sum(0).to(B.dtype)
-    grad_C = grad_C.sum(2).to(C.dtype) if C.dim() == 4 else grad_C.sum(0).to(C.dtype)
+    grad_B = (grad_B.sum(2) if B.dim() == 4 else grad_B.sum(0)).to(B.dtype).view(B_shape)
+    grad_C = (grad_C.sum(2) if C.dim() == 4 else grad_C.sum(0)).to(C.dtype).view(C_shape)
     return (grad_u, grad_delta, grad_A.sum(0).to(A.dtype), grad_B, grad_C,
             grad_D.sum(0).to(D.dtype) if D is not None else empty(), grad_z,
             grad_bias.sum(0).to(delta_bias.dtype) if delta_bias is not None else empty(),
