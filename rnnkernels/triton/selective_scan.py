@@ -237,6 +237,13 @@ def _grouped(M: Tensor) -> Tensor:
     return M.unsqueeze(1) if M.dim() == 3 else M
 
 
+def _variable_grad(partials: Tensor, shape: torch.Size) -> Tensor:
+    """The gradient of a variable B or C of ``shape``, (batch, N, L) or (batch, G, N, L), from
+    its per-block partials (batch, G, blocks, N, L): a tensor of its own, not a view of them (an
+    op's outputs must not be views)."""
+    return partials.flatten(1, 2).sum(1) if len(shape) == 3 else partials.sum(2)
+
+
 def _contiguous(*tensors: Tensor | None, fill: Tensor) -> list[Tensor]:
     """Contiguous tensors; an absent one becomes ``fill`` (never read: its flag is off)."""
     return [fill if t is None else t.contiguous() for t in tensors]
@@ -315,8 +322,9 @@ def selective_scan_bwd_triton(grad_out: Tensor, grad_last_state: Tensor | None, 
         grad_u, grad_delta, grad_z, grad_x0, grad_A, grad_B, grad_C, grad_D, grad_bias,
         dim, L, N, G, blocks, nchunks, HAS_GLAST=grad_last_state is not None, CHUNK=chunk_size,
         BLOCK_D=lay["BLOCK_D"], BLOCK_N=lay["BLOCK_N"], **flags)
-    grad_B = (grad_B.sum(2) if B.dim() == 4 else grad_B.sum(0)).to(B.dtype).view(B_shape)
-    grad_C = (grad_C.sum(2) if C.dim() == 4 else grad_C.sum(0)).to(C.dtype).view(C_shape)
+    grad_B = _variable_grad(grad_B, B_shape) if B.dim() == 4 else grad_B.sum(0)
+    grad_C = _variable_grad(grad_C, C_shape) if C.dim() == 4 else grad_C.sum(0)
+    grad_B, grad_C = grad_B.to(B.dtype), grad_C.to(C.dtype)
     return (grad_u, grad_delta, grad_A.sum(0).to(A.dtype), grad_B, grad_C,
             grad_D.sum(0).to(D.dtype) if D is not None else empty(), grad_z,
             grad_bias.sum(0).to(delta_bias.dtype) if delta_bias is not None else empty(),
