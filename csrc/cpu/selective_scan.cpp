@@ -179,13 +179,15 @@ Block block_of(const Scan<S, T>& p, int64_t i) {
 }
 
 // Per-channel constants of a block as lanes: A, B and C when fixed (N x W each), D and
-// delta_bias (W each); zero in lanes past the block's channels.
+// delta_bias (W each), and A2's extremes over the states (W each, for exp_args_in_range); zero
+// in lanes past the block's channels.
 template <typename T>
 struct Lanes {
-  Buffer<T> A, A2, B, C, D, bias;  // A2 = A log2(e): exp(dt A) = 2^(dt A2)
+  Buffer<T> A, A2, B, C, D, bias, A2_lo, A2_hi;  // A2 = A log2(e): exp(dt A) = 2^(dt A2)
   explicit Lanes(int64_t N)
       : A(N * Vec<T>::size()), A2(N * Vec<T>::size()), B(N * Vec<T>::size()),
-        C(N * Vec<T>::size()), D(Vec<T>::size()), bias(Vec<T>::size()) {}
+        C(N * Vec<T>::size()), D(Vec<T>::size()), bias(Vec<T>::size()),
+        A2_lo(Vec<T>::size()), A2_hi(Vec<T>::size()) {}
 
   template <typename S>
   void load(const Scan<S, T>& p, const Block& blk) {
@@ -199,6 +201,13 @@ struct Lanes {
     };
     lanes(A, p.A, p.N);
     for (size_t i = 0; i < A.size(); ++i) A2[i] = A[i] * static_cast<T>(1.44269504088896340736);
+    Vec<T> lo = Vec<T>::loadu(A2.data()), hi = lo;
+    for (int64_t n = 1; n < p.N; ++n) {
+      lo = at::vec::minimum(lo, Vec<T>::loadu(A2.data() + n * W));
+      hi = at::vec::maximum(hi, Vec<T>::loadu(A2.data() + n * W));
+    }
+    lo.store(A2_lo.data());
+    hi.store(A2_hi.data());
     lanes(B, p.B_fixed, p.N);
     lanes(C, p.C_fixed, p.N);
     lanes(D, p.D, 1);
@@ -405,31 +414,28 @@ constexpr bool kExpClamps =
     false;
 #endif
 
-// Whether every dt_t A2_n of a block's chunk (dt: len x W, A2 = A log2(e): N x W) lies in
-// [-126, 127], where exp(dt A) needs no clamp (scan_states' kInRange): per lane, the products of
-// dt's extremes over the chunk and A2's over the states bound them. Mamba's steps (softplus,
+// Whether every dt_t A2_n of a block's chunk (dt: len x W, A2 = A log2(e)) lies in [-126, 127],
+// where exp(dt A) needs no clamp (scan_states' kInRange): per lane, the products of dt's
+// extremes over the chunk and A2's over the states (a2_lo, a2_hi: W each, from Lanes) bound
+// them. Mamba's steps (softplus,
 // about 1e-3 to 1e-1) and A (-1 to -16, scaled) give products of a few units; a chunk with a
 // larger one, an infinite step or a NaN (whose products compare false) takes the clamp. About
-// len + N vector operations against the chunk's len x N exps. Without the clamp (2 of an AVX2
+// len vector operations against the chunk's len x N exps. Without the clamp (2 of an AVX2
 // exp's 13 operations) the forward at batch 2, dim 256, L 512, N 16 took 1.09-1.11 ms on the AMD
 // EPYC Zen 2, against 1.19-1.21 with it (the two builds timed in alternating processes), and the
 // training step about 4% less.
 template <typename T>
-bool exp_args_in_range(const T* dt, int64_t len, const T* A2, int64_t N) {
+bool exp_args_in_range(const T* dt, int64_t len, const T* a2_lo, const T* a2_hi) {
   using V = Vec<T>;
   constexpr int64_t W = V::size();
   const V inf(std::numeric_limits<T>::infinity());
-  V dmin = inf, dmax = -inf, amin = inf, amax = -inf;
+  V dmin = inf, dmax = -inf;
   for (int64_t t = 0; t < len; ++t) {
     const V d = V::loadu(dt + t * W);
     dmin = at::vec::minimum(dmin, d);
     dmax = at::vec::maximum(dmax, d);
   }
-  for (int64_t n = 0; n < N; ++n) {
-    const V a = V::loadu(A2 + n * W);
-    amin = at::vec::minimum(amin, a);
-    amax = at::vec::maximum(amax, a);
-  }
+  const V amin = V::loadu(a2_lo), amax = V::loadu(a2_hi);
   const V p0 = dmin * amin, p1 = dmin * amax, p2 = dmax * amin, p3 = dmax * amax;
   const V lo = at::vec::minimum(at::vec::minimum(p0, p1), at::vec::minimum(p2, p3));
   const V hi = at::vec::maximum(at::vec::maximum(p0, p1), at::vec::maximum(p2, p3));
@@ -440,9 +446,9 @@ bool exp_args_in_range(const T* dt, int64_t len, const T* A2, int64_t N) {
 // f(std::true_type) where kExpClamps<T> and the chunk's exp arguments are in range, else
 // f(std::false_type) (the variant without the clamp is built only where it differs).
 template <typename T, typename F>
-void with_exp_range(const T* dt, int64_t len, const T* A2, int64_t N, const F& f) {
+void with_exp_range(const T* dt, int64_t len, const Lanes<T>& c, const F& f) {
   if constexpr (kExpClamps<T>) {
-    if (exp_args_in_range(dt, len, A2, N)) {
+    if (exp_args_in_range(dt, len, c.A2_lo.data(), c.A2_hi.data())) {
       f(std::true_type{});
       return;
     }
@@ -490,7 +496,7 @@ void forward_task(const Scan<S, T>& p, const Block& blk, S* out, T* last, T* ckp
     discretise<false>(p, blk, c, t0, len, s);
     const T* B = kBvar ? p.at_step(p.B_grouped, blk.b, blk.g, t0) : c.B.data();
     const T* C = kCvar ? p.at_step(p.C_grouped, blk.b, blk.g, t0) : c.C.data();
-    with_exp_range(s.dt.data(), len, c.A2.data(), N, [&](auto in_range) {
+    with_exp_range(s.dt.data(), len, c, [&](auto in_range) {
       forward_steps<T, kBvar, kCvar, decltype(in_range)::value>(
           len, N, p.L, x.data(), c.A2.data(), B, C, s.dt.data(), s.du.data(), s.y.data());
     });
@@ -615,7 +621,7 @@ void backward_task(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_
   };
   // The store mode only where grouped terms exist (fixed B and C are always added up).
   auto states = [&](auto keep_y) {
-    with_exp_range(s.dt.data(), len, c.A2.data(), N, [&](auto in_range) {
+    with_exp_range(s.dt.data(), len, c, [&](auto in_range) {
       if constexpr (kBvar || kCvar) {
         if (first) {
           run_states(keep_y, std::true_type{}, in_range);
