@@ -622,6 +622,43 @@ def test_projection_effect_rows(capsys, monkeypatch):
     assert [r[:3] for r in rows] == [["lstm", "40", "16"]] * 4
 
 
+def test_chunk_effect_rows(capsys, monkeypatch):
+    """python -m bench.chunk_effect at a small shape: per state size, the default chunk and each
+    chunk asked for (the default's own size once), each checked, with times and the ratio to
+    chunk 64; the production chunk restored afterwards."""
+    from bench import chunk_effect
+    from rnnkernels.ops.selective_scan import CHUNK_SIZE
+
+    monkeypatch.setitem(configs.SELECTIVE_SCAN, "cpu", configs.SuiteConfig(
+        train={"batch": 1, "dim": 9, "L": 70, "N": 4},
+        inference=configs.SELECTIVE_SCAN["cpu"].inference, sweeps={}))
+    monkeypatch.setitem(CHUNK_SIZE, "cpu", 16)
+    assert chunk_effect.main(["--states", "4,5", "--chunks", "64,16,8",
+                              "--min-time", "0.02"]) == 0
+    assert CHUNK_SIZE["cpu"] == 16
+    rows = [r for r in _table_rows(capsys.readouterr().out) if r[0] != "N"]  # header left out
+    assert [r[:2] for r in rows] == [[n, c] for n in ("4", "5")
+                                     for c in ("default (16)", "64", "8")]
+    for n, chunk, median, ratio in rows:
+        base = next(float(r[2].removesuffix(" ms")) for r in rows if r[:2] == [n, "64"])
+        assert float(ratio.removesuffix("x")) == pytest.approx(
+            base / float(median.removesuffix(" ms")), rel=0.02, abs=0.01)
+
+
+def test_chunk_effect_refuses_a_wrong_result(monkeypatch):
+    """A chunk whose results are wrong stops the tool before any timing."""
+    from bench import chunk_effect
+
+    monkeypatch.setitem(configs.SELECTIVE_SCAN, "cpu", configs.SuiteConfig(
+        train={"batch": 1, "dim": 3, "L": 9, "N": 2},
+        inference=configs.SELECTIVE_SCAN["cpu"].inference, sweeps={}))
+    real = chunk_effect.ops.selective_scan
+    monkeypatch.setattr(chunk_effect.ops, "selective_scan",
+                        lambda *args, **kwargs: real(*args, **kwargs) * 1.01)
+    with pytest.raises(RuntimeError, match="is wrong"):
+        chunk_effect.measure(2, [4], 0.01)
+
+
 def test_matmul_effect_rows(capsys, monkeypatch):
     """python -m bench.matmul_effect at a small shape with enough rows (T * B = 1024) for the
     panels: per cell, ours in the default choice (named by the forced one it equals bit for bit:

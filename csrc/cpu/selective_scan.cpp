@@ -20,15 +20,15 @@
 // the state at every chunk start (checkpoints (batch, dim, ceil(L / chunk) * N)). The backward's
 // tasks are supers (runs of consecutive blocks of one batch row and group, at least kMinSupers in
 // all), handed out the same way; a super walks the chunks in reverse, and for each chunk each of
-// its blocks, two states at a time, recomputes the chunk's states from the checkpoint into an L1
-// buffer and runs the reverse recurrence on them (backward_states), carrying dL/dx across chunk
-// boundaries in a per-block buffer, so the working memory does not grow with L. Gradients that sum
-// over channels (grouped B/C) are added per lane over the super's blocks and summed over the lanes
-// into (L, N) partials per super (as many values as the gradient itself when there are at least
-// kMinSupers (batch row, group) pairs, at most kMinSupers times as many), reduced over the group's
-// supers at the end; gradients that sum over batch and L (A, fixed B/C, D, delta_bias) are kept per
-// lane across chunks and reduced over batch at the end. Every sum runs in a fixed order, so results
-// do not depend on the number of threads or on which thread ran a task.
+// its blocks, two states at a time, recomputes the chunk's states from the checkpoint into a buffer
+// in the core's L1 / L2 and runs the reverse recurrence on them (backward_states), carrying dL/dx
+// across chunk boundaries in a per-block buffer, so the working memory does not grow with L.
+// Gradients that sum over channels (grouped B/C) are added per lane over the super's blocks and
+// summed over the lanes into (L, N) partials per super (as many values as the gradient itself when
+// there are at least kMinSupers (batch row, group) pairs, at most kMinSupers times as many),
+// reduced over the group's supers at the end; gradients that sum over batch and L (A, fixed B/C, D,
+// delta_bias) are kept per lane across chunks and reduced over batch at the end. Every sum runs in
+// a fixed order, so results do not depend on the number of threads or on which thread ran a task.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -323,7 +323,7 @@ void forward_steps(int64_t len, int64_t N, int64_t ld, T* x, const T* A, const T
 }
 
 // The backward of NB states of a block over one chunk, in two passes that keep everything they
-// touch per step in L1 or in registers:
+// touch per step in the core's caches (L1, and L2 for long chunks) or in registers:
 // - the recomputation of the NB states from the chunk's start x (N x W; left holding the
 //   chunk's end) by scan_states with kSave, into xs and as (exp(dt A) stored and read back:
 //   measured faster than forming it again in the reverse pass), with kY also y = C_t . x_t;

@@ -1,0 +1,104 @@
+"""python -m bench.chunk_effect: the CPU selective scan's training step at several chunk sizes.
+
+The CPU kernels keep the state at every chunk start and the backward recomputes one chunk at a
+time; the chunk is ``CHUNK_SIZE["cpu"]`` in rnnkernels/ops/selective_scan.py, which this tool sets
+for each contender while it runs. For each state size N asked
+for, at the selective_scan suite's training shape otherwise, it times the training step
+(``ops.selective_scan`` forward and ``torch.autograd.grad``) at the default chunk and at each
+chunk asked for, in turns in one process (:func:`bench.timing.interleaved_times`), every
+contender checked first against the float64 PyTorch loop, as the suite checks ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from rnnkernels import ops
+from rnnkernels.ops.selective_scan import CHUNK_SIZE
+
+from . import configs, env
+from .check import compare, tolerance
+from .loops import chunked_float64, selective_scan_loop
+from .scans import SelectiveScanSuite, selective_scan_inputs
+from .timing import interleaved_times
+
+
+@contextlib.contextmanager
+def chunk_forced(chunk: int | None) -> Iterator[None]:
+    """The CPU chunk forced to ``chunk`` (None: the default) while the block runs."""
+    saved = CHUNK_SIZE["cpu"]
+    if chunk is not None:
+        CHUNK_SIZE["cpu"] = chunk
+    try:
+        yield
+    finally:
+        CHUNK_SIZE["cpu"] = saved
+
+
+def measure(N: int, chunks: list[int], min_time_s: float) -> list[tuple[str, float]]:
+    """(contender, median seconds) of the training step with state size N at the default chunk
+    and at each of ``chunks``, each checked against float64 first."""
+    dims = {**configs.SELECTIVE_SCAN["cpu"].train, "N": N}
+    gen = torch.Generator().manual_seed(0)
+    inputs, grad_out = selective_scan_inputs(dims, "cpu", torch.float32, gen, True)
+
+    def loop(*args: Tensor) -> Tensor:
+        return selective_scan_loop(*args, delta_softplus=True)
+
+    expected = chunked_float64(loop, inputs, SelectiveScanSuite.channel_dims, grad_out, 64)
+    live = [t for t in inputs if t is not None]
+    names = list(SelectiveScanSuite.names_train)
+
+    def step(chunk: int | None) -> Callable[[], list[Tensor]]:
+        def run() -> list[Tensor]:
+            with chunk_forced(chunk):
+                out = ops.selective_scan(*inputs, delta_softplus=True)
+                return [out, *torch.autograd.grad(out, live, grad_out)]
+        return run
+
+    timed = {f"default ({CHUNK_SIZE['cpu']})": step(None),
+             **{str(c): step(c) for c in chunks if c != CHUNK_SIZE["cpu"]}}
+    for name, f in timed.items():
+        verdict = compare(names, f(), expected, tolerance("cpu", torch.float32))
+        if not verdict.ok:
+            raise RuntimeError(f"N = {N}, chunk {name} is wrong: {verdict.reason}")
+    timings = interleaved_times(list(timed.values()), "cpu", min_time_s)
+    return [(name, t.median_s) for name, t in zip(timed, timings)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.chunk_effect",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--states", default="16,32,64,128,256",
+                   help="comma-separated state sizes N (default 16,32,64,128,256)")
+    p.add_argument("--chunks", default="64,128,256",
+                   help="comma-separated chunk sizes to force (default 64,128,256)")
+    p.add_argument("--min-time", type=float, default=2.0,
+                   help="seconds each contender is timed, over all rounds (default 2)")
+    args = p.parse_args(argv)
+    states = [int(n) for n in args.states.split(",") if n.strip()]
+    chunks = [int(c) for c in args.chunks.split(",") if c.strip()]
+    shape = configs.SELECTIVE_SCAN["cpu"].train
+    print(f"# The CPU selective scan's chunk\n\n{env.cpu_model()}, {torch.get_num_threads()} "
+          f"threads, float32, torch {torch.__version__}, commit {env.commit()}\n")
+    print(f"Training step (forward and backward) at batch {shape['batch']}, dim {shape['dim']}, "
+          f"L {shape['L']}, time-varying B and C, D, z, delta_bias, softplus; every contender "
+          "timed in turns in one process (`python -m bench.chunk_effect --help`).\n")
+    print("| N | chunk | median | vs chunk 64 |")
+    print("|---|---|---|---|", flush=True)
+    for N in states:
+        rows = measure(N, chunks, args.min_time)
+        base = dict(rows).get("64", rows[0][1])
+        for name, seconds in rows:
+            print(f"| {N} | {name} | {seconds * 1e3:.3g} ms | {base / seconds:.2f}x |",
+                  flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
