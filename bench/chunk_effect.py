@@ -22,10 +22,9 @@ from rnnkernels import ops
 from rnnkernels.ops.selective_scan import CHUNK_SIZE
 
 from . import configs, env
-from .check import compare, tolerance
 from .loops import chunked_float64, selective_scan_loop
+from .projection_effect import time_checked
 from .scans import SelectiveScanSuite, selective_scan_inputs
-from .timing import interleaved_times
 
 
 @contextlib.contextmanager
@@ -63,12 +62,7 @@ def measure(N: int, chunks: list[int], min_time_s: float) -> list[tuple[str, flo
 
     timed = {f"default ({CHUNK_SIZE['cpu']})": step(None),
              **{str(c): step(c) for c in chunks if c != CHUNK_SIZE["cpu"]}}
-    for name, f in timed.items():
-        verdict = compare(names, f(), expected, tolerance("cpu", torch.float32))
-        if not verdict.ok:
-            raise RuntimeError(f"N = {N}, chunk {name} is wrong: {verdict.reason}")
-    timings = interleaved_times(list(timed.values()), "cpu", min_time_s)
-    return [(name, t.median_s) for name, t in zip(timed, timings)]
+    return time_checked(f"N = {N}, chunk", timed, expected, min_time_s, names)
 
 
 def main(argv: list[str] | None = None) -> int:

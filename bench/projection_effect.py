@@ -61,7 +61,15 @@ def checked_times(label: str, steps: dict[str, Step], forms: dict[str, Step],
              if all(torch.equal(a, b) for a, b in zip(default(), got))]
     timed = {f"rnnkernels (cpu), default ({' = '.join(taken) or '?'})": default,
              **{f"rnnkernels (cpu), {form}": f for form, f in forms.items()}, **steps}
-    names = [f"result {i}" for i in range(len(expected))]
+    return time_checked(label, timed, expected, min_time_s)
+
+
+def time_checked(label: str, timed: dict[str, Step], expected: list[Tensor], min_time_s: float,
+                 names: list[str] | None = None) -> list[tuple[str, float]]:
+    """(contender, median seconds) of each of ``timed``, checked against ``expected`` (float32
+    tolerance; a wrong one raises, naming ``label`` and the contender) and then timed in turns.
+    ``names``: the results' names in a failure's message (default: by position)."""
+    names = names or [f"result {i}" for i in range(len(expected))]
     for name, f in timed.items():
         verdict = compare(names, f(), expected, tolerance("cpu", torch.float32))
         if not verdict.ok:
