@@ -24,7 +24,7 @@ from rnnkernels.ops.selective_scan import CHUNK_SIZE
 from . import configs, env
 from .loops import chunked_float64, selective_scan_loop
 from .projection_effect import time_checked
-from .scans import SelectiveScanSuite, selective_scan_inputs
+from .scans import SelectiveScanSuite, _train_step, selective_scan_inputs
 
 
 @contextlib.contextmanager
@@ -49,15 +49,17 @@ def measure(N: int, chunks: list[int], min_time_s: float) -> list[tuple[str, flo
     def loop(*args: Tensor) -> Tensor:
         return selective_scan_loop(*args, delta_softplus=True)
 
+    def ours(*args: Tensor) -> Tensor:
+        return ops.selective_scan(*args, delta_softplus=True)
+
     expected = chunked_float64(loop, inputs, SelectiveScanSuite.channel_dims, grad_out, 64)
-    live = [t for t in inputs if t is not None]
     names = list(SelectiveScanSuite.names_train)
+    train_step = _train_step(ours, inputs, grad_out, "cpu")
 
     def step(chunk: int | None) -> Callable[[], list[Tensor]]:
         def run() -> list[Tensor]:
             with chunk_forced(chunk):
-                out = ops.selective_scan(*inputs, delta_softplus=True)
-                return [out, *torch.autograd.grad(out, live, grad_out)]
+                return train_step()
         return run
 
     timed = {f"default ({CHUNK_SIZE['cpu']})": step(None),

@@ -426,15 +426,14 @@ constexpr bool kExpClamps =
 #endif
 
 // Whether every dt_t A2_n of a block's chunk (dt: len x W, A2 = A log2(e)) lies in [-126, 127],
-// where exp(dt A) needs no clamp (scan_states' kInRange): per lane, the products of dt's
-// extremes over the chunk and A2's over the states (a2_lo, a2_hi: W each, from Lanes) bound
-// them. Mamba's steps (softplus,
-// about 1e-3 to 1e-1) and A (-1 to -16, scaled) give products of a few units; a chunk with a
-// larger one, an infinite step or a NaN (whose products compare false) takes the clamp. About
-// len vector operations against the chunk's len x N exps. Without the clamp (2 of an AVX2
-// exp's 13 operations) the forward at batch 2, dim 256, L 512, N 16 took 1.09-1.11 ms on the AMD
-// EPYC Zen 2, against 1.19-1.21 with it (the two builds timed in alternating processes), and the
-// training step about 4% less.
+// where exp(dt A) needs no clamp (scan_states' kInRange): per lane, the products of dt's extremes
+// over the chunk and A2's over the states (a2_lo, a2_hi: W each, from Lanes) bound them. Mamba's
+// steps (softplus, about 1e-3 to 1e-1) and A (-1 to -16, scaled) give products of a few units; a
+// chunk with a larger one, an infinite step or a NaN (whose products compare false) takes the
+// clamp. About len vector operations against the chunk's len x N exps. Without the clamp (2 of an
+// AVX2 exp's 13 operations) the forward at batch 2, dim 256, L 512, N 16 took 1.09-1.11 ms on the
+// AMD EPYC Zen 2, against 1.19-1.21 with it (the two builds timed in alternating processes), and
+// the training step about 4% less.
 template <typename T>
 bool exp_args_in_range(const T* dt, int64_t len, const T* a2_lo, const T* a2_hi) {
   using V = Vec<T>;
