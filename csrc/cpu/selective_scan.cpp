@@ -335,12 +335,13 @@ void forward_steps(int64_t len, int64_t N, int64_t ld, T* x, const T* A, const T
 //   grouped, as one folded vector in dB (fold). Grouped B / C are read as in scan_states. Per
 //   step, sum_n h B and sum_n h A a x_prev of the states are added to s1 / s2 (len x W), or
 //   stored there by the first states.
-// Two states at a time measured faster than four or eight (whose registers spill) and than the
-// whole state at every step (the earlier design: its states and per-state sums, 66 KB per block
-// and chunk, were read back from L2). On AVX2 too, where the reverse pass of two states spills
-// a little from the 16 registers: in an in-process A/B of the backward op on an AMD EPYC Zen 2
-// it ran faster than one state a reverse pass over the two recomputed ones, and as fast as four
-// recomputed states with two a reverse pass.
+// A few states at a time (kStates) measured faster than the whole state at every step (the
+// earlier design: its states and per-state sums, 66 KB per block and chunk, were read back from
+// L2). With AVX-512's 32 registers four states a pass ran faster than two on an Intel Xeon
+// (the backward op in alternating builds, at chunks 32 to 256); with AVX2's 16, two ran faster
+// than four or eight (whose registers spill), and on an AMD EPYC Zen 2 faster than one state a
+// reverse pass over the two recomputed ones and as fast as four recomputed states with two a
+// reverse pass.
 template <typename T, bool kBvar, bool kCvar, bool kY, bool kFirst, bool kInRange, int NB>
 void backward_states(int64_t len, int64_t N, int64_t ld, int64_t n0, T* x, T* h, const T* A,
                      const T* A2, const T* B, const T* C, const T* dt, const T* du, const T* g,
@@ -553,7 +554,20 @@ struct Grads {
 };
 
 // States backward_states takes at once (see there).
-constexpr int kStates = 2;
+constexpr int kStates = lanes::kVectorRegisters >= 32 ? 4 : 2;
+
+// Time steps between the states the forward saves for the backward, which recomputes one chunk
+// at a time, by instruction set: python -m bench.chunk_effect measured the training step at N =
+// 16 to 256 fastest at 32 or 48 steps with AVX-512 (Intel Xeon: bench/results/
+// cpu-2026-12-05-chunk-avx512.md; at N >= 64 about 1.09x as fast as at 64 steps, at 16 the same)
+// and at 256 with AVX2 (AMD EPYC Zen 2: cpu-2026-12-05-chunk.md, 1.01x to 1.08x as fast as at 64).
+int64_t selective_scan_cpu_chunk() {
+#if defined(CPU_CAPABILITY_AVX512)
+  return 32;
+#else
+  return 256;
+#endif
+}
 
 // Buffers of one thread's backward tasks over one chunk (dB holds the folded dB / dC terms when
 // B and C are both grouped, and dC is then empty), and the constants of a super's blocks (c,
@@ -1035,6 +1049,11 @@ selective_scan_bwd_cpu(const Tensor& grad_out, const std::optional<Tensor>& grad
 TORCH_LIBRARY_IMPL(rnnkernels, CPU, m) {
   m.impl("selective_scan_fwd", &selective_scan_fwd_cpu);
   m.impl("selective_scan_bwd", &selective_scan_bwd_cpu);
+}
+
+// No tensor argument to dispatch on: the one kernel serves every device.
+TORCH_LIBRARY_IMPL(rnnkernels, CompositeExplicitAutograd, m) {
+  m.impl("selective_scan_cpu_chunk", &selective_scan_cpu_chunk);
 }
 
 }  // namespace rnnkernels::cpu

@@ -29,11 +29,10 @@ from ._autograd import batched, differentiable_vjp, fold, graph_needed, overload
 # Largest state size N the kernels take (as mamba_ssm's).
 MAX_STATE = 256
 # Time steps between the saved states, per backend: the backward recomputes one chunk at a time.
-# CPU: longer chunks mean fewer checkpoints and longer runs of each channel's rows of u, delta, z
-# and the output gradient per chunk, which the kernels read faster; the training step at 256
-# against 64 (python -m bench.chunk_effect, bench/results/cpu-2026-12-05-chunk.md, Zen 2): 1.08x
-# as fast at N = 16, 1.07x at 32, 1.03x at 64, 1.04x at 128, 1.01x at 256.
-CHUNK_SIZE = {"cpu": 256, "triton": 64, "cuda": 64}
+# CPU: the kernels' choice for the instruction set they were built for (32 with AVX-512, 256
+# with AVX2: measured by python -m bench.chunk_effect, see csrc/cpu/selective_scan.cpp).
+CHUNK_SIZE = {"cpu": int(torch.ops.rnnkernels.selective_scan_cpu_chunk()), "triton": 64,
+              "cuda": 64}
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
