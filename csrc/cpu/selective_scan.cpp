@@ -557,10 +557,11 @@ struct Grads {
 constexpr int kStates = lanes::kVectorRegisters >= 32 ? 4 : 2;
 
 // Time steps between the states the forward saves for the backward, which recomputes one chunk
-// at a time, by instruction set: python -m bench.chunk_effect measured the training step at N =
-// 16 to 256 fastest at 32 or 48 steps with AVX-512 (Intel Xeon: bench/results/
-// cpu-2026-12-05-chunk-avx512.md; at N >= 64 about 1.09x as fast as at 64 steps, at 16 the same)
-// and at 256 with AVX2 (AMD EPYC Zen 2: cpu-2026-12-05-chunk.md, 1.01x to 1.08x as fast as at 64).
+// at a time, by instruction set (python -m bench.chunk_effect, the training step at N = 16 to
+// 256). AVX-512, on an Intel Xeon (bench/results/cpu-2026-12-05-chunk-avx512.md): 32 steps as
+// fast as 64 at N = 16 and 32, 1.07x to 1.13x as fast at N >= 64, 1.05x (N = 16) to 1.17x as
+// fast as 256. AVX2, on an AMD EPYC Zen 2 (cpu-2026-12-05-chunk.md): 256 steps 1.01x to 1.08x
+// as fast as 64.
 int64_t selective_scan_cpu_chunk() {
 #if defined(CPU_CAPABILITY_AVX512)
   return 32;
