@@ -57,9 +57,14 @@ def test_gradient_flow(tmp_path):
     # Over seeds 0-4 the RNN ended between 12% and 48% (chance: 12.5%), the gated cells at 100%.
     assert final["RNN (tanh)"] < 0.6, final
 
+    # Truncation below the lag falls well short of full BPTT. Seeds 0-4 ended k = 10 between 9%
+    # and 27% with two threads on an Intel Xeon (AVX-512); with one thread there seed 0 reached
+    # 53% (the rounding of the weight gradients' sums follows the thread count, and this short
+    # training amplifies it), full BPTT 91-100%.
     k_short, k_full = gradient_flow.TINY.tbptt_k
-    assert r["tbptt"][k_full]["curve"][-1][1] > 0.8
-    assert r["tbptt"][k_short]["curve"][-1][1] < 0.5
+    short, full = (r["tbptt"][k]["curve"][-1][1] for k in (k_short, k_full))
+    assert full > 0.8
+    assert short < 0.75 and short < full - 0.3, (short, full)
 
 
 def test_seq2seq_attention(tmp_path):
