@@ -3,7 +3,8 @@
 The CPU kernels keep the state at every chunk start and the backward recomputes one chunk at a
 time; the chunk is ``CHUNK_SIZE["cpu"]`` in rnnkernels/ops/selective_scan.py, which this tool sets
 for each contender while it runs. For each state size N asked
-for, at the selective_scan suite's training shape otherwise, it times the training step
+for, at the selective_scan suite's training shape or the one ``--shape`` gives, it times the
+training step
 (``ops.selective_scan`` forward and ``torch.autograd.grad``) at the default chunk and at each
 chunk asked for, in turns in one process (:func:`bench.timing.interleaved_times`), every
 contender checked first against the float64 PyTorch loop, as the suite checks ours.
@@ -39,10 +40,18 @@ def chunk_forced(chunk: int | None) -> Iterator[None]:
         CHUNK_SIZE["cpu"] = saved
 
 
-def measure(N: int, chunks: list[int], min_time_s: float) -> list[tuple[str, float]]:
-    """(contender, median seconds) of the training step with state size N at the default chunk
-    and at each of ``chunks``, each checked against float64 first."""
-    dims = {**configs.SELECTIVE_SCAN["cpu"].train, "N": N}
+def suite_shape() -> dict[str, int]:
+    """batch, dim and L of the selective_scan suite's CPU training case."""
+    train = configs.SELECTIVE_SCAN["cpu"].train
+    return {k: train[k] for k in ("batch", "dim", "L")}
+
+
+def measure(N: int, chunks: list[int], min_time_s: float,
+            shape: dict[str, int] | None = None) -> list[tuple[str, float]]:
+    """(contender, median seconds) of the training step with state size N at ``shape`` (batch,
+    dim, L; default: the suite's) at the default chunk and at each of ``chunks``, each checked
+    against float64 first."""
+    dims = {**(shape or suite_shape()), "N": N}
     gen = torch.Generator().manual_seed(0)
     inputs, grad_out = selective_scan_inputs(dims, "cpu", torch.float32, gen, True)
 
@@ -76,10 +85,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated chunk sizes to force (default 64,128,256)")
     p.add_argument("--min-time", type=float, default=2.0,
                    help="seconds each contender is timed, over all rounds (default 2)")
+    p.add_argument("--shape", default=None, metavar="BATCH,DIM,L",
+                   help="batch, channels and length (default: the selective_scan suite's "
+                   "training case)")
     args = p.parse_args(argv)
     states = [int(n) for n in args.states.split(",") if n.strip()]
     chunks = [int(c) for c in args.chunks.split(",") if c.strip()]
-    shape = configs.SELECTIVE_SCAN["cpu"].train
+    shape = suite_shape()
+    if args.shape is not None:
+        sizes = [int(v) for v in args.shape.split(",")]
+        if len(sizes) != 3 or min(sizes) < 1:
+            p.error(f"--shape takes three positive sizes BATCH,DIM,L, got {args.shape!r}")
+        shape = dict(zip(("batch", "dim", "L"), sizes))
     print(f"# The CPU selective scan's chunk\n\n{env.cpu_model()}, {torch.get_num_threads()} "
           f"threads, float32, torch {torch.__version__}, commit {env.commit()}\n")
     print(f"Training step (forward and backward) at batch {shape['batch']}, dim {shape['dim']}, "
@@ -88,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| N | chunk | median | vs chunk 64 |")
     print("|---|---|---|---|", flush=True)
     for N in states:
-        rows = measure(N, chunks, args.min_time)
+        rows = measure(N, chunks, args.min_time, shape)
         base = dict(rows).get("64", rows[0][1])
         for name, seconds in rows:
             print(f"| {N} | {name} | {seconds * 1e3:.3g} ms | {base / seconds:.2f}x |",

@@ -645,6 +645,21 @@ def test_chunk_effect_rows(capsys, monkeypatch):
             base / float(median.removesuffix(" ms")), rel=0.02, abs=0.01)
 
 
+def test_chunk_effect_shape(capsys):
+    """--shape BATCH,DIM,L replaces the suite's shape (named in the header); a malformed one is
+    refused with the expected form."""
+    from bench import chunk_effect
+
+    assert chunk_effect.main(["--states", "3", "--chunks", "8", "--shape", "1,5,21",
+                              "--min-time", "0.02"]) == 0
+    out = capsys.readouterr().out
+    assert "batch 1, dim 5, L 21," in out
+    assert [r[:2] for r in _table_rows(out) if r[0] != "N"][1] == ["3", "8"]
+    with pytest.raises(SystemExit):
+        chunk_effect.main(["--shape", "1,5"])
+    assert "three positive sizes BATCH,DIM,L" in capsys.readouterr().err
+
+
 def test_chunk_effect_refuses_a_wrong_result(monkeypatch):
     """A chunk whose results are wrong stops the tool before any timing."""
     from bench import chunk_effect

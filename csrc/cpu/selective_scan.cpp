@@ -576,7 +576,7 @@ constexpr int kStates = lanes::kVectorRegisters >= 32 ? 4 : 2;
 // as fast as 64.
 int64_t selective_scan_cpu_chunk() {
 #if defined(CPU_CAPABILITY_AVX512)
-  return 32;
+  return 64;
 #else
   return 256;
 #endif
