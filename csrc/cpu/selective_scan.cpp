@@ -569,11 +569,12 @@ struct Grads {
 constexpr int kStates = lanes::kVectorRegisters >= 32 ? 4 : 2;
 
 // Time steps between the states the forward saves for the backward, which recomputes one chunk
-// at a time, by instruction set (python -m bench.chunk_effect, the training step at N = 16 to
-// 256). AVX-512, on an Intel Xeon (bench/results/cpu-2026-12-05-chunk-avx512.md): 32 steps as
-// fast as 64 at N = 16 and 32, 1.07x to 1.13x as fast at N >= 64, 1.05x (N = 16) to 1.17x as
-// fast as 256. AVX2, on an AMD EPYC Zen 2 (cpu-2026-12-05-chunk.md): 256 steps 1.01x to 1.08x
-// as fast as 64.
+// at a time, by instruction set (python -m bench.chunk_effect, the training step). AVX-512, on an
+// Intel Xeon (bench/results/cpu-2026-12-05-chunk-avx512.md): at the suite's shape (batch 2, dim
+// 256, L 512) 64 steps within 3% of 32 at N = 16 to 256 and 1.04x to 1.16x as fast as 256; at
+// batch 8 (N = 16) 1.22x as fast as 32, 256 1.05x as fast as 64: 32-step chunks made the
+// backward of 4x the suite's data markedly slower. AVX2, on an AMD EPYC Zen 2
+// (cpu-2026-12-05-chunk.md): 256 steps 1.01x to 1.08x as fast as 64.
 int64_t selective_scan_cpu_chunk() {
 #if defined(CPU_CAPABILITY_AVX512)
   return 64;
