@@ -85,9 +85,6 @@ TORCH_LIBRARY(rnnkernels, m) {
       "-> (Tensor grad_u, Tensor grad_delta, Tensor grad_A, Tensor grad_B, Tensor grad_C, "
       "Tensor grad_D, Tensor grad_z, Tensor grad_delta_bias, Tensor grad_initial_state)");
 
-  // ---- the CPU kernels' chunk (time steps between saved states) for this build's instruction set
-  m.def("selective_scan_cpu_chunk() -> int");
-
   // ---- linear scan h_t = a_t * h_{t-1} + b_t over (batch, channels, T); h0: (batch, channels).
   m.def("linear_scan_fwd(Tensor a, Tensor b, Tensor? initial_state) -> Tensor h");
   m.def(

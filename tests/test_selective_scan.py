@@ -143,20 +143,6 @@ def test_cpu_default_chunk_long_sequence(form):
     check_against_reference(inputs)
 
 
-def test_cpu_chunk_is_the_kernels_choice():
-    """The Python wrapper saves states every CHUNK_SIZE["cpu"] steps, the chunk the CPU kernels
-    chose for their instruction set: the checkpoints of a recording call have that many."""
-    chunk = torch.ops.rnnkernels.selective_scan_cpu_chunk()
-    assert CHUNK_SIZE["cpu"] == chunk > 0
-    inputs = make_inputs(batch=1, dim=2, L=2 * chunk + 1, N=3, form="variable",
-                         dtype=torch.float32)
-    leaves = [inputs[k].requires_grad_() if inputs[k] is not None else None for k in ARGS[:8]]
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        selective_scan(*leaves, delta_softplus=True)
-    assert any(t.shape == (1, 2, 3 * 3) for t in saved)  # ceil(L / chunk) = 3 states of N = 3
-
-
 @pytest.mark.parametrize("dim, groups", [(37, 1), (64, 2), (80, 1)])
 def test_cpu_float32_whole_tiles(dim, groups):
     """float32 with whole 16-channel blocks and whole 16-step tiles (the kernels' in-register

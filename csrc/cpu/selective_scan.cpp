@@ -568,21 +568,6 @@ struct Grads {
 // States backward_states takes at once (see there).
 constexpr int kStates = lanes::kVectorRegisters >= 32 ? 4 : 2;
 
-// Time steps between the states the forward saves for the backward, which recomputes one chunk
-// at a time, by instruction set (python -m bench.chunk_effect, the training step). AVX-512, on an
-// Intel Xeon (bench/results/cpu-2026-12-05-chunk-avx512.md): at the suite's shape (batch 2, dim
-// 256, L 512) 64 steps within 3% of 32 at N = 16 to 256 and 1.04x to 1.16x as fast as 256; at
-// batch 8 (N = 16) 1.22x as fast as 32, 256 1.05x as fast as 64: 32-step chunks made the
-// backward of 4x the suite's data markedly slower. AVX2, on an AMD EPYC Zen 2
-// (cpu-2026-12-05-chunk.md): 256 steps 1.01x to 1.08x as fast as 64.
-int64_t selective_scan_cpu_chunk() {
-#if defined(CPU_CAPABILITY_AVX512)
-  return 64;
-#else
-  return 256;
-#endif
-}
-
 // Buffers of one thread's backward tasks over one chunk (dB holds the folded dB / dC terms when
 // B and C are both grouped, and dC is then empty), and the constants of a super's blocks (c,
 // loaded once per super, not once per block and chunk).
@@ -1063,11 +1048,6 @@ selective_scan_bwd_cpu(const Tensor& grad_out, const std::optional<Tensor>& grad
 TORCH_LIBRARY_IMPL(rnnkernels, CPU, m) {
   m.impl("selective_scan_fwd", &selective_scan_fwd_cpu);
   m.impl("selective_scan_bwd", &selective_scan_bwd_cpu);
-}
-
-// No tensor argument to dispatch on: the one kernel serves every device.
-TORCH_LIBRARY_IMPL(rnnkernels, CompositeExplicitAutograd, m) {
-  m.impl("selective_scan_cpu_chunk", &selective_scan_cpu_chunk);
 }
 
 }  // namespace rnnkernels::cpu

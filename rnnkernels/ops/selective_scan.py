@@ -29,10 +29,16 @@ from ._autograd import batched, differentiable_vjp, fold, graph_needed, overload
 # Largest state size N the kernels take (as mamba_ssm's).
 MAX_STATE = 256
 # Time steps between the saved states, per backend: the backward recomputes one chunk at a time.
-# CPU: the kernels' choice for the instruction set they were built for (32 with AVX-512, 256
-# with AVX2: measured by python -m bench.chunk_effect, see csrc/cpu/selective_scan.cpp).
-CHUNK_SIZE = {"cpu": int(torch.ops.rnnkernels.selective_scan_cpu_chunk()), "triton": 64,
-              "cuda": 64}
+# CPU: longer chunks mean fewer checkpoints and longer runs of each channel's rows of u, delta, z
+# and the output gradient per chunk, which the kernels read faster from memory. The training
+# step at 256 against 64 (python -m bench.chunk_effect, bench/results/cpu-2026-12-05-chunk.md,
+# AMD EPYC Zen 2, AVX2): 1.08x as fast at N = 16, 1.01x to 1.07x at 32 to 256. On an Intel Xeon
+# (AVX-512) the tool, whose inputs stay in the caches between its calls, found 64 up to 1.16x
+# as fast as 256 at the suite's shape but 256 1.05x as fast at 4x its data
+# (cpu-2026-12-05-chunk-avx512.md); the suite itself, whose PyTorch loop evicts them between
+# calls, ran 256 as fast at the suite's shape and 1.09x to 1.26x as fast at 4x the data
+# (cpu-2026-12-05-avx512-c256.md against -c64.md).
+CHUNK_SIZE = {"cpu": 256, "triton": 64, "cuda": 64}
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
