@@ -20,9 +20,10 @@
 // the state at every chunk start (checkpoints (batch, dim, ceil(L / chunk) * N)). The backward's
 // tasks are supers (runs of consecutive blocks of one batch row and group, at least kMinSupers in
 // all), handed out the same way; a super walks the chunks in reverse, and for each chunk each of
-// its blocks, two states at a time, recomputes the chunk's states from the checkpoint into a buffer
-// in the core's L1 / L2 and runs the reverse recurrence on them (backward_states), carrying dL/dx
-// across chunk boundaries in a per-block buffer, so the working memory does not grow with L.
+// its blocks, kStates states at a time, recomputes the chunk's states from the checkpoint into a
+// buffer in the core's L1 / L2 and runs the reverse recurrence on them (backward_states),
+// carrying dL/dx across chunk boundaries in a per-block buffer, so the working memory does not
+// grow with L.
 // Gradients that sum over channels (grouped B/C) are added per lane over the super's blocks and
 // summed over the lanes into (L, N) partials per super (as many values as the gradient itself when
 // there are at least kMinSupers (batch row, group) pairs, at most kMinSupers times as many),
