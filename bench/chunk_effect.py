@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     chunks = [int(c) for c in args.chunks.split(",") if c.strip()]
     shape = suite_shape()
     if args.shape is not None:
-        sizes = [int(v) for v in args.shape.split(",")]
+        parts = args.shape.split(",")
+        sizes = [int(v) for v in parts] if all(v.strip().isdigit() for v in parts) else []
         if len(sizes) != 3 or min(sizes) < 1:
             p.error(f"--shape takes three positive sizes BATCH,DIM,L, got {args.shape!r}")
         shape = dict(zip(("batch", "dim", "L"), sizes))

@@ -655,9 +655,10 @@ def test_chunk_effect_shape(capsys):
     out = capsys.readouterr().out
     assert "batch 1, dim 5, L 21," in out
     assert [r[:2] for r in _table_rows(out) if r[0] != "N"][1] == ["3", "8"]
-    with pytest.raises(SystemExit):
-        chunk_effect.main(["--shape", "1,5"])
-    assert "three positive sizes BATCH,DIM,L" in capsys.readouterr().err
+    for bad in ("1,5", "1,x,3"):
+        with pytest.raises(SystemExit):
+            chunk_effect.main(["--shape", bad])
+        assert "three positive sizes BATCH,DIM,L" in capsys.readouterr().err
 
 
 def test_chunk_effect_refuses_a_wrong_result(monkeypatch):
