@@ -143,6 +143,16 @@ def test_cpu_default_chunk_long_sequence(form):
     check_against_reference(inputs)
 
 
+@pytest.mark.parametrize("form", ["fixed", "variable", "grouped"])
+def test_cpu_spans_of_several_chunks(form, monkeypatch):
+    """Checkpoints every 24 steps inside 240-step spans (the steps a CPU task gathers and
+    scatters at once: 256 rounded down to whole chunks), L = 517: two whole spans and a third
+    of one whole chunk and a partial one."""
+    monkeypatch.setitem(CHUNK_SIZE, "cpu", 24)
+    inputs = make_inputs(batch=2, dim=19, L=517, N=5, form=form, groups=1, initial_state=True)
+    check_against_reference(inputs)
+
+
 @pytest.mark.parametrize("dim, groups", [(37, 1), (64, 2), (80, 1)])
 def test_cpu_float32_whole_tiles(dim, groups):
     """float32 with whole 16-channel blocks and whole 16-step tiles (the kernels' in-register

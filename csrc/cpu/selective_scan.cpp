@@ -9,21 +9,23 @@
 // is a plain vector operation, with no horizontal reduction in the time loop; the exp(dt A) of each
 // (step, state, channel) is one lane of a vector exp. Grouped B_t and C_t are shared by the block's
 // channels: one broadcast scalar per (step, state), read in place from the (N, L) rows of their
-// (batch, G, N, L) layout (a block's chunk reads one run of steps per state). Per chunk, the
-// block's rows of u, delta, z (and grad_out) are transposed into (chunk, W) lanes and the results
-// transposed back, W x W tiles at a time in registers; the rows a gather will read next (the next
-// chunk's in the forward, the next block's in the backward) are prefetched into L2 meanwhile. A
-// block has fewer than W channels only at a group's end: the unused lanes compute on zeros and are
-// never stored.
+// (batch, G, N, L) layout (a block's span reads one run of steps per state). Per span (kSpanSteps
+// steps, whole chunks), the block's rows of u, delta, z (and grad_out) are transposed into
+// (span, W) lanes and the results transposed back, W x W tiles at a time in registers; the rows
+// a gather will read next (the next span's in the forward, the next block's in the backward) are
+// prefetched into L2 meanwhile. A block has fewer than W channels only at a group's end: the
+// unused lanes compute on zeros and are never stored.
 //
 // Memory. The forward reads u, delta, z, B and C once and writes out once; with save it also writes
-// the state at every chunk start (checkpoints (batch, dim, ceil(L / chunk) * N)). The backward's
-// tasks are supers (runs of consecutive blocks of one batch row and group, at least kMinSupers in
-// all), handed out the same way; a super walks the chunks in reverse, and for each chunk each of
-// its blocks, kStates states at a time, recomputes the chunk's states from the checkpoint into a
-// buffer in the core's L1 / L2 and runs the reverse recurrence on them (backward_states),
-// carrying dL/dx across chunk boundaries in a per-block buffer, so the working memory does not
-// grow with L.
+// the state at every chunk start (checkpoints (batch, dim, ceil(L / chunk) * N), stored as the
+// block's lanes, see forward_task). The backward's tasks are supers (runs of consecutive blocks
+// of one batch row and group, at least kMinSupers in all), handed out the same way; a super walks
+// the spans in reverse, and for each span each of its blocks, chunk by chunk in reverse and
+// kStates states at a time, recomputes the chunk's states from the checkpoint into a buffer in
+// the core's L1 and runs the reverse recurrence on them (backward_states), carrying dL/dx across
+// chunk boundaries in a per-block buffer, so the working memory does not grow with L. The span
+// decouples the two: long runs of each row for the transposes and the prefetcher, short chunks
+// for the recomputation's buffers.
 // Gradients that sum over channels (grouped B/C) are added per lane over the super's blocks and
 // summed over the lanes into (L, N) partials per super (as many values as the gradient itself when
 // there are at least kMinSupers (batch row, group) pairs, at most kMinSupers times as many),
@@ -62,9 +64,13 @@ using lanes::Vec;
 
 // Partial sums a cross-task reduction adds before it is worth a parallel region.
 constexpr int64_t kMinReduceWork = 1 << 15;
+// Steps a task gathers, transforms and scatters at once, rounded down to a multiple of the
+// chunk (the checkpoint interval), at least one chunk: 1 KB runs of each float row, as the
+// 256-step chunks had before the span was separate from the chunk.
+constexpr int64_t kSpanSteps = 256;
 // Supers (the backward's tasks) the blocks of all (batch row, group) pairs are split into, at
 // least, where there are as many blocks: enough to keep 8 threads busy, few enough that the
-// lane sums of grouped dB / dC, done once per super and chunk, cost little.
+// lane sums of grouped dB / dC, done once per super and span, cost little.
 constexpr int64_t kMinSupers = 8;
 
 // Two vectors' lanes folded into one: lane 2k = b[k] + b[k + W/2], lane 2k + 1 = c[k] + c[k +
@@ -128,6 +134,9 @@ template <typename S, typename T>
 struct Scan {
   static constexpr int64_t W = Vec<T>::size();
   int64_t batch, dim, L, N, G, channels_per_group, blocks_per_group, chunk, nchunks;
+  // Steps a task gathers, transforms and scatters at once (see kSpanSteps): a multiple of
+  // chunk, or all of L.
+  int64_t span, nspans;
   // The backward's tasks: supers_per_group runs of consecutive blocks per (batch row, group)
   // (see backward_super), a number that depends on the problem, not on the thread count.
   int64_t supers_per_group;
@@ -216,18 +225,18 @@ struct Lanes {
   }
 };
 
-// Per-chunk lanes (chunk x W each) of one block: u, v = delta + bias (in the backward with
+// Per-span lanes (span x W each) of one block: u, v = delta + bias (in the backward with
 // softplus: softplus'(v)), dt, du = dt u, y, z and the gradients.
 template <typename T>
 struct StepLanes {
   Buffer<T> u, v, dt, du, y, z, g, gu, gdt;
-  explicit StepLanes(int64_t chunk)
-      : u(chunk * Vec<T>::size()), v(chunk * Vec<T>::size()), dt(chunk * Vec<T>::size()),
-        du(chunk * Vec<T>::size()), y(chunk * Vec<T>::size()), z(chunk * Vec<T>::size()),
-        g(chunk * Vec<T>::size()), gu(chunk * Vec<T>::size()), gdt(chunk * Vec<T>::size()) {}
+  explicit StepLanes(int64_t span)
+      : u(span * Vec<T>::size()), v(span * Vec<T>::size()), dt(span * Vec<T>::size()),
+        du(span * Vec<T>::size()), y(span * Vec<T>::size()), z(span * Vec<T>::size()),
+        g(span * Vec<T>::size()), gu(span * Vec<T>::size()), gdt(span * Vec<T>::size()) {}
 };
 
-// Loads u, delta (and z) of a block's chunk and forms dt and du; for the backward (kGrad) also
+// Loads u, delta (and z) of a block's span (len steps from t0) and forms dt and du; for the backward (kGrad) also
 // d dt / d v in s.v when dt = softplus(v).
 template <bool kGrad, typename S, typename T>
 void discretise(const Scan<S, T>& p, const Block& blk, const Lanes<T>& c, int64_t t0,
@@ -254,8 +263,9 @@ void discretise(const Scan<S, T>& p, const Block& blk, const Lanes<T>& c, int64_
   }
 }
 
-// The recurrence over one chunk of a block: x (N x W) is the state before the chunk and after
-// it; y_t = C_t . x_t goes to y (len x W). B and C are (N x W) lanes when fixed, else scalars
+// The recurrence over len steps of a block (a span in the forward, a chunk in the backward's
+// recomputation): x (N x W) is the state before them and after them; y_t = C_t . x_t goes to y
+// (len x W). B and C are (N x W) lanes when fixed, else scalars
 // shared by the lanes, state n's at step t at [n * ld + t] (grouped B / C in their own layout).
 //
 // States NB at a time, steps inside: the NB states and their A2 = A log2(e) stay in registers
@@ -264,7 +274,9 @@ void discretise(const Scan<S, T>& p, const Block& blk, const Lanes<T>& c, int64_
 // states is added to y, or stored there by the first states (n0 = 0). With kSave (the
 // backward's recomputation) the states are also kept in xs ((len + 1) x NB x W: the NB states
 // before each step, then after the last) and exp(dt A) in as (len x NB x W). kInRange: every
-// dt_t A2 lies in [-126, 127] (exp_args_in_range), and the exp skips its clamp.
+// dt_t A2 lies in [-126, 127] (exp_args_in_range), and the exp skips its clamp. With ck (the
+// forward's checkpoints), the NB states before steps 0, every, 2 every, ... are also stored at
+// ck + k * ck_ld (state n at n * W).
 // Software-pipelined by one step: step t's update uses exp(dt_t A) formed during step t - 1 (an),
 // while exp(dt_{t+1} A) is formed for the next (at the last step again exp(dt_t A), unused). An
 // exp is a chain of a dozen dependent operations; formed in the step whose update it feeds, that
@@ -273,10 +285,12 @@ void discretise(const Scan<S, T>& p, const Block& blk, const Lanes<T>& c, int64_
 // (alternating processes against the build before); two steps ahead spilled registers on AVX2.
 template <typename T, bool kBvar, bool kCvar, bool kY, bool kSave, bool kInRange, int NB>
 void scan_states(int64_t len, int64_t ld, int64_t n0, T* x, const T* A, const T* B, const T* C,
-                 const T* dt, const T* du, T* y, T* xs, T* as) {
+                 const T* dt, const T* du, T* y, T* xs, T* as, T* ck = nullptr,
+                 int64_t every = 0, int64_t ck_ld = 0) {
   using V = Vec<T>;
   constexpr int64_t W = V::size();
   V xr[NB], Ar[NB], an[NB];
+  RNNKERNELS_UNROLL
   for (int j = 0; j < NB; ++j) {
     xr[j] = V::loadu(x + (n0 + j) * W);
     Ar[j] = V::loadu(A + (n0 + j) * W);
@@ -284,42 +298,53 @@ void scan_states(int64_t len, int64_t ld, int64_t n0, T* x, const T* A, const T*
   }
   if (len > 0) {
     const V dt0 = V::loadu(dt);
+    RNNKERNELS_UNROLL
     for (int j = 0; j < NB; ++j) an[j] = fast_exp2<T, kInRange>(dt0 * Ar[j]);
   }
-  for (int64_t t = 0; t < len; ++t) {
-    const V dtn = V::loadu(dt + std::min(t + 1, len - 1) * W), duv = V::loadu(du + t * W);
-    V yv = kY && n0 > 0 ? V::loadu(y + t * W) : V(T(0));
-    for (int j = 0; j < NB; ++j) {
-      const int64_t n = n0 + j;
-      const V a = an[j];
-      an[j] = fast_exp2<T, kInRange>(dtn * Ar[j]);
-      if constexpr (kSave) a.store(as + (t * NB + j) * W);
-      const V Bn = kBvar ? V(B[n * ld + t]) : V::loadu(B + n * W);
-      xr[j] = at::vec::fmadd(a, xr[j], duv * Bn);
-      if constexpr (kSave) xr[j].store(xs + ((t + 1) * NB + j) * W);
-      if constexpr (kY) {
-        yv = at::vec::fmadd(xr[j], kCvar ? V(C[n * ld + t]) : V::loadu(C + n * W), yv);
-      }
+  const int64_t run = ck != nullptr ? every : len;
+  for (int64_t t1 = 0; t1 < len; t1 += run) {
+    if (ck != nullptr) {
+      RNNKERNELS_UNROLL
+      for (int j = 0; j < NB; ++j) xr[j].store(ck + t1 / run * ck_ld + (n0 + j) * W);
     }
-    if constexpr (kY) yv.store(y + t * W);
+    for (int64_t t = t1; t < std::min(len, t1 + run); ++t) {
+      const V dtn = V::loadu(dt + std::min(t + 1, len - 1) * W), duv = V::loadu(du + t * W);
+      V yv = kY && n0 > 0 ? V::loadu(y + t * W) : V(T(0));
+      RNNKERNELS_UNROLL
+      for (int j = 0; j < NB; ++j) {
+        const int64_t n = n0 + j;
+        const V a = an[j];
+        an[j] = fast_exp2<T, kInRange>(dtn * Ar[j]);
+        if constexpr (kSave) a.store(as + (t * NB + j) * W);
+        const V Bn = kBvar ? V(B[n * ld + t]) : V::loadu(B + n * W);
+        xr[j] = at::vec::fmadd(a, xr[j], duv * Bn);
+        if constexpr (kSave) xr[j].store(xs + ((t + 1) * NB + j) * W);
+        if constexpr (kY) {
+          yv = at::vec::fmadd(xr[j], kCvar ? V(C[n * ld + t]) : V::loadu(C + n * W), yv);
+        }
+      }
+      if constexpr (kY) yv.store(y + t * W);
+    }
   }
+  RNNKERNELS_UNROLL
   for (int j = 0; j < NB; ++j) xr[j].store(x + (n0 + j) * W);
 }
 
 template <typename T, bool kBvar, bool kCvar, bool kInRange>
 void forward_steps(int64_t len, int64_t N, int64_t ld, T* x, const T* A, const T* B, const T* C,
-                   const T* dt, const T* du, T* y) {
+                   const T* dt, const T* du, T* y, T* ck, int64_t every) {
   // States a pass: 4 keep AVX-512's pipes busy; on AVX2 their states and A2 spilled from the
   // 16 registers, and 2 measured a few percent faster there (an in-process A/B of the forward).
   constexpr int kNB = lanes::kVectorRegisters >= 32 ? 4 : 2;
+  const int64_t NW = N * Vec<T>::size();
   int64_t n0 = 0;
   for (; n0 + kNB <= N; n0 += kNB) {
     scan_states<T, kBvar, kCvar, true, false, kInRange, kNB>(len, ld, n0, x, A, B, C, dt, du, y,
-                                                             nullptr, nullptr);
+                                                             nullptr, nullptr, ck, every, NW);
   }
   for (; n0 < N; ++n0) {
     scan_states<T, kBvar, kCvar, true, false, kInRange, 1>(len, ld, n0, x, A, B, C, dt, du, y,
-                                                           nullptr, nullptr);
+                                                           nullptr, nullptr, ck, every, NW);
   }
 }
 
@@ -352,6 +377,7 @@ void backward_states(int64_t len, int64_t N, int64_t ld, int64_t n0, T* x, T* h,
   using V = Vec<T>;
   constexpr int64_t W = V::size();
   V hr[NB], dAr[NB], Ad[NB], xr[NB];
+  RNNKERNELS_UNROLL
   for (int j = 0; j < NB; ++j) {
     const int64_t n = n0 + j;
     hr[j] = V::loadu(h + n * W);
@@ -359,58 +385,68 @@ void backward_states(int64_t len, int64_t N, int64_t ld, int64_t n0, T* x, T* h,
     Ad[j] = V::loadu(A + n * W);  // in registers: the stores below may alias A for GCC
     xr[j] = V::loadu(xs + (len * NB + j) * W);
   }
-  for (int64_t t = len - 1; t >= 0; --t) {
-    const V gv = V::loadu(g + t * W), dtv = V::loadu(dt + t * W), duv = V::loadu(du + t * W);
-    V s1v = n0 > 0 ? V::loadu(s1 + t * W) : V(T(0));
-    V s2v = n0 > 0 ? V::loadu(s2 + t * W) : V(T(0));
-    for (int j = 0; j < NB; ++j) {
-      const int64_t n = n0 + j;
-      const V Bn = kBvar ? V(B[n * ld + t]) : V::loadu(B + n * W);
-      const V Cn = kCvar ? V(C[n * ld + t]) : V::loadu(C + n * W);
-      const V xp = V::loadu(xs + (t * NB + j) * W);
-      const V a = V::loadu(as + (t * NB + j) * W);
-      const V hn = at::vec::fmadd(gv, Cn, hr[j]);
-      if constexpr (kBvar && kCvar) {  // both grouped: folded into dB (see fold)
-        const V f = fold(hn * duv, gv * xr[j]);
-        T* at = dB + (t * N + n) * W;
-        (kFirst ? f : f + V::loadu(at)).store(at);
-      } else {
-        if constexpr (kCvar && kFirst) {
-          (gv * xr[j]).store(dC + (t * N + n) * W);
-        } else if constexpr (kCvar) {
-          at::vec::fmadd(gv, xr[j], V::loadu(dC + (t * N + n) * W)).store(dC + (t * N + n) * W);
+  // The first states store the per-step sums s1 / s2, the others add to them: two loops.
+  auto reverse = [&](auto add_sums) {
+    for (int64_t t = len - 1; t >= 0; --t) {
+      const V gv = V::loadu(g + t * W), dtv = V::loadu(dt + t * W), duv = V::loadu(du + t * W);
+      V s1v = add_sums ? V::loadu(s1 + t * W) : V(T(0));
+      V s2v = add_sums ? V::loadu(s2 + t * W) : V(T(0));
+      RNNKERNELS_UNROLL
+      for (int j = 0; j < NB; ++j) {
+        const int64_t n = n0 + j;
+        const V Bn = kBvar ? V(B[n * ld + t]) : V::loadu(B + n * W);
+        const V Cn = kCvar ? V(C[n * ld + t]) : V::loadu(C + n * W);
+        const V xp = V::loadu(xs + (t * NB + j) * W), xt = xr[j];
+        const V a = V::loadu(as + (t * NB + j) * W);
+        const V hn = at::vec::fmadd(gv, Cn, hr[j]);
+        if constexpr (kBvar && kCvar) {  // both grouped: folded into dB (see fold)
+          const V f = fold(hn * duv, gv * xt);
+          T* at = dB + (t * N + n) * W;
+          (kFirst ? f : f + V::loadu(at)).store(at);
         } else {
-          at::vec::fmadd(gv, xr[j], V::loadu(dC + n * W)).store(dC + n * W);
+          if constexpr (kCvar && kFirst) {
+            (gv * xt).store(dC + (t * N + n) * W);
+          } else if constexpr (kCvar) {
+            at::vec::fmadd(gv, xt, V::loadu(dC + (t * N + n) * W)).store(dC + (t * N + n) * W);
+          } else {
+            at::vec::fmadd(gv, xt, V::loadu(dC + n * W)).store(dC + n * W);
+          }
+          if constexpr (kBvar && kFirst) {
+            (hn * duv).store(dB + (t * N + n) * W);
+          } else if constexpr (kBvar) {
+            at::vec::fmadd(hn, duv, V::loadu(dB + (t * N + n) * W)).store(dB + (t * N + n) * W);
+          } else {
+            at::vec::fmadd(hn, duv, V::loadu(dB + n * W)).store(dB + n * W);
+          }
         }
-        if constexpr (kBvar && kFirst) {
-          (hn * duv).store(dB + (t * N + n) * W);
-        } else if constexpr (kBvar) {
-          at::vec::fmadd(hn, duv, V::loadu(dB + (t * N + n) * W)).store(dB + (t * N + n) * W);
-        } else {
-          at::vec::fmadd(hn, duv, V::loadu(dB + n * W)).store(dB + n * W);
-        }
+        s1v = at::vec::fmadd(hn, Bn, s1v);
+        hr[j] = a * hn;
+        const V q = hr[j] * xp;
+        s2v = at::vec::fmadd(q, Ad[j], s2v);
+        dAr[j] = at::vec::fmadd(q, dtv, dAr[j]);
+        xr[j] = xp;
       }
-      s1v = at::vec::fmadd(hn, Bn, s1v);
-      hr[j] = a * hn;
-      const V q = hr[j] * xp;
-      s2v = at::vec::fmadd(q, Ad[j], s2v);
-      dAr[j] = at::vec::fmadd(q, dtv, dAr[j]);
-      xr[j] = xp;
+      s1v.store(s1 + t * W);
+      s2v.store(s2 + t * W);
     }
-    s1v.store(s1 + t * W);
-    s2v.store(s2 + t * W);
+  };
+  if (n0 > 0) {
+    reverse(std::true_type{});
+  } else {
+    reverse(std::false_type{});
   }
+  RNNKERNELS_UNROLL
   for (int j = 0; j < NB; ++j) {
     hr[j].store(h + (n0 + j) * W);
     dAr[j].store(dA + (n0 + j) * W);
   }
 }
 
-// The rows a task gathers over chunk ci of block blk (u, delta, z, and grad_out when given),
+// The rows a task gathers over span si of block blk (u, delta, z, and grad_out when given),
 // into L2.
 template <typename S, typename T>
-void prefetch_chunk_rows(const Scan<S, T>& p, const Block& blk, int64_t ci, const S* grad_out) {
-  const int64_t t0 = ci * p.chunk, len = std::min(p.chunk, p.L - t0);
+void prefetch_span_rows(const Scan<S, T>& p, const Block& blk, int64_t si, const S* grad_out) {
+  const int64_t t0 = si * p.span, len = std::min(p.span, p.L - t0);
   const int64_t off = (blk.b * p.dim + blk.d0) * p.L + t0;
   for (const S* src : {p.u, p.delta, p.z, grad_out}) {
     if (src != nullptr) prefetch_rows(src + off, p.L, blk.nc, len);
@@ -476,21 +512,20 @@ template <typename T>
 struct ForwardWork {
   Lanes<T> c;
   StepLanes<T> s;
-  Buffer<T> x;
-  ForwardWork(int64_t chunk, int64_t N) : c(N), s(chunk), x(N * Vec<T>::size()) {}
+  Buffer<T> x, ck;  // ck: the state at each chunk start of a span (chunks x N x W)
+  ForwardWork(int64_t span, int64_t chunk, int64_t N)
+      : c(N), s(span), x(N * Vec<T>::size()),
+        ck((span + chunk - 1) / chunk * N * Vec<T>::size()) {}
 };
 
 // The state x (N x W lanes, lane j = channel j) into the (channel, N) rows at dst (row stride
 // ld), for channels j < nc: by tile transposes when N fills whole tiles' rows (N >= W), else
-// value by value (a tile transpose of a few states costs more). The forward stores a
-// checkpoint at every chunk start: value by value, 32-step chunks of N = 16 took the forward a
-// few percent longer.
+// value by value (a tile transpose of a few states costs more).
 template <typename T>
-void store_state(T* dst, int64_t ld, const Buffer<T>& x, int64_t nc) {
+void store_state(T* dst, int64_t ld, const T* x, int64_t N, int64_t nc) {
   constexpr int64_t W = Vec<T>::size();
-  const int64_t N = static_cast<int64_t>(x.size()) / W;
   if (N >= W) {
-    scatter_lanes(dst, ld, x.data(), nc, N);
+    scatter_lanes(dst, ld, x, nc, N);
     return;
   }
   for (int64_t j = 0; j < nc; ++j) {
@@ -515,19 +550,33 @@ void forward_task(const Scan<S, T>& p, const Block& blk, S* out, T* last, T* ckp
       for (int64_t n = 0; n < N; ++n) x[n * W + j] = p.x0[(row + j) * N + n];
     }
   }
-  for (int64_t ci = 0; ci < p.nchunks; ++ci) {
-    const int64_t t0 = ci * p.chunk, len = std::min(p.chunk, p.L - t0);
-    if (ckpt != nullptr) store_state(ckpt + (row * p.nchunks + ci) * N, p.nchunks * N, x, blk.nc);
-    if (ci + 1 < p.nchunks) prefetch_chunk_rows(p, blk, ci + 1, static_cast<const S*>(nullptr));
-    discretise<false>(p, blk, c, t0, len, s);
-    const T* B = kBvar ? p.at_step(p.B_grouped, blk.b, blk.g, t0) : c.B.data();
-    const T* C = kCvar ? p.at_step(p.C_grouped, blk.b, blk.g, t0) : c.C.data();
-    with_exp_range(s.dt.data(), len, c, [&](auto in_range) {
+  // The block's checkpoints: per chunk start, the N states as nc lanes each (a block's channels
+  // are consecutive rows, so their (nchunks * N)-value rows hold (nchunks, N, nc) values), the
+  // states of a whole block stored straight from the scan's registers, those of a partial one
+  // through w.ck.
+  T* region = ckpt != nullptr ? ckpt + row * p.nchunks * N : nullptr;
+  const bool whole = blk.nc == W;
+  for (int64_t si = 0; si < p.nspans; ++si) {
+    const int64_t s0 = si * p.span, slen = std::min(p.span, p.L - s0);
+    if (si + 1 < p.nspans) prefetch_span_rows(p, blk, si + 1, static_cast<const S*>(nullptr));
+    discretise<false>(p, blk, c, s0, slen, s);
+    const T* B = kBvar ? p.at_step(p.B_grouped, blk.b, blk.g, s0) : c.B.data();
+    const T* C = kCvar ? p.at_step(p.C_grouped, blk.b, blk.g, s0) : c.C.data();
+    const int64_t c0 = s0 / p.chunk;  // the span's first chunk
+    T* ck = region == nullptr ? nullptr : whole ? region + c0 * N * W : w.ck.data();
+    with_exp_range(s.dt.data(), slen, c, [&](auto in_range) {
       forward_steps<T, kBvar, kCvar, decltype(in_range)::value>(
-          len, N, p.L, x.data(), c.A2.data(), B, C, s.dt.data(), s.du.data(), s.y.data());
+          slen, N, p.L, x.data(), c.A2.data(), B, C, s.dt.data(), s.du.data(), s.y.data(), ck,
+          p.chunk);
     });
+    if (region != nullptr && !whole) {
+      const int64_t values = (slen + p.chunk - 1) / p.chunk * N;
+      for (int64_t k = 0; k < values; ++k) {
+        V::loadu(w.ck.data() + k * W).store(region + (c0 * N + k) * blk.nc, blk.nc);
+      }
+    }
     const V Dv = V::loadu(c.D.data());
-    for (int64_t t = 0; t < len; ++t) {
+    for (int64_t t = 0; t < slen; ++t) {
       V y = at::vec::fmadd(Dv, V::loadu(&s.u[t * W]), V::loadu(&s.y[t * W]));
       if (p.z != nullptr) {
         const V z = V::loadu(&s.z[t * W]);
@@ -535,9 +584,9 @@ void forward_task(const Scan<S, T>& p, const Block& blk, S* out, T* last, T* ckp
       }
       y.store(&s.y[t * W]);
     }
-    scatter_lanes(out + row * p.L + t0, p.L, s.y.data(), blk.nc, len);
+    scatter_lanes(out + row * p.L + s0, p.L, s.y.data(), blk.nc, slen);
   }
-  store_state(last + row * N, N, x, blk.nc);
+  store_state(last + row * N, N, x.data(), N, blk.nc);
 }
 
 // ------------------------------------------------------------------------------ backward
@@ -569,41 +618,36 @@ struct Grads {
 // States backward_states takes at once (see there).
 constexpr int kStates = lanes::kVectorRegisters >= 32 ? 4 : 2;
 
-// Buffers of one thread's backward tasks over one chunk (dB holds the folded dB / dC terms when
-// B and C are both grouped, and dC is then empty), and the constants of a super's blocks (c,
-// loaded once per super, not once per block and chunk).
+// Buffers of one thread's backward tasks over one span (xs and as: over one chunk; dB holds the
+// folded dB / dC terms when B and C are both grouped, and dC is then empty), and the constants
+// of a super's blocks (c, loaded once per super, not once per block and span).
 template <typename T>
 struct BackwardWork {
   std::vector<Lanes<T>> c;
   StepLanes<T> s;
   Buffer<T> x, xs, as, s1, s2, dB, dC;
-  BackwardWork(int64_t chunk, int64_t N, int64_t blocks_per_super, bool B_var, bool C_var)
-      : c(blocks_per_super, Lanes<T>(N)), s(chunk), x(N * Vec<T>::size()),
+  BackwardWork(int64_t span, int64_t chunk, int64_t N, int64_t blocks_per_super, bool B_var,
+               bool C_var)
+      : c(blocks_per_super, Lanes<T>(N)), s(span), x(N * Vec<T>::size()),
         xs((chunk + 1) * kStates * Vec<T>::size()),
         as(chunk * kStates * Vec<T>::size()),
-        s1(chunk * Vec<T>::size()), s2(chunk * Vec<T>::size()),
-        dB(B_var ? chunk * N * Vec<T>::size() : 0),
-        dC(C_var && !B_var ? chunk * N * Vec<T>::size() : 0) {}
+        s1(span * Vec<T>::size()), s2(span * Vec<T>::size()),
+        dB(B_var ? span * N * Vec<T>::size() : 0),
+        dC(C_var && !B_var ? span * N * Vec<T>::size() : 0) {}
 };
 
 // first: the super's first block, whose grouped dB / dC terms are stored into w, not added.
 template <typename S, typename T, bool kBvar, bool kCvar>
-void backward_task(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_t ci, bool first,
+void backward_task(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_t si, bool first,
                    const Lanes<T>& c, BackwardWork<T>& w) {
   using V = Vec<T>;
   constexpr int64_t W = V::size();
   const Block blk = block_of(p, i);
   const int64_t N = p.N, NW = N * W;
-  const int64_t t0 = ci * p.chunk, len = std::min(p.chunk, p.L - t0);
-  const int64_t off = (blk.b * p.dim + blk.d0) * p.L + t0;
+  const int64_t s0 = si * p.span, len = std::min(p.span, p.L - s0);
+  const int64_t row = blk.b * p.dim + blk.d0, off = row * p.L + s0;
   StepLanes<T>& s = w.s;
-  discretise<true>(p, blk, c, t0, len, s);
-  const T* B = kBvar ? p.at_step(p.B_grouped, blk.b, blk.g, t0) : c.B.data();
-  const T* C = kCvar ? p.at_step(p.C_grouped, blk.b, blk.g, t0) : c.C.data();
-
-  // The state at the chunk's start, from its checkpoint (lanes past the block zero).
-  gather_lanes(w.x.data(), gr.ckpt + ((blk.b * p.dim + blk.d0) * p.nchunks + ci) * N,
-               p.nchunks * N, blk.nc, N);
+  discretise<true>(p, blk, c, s0, len, s);
 
   // Through the gate and the skip term: g becomes dL/dy; gdt (as scratch) the factor of
   // dL/dz that multiplies y + D u, which the recomputation gives.
@@ -622,38 +666,44 @@ void backward_task(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_
   }
   dD.store(gr.carried.dD + i * W);
 
-  // Grouped: per-lane terms of the chunk, added to the super's (backward_super); fixed: sums
-  // over L.
-  T* dB = kBvar ? w.dB.data() : gr.carried.dB + i * NW;
-  T* dC = kCvar ? w.dC.data() : gr.carried.dC + i * NW;
-  auto run_states = [&](auto keep_y, auto store_first, auto in_range) {
+  // Per chunk of the span, last first: the state at its start from its checkpoint (see
+  // forward_task; lanes past the block zero), then the states' recomputation and reverse pass
+  // over its n steps (at t0 of the span's lanes), whose buffers stay in L1. Grouped: per-lane
+  // terms of the span, added to the super's (backward_super); fixed: sums over L.
+  auto run_states = [&](int64_t t0, int64_t n, auto keep_y, auto store_first, auto in_range) {
     constexpr bool kY = decltype(keep_y)::value, kFirst = decltype(store_first)::value;
     constexpr bool kInRange = decltype(in_range)::value;
+    const T* B = kBvar ? p.at_step(p.B_grouped, blk.b, blk.g, s0 + t0) : c.B.data();
+    const T* C = kCvar ? p.at_step(p.C_grouped, blk.b, blk.g, s0 + t0) : c.C.data();
+    T* dB = kBvar ? w.dB.data() + t0 * NW : gr.carried.dB + i * NW;
+    T* dC = kCvar ? w.dC.data() + t0 * NW : gr.carried.dC + i * NW;
+    const int64_t at = t0 * W;
+    auto pass = [&](int64_t n0, auto states) {
+      backward_states<T, kBvar, kCvar, kY, kFirst, kInRange, decltype(states)::value>(
+          n, N, p.L, n0, w.x.data(), gr.carried.h + i * NW, c.A.data(), c.A2.data(), B, C,
+          s.dt.data() + at, s.du.data() + at, s.g.data() + at, s.y.data() + at, w.xs.data(),
+          w.as.data(), gr.carried.dA + i * NW, dB, dC, w.s1.data() + at, w.s2.data() + at);
+    };
     int64_t n0 = 0;
-    for (; n0 + kStates <= N; n0 += kStates) {
-      backward_states<T, kBvar, kCvar, kY, kFirst, kInRange, kStates>(
-          len, N, p.L, n0, w.x.data(), gr.carried.h + i * NW, c.A.data(), c.A2.data(), B, C,
-          s.dt.data(), s.du.data(), s.g.data(), s.y.data(), w.xs.data(), w.as.data(),
-          gr.carried.dA + i * NW, dB, dC, w.s1.data(), w.s2.data());
-    }
-    for (; n0 < N; ++n0) {
-      backward_states<T, kBvar, kCvar, kY, kFirst, kInRange, 1>(
-          len, N, p.L, n0, w.x.data(), gr.carried.h + i * NW, c.A.data(), c.A2.data(), B, C,
-          s.dt.data(), s.du.data(), s.g.data(), s.y.data(), w.xs.data(), w.as.data(),
-          gr.carried.dA + i * NW, dB, dC, w.s1.data(), w.s2.data());
-    }
+    for (; n0 + kStates <= N; n0 += kStates) pass(n0, std::integral_constant<int, kStates>{});
+    for (; n0 < N; ++n0) pass(n0, std::integral_constant<int, 1>{});
   };
   // The store mode only where grouped terms exist (fixed B and C are always added up).
   auto states = [&](auto keep_y) {
-    with_exp_range(s.dt.data(), len, c, [&](auto in_range) {
-      if constexpr (kBvar || kCvar) {
-        if (first) {
-          run_states(keep_y, std::true_type{}, in_range);
-          return;
+    for (int64_t t0 = (len - 1) / p.chunk * p.chunk; t0 >= 0; t0 -= p.chunk) {
+      const int64_t n = std::min(p.chunk, len - t0), ci = (s0 + t0) / p.chunk;
+      const T* ck = gr.ckpt + (row * p.nchunks + ci * blk.nc) * N;
+      for (int64_t k = 0; k < N; ++k) V::loadu(ck + k * blk.nc, blk.nc).store(w.x.data() + k * W);
+      with_exp_range(s.dt.data() + t0 * W, n, c, [&](auto in_range) {
+        if constexpr (kBvar || kCvar) {
+          if (first) {
+            run_states(t0, n, keep_y, std::true_type{}, in_range);
+            return;
+          }
         }
-      }
-      run_states(keep_y, std::false_type{}, in_range);
-    });
+        run_states(t0, n, keep_y, std::false_type{}, in_range);
+      });
+    }
   };
   if (p.z != nullptr) {
     states(std::true_type{});
@@ -680,11 +730,10 @@ void backward_task(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_
   scatter_lanes(gr.grad_delta + off, p.L, s.gdt.data(), blk.nc, len);
 }
 
-// The backward of super s: the chunks in reverse, per chunk its blocks one after another, their
+// The backward of super s: the spans in reverse, per span its blocks one after another, their
 // per-lane terms of grouped dB / dC stored (first block) or added (the others) in w, then summed
-// over the lanes once (a 16 x 16
-// transpose-and-add per 16 values, as costly as a block's own step work when done per block)
-// into the super's (L, N) partials. Measured against this in paired runs and dropped: the
+// over the lanes once (a 16 x 16 transpose-and-add per 16 values, as costly as a block's own
+// step work when done per block) into the super's (L, N) partials. Measured against this in paired runs and dropped: the
 // lanes summed per step into the partials (slower); the reverse passes of up to 4 blocks of a
 // super run together, their dB / dC terms added in registers and stored once (no faster);
 // one channel at a time with the N states in the lanes, every buffer in L1 but three
@@ -700,17 +749,17 @@ void backward_super(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t s, Backw
     return;
   }
   for (int64_t i = first; i < last; ++i) w.c[i - first].load(p, block_of(p, i));
-  for (int64_t ci = p.nchunks - 1; ci >= 0; --ci) {
-    const int64_t t0 = ci * p.chunk, len = std::min(p.chunk, p.L - t0);
+  for (int64_t si = p.nspans - 1; si >= 0; --si) {
+    const int64_t s0 = si * p.span, len = std::min(p.span, p.L - s0);
     for (int64_t i = first; i < last; ++i) {
       if (i + 1 < last) {
-        prefetch_chunk_rows(p, block_of(p, i + 1), ci, gr.grad_out);
-      } else if (ci > 0) {
-        prefetch_chunk_rows(p, block_of(p, first), ci - 1, gr.grad_out);
+        prefetch_span_rows(p, block_of(p, i + 1), si, gr.grad_out);
+      } else if (si > 0) {
+        prefetch_span_rows(p, block_of(p, first), si - 1, gr.grad_out);
       }
-      backward_task<S, T, kBvar, kCvar>(p, gr, i, ci, i == first, w.c[i - first], w);
+      backward_task<S, T, kBvar, kCvar>(p, gr, i, si, i == first, w.c[i - first], w);
     }
-    const int64_t at = (s * p.L + t0) * p.N;
+    const int64_t at = (s * p.L + s0) * p.N;
     if constexpr (kBvar && kCvar) {
       folded_lane_sums(w.dB.data(), len * p.N, gr.dB_part + at, gr.dC_part + at);
     } else if constexpr (kBvar) {
@@ -874,6 +923,9 @@ Scan<S, T> make_scan(const Inputs& in, const Tensor& B_grouped, const Tensor& C_
                                            p.blocks_per_group);
   p.chunk = std::min(chunk_size, std::max<int64_t>(in.L, 1));
   p.nchunks = (in.L + chunk_size - 1) / chunk_size;
+  p.span = std::min(std::max<int64_t>(1, kSpanSteps / p.chunk) * p.chunk,
+                    std::max<int64_t>(in.L, 1));
+  p.nspans = (in.L + p.span - 1) / p.span;
   p.softplus = softplus;
   p.u = static_cast<const S*>(ptr(in.u, true));
   p.delta = static_cast<const S*>(ptr(in.delta, true));
@@ -929,7 +981,7 @@ std::tuple<Tensor, Tensor, Tensor> selective_scan_fwd_cpu(
     with_forms(in.B_var, in.C_var, [&](auto b_var, auto c_var) {
       const int64_t grain = task_grain(p.L * p.N * Vec<T>::size());
       lanes::for_each_task(
-          p.tasks(), grain, [&] { return ForwardWork<T>(p.chunk, p.N); },
+          p.tasks(), grain, [&] { return ForwardWork<T>(p.span, p.chunk, p.N); },
           [&](ForwardWork<T>& w, int64_t i) {
             forward_task<S, T, decltype(b_var)::value, decltype(c_var)::value>(
                 p, block_of(p, i), out_p, last_p, ckpt_p, w);
@@ -1014,7 +1066,9 @@ selective_scan_bwd_cpu(const Tensor& grad_out, const std::optional<Tensor>& grad
                                        p.supers_per_group;
       lanes::for_each_task(
           p.supers(), task_grain(blocks_per_super * p.L * p.N * Vec<T>::size()),
-          [&] { return BackwardWork<T>(p.chunk, p.N, blocks_per_super, kBvar, kCvar); },
+          [&] {
+            return BackwardWork<T>(p.span, p.chunk, p.N, blocks_per_super, kBvar, kCvar);
+          },
           [&](BackwardWork<T>& w, int64_t s) { backward_super<S, T, kBvar, kCvar>(p, gr, s, w); });
       if constexpr (kBvar) reduce_grouped(p, gr.dB_part, gB);
       if constexpr (kCvar) reduce_grouped(p, gr.dC_part, gC);

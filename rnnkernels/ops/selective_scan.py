@@ -29,16 +29,14 @@ from ._autograd import batched, differentiable_vjp, fold, graph_needed, overload
 # Largest state size N the kernels take (as mamba_ssm's).
 MAX_STATE = 256
 # Time steps between the saved states, per backend: the backward recomputes one chunk at a time.
-# CPU: longer chunks mean fewer checkpoints and longer runs of each channel's rows of u, delta, z
-# and the output gradient per chunk, which the kernels read faster from memory. The training
-# step at 256 against 64 (python -m bench.chunk_effect, bench/results/cpu-2026-12-05-chunk.md,
-# AMD EPYC Zen 2, AVX2): 1.08x as fast at N = 16, 1.01x to 1.07x at 32 to 256. On an Intel Xeon
-# (AVX-512) the tool, whose inputs stay in the caches between its calls, found 64 up to 1.16x
-# as fast as 256 at the suite's shape but 256 1.05x as fast at 4x its data
-# (cpu-2026-12-05-chunk-avx512.md); the suite itself, whose PyTorch loop evicts them between
-# calls, ran 256 as fast at the suite's shape and 1.09x to 1.26x as fast at 4x the data
-# (cpu-2026-12-05-avx512-c256.md against -c64.md).
-CHUNK_SIZE = {"cpu": 256, "triton": 64, "cuda": 64}
+# CPU: the kernels gather and scatter each channel's rows in spans of 256 steps (whole chunks)
+# whatever the chunk, so the chunk sets only the checkpoints and the recomputation's buffers,
+# which stay in L1 for short chunks. The training step at 64 against 256 (python -m
+# bench.chunk_effect, bench/results/cpu-2026-12-05-chunk-avx512-spans.md, Intel Xeon, AVX-512):
+# 1.05x as fast at N = 16, 1.09x to 1.11x at 32 to 256, 1.05x to 1.07x at 4x the data; 32 within
+# 2% of 64 with twice the checkpoints. (Before the spans, the chunk was also the gathers' run
+# length, and 256 was the faster chunk: bench/results/cpu-2026-12-05-chunk.md.)
+CHUNK_SIZE = {"cpu": 64, "triton": 64, "cuda": 64}
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
