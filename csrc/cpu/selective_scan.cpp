@@ -11,10 +11,12 @@
 // channels: one broadcast scalar per (step, state), read in place from the (N, L) rows of their
 // (batch, G, N, L) layout (a block's span reads one run of steps per state). Per span (kSpanSteps
 // steps, whole chunks), the block's rows of u, delta, z (and grad_out) are transposed into
-// (span, W) lanes and the results transposed back, W x W tiles at a time in registers; the rows
-// a gather will read next (the next span's in the forward, the next block's in the backward) are
-// prefetched into L2 meanwhile. A block has fewer than W channels only at a group's end: the
-// unused lanes compute on zeros and are never stored.
+// (span, W) lanes and the results transposed back, W x W tiles at a time in registers, the
+// rows' 1 KB runs left to the hardware prefetchers (software prefetches of the next block's or
+// span's rows into L2, which the 64- and 256-step chunks had before the spans, made the training
+// step slower with spans, warm and with the caches evicted, in alternating processes). A block
+// has fewer than W channels only at a group's end: the unused lanes compute on zeros and are
+// never stored.
 //
 // Memory. The forward reads u, delta, z, B and C once and writes out once; with save it also writes
 // the state at every chunk start (checkpoints (batch, dim, ceil(L / chunk) * N), stored as the
@@ -57,7 +59,6 @@ namespace {
 
 using lanes::Buffer;
 using lanes::gather_lanes;
-using lanes::prefetch_rows;
 using lanes::scatter_lanes;
 using lanes::task_grain;
 using lanes::Vec;
@@ -442,17 +443,6 @@ void backward_states(int64_t len, int64_t N, int64_t ld, int64_t n0, T* x, T* h,
   }
 }
 
-// The rows a task gathers over span si of block blk (u, delta, z, and grad_out when given),
-// into L2.
-template <typename S, typename T>
-void prefetch_span_rows(const Scan<S, T>& p, const Block& blk, int64_t si, const S* grad_out) {
-  const int64_t t0 = si * p.span, len = std::min(p.span, p.L - t0);
-  const int64_t off = (blk.b * p.dim + blk.d0) * p.L + t0;
-  for (const S* src : {p.u, p.delta, p.z, grad_out}) {
-    if (src != nullptr) prefetch_rows(src + off, p.L, blk.nc, len);
-  }
-}
-
 // Whether fast_exp2<T> clamps its argument (AVX2, float): only there does scan_states' kInRange
 // change the code, so only there is the range checked and the variant without the clamp built.
 template <typename T>
@@ -558,7 +548,6 @@ void forward_task(const Scan<S, T>& p, const Block& blk, S* out, T* last, T* ckp
   const bool whole = blk.nc == W;
   for (int64_t si = 0; si < p.nspans; ++si) {
     const int64_t s0 = si * p.span, slen = std::min(p.span, p.L - s0);
-    if (si + 1 < p.nspans) prefetch_span_rows(p, blk, si + 1, static_cast<const S*>(nullptr));
     discretise<false>(p, blk, c, s0, slen, s);
     const T* B = kBvar ? p.at_step(p.B_grouped, blk.b, blk.g, s0) : c.B.data();
     const T* C = kCvar ? p.at_step(p.C_grouped, blk.b, blk.g, s0) : c.C.data();
@@ -738,7 +727,7 @@ void backward_task(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_
 // super run together, their dB / dC terms added in registers and stored once (no faster);
 // one channel at a time with the N states in the lanes, every buffer in L1 but three
 // horizontal sums per channel and step (slower); chunks of 32 or 48 steps (slower; measured with
-// the earlier all-states reverse pass). Per task, the next task's rows are prefetched into L2.
+// the earlier all-states reverse pass).
 template <typename S, typename T, bool kBvar, bool kCvar>
 void backward_super(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t s, BackwardWork<T>& w) {
   const auto [first, last] = p.super_blocks(s);
@@ -752,11 +741,6 @@ void backward_super(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t s, Backw
   for (int64_t si = p.nspans - 1; si >= 0; --si) {
     const int64_t s0 = si * p.span, len = std::min(p.span, p.L - s0);
     for (int64_t i = first; i < last; ++i) {
-      if (i + 1 < last) {
-        prefetch_span_rows(p, block_of(p, i + 1), si, gr.grad_out);
-      } else if (si > 0) {
-        prefetch_span_rows(p, block_of(p, first), si - 1, gr.grad_out);
-      }
       backward_task<S, T, kBvar, kCvar>(p, gr, i, si, i == first, w.c[i - first], w);
     }
     const int64_t at = (s * p.L + s0) * p.N;
