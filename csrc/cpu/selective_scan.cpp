@@ -349,6 +349,18 @@ void forward_steps(int64_t len, int64_t N, int64_t ld, T* x, const T* A, const T
   }
 }
 
+// l * r added to its sum in buf, at vector index `step` (grouped B or C: a per-step term, stored
+// there by a super's first block, kFirst) or `state` (fixed: a sum over L).
+template <bool kGrouped, bool kFirst, typename T>
+C10_ALWAYS_INLINE void add_term(T* buf, int64_t step, int64_t state, Vec<T> l, Vec<T> r) {
+  T* at = buf + (kGrouped ? step : state) * Vec<T>::size();
+  if constexpr (kGrouped && kFirst) {
+    (l * r).store(at);
+  } else {
+    at::vec::fmadd(l, r, Vec<T>::loadu(at)).store(at);
+  }
+}
+
 // The backward of NB states of a block over one chunk, in two passes that keep everything they
 // touch per step in the core's caches (L1, and L2 for long chunks) or in registers:
 // - the recomputation of the NB states from the chunk's start x (N x W; left holding the
@@ -405,20 +417,8 @@ void backward_states(int64_t len, int64_t N, int64_t ld, int64_t n0, T* x, T* h,
           T* at = dB + (t * N + n) * W;
           (kFirst ? f : f + V::loadu(at)).store(at);
         } else {
-          if constexpr (kCvar && kFirst) {
-            (gv * xt).store(dC + (t * N + n) * W);
-          } else if constexpr (kCvar) {
-            at::vec::fmadd(gv, xt, V::loadu(dC + (t * N + n) * W)).store(dC + (t * N + n) * W);
-          } else {
-            at::vec::fmadd(gv, xt, V::loadu(dC + n * W)).store(dC + n * W);
-          }
-          if constexpr (kBvar && kFirst) {
-            (hn * duv).store(dB + (t * N + n) * W);
-          } else if constexpr (kBvar) {
-            at::vec::fmadd(hn, duv, V::loadu(dB + (t * N + n) * W)).store(dB + (t * N + n) * W);
-          } else {
-            at::vec::fmadd(hn, duv, V::loadu(dB + n * W)).store(dB + n * W);
-          }
+          add_term<kCvar, kFirst>(dC, t * N + n, n, gv, xt);
+          add_term<kBvar, kFirst>(dB, t * N + n, n, hn, duv);
         }
         s1v = at::vec::fmadd(hn, Bn, s1v);
         hr[j] = a * hn;
