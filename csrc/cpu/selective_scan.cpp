@@ -128,6 +128,11 @@ void folded_lane_sums(const T* v, int64_t count, T* out_b, T* out_c) {
   }
 }
 
+// Task i: batch row b, group g, block k of the group, channels [d0, d0 + nc).
+struct Block {
+  int64_t b, g, k, d0, nc;
+};
+
 // Everything the kernels read: sizes, flags and raw pointers. S is the storage type of u, delta,
 // z and out; T (float, or double for double) that of A, B, C, D, delta_bias, the states and
 // every accumulation.
@@ -164,16 +169,18 @@ struct Scan {
     return {bg * blocks_per_group + k0,
             bg * blocks_per_group + std::min(blocks_per_group, k0 + per)};
   }
+  // Block blk's checkpoint at chunk ci in ckpt (batch, dim, nchunks * N): the N states as
+  // blk.nc lanes each. A block's channels are consecutive rows, so their rows hold (nchunks, N,
+  // nc) values, stored and loaded as lanes with no transpose (see forward_task).
+  template <typename P>
+  P* checkpoint(P* ckpt, const Block& blk, int64_t ci) const {
+    return ckpt + ((blk.b * dim + blk.d0) * nchunks + ci * blk.nc) * N;
+  }
   // Grouped B (or C) of batch row b, group g, from step t0 on: state n's value at step t0 + t
   // at [n * L + t].
   const T* at_step(const T* M, int64_t b, int64_t g, int64_t t0) const {
     return M + (b * G + g) * N * L + t0;
   }
-};
-
-// Task i: batch row b, group g, block k of the group, channels [d0, d0 + nc).
-struct Block {
-  int64_t b, g, k, d0, nc;
 };
 
 template <typename S, typename T>
@@ -237,8 +244,8 @@ struct StepLanes {
         g(span * Vec<T>::size()), gu(span * Vec<T>::size()), gdt(span * Vec<T>::size()) {}
 };
 
-// Loads u, delta (and z) of a block's span (len steps from t0) and forms dt and du; for the backward (kGrad) also
-// d dt / d v in s.v when dt = softplus(v).
+// Loads u, delta (and z) of a block's span (len steps from t0) and forms dt and du; for the
+// backward (kGrad) also d dt / d v in s.v when dt = softplus(v).
 template <bool kGrad, typename S, typename T>
 void discretise(const Scan<S, T>& p, const Block& blk, const Lanes<T>& c, int64_t t0,
                 int64_t len, StepLanes<T>& s) {
@@ -508,19 +515,25 @@ struct ForwardWork {
         ck((span + chunk - 1) / chunk * N * Vec<T>::size()) {}
 };
 
-// The state x (N x W lanes, lane j = channel j) into the (channel, N) rows at dst (row stride
-// ld), for channels j < nc: by tile transposes when N fills whole tiles' rows (N >= W), else
-// value by value (a tile transpose of a few states costs more).
+// The state x (N x W lanes, lane j = channel j) into the (channel, N) rows at dst, for channels
+// j < nc: by tile transposes when N fills whole tiles' rows (N >= W), else value by value (a
+// tile transpose of a few states costs more).
 template <typename T>
-void store_state(T* dst, int64_t ld, const T* x, int64_t N, int64_t nc) {
+void store_state(T* dst, const T* x, int64_t N, int64_t nc) {
   constexpr int64_t W = Vec<T>::size();
   if (N >= W) {
-    scatter_lanes(dst, ld, x, nc, N);
+    scatter_lanes(dst, N, x, nc, N);
     return;
   }
   for (int64_t j = 0; j < nc; ++j) {
-    for (int64_t n = 0; n < N; ++n) dst[j * ld + n] = x[n * W + j];
+    for (int64_t n = 0; n < N; ++n) dst[j * N + n] = x[n * W + j];
   }
+}
+
+// The inverse: nc channels' (channel, N) rows at src into x (N x W lanes), lanes past nc zero.
+template <typename T>
+void load_state(T* x, const T* src, int64_t N, int64_t nc) {
+  gather_lanes(x, src, N, nc, N);
 }
 
 template <typename S, typename T, bool kBvar, bool kCvar>
@@ -534,17 +547,13 @@ void forward_task(const Scan<S, T>& p, const Block& blk, S* out, T* last, T* ckp
   StepLanes<T>& s = w.s;
   Buffer<T>& x = w.x;
   const int64_t row = blk.b * p.dim + blk.d0;
-  std::fill(x.begin(), x.end(), T(0));
   if (p.x0 != nullptr) {
-    for (int64_t j = 0; j < blk.nc; ++j) {
-      for (int64_t n = 0; n < N; ++n) x[n * W + j] = p.x0[(row + j) * N + n];
-    }
+    load_state(x.data(), p.x0 + row * N, N, blk.nc);
+  } else {
+    std::fill(x.begin(), x.end(), T(0));
   }
-  // The block's checkpoints: per chunk start, the N states as nc lanes each (a block's channels
-  // are consecutive rows, so their (nchunks * N)-value rows hold (nchunks, N, nc) values), the
-  // states of a whole block stored straight from the scan's registers, those of a partial one
-  // through w.ck.
-  T* region = ckpt != nullptr ? ckpt + row * p.nchunks * N : nullptr;
+  // The checkpoints (Scan::checkpoint): a whole block's stored straight from the scan's
+  // registers, a partial one's through w.ck.
   const bool whole = blk.nc == W;
   for (int64_t si = 0; si < p.nspans; ++si) {
     const int64_t s0 = si * p.span, slen = std::min(p.span, p.L - s0);
@@ -552,16 +561,17 @@ void forward_task(const Scan<S, T>& p, const Block& blk, S* out, T* last, T* ckp
     const T* B = kBvar ? p.at_step(p.B_grouped, blk.b, blk.g, s0) : c.B.data();
     const T* C = kCvar ? p.at_step(p.C_grouped, blk.b, blk.g, s0) : c.C.data();
     const int64_t c0 = s0 / p.chunk;  // the span's first chunk
-    T* ck = region == nullptr ? nullptr : whole ? region + c0 * N * W : w.ck.data();
+    T* ck = ckpt == nullptr ? nullptr : whole ? p.checkpoint(ckpt, blk, c0) : w.ck.data();
     with_exp_range(s.dt.data(), slen, c, [&](auto in_range) {
       forward_steps<T, kBvar, kCvar, decltype(in_range)::value>(
           slen, N, p.L, x.data(), c.A2.data(), B, C, s.dt.data(), s.du.data(), s.y.data(), ck,
           p.chunk);
     });
-    if (region != nullptr && !whole) {
+    if (ckpt != nullptr && !whole) {
+      T* dst = p.checkpoint(ckpt, blk, c0);
       const int64_t values = (slen + p.chunk - 1) / p.chunk * N;
       for (int64_t k = 0; k < values; ++k) {
-        V::loadu(w.ck.data() + k * W).store(region + (c0 * N + k) * blk.nc, blk.nc);
+        V::loadu(w.ck.data() + k * W).store(dst + k * blk.nc, blk.nc);
       }
     }
     const V Dv = V::loadu(c.D.data());
@@ -575,7 +585,7 @@ void forward_task(const Scan<S, T>& p, const Block& blk, S* out, T* last, T* ckp
     }
     scatter_lanes(out + row * p.L + s0, p.L, s.y.data(), blk.nc, slen);
   }
-  store_state(last + row * N, N, x.data(), N, blk.nc);
+  store_state(last + row * N, x.data(), N, blk.nc);
 }
 
 // ------------------------------------------------------------------------------ backward
@@ -680,8 +690,8 @@ void backward_task(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_
   // The store mode only where grouped terms exist (fixed B and C are always added up).
   auto states = [&](auto keep_y) {
     for (int64_t t0 = (len - 1) / p.chunk * p.chunk; t0 >= 0; t0 -= p.chunk) {
-      const int64_t n = std::min(p.chunk, len - t0), ci = (s0 + t0) / p.chunk;
-      const T* ck = gr.ckpt + (row * p.nchunks + ci * blk.nc) * N;
+      const int64_t n = std::min(p.chunk, len - t0);
+      const T* ck = p.checkpoint(gr.ckpt, blk, (s0 + t0) / p.chunk);
       for (int64_t k = 0; k < N; ++k) V::loadu(ck + k * blk.nc, blk.nc).store(w.x.data() + k * W);
       with_exp_range(s.dt.data() + t0 * W, n, c, [&](auto in_range) {
         if constexpr (kBvar || kCvar) {
@@ -722,12 +732,12 @@ void backward_task(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_
 // The backward of super s: the spans in reverse, per span its blocks one after another, their
 // per-lane terms of grouped dB / dC stored (first block) or added (the others) in w, then summed
 // over the lanes once (a 16 x 16 transpose-and-add per 16 values, as costly as a block's own
-// step work when done per block) into the super's (L, N) partials. Measured against this in paired runs and dropped: the
-// lanes summed per step into the partials (slower); the reverse passes of up to 4 blocks of a
-// super run together, their dB / dC terms added in registers and stored once (no faster);
-// one channel at a time with the N states in the lanes, every buffer in L1 but three
-// horizontal sums per channel and step (slower); chunks of 32 or 48 steps (slower; measured with
-// the earlier all-states reverse pass).
+// step work when done per block) into the super's (L, N) partials. Measured against this in
+// paired runs and dropped: the lanes summed per step into the partials (slower); the reverse
+// passes of up to 4 blocks of a super run together, their dB / dC terms added in registers and
+// stored once (no faster); one channel at a time with the N states in the lanes, every buffer in
+// L1 but three horizontal sums per channel and step (slower); chunks of 32 or 48 steps (slower;
+// measured with the earlier all-states reverse pass).
 template <typename S, typename T, bool kBvar, bool kCvar>
 void backward_super(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t s, BackwardWork<T>& w) {
   const auto [first, last] = p.super_blocks(s);
@@ -1022,11 +1032,7 @@ selective_scan_bwd_cpu(const Tensor& grad_out, const std::optional<Tensor>& grad
       T* dst = h.data_ptr<T>();
       for (int64_t i = 0; i < tasks; ++i) {
         const Block blk = block_of(p, i);
-        for (int64_t j = 0; j < blk.nc; ++j) {
-          for (int64_t n = 0; n < p.N; ++n) {
-            dst[i * NW + n * W + j] = src[(blk.b * p.dim + blk.d0 + j) * p.N + n];
-          }
-        }
+        load_state(dst + i * NW, src + (blk.b * p.dim + blk.d0) * p.N, p.N, blk.nc);
       }
     }
     Tensor dA = at::zeros({tasks, NW}, acc_opts);
@@ -1069,11 +1075,7 @@ selective_scan_bwd_cpu(const Tensor& grad_out, const std::optional<Tensor>& grad
       T* dst = grad_x0.data_ptr<T>();
       for (int64_t i = 0; i < tasks; ++i) {
         const Block blk = block_of(p, i);
-        for (int64_t j = 0; j < blk.nc; ++j) {
-          for (int64_t n = 0; n < p.N; ++n) {
-            dst[(blk.b * p.dim + blk.d0 + j) * p.N + n] = src[i * NW + n * W + j];
-          }
-        }
+        store_state(dst + (blk.b * p.dim + blk.d0) * p.N, src + i * NW, p.N, blk.nc);
       }
     } else {
       grad_x0 = at::empty({0}, u.options());
