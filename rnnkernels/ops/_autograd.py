@@ -25,6 +25,9 @@ from torch.autograd import forward_ad
 
 # Python-side kernel registrations of this package (a Library must outlive its kernels).
 _LIBS: dict[str, torch.library.Library] = {}
+# Per registered forward op, the autograd.Function that :func:`call` applies in plain eager
+# autograd (see there).
+_EAGER: dict[torch._ops.OpOverload, type] = {}
 
 
 def overload(op: object) -> torch._ops.OpOverload:
@@ -96,6 +99,19 @@ def register_autograd(op: object, backward: Callable, setup_context: Callable) -
                 return function.apply(keyset, *args)
         return below_autograd(keyset, args)
 
+    # Plain eager autograd (see call): the same backward on an old-style Function (forward
+    # takes ctx, so apply binds no default arguments) whose forward runs the op below autograd.
+    def eager_forward(ctx, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            output = fwd(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    _EAGER[fwd] = type(f"{fwd._opname}_eager", (torch.autograd.function._SingleLevelFunction,), {
+        "forward": staticmethod(eager_forward),
+        "backward": staticmethod(backward),
+    })
+
     with warnings.catch_warnings():
         # torch.library.triton_op already put a placeholder Autograd kernel on the Triton ops;
         # replacing it is the point, not a mistake the warning should report. torch 2.11's
@@ -119,14 +135,18 @@ def needs_grad(*tensors: Tensor | None) -> bool:
 
 
 def call(op: Callable, record: bool, *args):
-    """``op(*args)``; when ``record`` is False (the caller found that no gradient is needed)
-    straight below autograd, without the Python Autograd kernel above, whose round trip from the
-    dispatcher back into Python costs microseconds per call (a decoding loop calls a layer once
-    per token). Through the Autograd kernel as usual where something above plain eager autograd
-    must see the call: a torch.func transform, a forward-mode AD level (the kernel refuses
-    tangents), or tracing by torch.compile."""
-    if record or not plain_eager():
+    """``op(*args)`` for an op registered with :func:`register_autograd`. In plain eager mode
+    without the Python Autograd kernel, whose round trip from the dispatcher back into Python
+    costs microseconds per call (a decoding loop calls a layer once per token; a training step
+    pays it in the forward): when ``record`` is False (the caller found that no gradient is
+    needed) straight below autograd, else through an autograd.Function with the same backward
+    that runs the op below autograd. Through the Autograd kernel as usual where something above
+    plain eager autograd must see the call: a torch.func transform, a forward-mode AD level (the
+    kernel refuses tangents), or tracing by torch.compile."""
+    if not plain_eager():
         return op(*args)
+    if record:
+        return _EAGER[overload(op)].apply(*args)
     return below_autograd(op, *args)
 
 
