@@ -14,30 +14,35 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
 
 from rnnkernels import ops
-from rnnkernels.ops.selective_scan import CHUNK_SIZE
+from rnnkernels.ops.selective_scan import CHUNK_SIZE, chunk_size
 
 from . import configs, env
 from .loops import chunked_float64, selective_scan_loop
 from .projection_effect import time_checked
 from .scans import SelectiveScanSuite, _train_step, selective_scan_inputs
 
+# The module (rnnkernels.ops.selective_scan is also the name of its function there).
+scan_module = importlib.import_module("rnnkernels.ops.selective_scan")
+
 
 @contextlib.contextmanager
 def chunk_forced(chunk: int | None) -> Iterator[None]:
-    """The CPU chunk forced to ``chunk`` (None: the default) while the block runs."""
-    saved = CHUNK_SIZE["cpu"]
+    """The CPU chunk forced to ``chunk`` for every state size (None: the default, see
+    rnnkernels.ops.selective_scan.chunk_size) while the block runs."""
+    saved = CHUNK_SIZE["cpu"], scan_module.WIDE_STATE_CPU_CHUNK
     if chunk is not None:
-        CHUNK_SIZE["cpu"] = chunk
+        CHUNK_SIZE["cpu"] = scan_module.WIDE_STATE_CPU_CHUNK = chunk
     try:
         yield
     finally:
-        CHUNK_SIZE["cpu"] = saved
+        CHUNK_SIZE["cpu"], scan_module.WIDE_STATE_CPU_CHUNK = saved
 
 
 def suite_shape() -> dict[str, int]:
@@ -71,8 +76,9 @@ def measure(N: int, chunks: list[int], min_time_s: float,
                 return train_step()
         return run
 
-    timed = {f"default ({CHUNK_SIZE['cpu']})": step(None),
-             **{str(c): step(c) for c in chunks if c != CHUNK_SIZE["cpu"]}}
+    default = chunk_size("cpu", N)
+    timed = {f"default ({default})": step(None),
+             **{str(c): step(c) for c in chunks if c != default}}
     return time_checked(f"N = {N}, chunk", timed, expected, min_time_s, names)
 
 

@@ -14,7 +14,7 @@ from conftest import assert_close, tol
 
 import rnnkernels
 from rnnkernels.ops import selective_scan
-from rnnkernels.ops.selective_scan import CHUNK_SIZE
+from rnnkernels.ops.selective_scan import CHUNK_SIZE, WIDE_STATE_CPU_CHUNK, chunk_size
 from rnnkernels.reference import selective_scan_reference
 
 ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
@@ -141,6 +141,22 @@ def test_cpu_default_chunk_long_sequence(form):
     L = CHUNK_SIZE["cpu"] * 2 + 5
     inputs = make_inputs(batch=1, dim=9, L=L, N=16, form=form, groups=3, initial_state=True)
     check_against_reference(inputs)
+
+
+@pytest.mark.parametrize("N, chunk", [(16, CHUNK_SIZE["cpu"]), (64, CHUNK_SIZE["cpu"]),
+                                      (65, max(CHUNK_SIZE["cpu"], WIDE_STATE_CPU_CHUNK))])
+def test_cpu_chunk_by_state_size(N, chunk):
+    """The CPU op saves the state every CHUNK_SIZE["cpu"] steps up to N = 64 and every
+    WIDE_STATE_CPU_CHUNK steps at least above (the checkpoints' memory grows with N / chunk):
+    the checkpoints the forward keeps for the backward have ceil(L / chunk) * N values a row."""
+    L = 2 * WIDE_STATE_CPU_CHUNK + 3
+    inputs = make_inputs(batch=1, dim=3, L=L, N=N, form="variable", dtype=torch.float32)
+    for k in ("u", "delta"):
+        inputs[k].requires_grad_(True)
+    out = selective_scan(*(inputs[k] for k in ARGS[:8]))
+    checkpoints = out.grad_fn.saved_tensors[-1]
+    assert checkpoints.shape == (1, 3, -(-L // chunk) * N)
+    assert chunk_size("triton", N) == CHUNK_SIZE["triton"]
 
 
 @pytest.mark.parametrize("form", ["fixed", "variable", "grouped"])

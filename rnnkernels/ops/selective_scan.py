@@ -33,10 +33,22 @@ MAX_STATE = 256
 # whatever the chunk, so the chunk sets only the checkpoints and the recomputation's buffers,
 # which stay in L1 for short chunks. The training step at 64 against 256 (python -m
 # bench.chunk_effect, bench/results/cpu-2026-12-05-chunk-avx512-spans.md, Intel Xeon, AVX-512):
-# 1.05x as fast at N = 16, 1.09x to 1.11x at 32 to 256, 1.05x to 1.07x at 4x the data; 32 within
-# 2% of 64 with twice the checkpoints. (Before the spans, the chunk was also the gathers' run
-# length, and 256 was the faster chunk: bench/results/cpu-2026-12-05-chunk.md.)
-CHUNK_SIZE = {"cpu": 64, "triton": 64, "cuda": 64}
+# 1.05x as fast at N = 16, 1.09x to 1.11x at 32 to 256, 1.05x to 1.07x at 4x the data. 32
+# against 64 (bench/results/cpu-2026-12-06-chunk-avx512.md): 1.02x to 1.03x as fast at N = 16, 32
+# and 64, as in the run before (1.01x to 1.02x); at N = 128 1.00x in this run and 1.01x in that,
+# at 256 1.03x and 1.00x. The checkpoints hold N / chunk floats per value of u (at N = 16 and
+# chunk 32, half of u's float32 size; at N = 256, eight times it), so states wider than 64 keep
+# chunks of WIDE_STATE_CPU_CHUNK steps at least: half the checkpoints' memory there, for 0% to 3%
+# of speed. (Before the spans, the chunk was also the gathers' run length, and 256 was the faster
+# chunk: bench/results/cpu-2026-12-05-chunk.md.)
+CHUNK_SIZE = {"cpu": 32, "triton": 64, "cuda": 64}
+WIDE_STATE_CPU_CHUNK = 64
+
+
+def chunk_size(backend: str, N: int) -> int:
+    """The chunk of the op of ``backend`` for state size N (see CHUNK_SIZE)."""
+    chunk = CHUNK_SIZE[backend]
+    return max(chunk, WIDE_STATE_CPU_CHUNK) if backend == "cpu" and N > 64 else chunk
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -264,9 +276,10 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
            else torch.ops.rnnkernels.selective_scan_fwd)
     args = (u, delta, _as(A, acc), _grouped(B, u.dtype, acc, backend),
             _grouped(C, u.dtype, acc, backend), _as(D, acc), z, _as(delta_bias, acc),
-            bool(delta_softplus), _as(initial_state, acc), CHUNK_SIZE[backend], save)
+            bool(delta_softplus), _as(initial_state, acc), chunk_size(backend, A.shape[1]),
+            save)
     out, last_state, _ = _autograd.call(fwd, save, *args)
     return (out, last_state) if return_last_state else out
 
 
-__all__ = ["CHUNK_SIZE", "MAX_STATE", "selective_scan"]
+__all__ = ["CHUNK_SIZE", "MAX_STATE", "WIDE_STATE_CPU_CHUNK", "chunk_size", "selective_scan"]
