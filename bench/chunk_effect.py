@@ -14,35 +14,31 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
 
 from rnnkernels import ops
-from rnnkernels.ops.selective_scan import CHUNK_SIZE, chunk_size
+from rnnkernels.ops.selective_scan import CHUNK_SIZE, WIDE_STATE_CHUNK, chunk_size
 
 from . import configs, env
 from .loops import chunked_float64, selective_scan_loop
 from .projection_effect import time_checked
 from .scans import SelectiveScanSuite, _train_step, selective_scan_inputs
 
-# The module (rnnkernels.ops.selective_scan is also the name of its function there).
-scan_module = importlib.import_module("rnnkernels.ops.selective_scan")
-
 
 @contextlib.contextmanager
 def chunk_forced(chunk: int | None) -> Iterator[None]:
     """The CPU chunk forced to ``chunk`` for every state size (None: the default, see
     rnnkernels.ops.selective_scan.chunk_size) while the block runs."""
-    saved = CHUNK_SIZE["cpu"], scan_module.WIDE_STATE_CPU_CHUNK
+    saved = CHUNK_SIZE["cpu"], WIDE_STATE_CHUNK["cpu"]
     if chunk is not None:
-        CHUNK_SIZE["cpu"] = scan_module.WIDE_STATE_CPU_CHUNK = chunk
+        CHUNK_SIZE["cpu"] = WIDE_STATE_CHUNK["cpu"] = chunk
     try:
         yield
     finally:
-        CHUNK_SIZE["cpu"], scan_module.WIDE_STATE_CPU_CHUNK = saved
+        CHUNK_SIZE["cpu"], WIDE_STATE_CHUNK["cpu"] = saved
 
 
 def suite_shape() -> dict[str, int]:

@@ -14,7 +14,8 @@ from conftest import assert_close, tol
 
 import rnnkernels
 from rnnkernels.ops import selective_scan
-from rnnkernels.ops.selective_scan import CHUNK_SIZE, WIDE_STATE_CPU_CHUNK, chunk_size
+from rnnkernels.ops.selective_scan import (CHUNK_SIZE, NARROW_STATE, WIDE_STATE_CHUNK,
+                                           chunk_size)
 from rnnkernels.reference import selective_scan_reference
 
 ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
@@ -143,13 +144,14 @@ def test_cpu_default_chunk_long_sequence(form):
     check_against_reference(inputs)
 
 
-@pytest.mark.parametrize("N, chunk", [(16, CHUNK_SIZE["cpu"]), (64, CHUNK_SIZE["cpu"]),
-                                      (65, max(CHUNK_SIZE["cpu"], WIDE_STATE_CPU_CHUNK))])
+@pytest.mark.parametrize("N, chunk", [
+    (16, CHUNK_SIZE["cpu"]), (NARROW_STATE, CHUNK_SIZE["cpu"]),
+    (NARROW_STATE + 1, max(CHUNK_SIZE["cpu"], WIDE_STATE_CHUNK["cpu"]))])
 def test_cpu_chunk_by_state_size(N, chunk):
-    """The CPU op saves the state every CHUNK_SIZE["cpu"] steps up to N = 64 and every
-    WIDE_STATE_CPU_CHUNK steps at least above (the checkpoints' memory grows with N / chunk):
+    """The CPU op saves the state every CHUNK_SIZE["cpu"] steps up to N = NARROW_STATE and every
+    WIDE_STATE_CHUNK["cpu"] steps at least above (the checkpoints' memory grows with N / chunk):
     the checkpoints the forward keeps for the backward have ceil(L / chunk) * N values a row."""
-    L = 2 * WIDE_STATE_CPU_CHUNK + 3
+    L = 2 * WIDE_STATE_CHUNK["cpu"] + 3
     inputs = make_inputs(batch=1, dim=3, L=L, N=N, form="variable", dtype=torch.float32)
     for k in ("u", "delta"):
         inputs[k].requires_grad_(True)

@@ -99,8 +99,8 @@ def register_autograd(op: object, backward: Callable, setup_context: Callable) -
                 return function.apply(keyset, *args)
         return below_autograd(keyset, args)
 
-    # Plain eager autograd (see call): the same backward on an old-style Function (forward
-    # takes ctx, so apply binds no default arguments) whose forward runs the op below autograd.
+    # Plain eager autograd (see call): the same backward on a Function whose forward runs the
+    # op below autograd and calls setup_context itself.
     def eager_forward(ctx, *args):
         with torch._C._AutoDispatchBelowAutograd():
             output = fwd(*args)

@@ -37,18 +37,22 @@ MAX_STATE = 256
 # against 64 (bench/results/cpu-2026-12-06-chunk-avx512.md): 1.02x to 1.03x as fast at N = 16, 32
 # and 64, as in the run before (1.01x to 1.02x); at N = 128 1.00x in this run and 1.01x in that,
 # at 256 1.03x and 1.00x. The checkpoints hold N / chunk floats per value of u (at N = 16 and
-# chunk 32, half of u's float32 size; at N = 256, eight times it), so states wider than 64 keep
-# chunks of WIDE_STATE_CPU_CHUNK steps at least: half the checkpoints' memory there, for 0% to 3%
-# of speed. (Before the spans, the chunk was also the gathers' run length, and 256 was the faster
-# chunk: bench/results/cpu-2026-12-05-chunk.md.)
+# chunk 32, half of u's float32 size; at N = 256, eight times it), so states wider than
+# NARROW_STATE keep chunks of WIDE_STATE_CHUNK["cpu"] steps at least: half the checkpoints' memory
+# there, for 0% to 3% of speed. (Before the spans, the chunk was also the gathers' run length, and
+# 256 was the faster chunk: bench/results/cpu-2026-12-05-chunk.md.)
 CHUNK_SIZE = {"cpu": 32, "triton": 64, "cuda": 64}
-WIDE_STATE_CPU_CHUNK = 64
+# Per backend whose wide states (N > NARROW_STATE) take a longer chunk: the least chunk there.
+WIDE_STATE_CHUNK = {"cpu": 64}
+NARROW_STATE = 64
 
 
 def chunk_size(backend: str, N: int) -> int:
     """The chunk of the op of ``backend`` for state size N (see CHUNK_SIZE)."""
     chunk = CHUNK_SIZE[backend]
-    return max(chunk, WIDE_STATE_CPU_CHUNK) if backend == "cpu" and N > 64 else chunk
+    if N > NARROW_STATE and backend in WIDE_STATE_CHUNK:
+        return max(chunk, WIDE_STATE_CHUNK[backend])
+    return chunk
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -282,4 +286,5 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     return (out, last_state) if return_last_state else out
 
 
-__all__ = ["CHUNK_SIZE", "MAX_STATE", "WIDE_STATE_CPU_CHUNK", "chunk_size", "selective_scan"]
+__all__ = ["CHUNK_SIZE", "MAX_STATE", "NARROW_STATE", "WIDE_STATE_CHUNK", "chunk_size",
+           "selective_scan"]
