@@ -19,13 +19,11 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-from rnnkernels import ops
 from rnnkernels.ops.selective_scan import CHUNK_SIZE, WIDE_STATE_CHUNK, chunk_size
 
 from . import configs, env
-from .loops import chunked_float64, selective_scan_loop
 from .projection_effect import time_checked
-from .scans import SelectiveScanSuite, _train_step, selective_scan_inputs
+from .scans import SelectiveScanSuite, cpu_train_case
 
 
 @contextlib.contextmanager
@@ -52,19 +50,8 @@ def measure(N: int, chunks: list[int], min_time_s: float,
     """(contender, median seconds) of the training step with state size N at ``shape`` (batch,
     dim, L; default: the suite's) at the default chunk and at each of ``chunks``, each checked
     against float64 first."""
-    dims = {**(shape or suite_shape()), "N": N}
-    gen = torch.Generator().manual_seed(0)
-    inputs, grad_out = selective_scan_inputs(dims, "cpu", torch.float32, gen, True)
-
-    def loop(*args: Tensor) -> Tensor:
-        return selective_scan_loop(*args, delta_softplus=True)
-
-    def ours(*args: Tensor) -> Tensor:
-        return ops.selective_scan(*args, delta_softplus=True)
-
-    expected = chunked_float64(loop, inputs, SelectiveScanSuite.channel_dims, grad_out, 64)
+    train_step, expected = cpu_train_case({**(shape or suite_shape()), "N": N})
     names = list(SelectiveScanSuite.names_train)
-    train_step = _train_step(ours, inputs, grad_out, "cpu")
 
     def step(chunk: int | None) -> Callable[[], list[Tensor]]:
         def run() -> list[Tensor]:

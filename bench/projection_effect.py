@@ -26,7 +26,7 @@ from torch import Tensor
 from . import configs, env
 from .check import compare, tolerance
 from .recurrence import FAMILIES
-from .timing import interleaved_times
+from .timing import ROUNDS, interleaved_times
 
 FORMS = ("units", "blocks")
 VARIABLE = "RNNKERNELS_CPU_PROJECTION"
@@ -65,16 +65,18 @@ def checked_times(label: str, steps: dict[str, Step], forms: dict[str, Step],
 
 
 def time_checked(label: str, timed: dict[str, Step], expected: list[Tensor], min_time_s: float,
-                 names: list[str] | None = None) -> list[tuple[str, float]]:
+                 names: list[str] | None = None, rounds: int = ROUNDS
+                 ) -> list[tuple[str, float]]:
     """(contender, median seconds) of each of ``timed``, checked against ``expected`` (float32
-    tolerance; a wrong one raises, naming ``label`` and the contender) and then timed in turns.
-    ``names``: the results' names in a failure's message (default: by position)."""
+    tolerance; a wrong one raises, naming ``label`` and the contender) and then timed in turns,
+    in ``rounds`` rounds. ``names``: the results' names in a failure's message (default: by
+    position)."""
     names = names or [f"result {i}" for i in range(len(expected))]
     for name, f in timed.items():
         verdict = compare(names, f(), expected, tolerance("cpu", torch.float32))
         if not verdict.ok:
             raise RuntimeError(f"{label}: {name} is wrong: {verdict.reason}")
-    timings = interleaved_times(list(timed.values()), "cpu", min_time_s)
+    timings = interleaved_times(list(timed.values()), "cpu", min_time_s, rounds)
     return [(name, t.median_s) for name, t in zip(timed, timings)]
 
 

@@ -91,6 +91,24 @@ def selective_scan_inputs(dims: dict[str, int], device: str, dtype: torch.dtype,
     return inputs, (randn(batch, dim, L) if train else None)
 
 
+def cpu_train_case(dims: dict[str, int]) -> tuple[Step, list[Tensor]]:
+    """The CPU float32 training step of ``ops.selective_scan`` with softplus at dims (batch,
+    dim, L, N), the suite's inputs (time-varying B and C, D, z, delta_bias), and its expected
+    results (out and every gradient, by the float64 PyTorch loop): for the tools that time
+    variants of our op (bench.chunk_effect, bench.autograd_effect)."""
+    gen = torch.Generator().manual_seed(0)
+    inputs, grad_out = selective_scan_inputs(dims, "cpu", torch.float32, gen, True)
+
+    def loop(*args: Tensor) -> Tensor:
+        return selective_scan_loop(*args, delta_softplus=True)
+
+    def ours(*args: Tensor) -> Tensor:
+        return ops.selective_scan(*args, delta_softplus=True)
+
+    expected = chunked_float64(loop, inputs, SelectiveScanSuite.channel_dims, grad_out, 64)
+    return _train_step(ours, inputs, grad_out, "cpu"), expected
+
+
 class _ScanSuite:
     """What the two scan suites share: specs from their config, backends of ours, the loop."""
 

@@ -85,6 +85,25 @@ TORCH_LIBRARY(rnnkernels, m) {
       "-> (Tensor grad_u, Tensor grad_delta, Tensor grad_A, Tensor grad_B, Tensor grad_C, "
       "Tensor grad_D, Tensor grad_z, Tensor grad_delta_bias, Tensor grad_initial_state)");
 
+  // The forward with the backward recorded by a C++ autograd node (csrc/selective_scan_autograd
+  // .cpp; CompositeImplicitAutograd over the two ops above): what rnnkernels.ops.selective_scan
+  // calls in plain eager mode when a gradient is needed.
+  m.def(
+      "selective_scan_autograd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, "
+      "Tensor? z, Tensor? delta_bias, bool delta_softplus, Tensor? initial_state, "
+      "int chunk_size) -> (Tensor out, Tensor last_state)");
+  // First-order gradients that can be differentiated again (create_graph=True): the reference
+  // scan differentiated; implemented in Python (rnnkernels/ops/selective_scan.py,
+  // CompositeImplicitAutograd). needs: per input (u, delta, A, B, C, D, z, delta_bias,
+  // initial_state) whether its gradient is wanted; the others, and those of absent inputs,
+  // come back empty (0,).
+  m.def(
+      "selective_scan_vjp(Tensor? grad_out, Tensor? grad_last_state, Tensor u, Tensor delta, "
+      "Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
+      "bool delta_softplus, Tensor? initial_state, bool[9] needs) "
+      "-> (Tensor grad_u, Tensor grad_delta, Tensor grad_A, Tensor grad_B, Tensor grad_C, "
+      "Tensor grad_D, Tensor grad_z, Tensor grad_delta_bias, Tensor grad_initial_state)");
+
   // ---- linear scan h_t = a_t * h_{t-1} + b_t over (batch, channels, T); h0: (batch, channels).
   m.def("linear_scan_fwd(Tensor a, Tensor b, Tensor? initial_state) -> Tensor h");
   m.def(

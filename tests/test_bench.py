@@ -607,7 +607,7 @@ def test_projection_effect_rows(capsys, monkeypatch):
         for h in ("24", "40")
         for name in ("rnnkernels (cpu), default", "rnnkernels (cpu), units",
                      "rnnkernels (cpu), blocks", torch_name)]
-    for case, i, h, name, median, ratio in rows:
+    for case, _i, h, name, median, ratio in rows:
         if "default" in name:  # I = H, and small slices fit any L2: both rules take units
             assert name.endswith("(units)"), name
         seconds = float(median.removesuffix(" ms"))
@@ -639,7 +639,7 @@ def test_chunk_effect_rows(capsys, monkeypatch):
     rows = [r for r in _table_rows(capsys.readouterr().out) if r[0] != "N"]  # header left out
     assert [r[:2] for r in rows] == [[n, c] for n in ("4", "5")
                                      for c in ("default (16)", "64", "8")]
-    for n, chunk, median, ratio in rows:
+    for n, _chunk, median, ratio in rows:
         base = next(float(r[2].removesuffix(" ms")) for r in rows if r[:2] == [n, "64"])
         assert float(ratio.removesuffix("x")) == pytest.approx(
             base / float(median.removesuffix(" ms")), rel=0.02, abs=0.01)
@@ -664,15 +664,46 @@ def test_chunk_effect_shape(capsys):
 def test_chunk_effect_refuses_a_wrong_result(monkeypatch):
     """A chunk whose results are wrong stops the tool before any timing."""
     from bench import chunk_effect
+    from rnnkernels import ops
 
     monkeypatch.setitem(configs.SELECTIVE_SCAN, "cpu", configs.SuiteConfig(
         train={"batch": 1, "dim": 3, "L": 9, "N": 2},
         inference=configs.SELECTIVE_SCAN["cpu"].inference, sweeps={}))
-    real = chunk_effect.ops.selective_scan
-    monkeypatch.setattr(chunk_effect.ops, "selective_scan",
+    real = ops.selective_scan
+    monkeypatch.setattr(ops, "selective_scan",
                         lambda *args, **kwargs: real(*args, **kwargs) * 1.01)
     with pytest.raises(RuntimeError, match="is wrong"):
         chunk_effect.measure(2, [4], 0.01)
+
+
+def test_autograd_effect_rows(capsys, monkeypatch):
+    """python -m bench.autograd_effect at small shapes: per shape, the C++ node and the Python
+    Function, each checked, with times and the ratio to the Python Function; inside
+    python_autograd the op records the Python Function, and the C++ node again after it."""
+    from bench import autograd_effect
+    from rnnkernels import ops
+
+    monkeypatch.setitem(configs.SELECTIVE_SCAN, "cpu", configs.SuiteConfig(
+        train={"batch": 1, "dim": 9, "L": 70, "N": 4},
+        inference=configs.SELECTIVE_SCAN["cpu"].inference, sweeps={}))
+    monkeypatch.setattr(autograd_effect, "SMALL_SHAPE", {"batch": 2, "dim": 3, "L": 5, "N": 2})
+    assert autograd_effect.main(["--min-time", "0.02"]) == 0
+    rows = [r for r in _table_rows(capsys.readouterr().out) if r[0] != "batch"]
+    assert [r[:5] for r in rows] == [["1", "9", "70", "4", "C++ node"],
+                                     ["1", "9", "70", "4", "Python Function"],
+                                     ["2", "3", "5", "2", "C++ node"],
+                                     ["2", "3", "5", "2", "Python Function"]]
+    for row in rows:
+        base = next(float(r[5].removesuffix(" ms")) for r in rows
+                    if r[:4] == row[:4] and r[4] == "Python Function")
+        assert float(row[6].removesuffix("x")) == pytest.approx(
+            base / float(row[5].removesuffix(" ms")), rel=0.02, abs=0.01)
+
+    u = torch.randn(1, 3, 4, requires_grad=True)
+    args = (u, torch.rand(1, 3, 4), -torch.rand(3, 2), torch.randn(3, 2), torch.randn(3, 2))
+    with autograd_effect.python_autograd():
+        assert "SelectiveScanFunction" not in ops.selective_scan(*args).grad_fn.name()
+    assert "SelectiveScanFunction" in ops.selective_scan(*args).grad_fn.name()
 
 
 def test_matmul_effect_rows(capsys, monkeypatch):
@@ -693,7 +724,7 @@ def test_matmul_effect_rows(capsys, monkeypatch):
         (case, name) for case, torch_name in (("lstm", "LSTM"), ("rnn", "RNN"))
         for name in ("rnnkernels (cpu), default", "rnnkernels (cpu), panels",
                      "rnnkernels (cpu), vendor", torch_name)]
-    for case, i, h, name, median, ratio in rows:
+    for _case, _i, _h, name, _median, ratio in rows:
         if "default" in name:
             assert name.endswith("(panels)") or name.endswith("(vendor)"), name
         assert float(ratio.removesuffix("x")) > 0

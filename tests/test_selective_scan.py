@@ -14,8 +14,7 @@ from conftest import assert_close, tol
 
 import rnnkernels
 from rnnkernels.ops import selective_scan
-from rnnkernels.ops.selective_scan import (CHUNK_SIZE, NARROW_STATE, WIDE_STATE_CHUNK,
-                                           chunk_size)
+from rnnkernels.ops.selective_scan import CHUNK_SIZE, NARROW_STATE, WIDE_STATE_CHUNK, chunk_size
 from rnnkernels.reference import selective_scan_reference
 
 ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
@@ -155,8 +154,10 @@ def test_cpu_chunk_by_state_size(N, chunk):
     inputs = make_inputs(batch=1, dim=3, L=L, N=N, form="variable", dtype=torch.float32)
     for k in ("u", "delta"):
         inputs[k].requires_grad_(True)
-    out = selective_scan(*(inputs[k] for k in ARGS[:8]))
-    checkpoints = out.grad_fn.saved_tensors[-1]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        selective_scan(*(inputs[k] for k in ARGS[:8]))
+    checkpoints = saved[-1]  # saved last, after the inputs
     assert checkpoints.shape == (1, 3, -(-L // chunk) * N)
     assert chunk_size("triton", N) == CHUNK_SIZE["triton"]
 
@@ -288,6 +289,49 @@ def test_opcheck_cpu_ops():
     bwd = (torch.randn_like(out), torch.randn_like(last), *plain, True,
            inputs["initial_state"].detach(), ckpt.detach(), 2)
     torch.library.opcheck(torch.ops.rnnkernels.selective_scan_bwd.default, bwd)
+
+
+def test_opcheck_eager_autograd_ops():
+    """The ops of plain eager training: the forward with its C++ autograd node, and the
+    create_graph backward it calls (the reference differentiated, from Python)."""
+    inputs = make_inputs(batch=2, dim=4, L=5, N=3, form="grouped", groups=2, initial_state=True)
+    for k in ARGS:
+        inputs[k].requires_grad_()
+    args = [inputs[k] for k in ARGS[:8]]
+    torch.library.opcheck(torch.ops.rnnkernels.selective_scan_autograd.default,
+                          (*args, True, inputs["initial_state"], 2))
+    plain = [inputs[k].detach() for k in ARGS]
+    grads = (torch.randn_like(plain[0]), torch.randn_like(plain[-1]))
+    torch.library.opcheck(torch.ops.rnnkernels.selective_scan_vjp.default,
+                          (*grads, *plain[:8], True, plain[8], [True] * 9))
+
+
+@pytest.mark.parametrize("wanted", [("A", "initial_state"), ("z",), ("u", "C", "delta")])
+def test_eager_node_gradients_of_some_inputs(wanted):
+    """Plain eager training records the C++ autograd node; with D and delta_bias absent (the
+    node has no input edge for them) and only some inputs requiring grad, its gradients, first
+    order and differentiated again (create_graph), equal the reference's."""
+    inputs = make_inputs(batch=2, dim=3, L=7, N=4, D=False, delta_bias=False, initial_state=True)
+    g = torch.Generator().manual_seed(3)
+    w_out, w_last = (torch.randn(s, generator=g, dtype=torch.float64)
+                     for s in ((2, 3, 7), (2, 3, 4)))
+
+    def grads(fn, check_node):
+        leaves = {k: (v.detach().clone().requires_grad_(k in wanted) if v is not None else None)
+                  for k, v in inputs.items()}
+        out, last = fn(*(leaves[k] for k in ARGS[:8]), True, True,
+                       initial_state=leaves["initial_state"])
+        if check_node:
+            assert "SelectiveScanFunction" in out.grad_fn.name()
+        first = torch.autograd.grad((out * w_out).sum() + (last * w_last).sum(),
+                                    [leaves[k] for k in wanted], create_graph=True)
+        second = torch.autograd.grad(sum((f * f).sum() for f in first),
+                                     [leaves[k] for k in wanted])
+        return first + second
+
+    for got, expected in zip(grads(selective_scan, True),
+                             grads(selective_scan_reference, False)):
+        assert_close(got, expected, torch.float64, "gradient")
 
 
 def _scan_ops(backend: str):

@@ -35,8 +35,8 @@ from .. import (
 from ..reference import gru_recurrence, lstm_recurrence, rnn_recurrence
 from . import _autograd
 from ._autocast import autocast_promote
-from ._linear import linear
 from ._autograd import batched, differentiable_vjp, fold, graph_needed, overload, unfold
+from ._linear import linear
 
 LSTM, GRU, GRU_RESET_BEFORE, RNN_TANH, RNN_RELU = range(5)
 NUM_GATES = {LSTM: 4, GRU: 3, GRU_RESET_BEFORE: 3, RNN_TANH: 1, RNN_RELU: 1}

@@ -5,7 +5,9 @@
 (dim, N) or (batch, G, N, L), variable (batch, N, L) as is for the CPU and Triton kernels; A, D,
 delta_bias and the state in the accumulation dtype) and runs
 the op of the backend chosen by :mod:`rnnkernels._backend`. The forward keeps only the states at
-chunk starts; the backward recomputes the states chunk by chunk from them.
+chunk starts; the backward recomputes the states chunk by chunk from them. Plain eager training
+with the C++ ops records a C++ autograd node (csrc/selective_scan_autograd.cpp); torch.func
+transforms and torch.compile go through the ops' Autograd kernel registered here.
 
 Second order: the first order stays the fused backward op; a backward whose result must be
 differentiable (``create_graph=True``, grad of grad) differentiates the reference scan instead
@@ -45,6 +47,13 @@ CHUNK_SIZE = {"cpu": 32, "triton": 64, "cuda": 64}
 # Per backend whose wide states (N > NARROW_STATE) take a longer chunk: the least chunk there.
 WIDE_STATE_CHUNK = {"cpu": 64}
 NARROW_STATE = 64
+
+
+# Backends whose plain eager training records the C++ autograd node of the op
+# selective_scan_autograd (csrc/selective_scan_autograd.cpp) instead of the Python
+# autograd.Function: the C++ ops' (the Triton ops are Python). python -m bench.autograd_effect
+# times the training step both ways.
+CPP_AUTOGRAD_BACKENDS = {"cpu", "cuda"}
 
 
 def chunk_size(backend: str, N: int) -> int:
@@ -94,17 +103,27 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, output[2])
 
 
-def _backward_differentiable(ctx, inputs, grads):
+def _backward_differentiable(inputs, grads, delta_softplus, needs):
     """First-order gradients that can be differentiated again: the reference scan recomputed
-    from the saved inputs (all of which the fused backward keeps anyway), differentiated."""
-    u, delta, A, B, C, D, z, delta_bias, initial_state = inputs
+    from the saved inputs (all of which the fused backward keeps anyway), differentiated.
+    inputs: (u, delta, A, B, C, D, z, delta_bias, initial_state); grads: of (out, last_state);
+    needs: per input, whether its gradient is wanted (None for the others)."""
 
     def forward(u, delta, A, B, C, D, z, delta_bias, initial_state):
-        return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus,
+        return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                         True, initial_state=initial_state)
 
-    needs = ctx.needs_input_grad
-    return differentiable_vjp(forward, inputs, grads, needs[:8] + needs[9:10])
+    return differentiable_vjp(forward, inputs, grads, needs)
+
+
+@torch.library.impl("rnnkernels::selective_scan_vjp", "CompositeImplicitAutograd")
+def _selective_scan_vjp(grad_out, grad_last_state, u, delta, A, B, C, D, z, delta_bias,
+                        delta_softplus, initial_state, needs):
+    """The create_graph backward of the C++ autograd node (csrc/selective_scan_autograd.cpp):
+    the gradients of _backward_differentiable, empty (0,) where there is none."""
+    inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    g = _backward_differentiable(inputs, (grad_out, grad_last_state), delta_softplus, needs)
+    return tuple(u.new_empty((0,)) if t is None else t for t in g)
 
 
 # Positions in selective_scan_fwd's arguments.
@@ -149,7 +168,9 @@ def register_autograd(fwd_op, bwd_op) -> None:
         u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints = ctx.saved_tensors
         inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
         if graph_needed(*inputs, grad_out, grad_last_state):
-            g = _backward_differentiable(ctx, inputs, (grad_out, grad_last_state))
+            needs = ctx.needs_input_grad
+            g = _backward_differentiable(inputs, (grad_out, grad_last_state),
+                                         ctx.delta_softplus, needs[:8] + needs[9:10])
             return (*g[:8], None, g[8], None, None)
         with torch.no_grad():  # the fused op has no autograd, and no graph is needed
             if grad_out is None:  # only the last state is used
@@ -282,9 +303,13 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
             _grouped(C, u.dtype, acc, backend), _as(D, acc), z, _as(delta_bias, acc),
             bool(delta_softplus), _as(initial_state, acc), chunk_size(backend, A.shape[1]),
             save)
-    out, last_state, _ = _autograd.call(fwd, save, *args)
+    if save and backend in CPP_AUTOGRAD_BACKENDS and _autograd.plain_eager():
+        # No Python in the step's autograd path (csrc/selective_scan_autograd.cpp).
+        out, last_state = torch.ops.rnnkernels.selective_scan_autograd.default(*args[:-1])
+    else:
+        out, last_state, _ = _autograd.call(fwd, save, *args)
     return (out, last_state) if return_last_state else out
 
 
-__all__ = ["CHUNK_SIZE", "MAX_STATE", "NARROW_STATE", "WIDE_STATE_CHUNK", "chunk_size",
-           "selective_scan"]
+__all__ = ["CHUNK_SIZE", "CPP_AUTOGRAD_BACKENDS", "MAX_STATE", "NARROW_STATE", "WIDE_STATE_CHUNK",
+           "chunk_size", "selective_scan"]
