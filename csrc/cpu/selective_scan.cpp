@@ -31,9 +31,11 @@
 // Gradients that sum over channels (grouped B/C) are added per lane over the super's blocks and
 // summed over the lanes into (L, N) partials per super (as many values as the gradient itself when
 // there are at least kMinSupers (batch row, group) pairs, at most kMinSupers times as many),
-// reduced over the group's supers at the end; gradients that sum over batch and L (A, fixed B/C, D,
-// delta_bias) are kept per lane across chunks and reduced over batch at the end. Every sum runs in
-// a fixed order, so results do not depend on the number of threads or on which thread ran a task.
+// reduced over the group's supers by the thread that completes the group's last super; gradients
+// that sum over batch and L (A, fixed B/C, D, delta_bias) are kept per lane across chunks and
+// reduced over batch by the thread that completes the last super of all (one parallel region for
+// the whole backward). Every sum runs in a fixed order, so results do not depend on the number of
+// threads or on which thread ran a task.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -41,6 +43,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
 #include <tuple>
 #include <type_traits>
@@ -63,8 +66,6 @@ using lanes::scatter_lanes;
 using lanes::task_grain;
 using lanes::Vec;
 
-// Partial sums a cross-task reduction adds before it is worth a parallel region.
-constexpr int64_t kMinReduceWork = 1 << 15;
 // Steps a task gathers, transforms and scatters at once, rounded down to a multiple of the
 // chunk (the checkpoint interval), at least one chunk: 1 KB runs of each float row, as the
 // 256-step chunks had before the span was separate from the chunk.
@@ -764,48 +765,37 @@ void backward_super(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t s, Backw
   }
 }
 
-// grad (batch, G, N, L): the supers' sums (supers, L, N) of a group added super after super,
-// then written transposed.
+// grad (batch, G, N, L) of (batch row, group) pair i: the sums (L, N) of its supers added super
+// after super, then written transposed.
 template <typename S, typename T>
-void reduce_grouped(const Scan<S, T>& p, const T* part, S* grad) {
+void reduce_group(const Scan<S, T>& p, const T* part, S* grad, int64_t i) {
   using V = Vec<T>;
   const int64_t block = p.L * p.N;
-  const int64_t grain = std::max<int64_t>(1, kMinReduceWork / (p.supers_per_group * block));
-  at::parallel_for(0, p.batch * p.G, grain, [&](int64_t i0, int64_t i1) {
-    Buffer<T> acc(block);
-    for (int64_t i = i0; i < i1; ++i) {
-      const T* src = part + i * p.supers_per_group * block;
-      std::copy(src, src + block, acc.begin());
-      for (int64_t k = 1; k < p.supers_per_group; ++k) {
-        at::vec::map2([](V a, V b) { return a + b; }, acc.data(), acc.data(), src + k * block,
-                      block);
-      }
-      S* dst = grad + i * p.N * p.L;
-      if constexpr (std::is_same_v<S, T>) {
-        lanes::transpose_blocks(dst, acc.data(), p.L, p.N, 0, (p.L + V::size() - 1) / V::size());
-      } else {
-        for (int64_t n = 0; n < p.N; ++n) {
-          for (int64_t t = 0; t < p.L; ++t) dst[n * p.L + t] = static_cast<S>(acc[t * p.N + n]);
-        }
-      }
+  Buffer<T> acc(block);
+  const T* src = part + i * p.supers_per_group * block;
+  std::copy(src, src + block, acc.begin());
+  for (int64_t k = 1; k < p.supers_per_group; ++k) {
+    at::vec::map2([](V a, V b) { return a + b; }, acc.data(), acc.data(), src + k * block, block);
+  }
+  S* dst = grad + i * p.N * p.L;
+  if constexpr (std::is_same_v<S, T>) {
+    lanes::transpose_blocks(dst, acc.data(), p.L, p.N, 0, (p.L + V::size() - 1) / V::size());
+  } else {
+    for (int64_t n = 0; n < p.N; ++n) {
+      for (int64_t t = 0; t < p.L; ++t) dst[n * p.L + t] = static_cast<S>(acc[t * p.N + n]);
     }
-  });
+  }
 }
 
 // out (dim, cols) (or (dim,) when cols is 0) = sum over batch of per-lane sums (tasks, cols, W):
 // per block of a batch row, its lanes added batch row after batch row, then transposed into
 // the block's rows of out.
 template <typename S, typename T>
-Tensor sum_over_batch(const Scan<S, T>& p, const Tensor& lanes, int64_t cols) {
+void sum_over_batch(const Scan<S, T>& p, const T* src, int64_t cols, T* dst) {
   using V = Vec<T>;
   constexpr int64_t W = V::size();
-  const std::vector<int64_t> shape =
-      cols == 0 ? std::vector<int64_t>{p.dim} : std::vector<int64_t>{p.dim, cols};
-  Tensor out = at::empty(shape, lanes.options());
   const int64_t n_cols = std::max<int64_t>(cols, 1), size = n_cols * W;
   const int64_t per_row = p.G * p.blocks_per_group;  // the tasks of one batch row
-  const T* src = lanes.data_ptr<T>();
-  T* dst = out.data_ptr<T>();
   Buffer<T> acc(size);
   for (int64_t i = 0; i < per_row; ++i) {
     std::copy(src + i * size, src + (i + 1) * size, acc.begin());
@@ -819,7 +809,6 @@ Tensor sum_over_batch(const Scan<S, T>& p, const Tensor& lanes, int64_t cols) {
                    std::min(W, n_cols - n0), blk.nc, n_cols);
     }
   }
-  return out;
 }
 
 // ------------------------------------------------------------------------------ bindings
@@ -1050,36 +1039,65 @@ selective_scan_bwd_cpu(const Tensor& grad_out, const std::optional<Tensor>& grad
         in.z.defined() ? grad_z.data_ptr<S>() : nullptr};
     S* gB = in.B_var ? grad_B.data_ptr<S>() : nullptr;
     S* gC = in.C_var ? grad_C.data_ptr<S>() : nullptr;
+    const auto absent = u.options();
+    grad_A = at::empty({p.dim, p.N}, acc_opts);
+    if (!in.B_var) grad_B = at::empty({p.dim, p.N}, acc_opts);
+    if (!in.C_var) grad_C = at::empty({p.dim, p.N}, acc_opts);
+    grad_D = at::empty({in.D.defined() ? p.dim : 0}, in.D.defined() ? acc_opts : absent);
+    grad_bias = at::empty({in.delta_bias.defined() ? p.dim : 0},
+                          in.delta_bias.defined() ? acc_opts : absent);
+    grad_x0 = in.x0.defined() ? at::empty({p.batch, p.dim, p.N}, acc_opts)
+                              : at::empty({0}, absent);
+    // The gradients summed over batch rows, and the initial state's, once every super is done.
+    auto finish = [&] {
+      sum_over_batch(p, dA.data_ptr<T>(), p.N, grad_A.data_ptr<T>());
+      if (!in.B_var) sum_over_batch(p, dB_fixed.data_ptr<T>(), p.N, grad_B.data_ptr<T>());
+      if (!in.C_var) sum_over_batch(p, dC_fixed.data_ptr<T>(), p.N, grad_C.data_ptr<T>());
+      if (in.D.defined()) sum_over_batch(p, dD.data_ptr<T>(), 0, grad_D.data_ptr<T>());
+      if (in.delta_bias.defined()) {
+        sum_over_batch(p, dbias.data_ptr<T>(), 0, grad_bias.data_ptr<T>());
+      }
+      if (in.x0.defined()) {
+        const T* src = h.data_ptr<T>();
+        T* dst = grad_x0.data_ptr<T>();
+        for (int64_t i = 0; i < tasks; ++i) {
+          const Block blk = block_of(p, i);
+          store_state(dst + (blk.b * p.dim + blk.d0) * p.N, src + i * NW, p.N, blk.nc);
+        }
+      }
+    };
+    // One parallel region for the whole backward: the thread that completes the last super of
+    // a (batch row, group) pair reduces the pair's grouped dB / dC (while other supers run), the
+    // one that completes the last super of all runs finish. Separate regions for these
+    // reductions (as before) each cost a wake-up of the other threads, more than their work at
+    // the benchmark's size. The counters' acquire-release order makes the supers' sums visible
+    // to the thread that adds them.
+    const int64_t pairs = p.batch * p.G, supers = p.supers();
+    std::vector<std::atomic<int64_t>> pair_done(pairs);
+    for (auto& done : pair_done) done.store(0, std::memory_order_relaxed);
+    std::atomic<int64_t> supers_done{0};
     with_forms(in.B_var, in.C_var, [&](auto b_var, auto c_var) {
       constexpr bool kBvar = decltype(b_var)::value, kCvar = decltype(c_var)::value;
       const int64_t blocks_per_super = (p.blocks_per_group + p.supers_per_group - 1) /
                                        p.supers_per_group;
       lanes::for_each_task(
-          p.supers(), task_grain(blocks_per_super * p.L * p.N * Vec<T>::size()),
+          supers, task_grain(blocks_per_super * p.L * p.N * Vec<T>::size()),
           [&] {
             return BackwardWork<T>(p.span, p.chunk, p.N, blocks_per_super, kBvar, kCvar);
           },
-          [&](BackwardWork<T>& w, int64_t s) { backward_super<S, T, kBvar, kCvar>(p, gr, s, w); });
-      if constexpr (kBvar) reduce_grouped(p, gr.dB_part, gB);
-      if constexpr (kCvar) reduce_grouped(p, gr.dC_part, gC);
+          [&](BackwardWork<T>& w, int64_t s) {
+            backward_super<S, T, kBvar, kCvar>(p, gr, s, w);
+            if constexpr (kBvar || kCvar) {
+              const int64_t pair = s / p.supers_per_group;
+              if (pair_done[pair].fetch_add(1, std::memory_order_acq_rel) + 1 ==
+                  p.supers_per_group) {
+                if constexpr (kBvar) reduce_group(p, gr.dB_part, gB, pair);
+                if constexpr (kCvar) reduce_group(p, gr.dC_part, gC, pair);
+              }
+            }
+            if (supers_done.fetch_add(1, std::memory_order_acq_rel) + 1 == supers) finish();
+          });
     });
-    grad_A = sum_over_batch(p, dA, p.N);
-    if (!in.B_var) grad_B = sum_over_batch(p, dB_fixed, p.N);
-    if (!in.C_var) grad_C = sum_over_batch(p, dC_fixed, p.N);
-    grad_D = in.D.defined() ? sum_over_batch(p, dD, 0) : at::empty({0}, u.options());
-    grad_bias = in.delta_bias.defined() ? sum_over_batch(p, dbias, 0)
-                                        : at::empty({0}, u.options());
-    if (in.x0.defined()) {
-      grad_x0 = at::empty({p.batch, p.dim, p.N}, acc_opts);
-      const T* src = h.data_ptr<T>();
-      T* dst = grad_x0.data_ptr<T>();
-      for (int64_t i = 0; i < tasks; ++i) {
-        const Block blk = block_of(p, i);
-        store_state(dst + (blk.b * p.dim + blk.d0) * p.N, src + i * NW, p.N, blk.nc);
-      }
-    } else {
-      grad_x0 = at::empty({0}, u.options());
-    }
   });
   return {grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_z, grad_bias, grad_x0};
 }
