@@ -279,17 +279,29 @@ void transpose_blocks(T* dst, const S* src, int64_t rows, int64_t cols, int64_t 
   }
 }
 
-// Rows j < nc of dst (row stride ld, len values) = lane j of src (len x W).
+template <typename T>
+C10_ALWAYS_INLINE void stream_store(T* p, const Vec<T>& v);
+
+// Rows j < nc of dst (row stride ld, len values) = lane j of src (len x W). With stream, whole
+// tiles whose rows start on a vector's alignment are stored non-temporally (stream_store; the
+// caller calls stream_fence).
 template <typename S, typename T>
-void scatter_lanes(S* dst, int64_t ld, const T* src, int64_t nc, int64_t len) {
+void scatter_lanes(S* dst, int64_t ld, const T* src, int64_t nc, int64_t len,
+                   bool stream = false) {
   constexpr int64_t W = Vec<T>::size();
   int64_t t0 = 0;
   if constexpr (kFastTiles<T, S>) {
+    constexpr int64_t kAlign = sizeof(Vec<T>);
+    stream = stream && (ld * static_cast<int64_t>(sizeof(S))) % kAlign == 0;
     for (; nc == W && t0 + W <= len; t0 += W) {
       Vec<T> r[W];
       for (int64_t i = 0; i < W; ++i) r[i] = Vec<T>::loadu(src + (t0 + i) * W);
       transpose_float_tile(r);
-      for (int64_t j = 0; j < W; ++j) r[j].store(dst + j * ld + t0);
+      if (stream && reinterpret_cast<uintptr_t>(dst + t0) % kAlign == 0) {
+        for (int64_t j = 0; j < W; ++j) stream_store(dst + j * ld + t0, r[j]);
+      } else {
+        for (int64_t j = 0; j < W; ++j) r[j].store(dst + j * ld + t0);
+      }
     }
   }
   for (; t0 < len; t0 += W) {
@@ -330,6 +342,12 @@ void for_each_task(int64_t n, int64_t grain, const MakeWork& make_work, const F&
     }
   });
 }
+
+// Size of an output from which a kernel stores its values non-temporally (stream_store): such an
+// output does not stay in cache for its reader anyway, and plain stores read every line before
+// writing it and evict what the caches held (see panel_matmul.cpp and selective_scan.cpp for
+// what it saved there).
+constexpr int64_t kStreamBytes = int64_t{1} << 20;
 
 // v stored at p (aligned to the vector's size) with a non-temporal store where the instruction
 // set has one for T (float and double on AVX-512 and AVX2), else a plain one. The caller calls

@@ -24,12 +24,11 @@ constexpr int64_t kBlockRows = 48;
 constexpr int64_t kBlockDepth = 256;
 // Columns of B per packed block of a row-major A's product (with kBlockDepth k: 256 KB).
 constexpr int64_t kBlockCols = 256;
-// Size of C from which its values are stored non-temporally (PackedPanels::multiply's stream):
-// such a C does not stay in cache for its reader anyway, and plain stores of 64-byte-aligned
-// rows cost the product about a fifth of its time on the AMD EPYC Zen 2 (a standalone timing of
-// x W^T, 4096 x 256 times 256 x 1024, two threads: 16.2-17.1 ms with plain stores, 13.0-13.1
-// non-temporal, 14.2-14.5 with C's rows 16 bytes off their cache lines).
-constexpr int64_t kStreamBytes = int64_t{1} << 20;
+// C's values are stored non-temporally (PackedPanels::multiply's stream) from lanes::kStreamBytes
+// on: plain stores of 64-byte-aligned rows cost the product about a fifth of its time on the AMD
+// EPYC Zen 2 (a standalone timing of x W^T, 4096 x 256 times 256 x 1024, two threads: 16.2-17.1
+// ms with plain stores, 13.0-13.1 non-temporal, 14.2-14.5 with C's rows 16 bytes off their cache
+// lines).
 
 // A matrix's element (i, j) at p[i * si + j * sj], one of si and sj 1.
 struct Strided {
@@ -98,8 +97,8 @@ void rows_times_packed(float* c, const float* a, int64_t lda, const Strided& Bm,
                                   k0 == 0 && bias != nullptr ? bias + n0 : nullptr));
     }
   });
-  // C's last values written past the caches where C is larger than kStreamBytes: see there.
-  const bool stream = M * N * static_cast<int64_t>(sizeof(float)) >= kStreamBytes;
+  // C's last values written past the caches where C is larger than lanes::kStreamBytes.
+  const bool stream = M * N * static_cast<int64_t>(sizeof(float)) >= lanes::kStreamBytes;
   at::parallel_for(0, (M + kBlockRows - 1) / kBlockRows, 1, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t m0 = j * kBlockRows, mn = std::min(kBlockRows, M - m0);

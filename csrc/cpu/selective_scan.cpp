@@ -148,6 +148,9 @@ struct Scan {
   // (see backward_super), a number that depends on the problem, not on the thread count.
   int64_t supers_per_group;
   bool softplus;
+  // Whether out (forward) and grad_u, grad_delta, grad_z (backward) are stored non-temporally
+  // (lanes::kStreamBytes and more each).
+  bool stream;
   const S* u;
   const S* delta;
   const S* z;  // null without the gate
@@ -584,9 +587,10 @@ void forward_task(const Scan<S, T>& p, const Block& blk, S* out, T* last, T* ckp
       }
       y.store(&s.y[t * W]);
     }
-    scatter_lanes(out + row * p.L + s0, p.L, s.y.data(), blk.nc, slen);
+    scatter_lanes(out + row * p.L + s0, p.L, s.y.data(), blk.nc, slen, p.stream);
   }
   store_state(last + row * N, x.data(), N, blk.nc);
+  if (p.stream) lanes::stream_fence();
 }
 
 // ------------------------------------------------------------------------------ backward
@@ -711,7 +715,7 @@ void backward_task(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_
       const V pre = at::vec::fmadd(Dv, V::loadu(&s.u[t * W]), V::loadu(&s.y[t * W]));
       (V::loadu(&s.gdt[t * W]) * pre).store(&s.gdt[t * W]);
     }
-    scatter_lanes(gr.grad_z + off, p.L, s.gdt.data(), blk.nc, len);
+    scatter_lanes(gr.grad_z + off, p.L, s.gdt.data(), blk.nc, len, p.stream);
   } else {
     states(std::false_type{});
   }
@@ -726,8 +730,8 @@ void backward_task(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_
     gdt.store(&s.gdt[t * W]);
   }
   dbias.store(gr.carried.dbias + i * W);
-  scatter_lanes(gr.grad_u + off, p.L, s.gu.data(), blk.nc, len);
-  scatter_lanes(gr.grad_delta + off, p.L, s.gdt.data(), blk.nc, len);
+  scatter_lanes(gr.grad_u + off, p.L, s.gu.data(), blk.nc, len, p.stream);
+  scatter_lanes(gr.grad_delta + off, p.L, s.gdt.data(), blk.nc, len, p.stream);
 }
 
 // The backward of super s: the spans in reverse, per span its blocks one after another, their
@@ -763,6 +767,7 @@ void backward_super(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t s, Backw
       lane_sums(w.dC.data(), len * p.N, gr.dC_part + at);
     }
   }
+  if (p.stream) lanes::stream_fence();
 }
 
 // grad (batch, G, N, L) of (batch row, group) pair i: the sums (L, N) of its supers added super
@@ -910,6 +915,7 @@ Scan<S, T> make_scan(const Inputs& in, const Tensor& B_grouped, const Tensor& C_
                     std::max<int64_t>(in.L, 1));
   p.nspans = (in.L + p.span - 1) / p.span;
   p.softplus = softplus;
+  p.stream = in.batch * in.dim * in.L * static_cast<int64_t>(sizeof(S)) >= lanes::kStreamBytes;
   p.u = static_cast<const S*>(ptr(in.u, true));
   p.delta = static_cast<const S*>(ptr(in.delta, true));
   p.z = static_cast<const S*>(ptr(in.z, true));
