@@ -18,18 +18,21 @@ def tensor(name: str, t: object, *, shape: Sequence[int | str] | None = None,
            dtype: torch.dtype | None = None) -> Tensor:
     """Check that ``t`` is a tensor with the given rank / shape, and with ``like``'s dtype and
     device. In ``shape`` an entry that is a string is a name for a free size."""
+    # The cheap comparisons first: a training step validates about ten tensors per op call.
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if shape is not None:
-        ndim = len(shape)
-    if ndim is not None and t.dim() != ndim:
-        expected = _fmt(shape) if shape is not None else f"{ndim} dimensions"
-        raise ValueError(f"{name} must have {ndim} dimensions {expected}, "
-                         f"got shape {tuple(t.shape)}")
-    if shape is not None:
-        for got, want in zip(t.shape, shape):
-            if isinstance(want, int) and got != want:
-                raise ValueError(f"{name} must have shape {_fmt(shape)}, got {tuple(t.shape)}")
+    if shape is not None or ndim is not None:
+        got = t.shape
+        if shape is not None:
+            ndim = len(shape)
+        if len(got) != ndim:
+            expected = _fmt(shape) if shape is not None else f"{ndim} dimensions"
+            raise ValueError(f"{name} must have {ndim} dimensions {expected}, "
+                             f"got shape {tuple(got)}")
+        if shape is not None:
+            for size, want in zip(got, shape):
+                if size != want and isinstance(want, int):
+                    raise ValueError(f"{name} must have shape {_fmt(shape)}, got {tuple(got)}")
     if floating and not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     if dtype is not None and t.dtype != dtype:
@@ -38,7 +41,7 @@ def tensor(name: str, t: object, *, shape: Sequence[int | str] | None = None,
         if t.device != like.device:
             raise ValueError(f"{name} must be on device {like.device} (the input's), "
                              f"got {t.device}")
-        if dtype is None and t.is_floating_point() and t.dtype != like.dtype:
+        if dtype is None and t.dtype != like.dtype and t.is_floating_point():
             raise TypeError(f"{name} must have dtype {like.dtype} (the input's), got {t.dtype}")
     return t
 
