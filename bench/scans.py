@@ -95,7 +95,7 @@ def cpu_train_case(dims: dict[str, int]) -> tuple[Step, list[Tensor]]:
     """The CPU float32 training step of ``ops.selective_scan`` with softplus at dims (batch,
     dim, L, N), the suite's inputs (time-varying B and C, D, z, delta_bias), and its expected
     results (out and every gradient, by the float64 PyTorch loop): for the tools that time
-    variants of our op (bench.chunk_effect, bench.autograd_effect)."""
+    variants of our op (bench.chunk_effect, bench.step_effect)."""
     gen = torch.Generator().manual_seed(0)
     inputs, grad_out = selective_scan_inputs(dims, "cpu", torch.float32, gen, True)
 

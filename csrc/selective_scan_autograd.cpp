@@ -4,11 +4,11 @@
 // a gradient is needed. A training step then leaves Python only in the forward's argument checks:
 // the engine runs the backward node in C++ and calls the backward op straight below autograd.
 // The Python autograd.Function it replaces there (rnnkernels/ops/_autograd.py: apply,
-// setup_context, the backward's Python, the round trips between the engine and Python) cost about
-// 4% of the CPU training step at batch 2, dim 256, L 512, N 16, most of it in cache misses after
-// the kernels have swept the core's caches. torch.func transforms, forward-mode AD and
-// torch.compile keep the op's Python Autograd kernel (rnnkernels/ops/selective_scan.py), which
-// this node does not replace.
+// setup_context, the backward's Python, the round trips between the engine and Python) is a fixed
+// cost per call: python -m bench.step_effect times the step both ways (bench/results/
+// cpu-2026-12-06-step-effect.md). torch.func transforms, forward-mode AD and torch.compile keep
+// the op's Python Autograd kernel (rnnkernels/ops/selective_scan.py), which this node does not
+// replace.
 //
 // A backward whose result must be differentiable (create_graph=True) calls selective_scan_vjp,
 // implemented in Python: the reference scan recomputed and differentiated, as the Python

@@ -676,32 +676,34 @@ def test_chunk_effect_refuses_a_wrong_result(monkeypatch):
         chunk_effect.measure(2, [4], 0.01)
 
 
-def test_autograd_effect_rows(capsys, monkeypatch):
-    """python -m bench.autograd_effect at small shapes: per shape, the C++ node and the Python
-    Function, each checked, with times and the ratio to the Python Function; inside
-    python_autograd the op records the Python Function, and the C++ node again after it."""
-    from bench import autograd_effect
+def test_step_effect_rows(capsys, monkeypatch):
+    """python -m bench.step_effect at small shapes: per shape, the default, the Python Function
+    and plain stores, each checked, with times and the default's speed-up over each; inside
+    python_autograd the op records the Python Function, and the C++ node again after it; the
+    stream variable restored."""
+    from bench import step_effect
     from rnnkernels import ops
 
     monkeypatch.setitem(configs.SELECTIVE_SCAN, "cpu", configs.SuiteConfig(
         train={"batch": 1, "dim": 9, "L": 70, "N": 4},
         inference=configs.SELECTIVE_SCAN["cpu"].inference, sweeps={}))
-    monkeypatch.setattr(autograd_effect, "SMALL_SHAPE", {"batch": 2, "dim": 3, "L": 5, "N": 2})
-    assert autograd_effect.main(["--min-time", "0.02"]) == 0
+    monkeypatch.setattr(step_effect, "SMALL_SHAPE", {"batch": 2, "dim": 3, "L": 5, "N": 2})
+    monkeypatch.setenv("RNNKERNELS_CPU_STREAM", "1")
+    assert step_effect.main(["--min-time", "0.02"]) == 0
+    assert os.environ["RNNKERNELS_CPU_STREAM"] == "1"
     rows = [r for r in _table_rows(capsys.readouterr().out) if r[0] != "batch"]
-    assert [r[:5] for r in rows] == [["1", "9", "70", "4", "C++ node"],
-                                     ["1", "9", "70", "4", "Python Function"],
-                                     ["2", "3", "5", "2", "C++ node"],
-                                     ["2", "3", "5", "2", "Python Function"]]
+    assert [r[:5] for r in rows] == [
+        [*shape, name] for shape in (["1", "9", "70", "4"], ["2", "3", "5", "2"])
+        for name in ("default", "Python Function", "plain stores")]
     for row in rows:
         base = next(float(r[5].removesuffix(" ms")) for r in rows
-                    if r[:4] == row[:4] and r[4] == "Python Function")
+                    if r[:4] == row[:4] and r[4] == "default")
         assert float(row[6].removesuffix("x")) == pytest.approx(
-            base / float(row[5].removesuffix(" ms")), rel=0.02, abs=0.01)
+            float(row[5].removesuffix(" ms")) / base, rel=0.02, abs=0.01)
 
     u = torch.randn(1, 3, 4, requires_grad=True)
     args = (u, torch.rand(1, 3, 4), -torch.rand(3, 2), torch.randn(3, 2), torch.randn(3, 2))
-    with autograd_effect.python_autograd():
+    with step_effect.python_autograd():
         assert "SelectiveScanFunction" not in ops.selective_scan(*args).grad_fn.name()
     assert "SelectiveScanFunction" in ops.selective_scan(*args).grad_fn.name()
 

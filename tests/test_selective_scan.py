@@ -212,6 +212,22 @@ def test_cpu_streamed_outputs_equal_per_row_runs():
         torch.testing.assert_close(grads[k], sum(r[1][k] for r in rows), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("L", [64, 70])
+def test_cpu_forced_streaming_changes_no_value(L, monkeypatch):
+    """RNNKERNELS_CPU_STREAM=1 (non-temporal stores of whole aligned tiles, whatever the size;
+    rows of 70 steps are not aligned) gives bit for bit the results of =0 (plain stores): out,
+    last state and every gradient."""
+    inputs = make_inputs(batch=2, dim=37, L=L, N=4, form="grouped", groups=1,
+                         initial_state=True, dtype=torch.float32)
+    results = []
+    for value in ("1", "0"):
+        monkeypatch.setenv("RNNKERNELS_CPU_STREAM", value)
+        out, last, grads = run_with_grads(selective_scan, inputs)
+        results.append([out, last, *grads.values()])
+    for streamed, plain in zip(*results):
+        assert torch.equal(streamed, plain)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_low_precision(dtype, monkeypatch):
     """Half-precision activations with float32 parameters, as in mamba_ssm's Mamba block."""

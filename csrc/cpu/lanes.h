@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstddef>
+#include <cstdlib>
 #include <cstring>
 #include <new>
 #include <tuple>
@@ -348,6 +349,17 @@ void for_each_task(int64_t n, int64_t grain, const MakeWork& make_work, const F&
 // writing it and evict what the caches held (see panel_matmul.cpp and selective_scan.cpp for
 // what it saved there).
 constexpr int64_t kStreamBytes = int64_t{1} << 20;
+
+// Whether a kernel stores an output of this many bytes non-temporally: from kStreamBytes on, or
+// as RNNKERNELS_CPU_STREAM=1 or 0 forces (read on every call; python -m bench.step_effect times
+// the selective scan both ways).
+inline bool stream_output(int64_t bytes) {
+  const char* forced = std::getenv("RNNKERNELS_CPU_STREAM");
+  if (forced != nullptr && (std::strcmp(forced, "0") == 0 || std::strcmp(forced, "1") == 0)) {
+    return forced[0] == '1';
+  }
+  return bytes >= kStreamBytes;
+}
 
 // v stored at p (aligned to the vector's size) with a non-temporal store where the instruction
 // set has one for T (float and double on AVX-512 and AVX2), else a plain one. The caller calls

@@ -98,7 +98,7 @@ void rows_times_packed(float* c, const float* a, int64_t lda, const Strided& Bm,
     }
   });
   // C's last values written past the caches where C is larger than lanes::kStreamBytes.
-  const bool stream = M * N * static_cast<int64_t>(sizeof(float)) >= lanes::kStreamBytes;
+  const bool stream = lanes::stream_output(M * N * static_cast<int64_t>(sizeof(float)));
   at::parallel_for(0, (M + kBlockRows - 1) / kBlockRows, 1, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t m0 = j * kBlockRows, mn = std::min(kBlockRows, M - m0);

@@ -149,7 +149,7 @@ struct Scan {
   int64_t supers_per_group;
   bool softplus;
   // Whether out (forward) and grad_u, grad_delta, grad_z (backward) are stored non-temporally
-  // (lanes::kStreamBytes and more each).
+  // (lanes::stream_output: 1 MB and more each).
   bool stream;
   const S* u;
   const S* delta;
@@ -915,7 +915,7 @@ Scan<S, T> make_scan(const Inputs& in, const Tensor& B_grouped, const Tensor& C_
                     std::max<int64_t>(in.L, 1));
   p.nspans = (in.L + p.span - 1) / p.span;
   p.softplus = softplus;
-  p.stream = in.batch * in.dim * in.L * static_cast<int64_t>(sizeof(S)) >= lanes::kStreamBytes;
+  p.stream = lanes::stream_output(in.batch * in.dim * in.L * static_cast<int64_t>(sizeof(S)));
   p.u = static_cast<const S*>(ptr(in.u, true));
   p.delta = static_cast<const S*>(ptr(in.delta, true));
   p.z = static_cast<const S*>(ptr(in.z, true));

@@ -51,7 +51,7 @@ NARROW_STATE = 64
 
 # Backends whose plain eager training records the C++ autograd node of the op
 # selective_scan_autograd (csrc/selective_scan_autograd.cpp) instead of the Python
-# autograd.Function: the C++ ops' (the Triton ops are Python). python -m bench.autograd_effect
+# autograd.Function: the C++ ops' (the Triton ops are Python). python -m bench.step_effect
 # times the training step both ways.
 CPP_AUTOGRAD_BACKENDS = {"cpu", "cuda"}
 

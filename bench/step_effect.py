@@ -1,0 +1,96 @@
+"""python -m bench.step_effect: the CPU selective scan's training step with each of two of its
+fixed-cost remedies undone: the Python autograd.Function instead of the C++ autograd node, plain
+stores instead of non-temporal ones.
+
+In plain eager mode ``ops.selective_scan`` records a C++ autograd node for the C++ ops
+(csrc/selective_scan_autograd.cpp; ``CPP_AUTOGRAD_BACKENDS`` in rnnkernels/ops/selective_scan.py),
+so that the step's autograd path has no Python in it; without the backend in that set it applies
+the Python autograd.Function of rnnkernels/ops/_autograd.py instead. The CPU kernels store out and
+the input gradients non-temporally from 1 MB each (``lanes::stream_output``; plain stores read
+every line first and evict what the caches held, which the step's Python then misses);
+``RNNKERNELS_CPU_STREAM=0`` forces plain stores. At the selective_scan suite's training shape and
+a small one, where the step's fixed costs show, this tool times the step (forward and
+``torch.autograd.grad``) by default and with each remedy undone, in turns in one process, in short
+rounds (:func:`bench.timing.interleaved_times`), each checked first against the float64 PyTorch
+loop, as the suite checks ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from rnnkernels.ops.selective_scan import CPP_AUTOGRAD_BACKENDS
+
+from . import configs, env
+from .projection_effect import forced, time_checked
+from .scans import SelectiveScanSuite, cpu_train_case
+
+# A shape whose kernels take microseconds: the step is mostly its fixed costs.
+SMALL_SHAPE = {"batch": 1, "dim": 64, "L": 64, "N": 16}
+# Rounds of the interleaved timing: the contenders differ by a few percent at the suite's shape,
+# less than this machine's speed drifts over the second that each of bench.timing's usual rounds
+# takes.
+ROUNDS = 40
+STREAM_VARIABLE = "RNNKERNELS_CPU_STREAM"
+
+
+@contextlib.contextmanager
+def python_autograd() -> Iterator[None]:
+    """The CPU op's plain eager training through the Python autograd.Function while the block
+    runs."""
+    CPP_AUTOGRAD_BACKENDS.discard("cpu")
+    try:
+        yield
+    finally:
+        CPP_AUTOGRAD_BACKENDS.add("cpu")
+
+
+def measure(dims: dict[str, int], min_time_s: float) -> list[tuple[str, float]]:
+    """(contender, median seconds) of the training step at ``dims`` (batch, dim, L, N) by
+    default, with the Python Function and with plain stores, each checked against float64
+    first."""
+    train_step, expected = cpu_train_case(dims)
+
+    def with_python() -> list[Tensor]:
+        with python_autograd():
+            return train_step()
+
+    timed: dict[str, Callable[[], list[Tensor]]] = {
+        "default": forced(train_step, None, STREAM_VARIABLE),
+        "Python Function": forced(with_python, None, STREAM_VARIABLE),
+        "plain stores": forced(train_step, "0", STREAM_VARIABLE)}
+    return time_checked(f"shape {dims}", timed, expected, min_time_s,
+                        list(SelectiveScanSuite.names_train), ROUNDS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.step_effect",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--min-time", type=float, default=4.0,
+                   help="seconds each contender is timed, over all rounds (default 4)")
+    args = p.parse_args(argv)
+    shapes = [dict(configs.SELECTIVE_SCAN["cpu"].train), SMALL_SHAPE]
+    print(f"# The selective scan's training step on the CPU, remedies undone\n\n{env.cpu_model()}, "
+          f"{torch.get_num_threads()} threads, float32, torch {torch.__version__}, commit "
+          f"{env.commit()}\n")
+    print("Training step (forward and backward), time-varying B and C, D, z, delta_bias, "
+          "softplus; every contender timed in turns in one process (`python -m "
+          "bench.step_effect --help`). The default's speed-up over each contender.\n")
+    print("| batch | dim | L | N | step | median | default vs it |")
+    print("|---|---|---|---|---|---|---|", flush=True)
+    for dims in shapes:
+        rows = measure(dims, args.min_time)
+        base = dict(rows)["default"]
+        for name, seconds in rows:
+            print(f"| {dims['batch']} | {dims['dim']} | {dims['L']} | {dims['N']} | {name} | "
+                  f"{seconds * 1e3:.3g} ms | {seconds / base:.2f}x |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
