@@ -312,6 +312,10 @@ def test_selective_scan_opcheck():
     out, last, ckpt = torch.ops.rnnkernels.selective_scan_fwd(*fwd)
     torch.library.opcheck(torch.ops.rnnkernels.selective_scan_bwd.default,
                           (torch.randn_like(out), None, *fargs, False, None, ckpt, 4))
+    # plain eager training's op, whose C++ autograd node calls the two above on the GPU
+    leaves = [t.detach().requires_grad_() for t in (*args, inputs["initial_state"])]
+    torch.library.opcheck(torch.ops.rnnkernels.selective_scan_autograd.default,
+                          (*leaves[:8], True, leaves[8], 2))
 
 
 def test_selective_scan_compile_fullgraph():
