@@ -65,19 +65,22 @@ def checked_times(label: str, steps: dict[str, Step], forms: dict[str, Step],
 
 
 def time_checked(label: str, timed: dict[str, Step], expected: list[Tensor], min_time_s: float,
-                 names: list[str] | None = None, rounds: int = ROUNDS
+                 names: list[str] | None = None, rounds: int = ROUNDS,
+                 unchecked: dict[str, Callable[[], object]] | None = None
                  ) -> list[tuple[str, float]]:
     """(contender, median seconds) of each of ``timed``, checked against ``expected`` (float32
     tolerance; a wrong one raises, naming ``label`` and the contender) and then timed in turns,
-    in ``rounds`` rounds. ``names``: the results' names in a failure's message (default: by
-    position)."""
+    in ``rounds`` rounds, with the steps of ``unchecked`` (no result to check: work timed beside
+    the contenders, listed after them). ``names``: the results' names in a failure's message
+    (default: by position)."""
     names = names or [f"result {i}" for i in range(len(expected))]
     for name, f in timed.items():
         verdict = compare(names, f(), expected, tolerance("cpu", torch.float32))
         if not verdict.ok:
             raise RuntimeError(f"{label}: {name} is wrong: {verdict.reason}")
-    timings = interleaved_times(list(timed.values()), "cpu", min_time_s, rounds)
-    return [(name, t.median_s) for name, t in zip(timed, timings)]
+    steps = {**timed, **(unchecked or {})}
+    timings = interleaved_times(list(steps.values()), "cpu", min_time_s, rounds)
+    return [(name, t.median_s) for name, t in zip(steps, timings)]
 
 
 def _module_step(module: torch.nn.Module, x: Tensor) -> Step:

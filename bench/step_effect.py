@@ -12,7 +12,10 @@ every line first and evict what the caches held, which the step's Python then mi
 a small one, where the step's fixed costs show, this tool times the step (forward and
 ``torch.autograd.grad``) by default and with each remedy undone, in turns in one process, in short
 rounds (:func:`bench.timing.interleaved_times`), each checked first against the float64 PyTorch
-loop, as the suite checks ours.
+loop, as the suite checks ours. With ``--between MB`` every call is preceded by writes to that
+many MB of other memory, as a model's other layers make between two calls of one layer (the
+suite's back-to-back calls find their output buffers still cached); the writes are timed alone in
+the same rounds and their median subtracted.
 """
 
 from __future__ import annotations
@@ -50,10 +53,12 @@ def python_autograd() -> Iterator[None]:
         CPP_AUTOGRAD_BACKENDS.add("cpu")
 
 
-def measure(dims: dict[str, int], min_time_s: float) -> list[tuple[str, float]]:
+def measure(dims: dict[str, int], min_time_s: float, between_mb: int = 0
+            ) -> list[tuple[str, float]]:
     """(contender, median seconds) of the training step at ``dims`` (batch, dim, L, N) by
     default, with the Python Function and with plain stores, each checked against float64
-    first."""
+    first; with ``between_mb``, each call after writes to that many MB, whose own median is
+    subtracted."""
     train_step, expected = cpu_train_case(dims)
 
     def with_python() -> list[Tensor]:
@@ -64,8 +69,22 @@ def measure(dims: dict[str, int], min_time_s: float) -> list[tuple[str, float]]:
         "default": forced(train_step, None, STREAM_VARIABLE),
         "Python Function": forced(with_python, None, STREAM_VARIABLE),
         "plain stores": forced(train_step, "0", STREAM_VARIABLE)}
-    return time_checked(f"shape {dims}", timed, expected, min_time_s,
-                        list(SelectiveScanSuite.names_train), ROUNDS)
+    if not between_mb:
+        return time_checked(f"shape {dims}", timed, expected, min_time_s,
+                            list(SelectiveScanSuite.names_train), ROUNDS)
+    other = torch.empty(between_mb << 18)
+
+    def after_writes(step: Callable[[], list[Tensor]]) -> Callable[[], list[Tensor]]:
+        def run() -> list[Tensor]:
+            other.fill_(1.0)
+            return step()
+        return run
+
+    rows = time_checked(f"shape {dims}", {k: after_writes(f) for k, f in timed.items()},
+                        expected, min_time_s, list(SelectiveScanSuite.names_train), ROUNDS,
+                        unchecked={"writes": lambda: other.fill_(1.0)})
+    alone = dict(rows)["writes"]
+    return [(name, seconds - alone) for name, seconds in rows if name != "writes"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,18 +92,27 @@ def main(argv: list[str] | None = None) -> int:
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--min-time", type=float, default=4.0,
                    help="seconds each contender is timed, over all rounds (default 4)")
+    p.add_argument("--between", type=int, default=0, metavar="MB",
+                   help="MB of other memory written before every call, timed alone and "
+                   "subtracted (default 0: back-to-back calls, as the suite's)")
     args = p.parse_args(argv)
+    if args.between < 0:
+        p.error(f"--between takes a size in MB, 0 or more, got {args.between}")
     shapes = [dict(configs.SELECTIVE_SCAN["cpu"].train), SMALL_SHAPE]
     print(f"# The selective scan's training step on the CPU, remedies undone\n\n{env.cpu_model()}, "
           f"{torch.get_num_threads()} threads, float32, torch {torch.__version__}, commit "
           f"{env.commit()}\n")
     print("Training step (forward and backward), time-varying B and C, D, z, delta_bias, "
           "softplus; every contender timed in turns in one process (`python -m "
-          "bench.step_effect --help`). The default's speed-up over each contender.\n")
+          "bench.step_effect --help`). The default's speed-up over each contender.")
+    if args.between:
+        print(f"Every call after writes to {args.between} MB of other memory; the writes' own "
+              "median, timed in the same rounds, subtracted.")
+    print()
     print("| batch | dim | L | N | step | median | default vs it |")
     print("|---|---|---|---|---|---|---|", flush=True)
     for dims in shapes:
-        rows = measure(dims, args.min_time)
+        rows = measure(dims, args.min_time, args.between)
         base = dict(rows)["default"]
         for name, seconds in rows:
             print(f"| {dims['batch']} | {dims['dim']} | {dims['L']} | {dims['N']} | {name} | "

@@ -701,6 +701,16 @@ def test_step_effect_rows(capsys, monkeypatch):
         assert float(row[6].removesuffix("x")) == pytest.approx(
             float(row[5].removesuffix(" ms")) / base, rel=0.02, abs=0.01)
 
+    # --between: the same rows, the writes' time subtracted (named in the header); a negative
+    # size refused
+    assert step_effect.main(["--min-time", "0.02", "--between", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "writes to 1 MB of other memory" in out
+    assert [r[4] for r in _table_rows(out) if r[0] != "batch"] == [r[4] for r in rows]
+    with pytest.raises(SystemExit):
+        step_effect.main(["--between", "-1"])
+    assert "0 or more" in capsys.readouterr().err
+
     u = torch.randn(1, 3, 4, requires_grad=True)
     args = (u, torch.rand(1, 3, 4), -torch.rand(3, 2), torch.randn(3, 2), torch.randn(3, 2))
     with step_effect.python_autograd():
