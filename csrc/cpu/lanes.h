@@ -280,8 +280,44 @@ void transpose_blocks(T* dst, const S* src, int64_t rows, int64_t cols, int64_t 
   }
 }
 
+// v stored at p (aligned to the vector's size) with a non-temporal store where the instruction
+// set has one for T (float and double on AVX-512 and AVX2), else a plain one. The caller calls
+// stream_fence before other threads read what it stored.
 template <typename T>
-C10_ALWAYS_INLINE void stream_store(T* p, const Vec<T>& v);
+C10_ALWAYS_INLINE void stream_store(T* p, const Vec<T>& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) return _mm512_stream_ps(p, v);
+  if constexpr (std::is_same_v<T, double>) return _mm512_stream_pd(p, v);
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) return _mm256_stream_ps(p, v);
+  if constexpr (std::is_same_v<T, double>) return _mm256_stream_pd(p, v);
+#endif
+  v.store(p);
+}
+
+// Orders the non-temporal stores before it (stream_store) before the stores after it.
+C10_ALWAYS_INLINE void stream_fence() {
+#if defined(__x86_64__)
+  _mm_sfence();
+#endif
+}
+
+// Size of an output from which a kernel stores its values non-temporally (stream_store): such an
+// output does not stay in cache for its reader anyway, and plain stores read every line before
+// writing it and evict what the caches held (panel_matmul.cpp says what it saved there; python -m
+// bench.step_effect times the selective scan with and without).
+constexpr int64_t kStreamBytes = int64_t{1} << 20;
+
+// Whether a kernel stores an output of this many bytes non-temporally: from kStreamBytes on, or
+// as RNNKERNELS_CPU_STREAM=1 or 0 forces (read on every call; python -m bench.step_effect times
+// the selective scan both ways).
+inline bool stream_output(int64_t bytes) {
+  const char* forced = std::getenv("RNNKERNELS_CPU_STREAM");
+  if (forced != nullptr && (std::strcmp(forced, "0") == 0 || std::strcmp(forced, "1") == 0)) {
+    return forced[0] == '1';
+  }
+  return bytes >= kStreamBytes;
+}
 
 // Rows j < nc of dst (row stride ld, len values) = lane j of src (len x W). With stream, whole
 // tiles whose rows start on a vector's alignment are stored non-temporally (stream_store; the
@@ -342,45 +378,6 @@ void for_each_task(int64_t n, int64_t grain, const MakeWork& make_work, const F&
       f(work, i);
     }
   });
-}
-
-// Size of an output from which a kernel stores its values non-temporally (stream_store): such an
-// output does not stay in cache for its reader anyway, and plain stores read every line before
-// writing it and evict what the caches held (see panel_matmul.cpp and selective_scan.cpp for
-// what it saved there).
-constexpr int64_t kStreamBytes = int64_t{1} << 20;
-
-// Whether a kernel stores an output of this many bytes non-temporally: from kStreamBytes on, or
-// as RNNKERNELS_CPU_STREAM=1 or 0 forces (read on every call; python -m bench.step_effect times
-// the selective scan both ways).
-inline bool stream_output(int64_t bytes) {
-  const char* forced = std::getenv("RNNKERNELS_CPU_STREAM");
-  if (forced != nullptr && (std::strcmp(forced, "0") == 0 || std::strcmp(forced, "1") == 0)) {
-    return forced[0] == '1';
-  }
-  return bytes >= kStreamBytes;
-}
-
-// v stored at p (aligned to the vector's size) with a non-temporal store where the instruction
-// set has one for T (float and double on AVX-512 and AVX2), else a plain one. The caller calls
-// stream_fence before other threads read what it stored.
-template <typename T>
-C10_ALWAYS_INLINE void stream_store(T* p, const Vec<T>& v) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<T, float>) return _mm512_stream_ps(p, v);
-  if constexpr (std::is_same_v<T, double>) return _mm512_stream_pd(p, v);
-#elif defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<T, float>) return _mm256_stream_ps(p, v);
-  if constexpr (std::is_same_v<T, double>) return _mm256_stream_pd(p, v);
-#endif
-  v.store(p);
-}
-
-// Orders the non-temporal stores before it (stream_store) before the stores after it.
-C10_ALWAYS_INLINE void stream_fence() {
-#if defined(__x86_64__)
-  _mm_sfence();
-#endif
 }
 
 // A prefetch of p's cache line into L2 (prefetcht1). As inline asm, because GCC counts a

@@ -1049,9 +1049,8 @@ selective_scan_bwd_cpu(const Tensor& grad_out, const std::optional<Tensor>& grad
     grad_A = at::empty({p.dim, p.N}, acc_opts);
     if (!in.B_var) grad_B = at::empty({p.dim, p.N}, acc_opts);
     if (!in.C_var) grad_C = at::empty({p.dim, p.N}, acc_opts);
-    grad_D = at::empty({in.D.defined() ? p.dim : 0}, in.D.defined() ? acc_opts : absent);
-    grad_bias = at::empty({in.delta_bias.defined() ? p.dim : 0},
-                          in.delta_bias.defined() ? acc_opts : absent);
+    grad_D = in.D.defined() ? at::empty({p.dim}, acc_opts) : at::empty({0}, absent);
+    grad_bias = in.delta_bias.defined() ? at::empty({p.dim}, acc_opts) : at::empty({0}, absent);
     grad_x0 = in.x0.defined() ? at::empty({p.batch, p.dim, p.N}, acc_opts)
                               : at::empty({0}, absent);
     // The gradients summed over batch rows, and the initial state's, once every super is done.
