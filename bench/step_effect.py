@@ -1,6 +1,6 @@
-"""python -m bench.step_effect: the CPU selective scan's training step with each of two of its
+"""python -m bench.step_effect: the CPU selective scan's training step with each of three of its
 fixed-cost remedies undone: the Python autograd.Function instead of the C++ autograd node, plain
-stores instead of non-temporal ones.
+stores instead of non-temporal ones, lane buffers allocated on every call instead of kept.
 
 In plain eager mode ``ops.selective_scan`` records a C++ autograd node for the C++ ops
 (csrc/selective_scan_autograd.cpp; ``CPP_AUTOGRAD_BACKENDS`` in rnnkernels/ops/selective_scan.py),
@@ -8,14 +8,16 @@ so that the step's autograd path has no Python in it; without the backend in tha
 the Python autograd.Function of rnnkernels/ops/_autograd.py instead. The CPU kernels store out and
 the input gradients non-temporally from 1 MB each (``lanes::stream_output``; plain stores read
 every line first and evict what the caches held, which the step's Python then misses);
-``RNNKERNELS_CPU_STREAM=0`` forces plain stores. At the selective_scan suite's training shape and
-a small one, where the step's fixed costs show, this tool times the step (forward and
-``torch.autograd.grad``) by default and with each remedy undone, in turns in one process, in short
-rounds (:func:`bench.timing.interleaved_times`), each checked first against the float64 PyTorch
-loop, as the suite checks ours. With ``--between MB`` every call is preceded by writes to that
-many MB of other memory, as a model's other layers make between two calls of one layer (the
-suite's back-to-back calls find their output buffers still cached); the writes are timed alone in
-the same rounds and their median subtracted.
+``RNNKERNELS_CPU_STREAM=0`` forces plain stores. The kernels' threads keep the lane buffers they
+free for their next call (``lanes::FreedBuffers``); ``rnnkernels._cpu_cache.keep_lane_buffers``
+turns that off. At the selective_scan suite's training shape and a small one, where the step's
+fixed costs show, this tool times the step (forward and ``torch.autograd.grad``) by default and
+with each remedy undone, in turns in one process, in short rounds
+(:func:`bench.timing.interleaved_times`), each checked first against the float64 PyTorch loop, as
+the suite checks ours. With ``--between MB`` every call is preceded by writes to that many MB of
+other memory, as a model's other layers make between two calls of one layer (the suite's
+back-to-back calls find their output buffers still cached); the writes are timed alone in the
+same rounds and their median subtracted.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
+from rnnkernels._cpu_cache import keep_lane_buffers
 from rnnkernels.ops.selective_scan import CPP_AUTOGRAD_BACKENDS
 
 from . import configs, env
@@ -53,22 +56,37 @@ def python_autograd() -> Iterator[None]:
         CPP_AUTOGRAD_BACKENDS.add("cpu")
 
 
+@contextlib.contextmanager
+def fresh_lane_buffers() -> Iterator[None]:
+    """The CPU kernels' lane buffers allocated and freed on every call while the block runs."""
+    keep_lane_buffers(False)
+    try:
+        yield
+    finally:
+        keep_lane_buffers(True)
+
+
 def measure(dims: dict[str, int], min_time_s: float, between_mb: int = 0
             ) -> list[tuple[str, float]]:
     """(contender, median seconds) of the training step at ``dims`` (batch, dim, L, N) by
-    default, with the Python Function and with plain stores, each checked against float64
-    first; with ``between_mb``, each call after writes to that many MB, whose own median is
-    subtracted."""
+    default, with the Python Function, with plain stores and with fresh lane buffers, each
+    checked against float64 first; with ``between_mb``, each call after writes to that many MB,
+    whose own median is subtracted."""
     train_step, expected = cpu_train_case(dims)
 
     def with_python() -> list[Tensor]:
         with python_autograd():
             return train_step()
 
+    def with_fresh_buffers() -> list[Tensor]:
+        with fresh_lane_buffers():
+            return train_step()
+
     timed: dict[str, Callable[[], list[Tensor]]] = {
         "default": forced(train_step, None, STREAM_VARIABLE),
         "Python Function": forced(with_python, None, STREAM_VARIABLE),
-        "plain stores": forced(train_step, "0", STREAM_VARIABLE)}
+        "plain stores": forced(train_step, "0", STREAM_VARIABLE),
+        "fresh lane buffers": forced(with_fresh_buffers, None, STREAM_VARIABLE)}
     unchecked: dict[str, Callable[[], object]] = {}
     if between_mb:
         other = torch.empty(between_mb << 18)

@@ -116,6 +116,9 @@ TORCH_LIBRARY(rnnkernels, m) {
   m.def("cpu_cache_bytes() -> int");
   m.def("cpu_cache_set_limit(int limit_bytes) -> int");
   m.def("cpu_cache_empty() -> int");
+  // whether the CPU kernels' threads keep their freed lane buffers for their next calls
+  // (lanes::FreedBuffers in csrc/cpu/lanes.h); returns the previous setting.
+  m.def("cpu_keep_lane_buffers(bool keep) -> bool");
   // a^T b for a (R, M) and b (R, N) of one dtype on the CPU: a weight gradient's reduction over
   // R rows (the input projection's, from Python), through oneDNN where it is preferred.
   m.def("mm_tn(Tensor a, Tensor b) -> Tensor");

@@ -6,6 +6,10 @@ size, as the CUDA caching allocator does on a GPU: without it, glibc gives buffe
 back to the kernel when freed, and every training step pays a page fault per 4 KiB to have them
 zeroed again. Buffers under 1 MiB come from torch's allocator as usual. The cache holds at most
 a limit of free bytes (256 MiB unless set), releasing the least recently freed beyond it.
+
+The kernels' smaller scratch (per-thread lane buffers) is kept apart: each thread keeps the
+buffers it frees, up to 4 MiB, for its next call (lanes::FreedBuffers in csrc/cpu/lanes.h);
+:func:`keep_lane_buffers` turns that off and on.
 """
 
 from __future__ import annotations
@@ -35,3 +39,12 @@ def empty_cpu_cache() -> int:
     """Releases every freed buffer the CPU cache holds to the system; returns the bytes
     released. Buffers still in use by tensors are untouched."""
     return int(torch.ops.rnnkernels.cpu_cache_empty())
+
+
+def keep_lane_buffers(keep: bool) -> bool:
+    """Sets whether the CPU kernels' threads keep the lane buffers they free for their next calls
+    (on unless set; off, every call allocates and frees its own, as a memory checker wants), and
+    returns the previous setting. Buffers kept before stay with their threads."""
+    if not isinstance(keep, bool):
+        raise TypeError(f"keep must be a bool, got {type(keep).__name__}")
+    return bool(torch.ops.rnnkernels.cpu_keep_lane_buffers(keep))

@@ -27,6 +27,7 @@ from bench.readme_table import main as readme_main
 from bench.recurrence import OPTION_VARIANTS, _Case
 from bench.timing import peak_memory
 from rnnkernels import ops
+from rnnkernels._cpu_cache import keep_lane_buffers
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -677,10 +678,11 @@ def test_chunk_effect_refuses_a_wrong_result(monkeypatch):
 
 
 def test_step_effect_rows(capsys, monkeypatch):
-    """python -m bench.step_effect at small shapes: per shape, the default, the Python Function
-    and plain stores, each checked, with times and the default's speed-up over each; inside
-    python_autograd the op records the Python Function, and the C++ node again after it; the
-    stream variable restored."""
+    """python -m bench.step_effect at small shapes: per shape, the default, the Python Function,
+    plain stores and fresh lane buffers, each checked, with times and the default's speed-up over
+    each; inside python_autograd the op records the Python Function, and the C++ node again after
+    it; inside fresh_lane_buffers keeping is off, and on again after it; the stream variable
+    restored."""
     from bench import step_effect
     from rnnkernels import ops
 
@@ -694,7 +696,7 @@ def test_step_effect_rows(capsys, monkeypatch):
     rows = [r for r in _table_rows(capsys.readouterr().out) if r[0] != "batch"]
     assert [r[:5] for r in rows] == [
         [*shape, name] for shape in (["1", "9", "70", "4"], ["2", "3", "5", "2"])
-        for name in ("default", "Python Function", "plain stores")]
+        for name in ("default", "Python Function", "plain stores", "fresh lane buffers")]
     for row in rows:
         base = next(float(r[5].removesuffix(" ms")) for r in rows
                     if r[:4] == row[:4] and r[4] == "default")
@@ -716,6 +718,10 @@ def test_step_effect_rows(capsys, monkeypatch):
     with step_effect.python_autograd():
         assert "SelectiveScanFunction" not in ops.selective_scan(*args).grad_fn.name()
     assert "SelectiveScanFunction" in ops.selective_scan(*args).grad_fn.name()
+    with step_effect.fresh_lane_buffers():
+        assert keep_lane_buffers(True) is False
+        keep_lane_buffers(False)
+    assert keep_lane_buffers(True) is True
 
 
 def test_matmul_effect_rows(capsys, monkeypatch):

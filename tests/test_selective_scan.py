@@ -212,6 +212,27 @@ def test_cpu_streamed_outputs_equal_per_row_runs():
         torch.testing.assert_close(grads[k], sum(r[1][k] for r in rows), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_kept_buffers_never_reach_results(threads):
+    """The CPU kernels' lane buffers are kept per thread from one call to the next
+    (lanes::FreedBuffers), with what the last call left in them: after a call whose every input
+    is NaN, the same shape (a partial block, a partial span) gives bit for bit what it gave
+    before it, out, last state and every gradient."""
+    inputs = make_inputs(batch=2, dim=37, L=CHUNK_SIZE["cpu"] * 9 + 21, N=16, form="grouped",
+                         groups=1, initial_state=True, dtype=torch.float32)
+    poisoned = {k: None if v is None else torch.full_like(v, math.nan) for k, v in inputs.items()}
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        first = run_with_grads(selective_scan, inputs)
+        assert run_with_grads(selective_scan, poisoned)[0].isnan().all()
+        again = run_with_grads(selective_scan, inputs)
+    finally:
+        torch.set_num_threads(before)
+    for x, y in zip([*first[:2], *first[2].values()], [*again[:2], *again[2].values()]):
+        assert torch.equal(x, y)
+
+
 @pytest.mark.parametrize("L", [64, 70])
 def test_cpu_forced_streaming_changes_no_value(L, monkeypatch):
     """RNNKERNELS_CPU_STREAM=1 (non-temporal stores of whole aligned tiles, whatever the size;

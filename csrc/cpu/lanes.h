@@ -31,20 +31,115 @@ namespace rnnkernels::cpu::lanes {
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
-// Allocator of cache-line-aligned storage for the kernels' lane buffers. std::vector's default
-// (malloc: 16-byte alignment) made every 64-byte vector load and store of a buffer straddle two
-// cache lines; in a standalone timing of the selective scan's backward recurrence on L1-resident
-// buffers, 16-byte-offset buffers took 19-24 cycles per step and state vector, 64-byte-aligned
-// ones 13-15.
+// Alignment of the kernels' lane buffers: a cache line.
+inline constexpr std::align_val_t kBufferAlign{64};
+
+// The lane buffers a thread has freed, kept for its next allocations of the same size, up to
+// kLimitBytes a thread (the earliest kept go first; a larger buffer is freed). A kernel's calls at
+// one shape allocate the same buffers on every call, each thread its own (the selective scan
+// about 25 a thread, 64-byte aligned, up to 256 KB each at N = 16: aligned allocation takes
+// glibc's slow path, and a large free consolidates and may trim its heap); kept, they come back
+// in a few comparisons, still mapped: python -m bench.step_effect times the selective scan's
+// training step with them kept and fresh (bench/results/cpu-2026-12-06-step-effect-buffers.md:
+// fresh 1.02x the time at batch 2, dim 256, L 512, N 16, 1.10x at batch 1, dim 64, L 64). A
+// thread's kept buffers are freed when it exits; a buffer freed after that (by a thread-local or
+// static object destroyed later) goes straight back to the system. set_keeping(false)
+// (rnnkernels._cpu_cache.keep_lane_buffers) turns keeping off for every thread: buffers are then
+// allocated and freed on every call, and those kept before stay with their threads until keeping
+// is turned on again.
+class FreedBuffers {
+ public:
+  static constexpr std::size_t kLimitBytes = std::size_t{4} << 20;
+
+  // A kept buffer of exactly `bytes` (the most recently kept), or a new one.
+  static void* take(std::size_t bytes) {
+    FreedBuffers* kept = keeping() ? of_this_thread() : nullptr;
+    return kept != nullptr ? kept->take_kept(bytes) : ::operator new(bytes, kBufferAlign);
+  }
+  // Keeps p, a buffer of `bytes` from take, for the calling thread's next takes.
+  static void give(void* p, std::size_t bytes) {
+    FreedBuffers* kept = keeping() ? of_this_thread() : nullptr;
+    if (kept != nullptr) {
+      kept->keep(p, bytes);
+    } else {
+      ::operator delete(p, kBufferAlign);
+    }
+  }
+  // Whether threads keep their freed buffers (initially true); returns the previous setting.
+  static bool set_keeping(bool keep) { return keeping_.exchange(keep, std::memory_order_relaxed); }
+
+  FreedBuffers(const FreedBuffers&) = delete;
+  FreedBuffers& operator=(const FreedBuffers&) = delete;
+
+ private:
+  struct Block {
+    void* p;
+    std::size_t bytes;
+  };
+
+  explicit FreedBuffers(bool* gone) : gone_(gone) {}
+  ~FreedBuffers() {
+    for (const Block& b : blocks_) ::operator delete(b.p, kBufferAlign);
+    *gone_ = true;
+  }
+
+  // The calling thread's, or null once it has been destroyed (the flag is trivially
+  // destructible: readable to the end of the thread).
+  static bool keeping() { return keeping_.load(std::memory_order_relaxed); }
+
+  static FreedBuffers* of_this_thread() {
+    thread_local bool gone = false;
+    if (gone) return nullptr;
+    thread_local FreedBuffers kept(&gone);
+    return &kept;
+  }
+
+  void* take_kept(std::size_t bytes) {
+    for (std::size_t i = blocks_.size(); i-- > 0;) {
+      if (blocks_[i].bytes == bytes) {
+        void* p = blocks_[i].p;
+        blocks_.erase(blocks_.begin() + static_cast<std::ptrdiff_t>(i));
+        held_ -= bytes;
+        return p;
+      }
+    }
+    return ::operator new(bytes, kBufferAlign);
+  }
+
+  void keep(void* p, std::size_t bytes) {
+    if (bytes > kLimitBytes) {
+      ::operator delete(p, kBufferAlign);
+      return;
+    }
+    std::size_t evicted = 0;
+    while (held_ + bytes > kLimitBytes) {
+      held_ -= blocks_[evicted].bytes;
+      ::operator delete(blocks_[evicted++].p, kBufferAlign);
+    }
+    blocks_.erase(blocks_.begin(), blocks_.begin() + static_cast<std::ptrdiff_t>(evicted));
+    blocks_.push_back({p, bytes});
+    held_ += bytes;
+  }
+
+  static inline std::atomic<bool> keeping_{true};
+  bool* gone_;
+  std::vector<Block> blocks_;
+  std::size_t held_ = 0;
+};
+
+// Allocator of cache-line-aligned storage for the kernels' lane buffers, through the calling
+// thread's FreedBuffers. std::vector's default (malloc: 16-byte alignment) made every 64-byte
+// vector load and store of a buffer straddle two cache lines; in a standalone timing of the
+// selective scan's backward recurrence on L1-resident buffers, 16-byte-offset buffers took 19-24
+// cycles per step and state vector, 64-byte-aligned ones 13-15.
 template <typename T>
 struct CacheAligned {
   using value_type = T;
-  static constexpr std::align_val_t kAlign{64};
   CacheAligned() = default;
   template <typename U>
   CacheAligned(const CacheAligned<U>&) {}  // NOLINT: allocators convert implicitly
-  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), kAlign)); }
-  void deallocate(T* p, std::size_t) { ::operator delete(p, kAlign); }
+  T* allocate(std::size_t n) { return static_cast<T*>(FreedBuffers::take(n * sizeof(T))); }
+  void deallocate(T* p, std::size_t n) { FreedBuffers::give(p, n * sizeof(T)); }
   // Elements are default-initialised: numbers are left as the allocation found them, not
   // zeroed (std::allocator's value-initialisation). Every buffer is written before it is read
   // (the whole test suite passed with every new float and double element set to NaN), and the

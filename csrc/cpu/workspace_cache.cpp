@@ -1,5 +1,7 @@
 #include "workspace_cache.h"
 
+#include "lanes.h"
+
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <torch/library.h>
@@ -221,6 +223,7 @@ at::Tensor cached_empty(at::IntArrayRef sizes, const at::TensorOptions& options)
 int64_t cache_cached_bytes() { return cache().cached(); }
 int64_t cache_set_limit(int64_t limit_bytes) { return cache().set_limit(limit_bytes); }
 int64_t cache_empty() { return cache().empty(); }
+bool keep_lane_buffers(bool keep) { return lanes::FreedBuffers::set_keeping(keep); }
 
 }  // namespace rnnkernels::cpu
 
@@ -229,4 +232,5 @@ TORCH_LIBRARY_IMPL(rnnkernels, CompositeExplicitAutograd, m) {
   m.impl("cpu_cache_bytes", &rnnkernels::cpu::cache_cached_bytes);
   m.impl("cpu_cache_set_limit", &rnnkernels::cpu::cache_set_limit);
   m.impl("cpu_cache_empty", &rnnkernels::cpu::cache_empty);
+  m.impl("cpu_keep_lane_buffers", &rnnkernels::cpu::keep_lane_buffers);
 }
