@@ -1020,27 +1020,27 @@ selective_scan_bwd_cpu(const Tensor& grad_out, const std::optional<Tensor>& grad
     constexpr int64_t W = Vec<T>::size();
     const Scan<S, T> p = make_scan<S, T>(in, B_grouped, C_grouped, delta_softplus, chunk_size);
     const int64_t tasks = p.tasks(), NW = p.N * W;
-    Tensor h = at::zeros({tasks, NW}, acc_opts);
+    // The backward's own scratch as lane buffers (kept by the thread for its next call, see
+    // lanes::FreedBuffers), not tensors: each at::zeros cost microseconds a call.
+    Buffer<T> h(tasks * NW, T(0));
     if (given(grad_last_state)) {
       const Tensor gl = grad_last_state->to(at_).contiguous();
       const T* src = gl.data_ptr<T>();
-      T* dst = h.data_ptr<T>();
       for (int64_t i = 0; i < tasks; ++i) {
         const Block blk = block_of(p, i);
-        load_state(dst + i * NW, src + (blk.b * p.dim + blk.d0) * p.N, p.N, blk.nc);
+        load_state(h.data() + i * NW, src + (blk.b * p.dim + blk.d0) * p.N, p.N, blk.nc);
       }
     }
-    Tensor dA = at::zeros({tasks, NW}, acc_opts);
-    Tensor dB_fixed = in.B_var ? Tensor() : at::zeros({tasks, NW}, acc_opts);
-    Tensor dC_fixed = in.C_var ? Tensor() : at::zeros({tasks, NW}, acc_opts);
-    Tensor dB_part = in.B_var ? at::empty({p.supers(), p.L * p.N}, acc_opts) : Tensor();
-    Tensor dC_part = in.C_var ? at::empty({p.supers(), p.L * p.N}, acc_opts) : Tensor();
-    Tensor dD = at::zeros({tasks, W}, acc_opts), dbias = at::zeros({tasks, W}, acc_opts);
-    auto ptr = [](Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
+    Buffer<T> dA(tasks * NW, T(0));
+    Buffer<T> dB_fixed(in.B_var ? 0 : tasks * NW, T(0));
+    Buffer<T> dC_fixed(in.C_var ? 0 : tasks * NW, T(0));
+    Buffer<T> dB_part(in.B_var ? p.supers() * p.L * p.N : 0);
+    Buffer<T> dC_part(in.C_var ? p.supers() * p.L * p.N : 0);
+    Buffer<T> dD(tasks * W, T(0)), dbias(tasks * W, T(0));
+    auto ptr = [](Buffer<T>& b) { return b.empty() ? nullptr : b.data(); };
     const Grads<S, T> gr{
         gout.data_ptr<S>(), ckpt.data_ptr<T>(),
-        Carried<T>{h.data_ptr<T>(), dA.data_ptr<T>(), ptr(dB_fixed), ptr(dC_fixed),
-                   dD.data_ptr<T>(), dbias.data_ptr<T>()},
+        Carried<T>{h.data(), dA.data(), ptr(dB_fixed), ptr(dC_fixed), dD.data(), dbias.data()},
         ptr(dB_part), ptr(dC_part), grad_u.data_ptr<S>(), grad_delta.data_ptr<S>(),
         in.z.defined() ? grad_z.data_ptr<S>() : nullptr};
     S* gB = in.B_var ? grad_B.data_ptr<S>() : nullptr;
@@ -1055,15 +1055,15 @@ selective_scan_bwd_cpu(const Tensor& grad_out, const std::optional<Tensor>& grad
                               : at::empty({0}, absent);
     // The gradients summed over batch rows, and the initial state's, once every super is done.
     auto finish = [&] {
-      sum_over_batch(p, dA.data_ptr<T>(), p.N, grad_A.data_ptr<T>());
-      if (!in.B_var) sum_over_batch(p, dB_fixed.data_ptr<T>(), p.N, grad_B.data_ptr<T>());
-      if (!in.C_var) sum_over_batch(p, dC_fixed.data_ptr<T>(), p.N, grad_C.data_ptr<T>());
-      if (in.D.defined()) sum_over_batch(p, dD.data_ptr<T>(), 0, grad_D.data_ptr<T>());
+      sum_over_batch(p, dA.data(), p.N, grad_A.data_ptr<T>());
+      if (!in.B_var) sum_over_batch(p, dB_fixed.data(), p.N, grad_B.data_ptr<T>());
+      if (!in.C_var) sum_over_batch(p, dC_fixed.data(), p.N, grad_C.data_ptr<T>());
+      if (in.D.defined()) sum_over_batch(p, dD.data(), 0, grad_D.data_ptr<T>());
       if (in.delta_bias.defined()) {
-        sum_over_batch(p, dbias.data_ptr<T>(), 0, grad_bias.data_ptr<T>());
+        sum_over_batch(p, dbias.data(), 0, grad_bias.data_ptr<T>());
       }
       if (in.x0.defined()) {
-        const T* src = h.data_ptr<T>();
+        const T* src = h.data();
         T* dst = grad_x0.data_ptr<T>();
         for (int64_t i = 0; i < tasks; ++i) {
           const Block blk = block_of(p, i);
