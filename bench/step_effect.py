@@ -9,7 +9,7 @@ the Python autograd.Function of rnnkernels/ops/_autograd.py instead. The CPU ker
 the input gradients non-temporally from 1 MB each (``lanes::stream_output``; plain stores read
 every line first and evict what the caches held, which the step's Python then misses);
 ``RNNKERNELS_CPU_STREAM=0`` forces plain stores. The kernels' threads keep the lane buffers they
-free for their next call (``lanes::FreedBuffers``); ``rnnkernels._cpu_cache.keep_lane_buffers``
+free for their next call (``lanes::FreedBuffers``); ``rnnkernels.keep_cpu_lane_buffers``
 turns that off. At the selective_scan suite's training shape and a small one, where the step's
 fixed costs show, this tool times the step (forward and ``torch.autograd.grad``) by default and
 with each remedy undone, in turns in one process, in short rounds
@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-from rnnkernels._cpu_cache import keep_lane_buffers
+from rnnkernels import keep_cpu_lane_buffers
 from rnnkernels.ops.selective_scan import CPP_AUTOGRAD_BACKENDS
 
 from . import configs, env
@@ -59,11 +59,11 @@ def python_autograd() -> Iterator[None]:
 @contextlib.contextmanager
 def fresh_lane_buffers() -> Iterator[None]:
     """The CPU kernels' lane buffers allocated and freed on every call while the block runs."""
-    keep_lane_buffers(False)
+    keep_cpu_lane_buffers(False)
     try:
         yield
     finally:
-        keep_lane_buffers(True)
+        keep_cpu_lane_buffers(True)
 
 
 def measure(dims: dict[str, int], min_time_s: float, between_mb: int = 0

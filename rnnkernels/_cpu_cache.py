@@ -9,7 +9,7 @@ a limit of free bytes (256 MiB unless set), releasing the least recently freed b
 
 The kernels' smaller scratch (per-thread lane buffers) is kept apart: each thread keeps the
 buffers it frees, up to 4 MiB, for its next call (lanes::FreedBuffers in csrc/cpu/lanes.h);
-:func:`keep_lane_buffers` turns that off and on.
+:func:`keep_cpu_lane_buffers` turns that off and on.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def empty_cpu_cache() -> int:
     return int(torch.ops.rnnkernels.cpu_cache_empty())
 
 
-def keep_lane_buffers(keep: bool) -> bool:
+def keep_cpu_lane_buffers(keep: bool) -> bool:
     """Sets whether the CPU kernels' threads keep the lane buffers they free for their next calls
     (on unless set; off, every call allocates and frees its own, as a memory checker wants), and
     returns the previous setting. Buffers kept before stay with their threads."""

@@ -26,8 +26,7 @@ from bench.readme_table import BEGIN, END
 from bench.readme_table import main as readme_main
 from bench.recurrence import OPTION_VARIANTS, _Case
 from bench.timing import peak_memory
-from rnnkernels import ops
-from rnnkernels._cpu_cache import keep_lane_buffers
+from rnnkernels import keep_cpu_lane_buffers, ops
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -719,9 +718,9 @@ def test_step_effect_rows(capsys, monkeypatch):
         assert "SelectiveScanFunction" not in ops.selective_scan(*args).grad_fn.name()
     assert "SelectiveScanFunction" in ops.selective_scan(*args).grad_fn.name()
     with step_effect.fresh_lane_buffers():
-        assert keep_lane_buffers(True) is False
-        keep_lane_buffers(False)
-    assert keep_lane_buffers(True) is True
+        assert keep_cpu_lane_buffers(True) is False
+        keep_cpu_lane_buffers(False)
+    assert keep_cpu_lane_buffers(True) is True
 
 
 def test_matmul_effect_rows(capsys, monkeypatch):

@@ -14,7 +14,7 @@ import torch
 from conftest import assert_close
 
 import rnnkernels
-from rnnkernels._cpu_cache import keep_lane_buffers
+from rnnkernels import keep_cpu_lane_buffers
 
 # An LSTM whose output (T, B, H) and saved gates (T, B, 4H) are 1 MiB and more in float32: the
 # buffers the cache serves (smaller ones come from torch's allocator).
@@ -179,20 +179,20 @@ def test_scans_reuse_cached_buffers_with_the_same_results(op):
 
 
 def test_lane_buffers_kept_or_fresh_give_the_same_results():
-    """keep_lane_buffers switches the kernels' threads between keeping their freed lane buffers
+    """keep_cpu_lane_buffers switches the kernels' threads between keeping their freed lane buffers
     (the default) and allocating them on every call, returning the previous setting; the
     results are the same bit for bit either way. A non-bool is refused by name."""
     with rnnkernels.use_backend("cpu"):
         kept = _scan_step("selective_scan")
-        assert keep_lane_buffers(False) is True
+        assert keep_cpu_lane_buffers(False) is True
         try:
             fresh = _scan_step("selective_scan")
         finally:
-            assert keep_lane_buffers(True) is False
+            assert keep_cpu_lane_buffers(True) is False
     for a, b in zip(kept, fresh):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     with pytest.raises(TypeError, match="keep"):
-        keep_lane_buffers(1)
+        keep_cpu_lane_buffers(1)
 
 
 def test_cached_buffers_show_in_the_memory_profiler():

@@ -44,7 +44,7 @@ inline constexpr std::align_val_t kBufferAlign{64};
 // fresh 1.01x the time at batch 2, dim 256, L 512, N 16, 1.10x at batch 1, dim 64, L 64). A
 // thread's kept buffers are freed when it exits; a buffer freed after that (by a thread-local or
 // static object destroyed later) goes straight back to the system. set_keeping(false)
-// (rnnkernels._cpu_cache.keep_lane_buffers) turns keeping off for every thread: buffers are then
+// (rnnkernels.keep_cpu_lane_buffers) turns keeping off for every thread: buffers are then
 // allocated and freed on every call, and those kept before stay with their threads until keeping
 // is turned on again.
 class FreedBuffers {

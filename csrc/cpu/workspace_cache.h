@@ -32,7 +32,7 @@ at::Tensor cached_empty(at::IntArrayRef sizes, const at::TensorOptions& options)
 int64_t cache_cached_bytes();
 int64_t cache_set_limit(int64_t limit_bytes);
 int64_t cache_empty();
-// The op behind rnnkernels._cpu_cache.keep_lane_buffers: whether the kernels' threads keep their
+// The op behind rnnkernels.keep_cpu_lane_buffers: whether the kernels' threads keep their
 // freed lane buffers (lanes::FreedBuffers); returns the previous setting.
 bool keep_lane_buffers(bool keep);
 
