@@ -41,7 +41,7 @@ inline constexpr std::align_val_t kBufferAlign{64};
 // glibc's slow path, and a large free consolidates and may trim its heap); kept, they come back
 // in a few comparisons, still mapped: python -m bench.step_effect times the selective scan's
 // training step with them kept and fresh (bench/results/cpu-2026-12-06-step-effect-buffers.md:
-// fresh 1.01x the time at batch 2, dim 256, L 512, N 16, 1.10x at batch 1, dim 64, L 64). A
+// fresh 1.02x the time at batch 2, dim 256, L 512, N 16, 1.12x at batch 1, dim 64, L 64). A
 // thread's kept buffers are freed when it exits; a buffer freed after that (by a thread-local or
 // static object destroyed later) goes straight back to the system. set_keeping(false)
 // (rnnkernels.keep_cpu_lane_buffers) turns keeping off for every thread: buffers are then
