@@ -30,10 +30,13 @@ A CPU recurrence cannot be faster than the work it must do at the rate this mach
 Prints, per case, the floor, our time and the share of the floor's speed it reaches (floor / ours),
 the baseline's time at the same shape in the same run (torch.nn for the recurrences, the PyTorch
 loop for the scan; timed in turns with ours), our speed-up over it, the largest speed-up that the
-floor allows, and the round trip between two threads just before and after the row's timing (the
+floor allows, the round trip between two threads just before and after the row's timing (the
 batch-1 recurrence's threads wait for each other at every step; on a virtual machine the trip
-moves with where the host places the virtual CPUs). Our result is checked against the baseline's
-before either is timed.
+moves with where the host places the virtual CPUs), and the page faults per call of ours and of
+the baseline while timed (in this fresh process, glibc maps a large buffer anew on every call
+where a suite's run, after other cases, may reuse its heap: the PyTorch loop's large tensors can
+fault here and not there, which slows the baseline). Our result is checked against the
+baseline's before either is timed.
 """
 
 from __future__ import annotations
@@ -274,21 +277,29 @@ def round_trip_seconds(trips: int = 20000) -> float | None:
     return _compiled_probes().round_trip_seconds(trips)
 
 
-def _ours_and_baseline(name: str, ours, theirs
-                       ) -> tuple[float, float, tuple[float | None, float | None]]:
+# What _ours_and_baseline measures: our median seconds, the baseline's, the threads' round trips
+# just before and just after the timing, and the minor page faults per call of ours and of the
+# baseline during it.
+Measured = tuple[float, float, tuple[float | None, float | None], tuple[float, float]]
+
+
+def _ours_and_baseline(name: str, ours, theirs) -> Measured:
     """Median seconds of the steps ``ours`` and ``theirs`` (each returning its results), timed in
-    turns after their results are compared, and the threads' round trip just before and just
-    after the timing."""
+    turns after their results are compared, the threads' round trip just before and just after
+    the timing, and each step's page faults per call (in this process's allocator state: a fresh
+    process maps a large buffer anew on every call, where the suite's run, after other cases,
+    may not)."""
     _check_close(name, [t.detach() for t in ours()], [t.detach() for t in theirs()])
     before = round_trip_seconds()
     mine, base = interleaved_times([ours, theirs], "cpu", 1.0)
-    return mine.median_s, base.median_s, (before, round_trip_seconds())
+    return (mine.median_s, base.median_s, (before, round_trip_seconds()),
+            (mine.faults_per_call or 0.0, base.faults_per_call or 0.0))
 
 
-def scan_seconds() -> tuple[float, float, tuple[float | None, float | None]]:
+def scan_seconds() -> Measured:
     """Median seconds of our selective scan's and the PyTorch loop's training step (the
-    selective_scan suite's contenders) at the cpu profile's shape, and the round trips around
-    their timing."""
+    selective_scan suite's contenders) at the cpu profile's shape, the round trips around
+    their timing and the page faults per call."""
     inputs, grad_out = selective_scan_inputs(configs.SELECTIVE_SCAN["cpu"].train, "cpu",
                                              torch.float32, torch.Generator().manual_seed(0),
                                              True)
@@ -342,12 +353,11 @@ def _module_step(module: torch.nn.Module, x: torch.Tensor, train: bool):
     return step
 
 
-def module_seconds(suite: str
-                   ) -> dict[str, tuple[float, float, tuple[float | None, float | None]]]:
+def module_seconds(suite: str) -> dict[str, Measured]:
     """Median seconds of our module and torch.nn's (the suites' torch.nn contender), the same
     weights, at the cpu profile's training step and batch-1 inference: mode -> (ours, theirs,
-    the round trips around their timing), timed here so that floor and times come from one
-    run."""
+    the round trips around their timing, the page faults per call), timed here so that floor
+    and times come from one run."""
     family = FAMILIES[suite]
     out = {}
     for mode, dims in (("train", configs.RECURRENCE["cpu"].train),
@@ -395,17 +405,21 @@ def main(argv: list[str] | None = None) -> int:
           "recurrences, the PyTorch loop for the scan, timed in turns with ours in this run. "
           "Round trip: between two threads, measured just before and just after the row's "
           "timing (the batch-1 recurrence's two threads exchange their parts of the state at "
-          "every step).\n")
+          "every step). Faults: minor page faults per call of ours and of the baseline while "
+          "timed, in this fresh process's allocator state (the suite's run, after other cases, "
+          "can differ: its `faults` column).\n")
     print("| case | floor | per-core stream rate | per-core multiply-adds | ours | floor / ours | "
-          "baseline | our speed-up | largest speed-up | target | round trip |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "baseline | our speed-up | largest speed-up | target | round trip | faults |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 
     def row(case: str, floor: float, rate: str, fma: str, ours: float, base: float,
-            trips: tuple[float | None, float | None], target: float) -> None:
+            trips: tuple[float | None, float | None], faults: tuple[float, float],
+            target: float) -> None:
         trip = "-" if None in trips else f"{trips[0] * 1e9:.0f} / {trips[1] * 1e9:.0f} ns"
         print(f"| {case} | {floor * 1e3:.3g} ms | {rate} | {fma} | {ours * 1e3:.3g} ms | "
               f"{floor / ours:.0%} | {base * 1e3:.4g} ms | {base / ours:.2f}x | "
-              f"{base / floor:.2f}x | {target:g}x | {trip} |")
+              f"{base / floor:.2f}x | {target:g}x | {trip} | "
+              f"{faults[0]:.0f} / {faults[1]:.0f} |")
 
     for suite in suites:
         if suite == "selective_scan":

@@ -408,13 +408,15 @@ def test_a_backend_that_fell_back_posts_no_time():
 def _roofline_rows(out: str, prefix: str) -> dict[str, list[float]]:
     """The rows of bench.roofline's table whose case starts with prefix: case -> (floor ms,
     ours ms, floor / ours, baseline ms, our speed-up, largest speed-up, target), checked to
-    agree with each other (and the round trips around the timing to be plausible)."""
+    agree with each other (and the round trips around the timing to be plausible, the page
+    faults per call of ours and the baseline counts)."""
     rows = {}
     for line in out.splitlines():
         if not line.startswith(f"| {prefix}"):
             continue
-        case, floor, _, _, ours, share, base, speedup, best, target, trips = (
+        case, floor, _, _, ours, share, base, speedup, best, target, trips, faults = (
             c.strip() for c in line.split("|")[1:-1])
+        assert all(int(f) >= 0 for f in faults.split(" / ")), faults
         if torch.get_num_threads() < 2:
             assert trips == "-"
         else:
