@@ -53,12 +53,12 @@ class FreedBuffers {
 
   // A kept buffer of exactly `bytes` (the most recently kept), or a new one.
   static void* take(std::size_t bytes) {
-    FreedBuffers* kept = keeping() ? of_this_thread() : nullptr;
+    FreedBuffers* kept = of_this_thread();
     return kept != nullptr ? kept->take_kept(bytes) : ::operator new(bytes, kBufferAlign);
   }
   // Keeps p, a buffer of `bytes` from take, for the calling thread's next takes.
   static void give(void* p, std::size_t bytes) {
-    FreedBuffers* kept = keeping() ? of_this_thread() : nullptr;
+    FreedBuffers* kept = of_this_thread();
     if (kept != nullptr) {
       kept->keep(p, bytes);
     } else {
@@ -83,13 +83,11 @@ class FreedBuffers {
     *gone_ = true;
   }
 
-  // The calling thread's, or null once it has been destroyed (the flag is trivially
-  // destructible: readable to the end of the thread).
-  static bool keeping() { return keeping_.load(std::memory_order_relaxed); }
-
+  // The calling thread's, or null while keeping is off or once it has been destroyed (the flag
+  // is trivially destructible: readable to the end of the thread).
   static FreedBuffers* of_this_thread() {
     thread_local bool gone = false;
-    if (gone) return nullptr;
+    if (gone || !keeping_.load(std::memory_order_relaxed)) return nullptr;
     thread_local FreedBuffers kept(&gone);
     return &kept;
   }
