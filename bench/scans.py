@@ -24,7 +24,7 @@ from rnnkernels import ops
 from . import configs, mamba
 from .core import CaseSpec, Contender, Prepared, Step, Target, standard_specs
 from .loops import chunked_float64, linear_scan_loop, selective_scan_loop
-from .recurrence import our_backends, seed_of, unavailable_reason
+from .recurrence import forcing, our_backends, seed_of, unavailable_reason
 
 # Speed-up of the selective scan's training step over the PyTorch loop on the CPU (issue 5).
 SELECTIVE_SCAN_CPU_TARGET = 100.0
@@ -135,7 +135,9 @@ class _ScanSuite:
                 out.append(Contender(name, "ours", backend, unavailable=reason))
                 continue
             out.append(Contender(name, "ours", backend,
-                                 lambda b=backend: _train_step(fn, inputs, grad_out, b)))
+                                 lambda b=backend: _train_step(
+                                     fn, inputs, grad_out,
+                                     forcing(self.family, b, spec.device, spec.dtype))))
         return out
 
     @staticmethod

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import rnnkernels
 from bench import check, configs, loops, report, runner, timing
 from bench.__main__ import main as bench_main
 from bench.core import Result, Target
@@ -403,6 +404,19 @@ def test_a_backend_that_fell_back_posts_no_time():
     baseline = runner.run_contender(spec, prepared, Contender("torch", "torch.nn", "", build),
                                     0.001, 1e9)
     assert baseline.status == "ok"
+
+
+def test_ours_forces_its_backend_only_where_a_plain_call_picks_another():
+    """A contender of ours times a user's plain call where an unforced call picks its backend
+    (no use_backend context around the step), and forces its backend elsewhere."""
+    from bench.recurrence import forcing
+
+    assert forcing("selective_scan", "cpu", "cpu", torch.float32) is None
+    assert forcing("recurrence", "cpu", "cpu", torch.float32) is None
+    assert forcing("selective_scan", "reference", "cpu", torch.float32) == "reference"
+    assert forcing("recurrence", None, "cpu", torch.float32) is None
+    with rnnkernels.use_backend("reference"):
+        assert forcing("selective_scan", "cpu", "cpu", torch.float32) == "cpu"
 
 
 def _roofline_rows(out: str, prefix: str) -> dict[str, list[float]]:
