@@ -91,13 +91,19 @@ def selective_scan_inputs(dims: dict[str, int], device: str, dtype: torch.dtype,
     return inputs, (randn(batch, dim, L) if train else None)
 
 
+def cpu_train_inputs(dims: dict[str, int]) -> tuple[list[Tensor], Tensor]:
+    """The inputs and output gradient of :func:`cpu_train_case`'s step at dims (seeded: the
+    same tensors on every call)."""
+    gen = torch.Generator().manual_seed(0)
+    return selective_scan_inputs(dims, "cpu", torch.float32, gen, True)
+
+
 def cpu_train_case(dims: dict[str, int]) -> tuple[Step, list[Tensor]]:
     """The CPU float32 training step of ``ops.selective_scan`` with softplus at dims (batch,
     dim, L, N), the suite's inputs (time-varying B and C, D, z, delta_bias), and its expected
     results (out and every gradient, by the float64 PyTorch loop): for the tools that time
     variants of our op (bench.chunk_effect, bench.step_effect)."""
-    gen = torch.Generator().manual_seed(0)
-    inputs, grad_out = selective_scan_inputs(dims, "cpu", torch.float32, gen, True)
+    inputs, grad_out = cpu_train_inputs(dims)
 
     def loop(*args: Tensor) -> Tensor:
         return selective_scan_loop(*args, delta_softplus=True)

@@ -1,6 +1,8 @@
 """python -m bench.step_effect: the CPU selective scan's training step with each of three of its
 fixed-cost remedies undone: the Python autograd.Function instead of the C++ autograd node, plain
-stores instead of non-temporal ones, lane buffers allocated on every call instead of kept.
+stores instead of non-temporal ones, lane buffers allocated on every call instead of kept; and
+its two kernels alone, called straight through their ops, without the Python function's checks
+and backend choice and without autograd: what the step costs beyond its kernels.
 
 In plain eager mode ``ops.selective_scan`` records a C++ autograd node for the C++ ops
 (csrc/selective_scan_autograd.cpp; ``CPP_AUTOGRAD_BACKENDS`` in rnnkernels/ops/selective_scan.py),
@@ -11,8 +13,9 @@ every line first and evict what the caches held, which the step's Python then mi
 ``RNNKERNELS_CPU_STREAM=0`` forces plain stores. The kernels' threads keep the lane buffers they
 free for their next call (``lanes::FreedBuffers``); ``rnnkernels.keep_cpu_lane_buffers``
 turns that off. At the selective_scan suite's training shape and a small one, where the step's
-fixed costs show, this tool times the step (forward and ``torch.autograd.grad``) by default and
-with each remedy undone, in turns in one process, in short rounds
+fixed costs show, this tool times the step (forward and ``torch.autograd.grad``) by default,
+with each remedy undone and as its kernels alone (below 1x: the share of the step's time the
+kernels take), in turns in one process, in short rounds
 (:func:`bench.timing.interleaved_times`), each checked first against the float64 PyTorch loop, as
 the suite checks ours. With ``--between MB`` every call is preceded by writes to that many MB of
 other memory, as a model's other layers make between two calls of one layer (the suite's
@@ -30,11 +33,11 @@ import torch
 from torch import Tensor
 
 from rnnkernels import keep_cpu_lane_buffers
-from rnnkernels.ops.selective_scan import CPP_AUTOGRAD_BACKENDS
+from rnnkernels.ops.selective_scan import CPP_AUTOGRAD_BACKENDS, chunk_size
 
 from . import configs, env
 from .projection_effect import forced, time_checked
-from .scans import SelectiveScanSuite, cpu_train_case
+from .scans import SelectiveScanSuite, cpu_train_case, cpu_train_inputs
 
 # A shape whose kernels take microseconds: the step is mostly its fixed costs.
 SMALL_SHAPE = {"batch": 1, "dim": 64, "L": 64, "N": 16}
@@ -66,6 +69,22 @@ def fresh_lane_buffers() -> Iterator[None]:
         keep_cpu_lane_buffers(True)
 
 
+def kernels_alone(dims: dict[str, int]) -> Callable[[], list[Tensor]]:
+    """cpu_train_case's step at ``dims`` as its two kernels alone: the forward op (saving its
+    checkpoints) and the backward op, called through torch.ops with the arguments
+    ``ops.selective_scan`` gives them, no autograd; out and every gradient, as the step."""
+    inputs, grad_out = cpu_train_inputs(dims)
+    args = [t.detach() for t in inputs]
+    chunk = chunk_size("cpu", args[2].shape[1])
+    ops = torch.ops.rnnkernels
+
+    def step() -> list[Tensor]:
+        out, _, checkpoints = ops.selective_scan_fwd(*args, True, None, chunk, True)
+        grads = ops.selective_scan_bwd(grad_out, None, *args, True, None, checkpoints, chunk)
+        return [out, *grads[:len(args)]]
+    return step
+
+
 def measure(dims: dict[str, int], min_time_s: float, between_mb: int = 0
             ) -> list[tuple[str, float]]:
     """(contender, median seconds) of the training step at ``dims`` (batch, dim, L, N) by
@@ -86,7 +105,8 @@ def measure(dims: dict[str, int], min_time_s: float, between_mb: int = 0
         "default": forced(train_step, None, STREAM_VARIABLE),
         "Python Function": forced(with_python, None, STREAM_VARIABLE),
         "plain stores": forced(train_step, "0", STREAM_VARIABLE),
-        "fresh lane buffers": forced(with_fresh_buffers, None, STREAM_VARIABLE)}
+        "fresh lane buffers": forced(with_fresh_buffers, None, STREAM_VARIABLE),
+        "kernels alone": forced(kernels_alone(dims), None, STREAM_VARIABLE)}
     unchecked: dict[str, Callable[[], object]] = {}
     if between_mb:
         other = torch.empty(between_mb << 18)

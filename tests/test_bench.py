@@ -694,10 +694,10 @@ def test_chunk_effect_refuses_a_wrong_result(monkeypatch):
 
 def test_step_effect_rows(capsys, monkeypatch):
     """python -m bench.step_effect at small shapes: per shape, the default, the Python Function,
-    plain stores and fresh lane buffers, each checked, with times and the default's speed-up over
-    each; inside python_autograd the op records the Python Function, and the C++ node again after
-    it; inside fresh_lane_buffers keeping is off, and on again after it; the stream variable
-    restored."""
+    plain stores, fresh lane buffers and the kernels alone, each checked, with times and the
+    default's speed-up over each; inside python_autograd the op records the Python Function,
+    and the C++ node again after it; inside fresh_lane_buffers keeping is off, and on again after
+    it; the stream variable restored."""
     from bench import step_effect
     from rnnkernels import ops
 
@@ -711,7 +711,8 @@ def test_step_effect_rows(capsys, monkeypatch):
     rows = [r for r in _table_rows(capsys.readouterr().out) if r[0] != "batch"]
     assert [r[:5] for r in rows] == [
         [*shape, name] for shape in (["1", "9", "70", "4"], ["2", "3", "5", "2"])
-        for name in ("default", "Python Function", "plain stores", "fresh lane buffers")]
+        for name in ("default", "Python Function", "plain stores", "fresh lane buffers",
+                     "kernels alone")]
     for row in rows:
         base = next(float(r[5].removesuffix(" ms")) for r in rows
                     if r[:4] == row[:4] and r[4] == "default")
