@@ -311,7 +311,7 @@ void scan_states(int64_t len, int64_t ld, int64_t n0, T* x, const T* A, const T*
   if (len > 0) {
     const V dt0 = V::loadu(dt);
     RNNKERNELS_UNROLL
-    for (int j = 0; j < NB; ++j) an[j] = fast_exp2<T, kInRange>(dt0 * Ar[j]);
+    for (int j = 0; j < NB; ++j) an[j] = fast_exp2_product<T, kInRange>(dt0, Ar[j]);
   }
   const int64_t run = ck != nullptr ? every : len;
   for (int64_t t1 = 0; t1 < len; t1 += run) {
@@ -326,7 +326,7 @@ void scan_states(int64_t len, int64_t ld, int64_t n0, T* x, const T* A, const T*
       for (int j = 0; j < NB; ++j) {
         const int64_t n = n0 + j;
         const V a = an[j];
-        an[j] = fast_exp2<T, kInRange>(dtn * Ar[j]);
+        an[j] = fast_exp2_product<T, kInRange>(dtn, Ar[j]);
         if constexpr (kSave) a.store(as + (t * NB + j) * W);
         const V Bn = kBvar ? V(B[n * ld + t]) : V::loadu(B + n * W);
         xr[j] = at::vec::fmadd(a, xr[j], duv * Bn);
@@ -454,7 +454,7 @@ void backward_states(int64_t len, int64_t N, int64_t ld, int64_t n0, T* x, T* h,
   }
 }
 
-// Whether fast_exp2<T> clamps its argument (AVX2, float): only there does scan_states' kInRange
+// Whether fast_exp2_product<T> clamps its argument (AVX2, float): only there does scan_states' kInRange
 // change the code, so only there is the range checked and the variant without the clamp built.
 template <typename T>
 constexpr bool kExpClamps =

@@ -45,6 +45,21 @@ C10_ALWAYS_INLINE V exp2_poly(V f) {
   return at::vec::fmadd(q, f, V(1.f));
 }
 
+// 2^(g - 1/2) for g in [0, 1): exp2_poly's polynomial in f = g - 1/2, expanded in g (the
+// coefficients exact in double, then rounded to float). Against float64 over Mamba's typical
+// exponents (dt in [1e-3, 0.1], A in [-16, -1]), 2^(dt A log2(e)) through fast_exp2_product
+// errs by at most 2.5 ulp (mean -0.27 ulp) against fast_exp2's 3.1 ulp (mean -0.31): the error
+// of the shifted exponent w = dt A log2(e) + 1/2 is at most half an ulp of w, 2^-25 for |w| < 1.
+template <typename V>
+C10_ALWAYS_INLINE V exp2_shifted_poly(V g) {
+  V q(1.3264714507386088e-03f);
+  q = at::vec::fmadd(q, g, V(6.355335295666009e-03f));
+  q = at::vec::fmadd(q, g, V(3.948049031896517e-02f));
+  q = at::vec::fmadd(q, g, V(1.698105965333525e-01f));
+  q = at::vec::fmadd(q, g, V(4.901338494019001e-01f));
+  return at::vec::fmadd(q, g, V(7.071067041870265e-01f));
+}
+
 #if defined(CPU_CAPABILITY_AVX2)
 // 2^n for integral n in [-127, 128], built in the exponent field: 0 for n = -127 (the field's
 // zero), inf for n = 128. AVX2 has no scalef, so the callers clamp n to that range themselves
@@ -96,9 +111,9 @@ C10_ALWAYS_INLINE Vectorized<T> fast_exp(Vectorized<T> x) {
 // (the A gradient's error against float64 grew from about 6e-7 to 3e-6 at the benchmark's
 // shape). On AVX2 (no vreduceps, no scalef) in 13: y clamped to [-127, 128] (NaN passes, as in
 // fast_exp), rounded, 2^n by the exponent field: 0 from y < -126.5 on (the denormals below
-// 2^-126.5 flushed) and inf from y >= 127.5. The selective scan's exp(dt A) is 2^(dt A
-// log2(e)) with A log2(e) formed once per channel; at::vec's exp_u20 takes 19 operations (20
-// ulp). Elsewhere exp(y ln 2).
+// 2^-126.5 flushed) and inf from y >= 127.5. at::vec's exp_u20 takes 19 operations (20 ulp).
+// Elsewhere exp(y ln 2). Where the argument is a product, fast_exp2_product takes one operation
+// fewer.
 // kInRange: the caller guarantees y in [-126, 127] or NaN (every lane), where the AVX2 clamp
 // changes nothing; AVX2 then skips it (11 operations; the selective scan checks its exp
 // arguments' range per block and chunk, see exp_args_in_range there).
@@ -122,12 +137,43 @@ C10_ALWAYS_INLINE Vectorized<T> fast_exp2(Vectorized<T> y) {
   return (y * V(static_cast<T>(0.69314718055994530942))).exp();
 }
 
-// 1 / (1 + e^-x), e^-x as fast_exp2 of -x log2(e) (3 ulp; 9 operations against fast_exp's
-// 14): 0 for x -> -inf, 1 for x -> inf, NaN for NaN.
+// 2^(a b), for float on AVX-512 in 8 vector operations with the product: fast_exp2 of a b takes
+// 9 (the product, the reduction y - round(y), n = y - f, the polynomial, scalef). Here the
+// product carries the polynomial's centre, w = a b + 1/2 in one fma, and scalef's own floor of w
+// replaces n: with g = w - floor(w) in [0, 1) (one vreduceps), 2^(a b) = 2^(g - 1/2) 2^floor(w),
+// 2^(g - 1/2) by exp2_shifted_poly, the same polynomial as fast_exp2's about the same point
+// (see there for its accuracy), so no result is taken at the ends of the fitted interval where
+// the earlier floor form erred. As fast_exp2, no clamping: infinite w gives g = 0 and scalef
+// inf or 0, NaN passes through. On AVX2, in as many operations as fast_exp2 of a b (14, or 12
+// with kInRange: a b in [-126, 127]): w clamped to [-126.5, 128.5], floored, 2^floor(w) by the
+// exponent field (0 for a b < -126.5, inf from 127.5 on, as fast_exp2). Elsewhere fast_exp2.
+template <typename T, bool kInRange = false>
+C10_ALWAYS_INLINE Vectorized<T> fast_exp2_product(Vectorized<T> a, Vectorized<T> b) {
+  using V = Vectorized<T>;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m512 w = at::vec::fmadd(a, b, V(0.5f));
+    const __m512 g = _mm512_reduce_ps(w, _MM_FROUND_TO_NEG_INF);  // w - floor(w)
+    return _mm512_scalef_ps(vec_math_detail::exp2_shifted_poly(V(g)), w);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    const V w = at::vec::fmadd(a, b, V(0.5f));
+    const V v = kInRange ? w : at::vec::clamp(w, V(-126.5f), V(128.5f));
+    const V n = v.floor();
+    return vec_math_detail::exp2_shifted_poly(v - n) * V(vec_math_detail::pow2_int(n));
+  }
+#endif
+  return fast_exp2<T, kInRange>(a * b);
+}
+
+// 1 / (1 + e^-x), e^-x as fast_exp2_product of x and -log2(e) (3 ulp; 8 operations against
+// fast_exp's 14): 0 for x -> -inf, 1 for x -> inf, NaN for NaN.
 template <typename T>
 C10_ALWAYS_INLINE Vectorized<T> fast_sigmoid(Vectorized<T> x) {
   using V = Vectorized<T>;
-  return V(T(1)) / (V(T(1)) + fast_exp2<T>(x * V(static_cast<T>(-1.44269504088896340736))));
+  return V(T(1)) /
+         (V(T(1)) + fast_exp2_product<T>(x, V(static_cast<T>(-1.44269504088896340736))));
 }
 
 // softplus(v) = v above this, as in torch.nn.functional.softplus and mamba_ssm.
@@ -137,8 +183,8 @@ constexpr double kSoftplusThreshold = 20.0;
 // 2 atanh(s) = s P(s^2), s = e / (2 + e) in [0, 1/3], P of degree 4 in s^2 fitted for the least
 // maximal relative error on [0, 1/9] (4e-9; the odd series of atanh needs degree 6 for that):
 // exact to a few ulp with no cancellation for v << 0 (where it is e^v), v itself for v >> 0 (as
-// torch's threshold gives), NaN for NaN. e^-|v| is fast_exp2 of -|v| log2(e) (3 ulp, 8
-// operations against fast_exp's 14 on AVX-512). Float on AVX-512 and AVX2; elsewhere at::vec's
+// torch's threshold gives), NaN for NaN. e^-|v| is fast_exp2_product of -|v| and log2(e) (3
+// ulp, 8 operations with the product against fast_exp's 14 on AVX-512). Float on AVX-512 and AVX2; elsewhere at::vec's
 // log1p(exp(v)) with torch's threshold. With `derivative`, also softplus'(v) = sigmoid(v) there,
 // from the same e^-|v| (1 / (1 + e) for v >= 0, e / (1 + e) below), and 1 above torch's
 // threshold, as torch's softplus backward.
@@ -150,7 +196,7 @@ C10_ALWAYS_INLINE Vectorized<T> fast_softplus(Vectorized<T> v,
 #if defined(RNNKERNELS_FAST_VEC_MATH)
   if constexpr (std::is_same_v<T, float>) {
     const V minus_abs = v | V(-0.f);  // -|v|: the sign bit set
-    const V e = fast_exp2<T>(minus_abs * V(1.44269504088896341f));
+    const V e = fast_exp2_product<T>(minus_abs, V(1.44269504088896341f));
     if (derivative != nullptr) {
       const V sig = V::blendv(e, V(1.f), v >= V(0.f)) / (V(1.f) + e);
       *derivative = V::blendv(sig, V(1.f), v > threshold);
