@@ -454,8 +454,9 @@ void backward_states(int64_t len, int64_t N, int64_t ld, int64_t n0, T* x, T* h,
   }
 }
 
-// Whether fast_exp2_product<T> clamps its argument (AVX2, float): only there does scan_states' kInRange
-// change the code, so only there is the range checked and the variant without the clamp built.
+// Whether fast_exp2_product<T> clamps its argument (AVX2, float): only there does scan_states'
+// kInRange change the code, so only there is the range checked and the variant without the
+// clamp built.
 template <typename T>
 constexpr bool kExpClamps =
 #if defined(CPU_CAPABILITY_AVX2)

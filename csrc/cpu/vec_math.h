@@ -184,10 +184,10 @@ constexpr double kSoftplusThreshold = 20.0;
 // maximal relative error on [0, 1/9] (4e-9; the odd series of atanh needs degree 6 for that):
 // exact to a few ulp with no cancellation for v << 0 (where it is e^v), v itself for v >> 0 (as
 // torch's threshold gives), NaN for NaN. e^-|v| is fast_exp2_product of -|v| and log2(e) (3
-// ulp, 8 operations with the product against fast_exp's 14 on AVX-512). Float on AVX-512 and AVX2; elsewhere at::vec's
-// log1p(exp(v)) with torch's threshold. With `derivative`, also softplus'(v) = sigmoid(v) there,
-// from the same e^-|v| (1 / (1 + e) for v >= 0, e / (1 + e) below), and 1 above torch's
-// threshold, as torch's softplus backward.
+// ulp, 8 operations with the product against fast_exp's 14 on AVX-512). Float on AVX-512 and
+// AVX2; elsewhere at::vec's log1p(exp(v)) with torch's threshold. With `derivative`, also
+// softplus'(v) = sigmoid(v) there, from the same e^-|v| (1 / (1 + e) for v >= 0, e / (1 + e)
+// below), and 1 above torch's threshold, as torch's softplus backward.
 template <typename T>
 C10_ALWAYS_INLINE Vectorized<T> fast_softplus(Vectorized<T> v,
                                                Vectorized<T>* derivative = nullptr) {
