@@ -124,6 +124,7 @@ CASES = [
     (3, 7, 10, 1, "grouped", 7, False, False, True, True, False),
     (1, 20, 9, 5, "grouped", 2, True, True, False, True, True),
     (2, 4, 8, 17, "variable", 1, True, True, True, False, False),
+    (2, 18, 7, 7, "variable", 1, True, True, True, True, True),  # states 4 + 2 + 1 a pass
 ]
 
 

@@ -78,7 +78,10 @@ constexpr int64_t kMinSupers = 8;
 // Two vectors' lanes folded into one: lane 2k = b[k] + b[k + W/2], lane 2k + 1 = c[k] + c[k +
 // W/2]. The backward stores the grouped dB and dC terms of a (step, state) this way, one store
 // instead of two (the reverse pass was bound by its stores: in a standalone timing, 8.4 cycles
-// per step and state vector with the two stores, 6.1 with the folded one).
+// per step and state vector with the two stores, 6.1 with the folded one), and folds two
+// states' folded terms again, one store a pair of states: the chunk's terms then take half as
+// much of L1 (the backward op and the training step ran faster so, in alternating processes
+// against the build before).
 template <typename T>
 C10_ALWAYS_INLINE Vec<T> fold(Vec<T> b, Vec<T> c) {
   const auto [lo, hi] = at::vec::interleave2(b, c);
@@ -111,21 +114,73 @@ void lane_sums(const T* v, int64_t count, T* out) {
   }
 }
 
-// out_b[i] / out_c[i] = the sums of the even / odd lanes of vector i of v (the b and c sums of a
-// folded vector), for i < count, W vectors at a time: the folding rounds but the last, which
-// leave even-lane sums in the low half and odd-lane sums in the high half of two vectors (even
-// and odd i), and one interleave of those two (W - 2 + 1 interleaves and W - 2 adds for 2 W
-// sums).
+// After folding_rounds<4> over the paired terms (see paired_lane_sums), lane (W / 4) c + j of
+// r[i] holds the class-c sum of vector i + 4 j (i < 4, j < W / 4): the first n values of out_b
+// and out_c (b_2k, b_2k+1 and c_2k, c_2k+1 of vector k at 2 k, 2 k + 1). AVX-512 float: two
+// 128-bit lane shuffles gather r[0], r[1] and r[2], r[3]'s b (or c) halves, a permute each
+// output vector; elsewhere value by value.
 template <typename T>
-void folded_lane_sums(const T* v, int64_t count, T* out_b, T* out_c) {
+C10_ALWAYS_INLINE void store_paired_sums(const Vec<T>* r, T* out_b, T* out_c, int64_t n) {
   constexpr int64_t W = Vec<T>::size();
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    // output lane L of the vectors' first (second) half: vector v = L / 2 (8 + L / 2), class
+    // L % 2 of the half, in register v % 4, lane 4 (L % 2) + v / 4; the shuffles put r[0] and
+    // r[2]'s half at 0..7, r[1] and r[3]'s at 8..15 of the two operands.
+    const __m512i lo =
+        _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29);
+    const __m512i hi =
+        _mm512_setr_epi32(2, 6, 10, 14, 18, 22, 26, 30, 3, 7, 11, 15, 19, 23, 27, 31);
+    const __m512 xb = _mm512_shuffle_f32x4(r[0], r[1], 0x44);
+    const __m512 yb = _mm512_shuffle_f32x4(r[2], r[3], 0x44);
+    const __m512 xc = _mm512_shuffle_f32x4(r[0], r[1], 0xEE);
+    const __m512 yc = _mm512_shuffle_f32x4(r[2], r[3], 0xEE);
+    const int64_t n0 = std::min<int64_t>(n, W), n1 = n - n0;
+    Vec<T>(_mm512_permutex2var_ps(xb, lo, yb)).store(out_b, n0);
+    Vec<T>(_mm512_permutex2var_ps(xc, lo, yc)).store(out_c, n0);
+    if (n1 > 0) {
+      Vec<T>(_mm512_permutex2var_ps(xb, hi, yb)).store(out_b + W, n1);
+      Vec<T>(_mm512_permutex2var_ps(xc, hi, yc)).store(out_c + W, n1);
+    }
+    return;
+  }
+#endif
+  T lanes_of[4][W];
+  for (int i = 0; i < 4; ++i) r[i].store(lanes_of[i]);
+  for (int64_t k = 0; 2 * k < n; ++k) {
+    const int64_t i = k % 4, j = k / 4;
+    for (int c = 0; c < 2; ++c) {
+      out_b[2 * k + c] = lanes_of[i][W / 4 * c + j];
+      out_c[2 * k + c] = lanes_of[i][W / 4 * (c + 2) + j];
+    }
+  }
+}
+
+// The grouped dB and dC terms of two states n = 2k, 2k + 1 at one step, stored by the backward
+// as one vector: fold(fold(b_2k, c_2k), fold(b_2k+1, c_2k+1)), whose lanes 4i, 4i + 1, 4i + 2,
+// 4i + 3 hold parts of the sums of b_2k, b_2k+1, c_2k and c_2k+1 (a state past N: zero terms).
+// out_b / out_c (steps x N) = those sums for the steps x ceil(N / 2) vectors of v, W vectors at a
+// time: the folding rounds down to m = 4 leave the class sums of vector i0 + i + 4j in lanes 4c
+// + j of r[i], i < 4 (class c = 0, 1, 2, 3: b_2k, b_2k+1, c_2k, c_2k+1), gathered into the
+// outputs by four shuffles and four permutes (odd N through a buffer of even rows).
+template <typename T>
+void paired_lane_sums(const T* v, int64_t steps, int64_t N, T* out_b, T* out_c) {
+  constexpr int64_t W = Vec<T>::size();
+  const int64_t pairs = (N + 1) / 2, count = steps * pairs;
+  if (N % 2 != 0) {
+    std::vector<T> b(count * 2), c(count * 2);
+    paired_lane_sums(v, steps, N + 1, b.data(), c.data());
+    for (int64_t t = 0; t < steps; ++t) {
+      std::copy(b.begin() + t * (N + 1), b.begin() + t * (N + 1) + N, out_b + t * N);
+      std::copy(c.begin() + t * (N + 1), c.begin() + t * (N + 1) + N, out_c + t * N);
+    }
+    return;
+  }
   Vec<T> r[W];
   for (int64_t i0 = 0; i0 < count; i0 += W) {
-    folding_rounds<2>(v, count, i0, r);
-    const int64_t n = std::min(W, count - i0);
-    const auto [b, c] = at::vec::interleave2(r[0], r[1]);
-    b.store(out_b + i0, n);
-    c.store(out_c + i0, n);
+    folding_rounds<4>(v, count, i0, r);
+    const int64_t n = 2 * std::min(W, count - i0);  // values of out_b / out_c from i0 on
+    store_paired_sums(r, out_b + 2 * i0, out_c + 2 * i0, n);
   }
 }
 
@@ -382,9 +437,10 @@ C10_ALWAYS_INLINE void add_term(T* buf, int64_t step, int64_t state, Vec<T> l, V
 //   Sums over the chunk are added to dA (N x W) and, when fixed, to dB / dC (N x W); when
 //   grouped, each step's per-lane terms are added to dB / dC (len x N x W), or stored there
 //   with kFirst (the first block of a super: no buffer to clear beforehand); when both are
-//   grouped, as one folded vector in dB (fold). Grouped B / C are read as in scan_states. Per
-//   step, sum_n h B and sum_n h A a x_prev of the states are added to s1 / s2 (len x W), or
-//   stored there by the first states.
+//   grouped, a pair of states' four terms as one vector in dB (len x ceil(N / 2) x W, see
+//   paired_lane_sums; with NB = 1 the pair's second state is zero). Grouped B / C are read as
+//   in scan_states. Per step, sum_n h B and sum_n h A a x_prev of the states are added to s1 /
+//   s2 (len x W), or stored there by the first states.
 // A few states at a time (kStates) measured faster than the whole state at every step (the
 // earlier design: its states and per-state sums, 66 KB per block and chunk, were read back from
 // L2). With AVX-512's 32 registers four states a pass ran faster than two on an Intel Xeon
@@ -410,8 +466,10 @@ void backward_states(int64_t len, int64_t N, int64_t ld, int64_t n0, T* x, T* h,
     xr[j] = V::loadu(xs + (len * NB + j) * W);
   }
   // The first states store the per-step sums s1 / s2, the others add to them: two loops.
+  const int64_t pairs = (N + 1) / 2;
   auto reverse = [&](auto add_sums) {
     for (int64_t t = len - 1; t >= 0; --t) {
+      V fp;  // the folded terms of the pair's first state
       const V gv = V::loadu(g + t * W), dtv = V::loadu(dt + t * W), duv = V::loadu(du + t * W);
       V s1v = add_sums ? V::loadu(s1 + t * W) : V(T(0));
       V s2v = add_sums ? V::loadu(s2 + t * W) : V(T(0));
@@ -423,10 +481,15 @@ void backward_states(int64_t len, int64_t N, int64_t ld, int64_t n0, T* x, T* h,
         const V xp = V::loadu(xs + (t * NB + j) * W), xt = xr[j];
         const V a = V::loadu(as + (t * NB + j) * W);
         const V hn = at::vec::fmadd(gv, Cn, hr[j]);
-        if constexpr (kBvar && kCvar) {  // both grouped: folded into dB (see fold)
+        if constexpr (kBvar && kCvar) {  // both grouped: two states a vector
           const V f = fold(hn * duv, gv * xt);
-          T* at = dB + (t * N + n) * W;
-          (kFirst ? f : f + V::loadu(at)).store(at);
+          if (j % 2 == 0 && j + 1 < NB) {
+            fp = f;
+          } else {
+            const V ff = j % 2 == 0 ? fold(f, V(T(0))) : fold(fp, f);
+            T* at = dB + (t * pairs + n / 2) * W;
+            (kFirst ? ff : ff + V::loadu(at)).store(at);
+          }
         } else {
           add_term<kCvar, kFirst>(dC, t * N + n, n, gv, xt);
           add_term<kBvar, kFirst>(dB, t * N + n, n, hn, duv);
@@ -624,7 +687,7 @@ struct Grads {
 constexpr int kStates = lanes::kVectorRegisters >= 32 ? 4 : 2;
 
 // Buffers of one thread's backward tasks over one span (xs and as: over one chunk; dB holds the
-// folded dB / dC terms when B and C are both grouped, and dC is then empty), and the constants
+// paired dB / dC terms when B and C are both grouped, and dC is then empty), and the constants
 // of a super's blocks (c, loaded once per super, not once per block and span).
 template <typename T>
 struct BackwardWork {
@@ -637,7 +700,7 @@ struct BackwardWork {
         xs((chunk + 1) * kStates * Vec<T>::size()),
         as(chunk * kStates * Vec<T>::size()),
         s1(span * Vec<T>::size()), s2(span * Vec<T>::size()),
-        dB(B_var ? span * N * Vec<T>::size() : 0),
+        dB(B_var ? span * (C_var ? (N + 1) / 2 : N) * Vec<T>::size() : 0),
         dC(C_var && !B_var ? span * N * Vec<T>::size() : 0) {}
 };
 
@@ -680,7 +743,8 @@ void backward_task(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_
     constexpr bool kInRange = decltype(in_range)::value;
     const T* B = kBvar ? p.at_step(p.B_grouped, blk.b, blk.g, s0 + t0) : c.B.data();
     const T* C = kCvar ? p.at_step(p.C_grouped, blk.b, blk.g, s0 + t0) : c.C.data();
-    T* dB = kBvar ? w.dB.data() + t0 * NW : gr.carried.dB + i * NW;
+    // grouped B and C: two states a vector (see paired_lane_sums)
+    T* dB = kBvar ? w.dB.data() + t0 * (kCvar ? (N + 1) / 2 : N) * W : gr.carried.dB + i * NW;
     T* dC = kCvar ? w.dC.data() + t0 * NW : gr.carried.dC + i * NW;
     const int64_t at = t0 * W;
     auto pass = [&](int64_t n0, auto states) {
@@ -691,7 +755,8 @@ void backward_task(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_
     };
     int64_t n0 = 0;
     for (; n0 + kStates <= N; n0 += kStates) pass(n0, std::integral_constant<int, kStates>{});
-    for (; n0 < N; ++n0) pass(n0, std::integral_constant<int, 1>{});
+    for (; n0 + 2 <= N; n0 += 2) pass(n0, std::integral_constant<int, 2>{});
+    if (n0 < N) pass(n0, std::integral_constant<int, 1>{});
   };
   // The store mode only where grouped terms exist (fixed B and C are always added up).
   auto states = [&](auto keep_y) {
@@ -761,7 +826,7 @@ void backward_super(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t s, Backw
     }
     const int64_t at = (s * p.L + s0) * p.N;
     if constexpr (kBvar && kCvar) {
-      folded_lane_sums(w.dB.data(), len * p.N, gr.dB_part + at, gr.dC_part + at);
+      paired_lane_sums(w.dB.data(), len, p.N, gr.dB_part + at, gr.dC_part + at);
     } else if constexpr (kBvar) {
       lane_sums(w.dB.data(), len * p.N, gr.dB_part + at);
     } else if constexpr (kCvar) {
