@@ -12,9 +12,10 @@
 // (batch, G, N, L) layout (a block's span reads one run of steps per state). Per span (kSpanSteps
 // steps, whole chunks), the block's rows of u, delta, z (and grad_out) are transposed into
 // (span, W) lanes and the results transposed back, W x W tiles at a time in registers, the
-// rows' 1 KB runs left to the hardware prefetchers (software prefetches of the next block's or
-// span's rows into L2, which the 64- and 256-step chunks had before the spans, made the training
-// step slower with spans, warm and with the caches evicted, in alternating processes). A block
+// rows' runs left to the hardware prefetchers (software prefetches of the next block's or span's
+// rows into L2, which the 64- and 256-step chunks had before the spans, made the training step
+// slower with spans, warm and with the caches evicted, in alternating processes, and again when
+// spread over the backward's per-step loops). A block
 // has fewer than W channels only at a group's end: the unused lanes compute on zeros and are
 // never stored.
 //
@@ -67,9 +68,12 @@ using lanes::task_grain;
 using lanes::Vec;
 
 // Steps a task gathers, transforms and scatters at once, rounded down to a multiple of the
-// chunk (the checkpoint interval), at least one chunk: 1 KB runs of each float row, as the
-// 256-step chunks had before the span was separate from the chunk.
-constexpr int64_t kSpanSteps = 256;
+// chunk (the checkpoint interval), at least one chunk. 64 steps keep a span's lanes (4 KB a
+// buffer) and the backward's grouped dB / dC terms in L1 and L2's nearer reach; 256 (1 KB runs
+// of each float row, as the 256-step chunks had before the span was separate from the chunk)
+// made the training step about 3% slower at the benchmark's shape (python -m bench, selective
+// scan suite), the per-step passes then streaming 16 KB buffers through L2.
+constexpr int64_t kSpanSteps = 64;
 // Supers (the backward's tasks) the blocks of all (batch row, group) pairs are split into, at
 // least, where there are as many blocks: enough to keep 8 threads busy, few enough that the
 // lane sums of grouped dB / dC, done once per super and span, cost little.
