@@ -227,6 +227,38 @@ def _check_bc(name: str, M: object, u: Tensor, N: int) -> int:
     return G
 
 
+def _accepts(u, delta, A, B, C, D, z, delta_bias, initial_state) -> bool:
+    """Whether the arguments are the common well-formed case, on which :func:`_check` passes:
+    tensors on u's device; u, delta and z of one floating dtype and shape (batch, dim, L) with
+    dim and L positive; A (dim, N) with 1 <= N <= MAX_STATE; B and C (batch, N, L); D and
+    delta_bias (dim,); initial_state (batch, dim, N); every parameter floating. A few
+    comparisons instead of _check's generic validators, which take tens of microseconds of a
+    training step once its kernels have evicted the interpreter's caches; _check runs where
+    this says no, and raises the error."""
+    if not (isinstance(u, Tensor) and isinstance(delta, Tensor) and isinstance(A, Tensor)
+            and isinstance(B, Tensor) and isinstance(C, Tensor)):
+        return False
+    shape, dtype, device = u.shape, u.dtype, u.device
+    if len(shape) != 3 or not dtype.is_floating_point or delta.dtype != dtype:
+        return False
+    batch, dim, L = shape
+    N = A.shape[1] if A.dim() == 2 else 0
+    if not (dim and L and 1 <= N <= MAX_STATE and delta.shape == shape and A.shape[0] == dim
+            and B.shape == (batch, N, L) and C.shape == (batch, N, L)):
+        return False
+    params = [A, B, C]
+    for t, want in ((D, (dim,)), (delta_bias, (dim,)), (initial_state, (batch, dim, N))):
+        if t is not None:
+            if not isinstance(t, Tensor) or t.shape != want:
+                return False
+            params.append(t)
+    if z is not None and not (isinstance(z, Tensor) and z.shape == shape and z.dtype == dtype
+                              and z.device == device):
+        return False
+    return (delta.device == device
+            and all(t.dtype.is_floating_point and t.device == device for t in params))
+
+
 def _check(u, delta, A, B, C, D, z, delta_bias, initial_state) -> None:
     _validate.tensor("u", u, ndim=3, floating=True)
     _validate.nonempty("u", u, [(1, "channel"), (2, "time step")])
@@ -290,7 +322,8 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     and out has that dtype; the parameters keep their dtypes as outside autocast.
     """
     u, delta, z = autocast_promote(u, delta, z)
-    _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if not _accepts(u, delta, A, B, C, D, z, delta_bias, initial_state):
+        _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
     backend = _backend.choose("selective_scan", u.device, u.dtype)
     if backend == "reference" or u.shape[0] == 0:  # no batch row: nothing for a kernel to do
         return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
