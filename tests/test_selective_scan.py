@@ -234,6 +234,27 @@ def test_cpu_kept_buffers_never_reach_results(threads):
         assert torch.equal(x, y)
 
 
+def test_cpu_results_do_not_depend_on_thread_count():
+    """Every sum of the CPU backward runs in a fixed order, whichever thread runs a super or a
+    piece of the grouped dB / dC reductions: 1, 2 and 3 threads give bit for bit the same out,
+    last state and gradients (several (batch row, group) pairs, each with several supers,
+    L of several reduction pieces and a partial one)."""
+    inputs = make_inputs(batch=3, dim=70, L=100, N=6, form="grouped", groups=2,
+                         initial_state=True, dtype=torch.float32)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(run_with_grads(selective_scan, inputs))
+    finally:
+        torch.set_num_threads(before)
+    first = [*results[0][:2], *results[0][2].values()]
+    for other in results[1:]:
+        for x, y in zip(first, [*other[:2], *other[2].values()]):
+            assert torch.equal(x, y)
+
+
 @pytest.mark.parametrize("L", [64, 70])
 def test_cpu_forced_streaming_changes_no_value(L, monkeypatch):
     """RNNKERNELS_CPU_STREAM=1 (non-temporal stores of whole aligned tiles, whatever the size;

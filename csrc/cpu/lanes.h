@@ -473,6 +473,13 @@ void for_each_task(int64_t n, int64_t grain, const MakeWork& make_work, const F&
   });
 }
 
+// A pause in a spin-wait loop (x86 pause: the core yields to its sibling and saves power).
+C10_ALWAYS_INLINE void spin_pause() {
+#if defined(__x86_64__)
+  _mm_pause();
+#endif
+}
+
 // A prefetch of p's cache line into L2 (prefetcht1). As inline asm, because GCC counts a
 // function whose body is only __builtin_prefetch as free of side effects and deletes its calls.
 C10_ALWAYS_INLINE void prefetch_l2(const void* p) {

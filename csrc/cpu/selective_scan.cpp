@@ -840,24 +840,31 @@ void backward_super(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t s, Backw
   if (p.stream) lanes::stream_fence();
 }
 
-// grad (batch, G, N, L) of (batch row, group) pair i: the sums (L, N) of its supers added super
-// after super, then written transposed.
+// Steps [t0, t1) of grad (batch, G, N, L) of (batch row, group) pair i: the sums (L, N) of its
+// supers added super after super, then written transposed. The backward splits each pair's
+// steps into a few such pieces, reduced by whichever threads are free (see
+// selective_scan_bwd_cpu), so that no thread reduces a whole pair while the others wait.
 template <typename S, typename T>
-void reduce_group(const Scan<S, T>& p, const T* part, S* grad, int64_t i) {
+void reduce_steps(const Scan<S, T>& p, const T* part, S* grad, int64_t i, int64_t t0,
+                  int64_t t1) {
   using V = Vec<T>;
-  const int64_t block = p.L * p.N;
-  Buffer<T> acc(block);
-  const T* src = part + i * p.supers_per_group * block;
-  std::copy(src, src + block, acc.begin());
+  constexpr int64_t W = V::size();
+  const int64_t block = p.L * p.N, rows = t1 - t0, n = rows * p.N;
+  Buffer<T> acc(n);
+  const T* src = part + i * p.supers_per_group * block + t0 * p.N;
+  std::copy(src, src + n, acc.begin());
   for (int64_t k = 1; k < p.supers_per_group; ++k) {
-    at::vec::map2([](V a, V b) { return a + b; }, acc.data(), acc.data(), src + k * block, block);
+    at::vec::map2([](V a, V b) { return a + b; }, acc.data(), acc.data(), src + k * block, n);
   }
-  S* dst = grad + i * p.N * p.L;
+  S* dst = grad + i * p.N * p.L + t0;
   if constexpr (std::is_same_v<S, T>) {
-    lanes::transpose_blocks(dst, acc.data(), p.L, p.N, 0, (p.L + V::size() - 1) / V::size());
+    for (int64_t r0 = 0; r0 < rows; r0 += W) {
+      lanes::gather_lanes(dst + r0, acc.data() + r0 * p.N, p.N, std::min(W, rows - r0), p.N,
+                          p.L);
+    }
   } else {
-    for (int64_t n = 0; n < p.N; ++n) {
-      for (int64_t t = 0; t < p.L; ++t) dst[n * p.L + t] = static_cast<S>(acc[t * p.N + n]);
+    for (int64_t m = 0; m < p.N; ++m) {
+      for (int64_t t = 0; t < rows; ++t) dst[m * p.L + t] = static_cast<S>(acc[t * p.N + m]);
     }
   }
 }
@@ -1141,34 +1148,48 @@ selective_scan_bwd_cpu(const Tensor& grad_out, const std::optional<Tensor>& grad
         }
       }
     };
-    // One parallel region for the whole backward: the thread that completes the last super of
-    // a (batch row, group) pair reduces the pair's grouped dB / dC (while other supers run), the
-    // one that completes the last super of all runs finish. Separate regions for these
-    // reductions (as before) each cost a wake-up of the other threads, more than their work at
-    // the benchmark's size. The counters' acquire-release order makes the supers' sums visible
-    // to the thread that adds them.
+    // One parallel region for the whole backward: its tasks are the supers, then the pieces of
+    // the grouped dB / dC reductions (kPieces runs of steps per (batch row, group) pair and
+    // gradient), which a thread takes once every super is handed out and waits for the pair's
+    // supers to complete; the thread that completes the last super of all runs finish.
+    // Separate regions for the reductions (as before the pieces) each cost a wake-up of the
+    // other threads, more than their work at the benchmark's size; a whole pair reduced by the
+    // thread that completed its last super (as before the pieces) left the other threads idle
+    // at the region's end. The counters' acquire-release order makes the supers' sums visible
+    // to the threads that add them.
     const int64_t pairs = p.batch * p.G, supers = p.supers();
     std::vector<std::atomic<int64_t>> pair_done(pairs);
     for (auto& done : pair_done) done.store(0, std::memory_order_relaxed);
     std::atomic<int64_t> supers_done{0};
+    constexpr int64_t kPieces = 4;
+    const int64_t tiles = (p.L + W - 1) / W, pieces = std::min(kPieces, tiles);
     with_forms(in.B_var, in.C_var, [&](auto b_var, auto c_var) {
       constexpr bool kBvar = decltype(b_var)::value, kCvar = decltype(c_var)::value;
       const int64_t blocks_per_super = (p.blocks_per_group + p.supers_per_group - 1) /
                                        p.supers_per_group;
+      const int64_t grads = int64_t{kBvar} + int64_t{kCvar};
       lanes::for_each_task(
-          supers, task_grain(blocks_per_super * p.L * p.N * Vec<T>::size()),
+          supers + pairs * grads * pieces,
+          task_grain(blocks_per_super * p.L * p.N * Vec<T>::size()),
           [&] {
             return BackwardWork<T>(p.span, p.chunk, p.N, blocks_per_super, kBvar, kCvar);
           },
-          [&](BackwardWork<T>& w, int64_t s) {
-            backward_super<S, T, kBvar, kCvar>(p, gr, s, w);
-            if constexpr (kBvar || kCvar) {
-              const int64_t pair = s / p.supers_per_group;
-              if (pair_done[pair].fetch_add(1, std::memory_order_acq_rel) + 1 ==
-                  p.supers_per_group) {
-                if constexpr (kBvar) reduce_group(p, gr.dB_part, gB, pair);
-                if constexpr (kCvar) reduce_group(p, gr.dC_part, gC, pair);
+          [&](BackwardWork<T>& w, int64_t task) {
+            if (task >= supers) {  // a piece: pair, gradient (B first), steps
+              const int64_t k = task - supers, pair = k / (grads * pieces);
+              const bool of_B = kBvar && (k / pieces) % grads == 0;
+              const int64_t j = k % pieces;
+              while (pair_done[pair].load(std::memory_order_acquire) < p.supers_per_group) {
+                lanes::spin_pause();
               }
+              const int64_t t0 = tiles * j / pieces * W;
+              const int64_t t1 = std::min(p.L, tiles * (j + 1) / pieces * W);
+              reduce_steps(p, of_B ? gr.dB_part : gr.dC_part, of_B ? gB : gC, pair, t0, t1);
+              return;
+            }
+            backward_super<S, T, kBvar, kCvar>(p, gr, task, w);
+            if constexpr (kBvar || kCvar) {
+              pair_done[task / p.supers_per_group].fetch_add(1, std::memory_order_acq_rel);
             }
             if (supers_done.fetch_add(1, std::memory_order_acq_rel) + 1 == supers) finish();
           });
