@@ -27,12 +27,12 @@
 // kStates states at a time, recomputes the chunk's states from the checkpoint into a buffer in
 // the core's L1 and runs the reverse recurrence on them (backward_states), carrying dL/dx across
 // chunk boundaries in a per-block buffer, so the working memory does not grow with L. The span
-// decouples the two: long runs of each row for the transposes and the prefetcher, short chunks
-// for the recomputation's buffers.
+// decouples the two: runs of each row for the transposes and the prefetcher, short chunks for
+// the recomputation's buffers.
 // Gradients that sum over channels (grouped B/C) are added per lane over the super's blocks and
 // summed over the lanes into (L, N) partials per super (as many values as the gradient itself when
 // there are at least kMinSupers (batch row, group) pairs, at most kMinSupers times as many),
-// reduced over the group's supers by the thread that completes the group's last super; gradients
+// reduced over the group's supers in pieces of steps by whichever threads are free; gradients
 // that sum over batch and L (A, fixed B/C, D, delta_bias) are kept per lane across chunks and
 // reduced over batch by the thread that completes the last super of all (one parallel region for
 // the whole backward). Every sum runs in a fixed order, so results do not depend on the number of
