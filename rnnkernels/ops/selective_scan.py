@@ -31,18 +31,18 @@ from ._autograd import batched, differentiable_vjp, fold, graph_needed, overload
 # Largest state size N the kernels take (as mamba_ssm's).
 MAX_STATE = 256
 # Time steps between the saved states, per backend: the backward recomputes one chunk at a time.
-# CPU: the kernels gather and scatter each channel's rows in spans of 256 steps (whole chunks)
-# whatever the chunk, so the chunk sets only the checkpoints and the recomputation's buffers,
-# which stay in L1 for short chunks. The training step at 64 against 256 (python -m
-# bench.chunk_effect, bench/results/cpu-2026-12-05-chunk-avx512-spans.md, Intel Xeon, AVX-512):
-# 1.05x as fast at N = 16, 1.09x to 1.11x at 32 to 256, 1.05x to 1.07x at 4x the data. 32
+# CPU: the kernels gather and scatter each channel's rows in spans of 64 steps (whole chunks; 256
+# when the figures below were taken) whatever the chunk, so the chunk sets only the checkpoints and
+# the recomputation's buffers, which stay in L1 for short chunks. The training step at 64 against
+# 256 (python -m bench.chunk_effect, bench/results/cpu-2026-12-05-chunk-avx512-spans.md, Intel Xeon,
+# AVX-512): 1.05x as fast at N = 16, 1.09x to 1.11x at 32 to 256, 1.05x to 1.07x at 4x the data. 32
 # against 64 (bench/results/cpu-2026-12-06-chunk-avx512.md): 1.02x to 1.03x as fast at N = 16, 32
-# and 64, as in the run before (1.01x to 1.02x); at N = 128 1.00x in this run and 1.01x in that,
-# at 256 1.03x and 1.00x. The checkpoints hold N / chunk floats per value of u (at N = 16 and
-# chunk 32, half of u's float32 size; at N = 256, eight times it), so states wider than
-# NARROW_STATE keep chunks of WIDE_STATE_CHUNK["cpu"] steps at least: half the checkpoints' memory
-# there, for 0% to 3% of speed. (Before the spans, the chunk was also the gathers' run length, and
-# 256 was the faster chunk: bench/results/cpu-2026-12-05-chunk.md.)
+# and 64, as in the run before (1.01x to 1.02x); at N = 128 1.00x in this run and 1.01x in that, at
+# 256 1.03x and 1.00x. The checkpoints hold N / chunk floats per value of u (at N = 16 and chunk 32,
+# half of u's float32 size; at N = 256, eight times it), so states wider than NARROW_STATE keep
+# chunks of WIDE_STATE_CHUNK["cpu"] steps at least: half the checkpoints' memory there, for 0% to 3%
+# of speed. (Before the spans, the chunk was also the gathers' run length, and 256 was the faster
+# chunk: bench/results/cpu-2026-12-05-chunk.md.)
 CHUNK_SIZE = {"cpu": 32, "triton": 64, "cuda": 64}
 # Per backend whose wide states (N > NARROW_STATE) take a longer chunk: the least chunk there.
 WIDE_STATE_CHUNK = {"cpu": 64}
