@@ -20,29 +20,29 @@ using at::vec::Vectorized;
 
 namespace vec_math_detail {
 
+// c0 + x (c1 + x (c2 + ...)) by Horner's rule, one fma a coefficient after the last.
+template <typename V>
+C10_ALWAYS_INLINE V horner(V, float c) {
+  return V(c);
+}
+template <typename V, typename... Rest>
+C10_ALWAYS_INLINE V horner(V x, float c, Rest... rest) {
+  return at::vec::fmadd(horner(x, rest...), x, V(c));
+}
+
 // e^r for |r| <= ln2 / 2: the Taylor series to r^7 (truncation < 2e-9 relative).
 template <typename V>
 C10_ALWAYS_INLINE V exp_series(V r) {
-  V q(1.f / 5040.f);
-  q = at::vec::fmadd(q, r, V(1.f / 720.f));
-  q = at::vec::fmadd(q, r, V(1.f / 120.f));
-  q = at::vec::fmadd(q, r, V(1.f / 24.f));
-  q = at::vec::fmadd(q, r, V(1.f / 6.f));
-  q = at::vec::fmadd(q, r, V(0.5f));
-  q = at::vec::fmadd(q, r, V(1.f));
-  return at::vec::fmadd(q, r, V(1.f));
+  return horner(r, 1.f, 1.f, 0.5f, 1.f / 6.f, 1.f / 24.f, 1.f / 120.f, 1.f / 720.f,
+                1.f / 5040.f);
 }
 
 // 2^f for |f| <= 1/2: 1 + f q(f), q of degree 4 fitted for the least maximal relative error
 // (3 ulp evaluated in float).
 template <typename V>
 C10_ALWAYS_INLINE V exp2_poly(V f) {
-  V q(1.3264714507386088e-03f);
-  q = at::vec::fmadd(q, f, V(9.671513922512531e-03f));
-  q = at::vec::fmadd(q, f, V(5.550733953714371e-02f));
-  q = at::vec::fmadd(q, f, V(2.4022242426872253e-01f));
-  q = at::vec::fmadd(q, f, V(6.931470036506653e-01f));
-  return at::vec::fmadd(q, f, V(1.f));
+  return horner(f, 1.f, 6.931470036506653e-01f, 2.4022242426872253e-01f,
+                5.550733953714371e-02f, 9.671513922512531e-03f, 1.3264714507386088e-03f);
 }
 
 // 2^(g - 1/2) for g in [0, 1): exp2_poly's polynomial in f = g - 1/2, expanded in g (the
@@ -52,12 +52,8 @@ C10_ALWAYS_INLINE V exp2_poly(V f) {
 // of the shifted exponent w = dt A log2(e) + 1/2 is at most half an ulp of w, 2^-25 for |w| < 1.
 template <typename V>
 C10_ALWAYS_INLINE V exp2_shifted_poly(V g) {
-  V q(1.3264714507386088e-03f);
-  q = at::vec::fmadd(q, g, V(6.355335295666009e-03f));
-  q = at::vec::fmadd(q, g, V(3.948049031896517e-02f));
-  q = at::vec::fmadd(q, g, V(1.698105965333525e-01f));
-  q = at::vec::fmadd(q, g, V(4.901338494019001e-01f));
-  return at::vec::fmadd(q, g, V(7.071067041870265e-01f));
+  return horner(g, 7.071067041870265e-01f, 4.901338494019001e-01f, 1.698105965333525e-01f,
+                3.948049031896517e-02f, 6.355335295666009e-03f, 1.3264714507386088e-03f);
 }
 
 #if defined(CPU_CAPABILITY_AVX2)
@@ -203,10 +199,9 @@ C10_ALWAYS_INLINE Vectorized<T> fast_softplus(Vectorized<T> v,
     }
     const V s = e / (V(2.f) + e);
     const V s2 = s * s;
-    V q = at::vec::fmadd(s2, V(0.28178349480387166f), V(0.27960599514595547f));
-    q = at::vec::fmadd(s2, q, V(0.4002491051884238f));
-    q = at::vec::fmadd(s2, q, V(0.6666631467568231f));
-    q = at::vec::fmadd(s2, q, V(2.000000007921489f));
+    const V q = vec_math_detail::horner(s2, 2.000000007921489f, 0.6666631467568231f,
+                                        0.4002491051884238f, 0.27960599514595547f,
+                                        0.28178349480387166f);
     return at::vec::fmadd(s, q, at::vec::clamp_min(v, V(0.f)));  // max(0, v), NaN passes
   }
 #endif
