@@ -31,7 +31,8 @@ def cpu_capability() -> str:
     forced = os.environ.get("RNNKERNELS_CPU_CAPABILITY")
     if forced:
         if forced not in CPU_FLAGS:
-            raise ValueError(f"RNNKERNELS_CPU_CAPABILITY must be one of {sorted(CPU_FLAGS)}, got {forced!r}")
+            raise ValueError(f"RNNKERNELS_CPU_CAPABILITY must be one of {sorted(CPU_FLAGS)}, "
+                             f"got {forced!r}")
         return forced
     detected = torch.backends.cpu.get_cpu_capability().lower()
     return detected if detected in CPU_FLAGS else "default"
@@ -47,7 +48,8 @@ def rel(paths):
     return sorted(os.path.relpath(p, ROOT) for p in paths)
 
 
-sources = rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+sources = rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp"))
+              + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
 sources = [s for s in sources if not s.endswith("cuda_bind.cpp")]
 # -fopenmp: at::parallel_for is a header template whose `#pragma omp parallel` is compiled into
 # this extension; without the flag every parallel_for of our kernels runs on one thread. The
