@@ -454,16 +454,19 @@ inline int64_t task_grain(int64_t work_per_task) {
   return std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work_per_task));
 }
 
-// Runs f(work, i) for every task i in [0, n) on at::parallel_for's threads (as many as n / grain
-// keeps busy), handing the tasks out one at a time from a shared counter instead of in equal
-// contiguous ranges, so that a core that runs slower (a busy neighbour on a shared machine) takes
-// fewer of them. work = make_work(), once per thread: its buffers. Which thread runs a task does
-// not change the task's results.
+// Runs f(work, i) for every task i in [0, n) on at::parallel_for's threads (as many as the first
+// `sized` tasks, n by default, keep busy at grain tasks a thread: tasks past them are short
+// follow-ups that do not call for a thread of their own), handing the tasks out one at a time
+// from a shared counter instead of in equal contiguous ranges, so that a core that runs slower (a
+// busy neighbour on a shared machine) takes fewer of them. work = make_work(), once per thread:
+// its buffers. Which thread runs a task does not change the task's results.
 template <typename MakeWork, typename F>
-void for_each_task(int64_t n, int64_t grain, const MakeWork& make_work, const F& f) {
+void for_each_task(int64_t n, int64_t grain, const MakeWork& make_work, const F& f,
+                   int64_t sized = -1) {
   if (n <= 0) return;
   std::atomic<int64_t> next{0};
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / grain);
+  const int64_t busy = sized < 0 ? n : std::max<int64_t>(sized, 1);
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (busy + grain - 1) / grain);
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     auto work = make_work();
     for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;

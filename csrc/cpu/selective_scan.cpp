@@ -118,6 +118,10 @@ void lane_sums(const T* v, int64_t count, T* out) {
   }
 }
 
+// Vectors a step of the grouped dB / dC terms takes when B and C are both grouped: one a pair
+// of states (see paired_lane_sums).
+constexpr int64_t state_pairs(int64_t N) { return (N + 1) / 2; }
+
 // After folding_rounds<4> over the paired terms (see paired_lane_sums), lane (W / 4) c + j of
 // r[i] holds the class-c sum of vector i + 4 j (i < 4, j < W / 4): the first n values of out_b
 // and out_c (b_2k, b_2k+1 and c_2k, c_2k+1 of vector k at 2 k, 2 k + 1). AVX-512 float: two
@@ -170,9 +174,9 @@ C10_ALWAYS_INLINE void store_paired_sums(const Vec<T>* r, T* out_b, T* out_c, in
 template <typename T>
 void paired_lane_sums(const T* v, int64_t steps, int64_t N, T* out_b, T* out_c) {
   constexpr int64_t W = Vec<T>::size();
-  const int64_t pairs = (N + 1) / 2, count = steps * pairs;
+  const int64_t count = steps * state_pairs(N);
   if (N % 2 != 0) {
-    std::vector<T> b(count * 2), c(count * 2);
+    Buffer<T> b(count * 2), c(count * 2);
     paired_lane_sums(v, steps, N + 1, b.data(), c.data());
     for (int64_t t = 0; t < steps; ++t) {
       std::copy(b.begin() + t * (N + 1), b.begin() + t * (N + 1) + N, out_b + t * N);
@@ -470,7 +474,7 @@ void backward_states(int64_t len, int64_t N, int64_t ld, int64_t n0, T* x, T* h,
     xr[j] = V::loadu(xs + (len * NB + j) * W);
   }
   // The first states store the per-step sums s1 / s2, the others add to them: two loops.
-  const int64_t pairs = (N + 1) / 2;
+  const int64_t pairs = state_pairs(N);
   auto reverse = [&](auto add_sums) {
     for (int64_t t = len - 1; t >= 0; --t) {
       V fp;  // the folded terms of the pair's first state
@@ -718,7 +722,7 @@ struct BackwardWork {
         xs((chunk + 1) * kStates * Vec<T>::size()),
         as(chunk * kStates * Vec<T>::size()),
         s1(span * Vec<T>::size()), s2(span * Vec<T>::size()),
-        dB(B_var ? span * (C_var ? (N + 1) / 2 : N) * Vec<T>::size() : 0),
+        dB(B_var ? span * (C_var ? state_pairs(N) : N) * Vec<T>::size() : 0),
         dC(C_var && !B_var ? span * N * Vec<T>::size() : 0) {}
 };
 
@@ -761,8 +765,7 @@ void backward_task(const Scan<S, T>& p, const Grads<S, T>& gr, int64_t i, int64_
     constexpr bool kInRange = decltype(in_range)::value;
     const T* B = kBvar ? p.at_step(p.B_grouped, blk.b, blk.g, s0 + t0) : c.B.data();
     const T* C = kCvar ? p.at_step(p.C_grouped, blk.b, blk.g, s0 + t0) : c.C.data();
-    // grouped B and C: two states a vector (see paired_lane_sums)
-    T* dB = kBvar ? w.dB.data() + t0 * (kCvar ? (N + 1) / 2 : N) * W : gr.carried.dB + i * NW;
+    T* dB = kBvar ? w.dB.data() + t0 * (kCvar ? state_pairs(N) : N) * W : gr.carried.dB + i * NW;
     T* dC = kCvar ? w.dC.data() + t0 * NW : gr.carried.dC + i * NW;
     const int64_t at = t0 * W;
     auto pass = [&](int64_t n0, auto states) {
@@ -1206,7 +1209,8 @@ selective_scan_bwd_cpu(const Tensor& grad_out, const std::optional<Tensor>& grad
               pair_done[task / p.supers_per_group].fetch_add(1, std::memory_order_acq_rel);
             }
             if (supers_done.fetch_add(1, std::memory_order_acq_rel) + 1 == supers) finish();
-          });
+          },
+          supers);  // the threads the supers keep busy, as before the pieces
     });
   });
   return {grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_z, grad_bias, grad_x0};
